@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine with Python 3.10+ and pip:
+#   make demo   creates .venv, installs, runs the main job on the embedded default, prints where results are
+#   make test   creates .venv if needed, installs, runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-gpu stack-up stack-down clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4,<=2.14.1"
+	$(PY) -m pip install -q -e ".[ray,kernels,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rcm_core.loop
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# On the lent GPU machine (see docs/BENCHMARKS.md for the call that runs it).
+test-gpu:
+	python3 -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,92 @@
+"""Checkpoints of the whole distillation state: student, EMA, fake score, both optimisers, counters, RNG,
+data position. Written atomically (temporary folder, then rename), so a crash mid-write leaves the previous
+checkpoint intact and a resumed run never sees a partial one. Loaded with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CKPT_FILE = "state.pt"
+
+
+def state_to_dict(state, *, extra: dict | None = None) -> dict:
+    out = {
+        "student": state.student.state_dict(),
+        "ema": state.ema.state_dict(),
+        "fake": state.fake.state_dict() if state.fake is not None else None,
+        "opt_student": state.opt_student.state_dict(),
+        "opt_fake": state.opt_fake.state_dict() if state.opt_fake is not None else None,
+        "iteration": state.iteration, "student_iter": state.student_iter, "critic_iter": state.critic_iter,
+        "counters": dict(state.counters),
+        "torch_rng": torch.get_rng_state(),
+    }
+    out.update(extra or {})
+    return out
+
+
+def load_into_state(state, data: dict) -> dict:
+    """Restore `state` in place; returns the checkpoint's extra entries (data position, run ids…)."""
+    _load_module(state.student, data["student"], "student")
+    state.ema.load_state_dict(data["ema"])
+    if state.fake is not None:
+        if data.get("fake") is None:
+            raise ValueError("checkpoint has no fake score, but distill.mode needs one; resume with the mode it "
+                             "was trained with")
+        _load_module(state.fake, data["fake"], "fake score")
+        state.opt_fake.load_state_dict(data["opt_fake"])
+    state.opt_student.load_state_dict(data["opt_student"])
+    state.iteration, state.student_iter = int(data["iteration"]), int(data["student_iter"])
+    state.critic_iter = int(data["critic_iter"])
+    state.counters.update(data["counters"])
+    torch.set_rng_state(data["torch_rng"])
+    known = set(state_to_dict.__code__.co_consts) | {"student", "ema", "fake", "opt_student", "opt_fake",
+                                                     "iteration", "student_iter", "critic_iter", "counters",
+                                                     "torch_rng"}
+    return {k: v for k, v in data.items() if k not in known}
+
+
+def _load_module(module: torch.nn.Module, sd: dict, name: str) -> None:
+    own = module.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if bad or missing or unexpected:
+        raise ValueError(f"the {name} checkpoint does not match this model (another model shape?): "
+                         f"shape mismatches {bad[:5]}, missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    module.load_state_dict(sd)
+
+
+def save_checkpoint(data: dict, directory: str | Path) -> Path:
+    """Write `directory/state.pt` atomically: into `directory.tmp-<pid>`, fsync, then rename."""
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / CKPT_FILE, "wb") as fh:
+        torch.save(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(directory) / CKPT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a folder written by save_checkpoint)")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """Newest complete `step_<N>` folder under root; temporary (partial) folders are never picked."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name and (p / CKPT_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)

@@ -1,0 +1,395 @@
+"""Run configuration: dataclasses + YAML + dotted overrides, strict about every key and type.
+
+Merge order (lingua style): dataclass defaults → `--config FILE` (YAML) → overrides `section.key=value`.
+An unknown key, a wrong type or an impossible value raises `ConfigError` naming the key, the source
+and the fix, before any work starts. The resolved config is written beside every run (`save_resolved`).
+
+    python -c "from rcm_core.config import load_config; print(load_config('experiments/debug_cpu.yaml'))"
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the key, where it came from and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections. Comments give the rCM paper / official-code value where one exists (reference/rcm_method.md).
+
+@dataclass(kw_only=True)
+class ModelCfg:
+    kind: Literal["dit", "mlp"] = "dit"     # dit: Wan2.1-layout video DiT; mlp: small net for vector toys
+    in_channels: int = 16                   # latent channels C
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw), Wan2.1 uses 1×2×2
+    dim: int = 64                           # model width (Wan2.1-1.3B: 1536, 14B: 5120)
+    ffn_dim: int = 256                      # (1.3B: 8960, 14B: 13824)
+    num_heads: int = 4                      # (1.3B: 12, 14B: 40)
+    num_layers: int = 2                     # (1.3B: 30, 14B: 40)
+    freq_dim: int = 256                     # sinusoidal time-embedding width
+    text_dim: int = 32                      # width of the conditioning sequence (umT5: 4096)
+    num_classes: int = 0                    # >0: integer labels map to a learned conditioning sequence
+    label_tokens: int = 4                   # tokens per class label when num_classes > 0
+    eps: float = 1e-6                       # norm epsilon
+    hidden: int = 256                       # mlp only: width
+    depth: int = 4                          # mlp only: residual blocks
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"   # parameter / compute dtype
+
+
+@dataclass(kw_only=True)
+class TeacherCfg:
+    # How the raw network's output is read; every teacher is presented as a TrigFlow F-predictor.
+    parametrization: Literal["rf_velocity", "edm_eps", "edm_x0", "trigflow"] = "rf_velocity"
+    checkpoint: str = ""                    # path to teacher weights; "" = train one (cached by config hash)
+    guidance: float = 5.0                   # CFG scale w baked into teacher targets (Wan: 5.0, Cosmos: 4.5)
+    train_steps: int = 2000                 # flow-matching steps when the teacher is trained here
+    train_lr: float = 1.0e-3
+    train_batch_size: int = 128
+    cond_dropout: float = 0.1               # label dropout so CFG has an unconditional branch
+    ema_sigma_rel: float = 0.05
+
+
+@dataclass(kw_only=True)
+class DistillCfg:
+    mode: Literal["rcm", "scm", "dmd"] = "rcm"   # pure sCM / DMD are rCM with one term off
+    scm_loss_scale: float = 100.0           # official code's loss_scale
+    reg_weight: float = 0.01                # λ: DMD weight relative to sCM (code: DMD scale 1 = λ·100)
+    tangent: Literal["jvp", "finite_difference"] = "jvp"
+    fd_step: float = 1.0e-4                 # h for the semi-continuous tangent (paper §4.2)
+    tangent_warmup: int = 1000              # H: pure-sCM iterations, r = min(1, i/H) (1.3B: 1000)
+    warmup_variant: Literal["code", "paper"] = "code"   # code: r scales only the x_t term (issue #18)
+    tangent_norm_c: float = 0.1             # ĝ = g / (‖g‖ + c)
+    p_G_mean: float = -0.8                  # log tan t ~ N(mean, std²) for sCM times
+    p_G_std: float = 1.6
+    p_G_frame_shift: bool = True            # tan t = √T·z for video latents with T frames (Wan)
+    p_D_shift: float = 5.0                  # shift-s RF schedule for DMD / critic / rollout times
+    student_update_freq: int = 5            # 1 student step per F iterations, F−1 critic steps
+    max_rollout_steps: int = 4              # N_max of the student rollout
+    rollout_length: Literal["cycle", "uniform"] = "cycle"   # code cycles 1..N_max; paper draws uniformly
+    dmd_weight_min: float = 1.0e-5          # clip of the mean-|x̂0 − x0_real| normaliser
+
+
+@dataclass(kw_only=True)
+class OptimCfg:
+    lr: float = 2.0e-6                      # student (Wan 1.3B)
+    fake_lr: float = 4.0e-7                 # fake-score critic
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1.0e-8
+    lr_warmup: int = 100                    # linear warm-up iterations, then constant
+
+
+@dataclass(kw_only=True)
+class EMACfg:
+    sigma_rel: float = 0.05                 # EDM2 power-EMA width (paper 0.05, code 0.1)
+
+
+@dataclass(kw_only=True)
+class SamplerCfg:
+    sigma_max: float = 80.0                 # student starts at t = arctan σ_max
+    mid_t: list[float] = field(default_factory=lambda: [1.3, 1.0, 0.6])   # paper's metric times
+    step_counts: list[int] = field(default_factory=lambda: [1, 2, 4])
+    teacher_steps: int = 50
+    teacher_solver: Literal["euler", "heun"] = "euler"
+    teacher_shift: float = 5.0              # RF time shift of the teacher's ODE grid
+
+
+@dataclass(kw_only=True)
+class DataCfg:
+    source: Literal["gmm", "moving_fashion", "dataset", "precomputed"] = "gmm"   # precomputed: data layer
+    url: str = ""                           # dataset: local folder or s3://bucket/prefix with manifest.json
+    s3_endpoint: str = ""                   # "" = take AWS_ENDPOINT_URL / standard AWS variables
+    batch_size: int = 64                    # global batch per iteration
+    num_rows: int = 4096                    # rows the built-in sources generate
+    shuffle_seed: int = 0
+    on_bad_row: Literal["error", "skip"] = "error"
+    # --- added by the data layer (rcm_core/data.py, workflows/prepare_latents.py) ---
+    normalize: bool = True                  # readers hand out (x − channel_mean) / channel_std from the manifest
+    rows_per_shard: int = 256               # prepare_latents: rows per Parquet shard (many small shards stream, P5)
+    frames: int = 8                         # moving_fashion: T frames per video
+    canvas: int = 32                        # moving_fashion: S×S pixels per frame
+    item_size: int = 16                     # moving_fashion: the Fashion-MNIST item is resized to this
+    patch: int = 4                          # moving_fashion: DCT patch p → latent [p², T, S/p, S/p] (4 → C=16)
+    gmm_dim: int = 2                        # gmm: dimension D of the toy mixture → latent [D, 1, 1, 1]
+    precomputed: str = ""                   # source=precomputed: .npz of latents (+ labels | cond), see prepare_latents
+    seed: int = 0                           # generation seed of the built-in sources
+
+
+@dataclass(kw_only=True)
+class TrainCfg:
+    steps: int = 200
+    seed: int = 0
+    device: str = "cpu"                     # cpu | cuda | cuda:N (workflows choose per worker)
+    checkpoint_every: int = 100
+    eval_every: int = 0                     # 0 = evaluate only at the end
+    log_every: int = 10
+    run_dir: str = "runs/default"
+
+
+@dataclass(kw_only=True)
+class EvalCfg:
+    num_samples: int = 512
+    seed: int = 1234
+    bootstrap: int = 200
+
+
+@dataclass(kw_only=True)
+class TrackingCfg:
+    tracking_uri: str = ""                  # "" = MLFLOW_TRACKING_URI, else sqlite file in the run dir
+    experiment: str = "rcm"
+    run_name: str = ""
+
+
+@dataclass(kw_only=True)
+class ResourcesCfg:                         # read only by workflows/
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5            # fractional on small machines, or Ray Data starves (P6)
+    gpus_per_worker: float = 1.0
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass(kw_only=True)
+class ExperimentCfg:
+    name: str = "rcm"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    ema: EMACfg = field(default_factory=EMACfg)
+    sampler: SamplerCfg = field(default_factory=SamplerCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    resources: ResourcesCfg = field(default_factory=ResourcesCfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Strict construction from plain data.
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; int→float is the only silent conversion."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}={value!r} in {source}: allowed values are {_type_name(tp)[7:]}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r} in {source}: expected {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} in {source}: expected a list of {_type_name(item_tp)}, "
+                              f"e.g. {key}=[1,2]")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} in {source}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} in {source}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} in {source}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} in {source}: expected a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} in {source}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown key '{full}' in {source}; allowed keys"
+                              f"{' under ' + prefix if prefix else ''}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "<dict>") -> ExperimentCfg:
+    cfg = _build(ExperimentCfg, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` → (["a", "b"], value); the value is read as YAML so 1e-3, true and [1,2] work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value "
+                          f"(e.g. distill.reg_weight=0.01)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    # YAML reads "1e-3" as a string (no dot); accept it as the number a user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") and value not in ("", ".") else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = {path[-1]: value}
+        for part in reversed(path[:-1]):
+            node = {part: node}
+        out = _merge(out, node)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (pass --config with a path under experiments/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}   # safe_load: configs can never construct objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> ExperimentCfg:
+    """Defaults → optional `base` dict → YAML file → dotted overrides, validated."""
+    data = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        data = _merge(data, read_yaml(path))
+        source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} + overrides {overrides}"
+    return from_dict(data, source)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → values, for MLflow params and Tune search spaces."""
+    data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(cfg: ExperimentCfg) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dump_yaml(cfg: ExperimentCfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg: ExperimentCfg, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "config" / "resolved.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(cfg))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Impossible values: caught here so no run starts with them.
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is impossible: {fix}")
+
+
+def validate(cfg: ExperimentCfg) -> None:
+    m, d, s, o = cfg.model, cfg.distill, cfg.sampler, cfg.optim
+    _require(cfg.teacher.guidance >= 0, "teacher.guidance", cfg.teacher.guidance,
+             "use 0 for no guidance or a positive CFG scale such as 5.0")
+    _require(d.max_rollout_steps >= 1, "distill.max_rollout_steps", d.max_rollout_steps,
+             "N_max must be at least 1 (the paper uses 4)")
+    _require(d.student_update_freq >= 1, "distill.student_update_freq", d.student_update_freq,
+             "must be at least 1 (1 = no critic-only iterations; the paper uses 5)")
+    _require(s.sigma_max > 0, "sampler.sigma_max", s.sigma_max, "must be positive (80 is typical)")
+    _require(d.tangent_warmup >= 0, "distill.tangent_warmup", d.tangent_warmup, "must be ≥ 0")
+    _require(d.tangent_norm_c > 0, "distill.tangent_norm_c", d.tangent_norm_c, "must be positive (0.1)")
+    _require(d.fd_step > 0, "distill.fd_step", d.fd_step, "must be positive (1e-4)")
+    _require(d.reg_weight >= 0, "distill.reg_weight", d.reg_weight, "λ must be ≥ 0 (paper: 0.01)")
+    _require(d.p_G_std > 0, "distill.p_G_std", d.p_G_std, "must be positive (1.6)")
+    _require(d.p_D_shift > 0, "distill.p_D_shift", d.p_D_shift, "must be positive (5.0)")
+    _require(all(0 < t < 1.5707963 for t in s.mid_t), "sampler.mid_t", s.mid_t,
+             "intermediate times must lie in (0, π/2), e.g. [1.3, 1.0, 0.6]")
+    _require(all(n >= 1 for n in s.step_counts), "sampler.step_counts", s.step_counts,
+             "each step count must be ≥ 1, e.g. [1, 2, 4]")
+    _require(all(n - 1 <= len(s.mid_t) for n in s.step_counts), "sampler.step_counts", s.step_counts,
+             f"a k-step sampler needs k−1 intermediate times; sampler.mid_t has {len(s.mid_t)}")
+    _require(s.teacher_steps >= 1, "sampler.teacher_steps", s.teacher_steps, "must be ≥ 1")
+    _require(len(m.patch_size) == 3 and all(p >= 1 for p in m.patch_size), "model.patch_size",
+             m.patch_size, "give three positive integers (pt, ph, pw), e.g. [1, 2, 2]")
+    _require(m.dim % m.num_heads == 0, "model.dim", m.dim,
+             f"must be divisible by model.num_heads={m.num_heads}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "give two values in [0, 1), e.g. [0.0, 0.999]")
+    _require(o.lr > 0 and o.fake_lr > 0, "optim.lr", o.lr, "learning rates must be positive")
+    _require(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be ≥ 1")
+    _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be ≥ 0")
+    _require(cfg.resources.num_workers >= 0, "resources.num_workers", cfg.resources.num_workers,
+             "must be ≥ 0 (0 = Ray Train local mode)")
+    _require(0 <= cfg.teacher.cond_dropout < 1, "teacher.cond_dropout", cfg.teacher.cond_dropout,
+             "must lie in [0, 1)")
+    _require(cfg.ema.sigma_rel > 0 and cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", cfg.ema.sigma_rel,
+             "must lie in (0, 0.28) (EDM2 power-EMA; paper 0.05)")
+    if cfg.data.source == "dataset":
+        _require(cfg.data.url != "", "data.url", cfg.data.url,
+                 "data.source=dataset needs data.url (a folder or s3://bucket/prefix with manifest.json)")

@@ -1,0 +1,183 @@
+"""One rCM iteration: `distill_step(state, batch, cfg, generator) -> metrics` (rcm_method.md §3.5–3.6).
+
+Iteration i is a student step if i < H (pure-sCM tangent warm-up) or (i − H) mod F == 0, otherwise a
+critic (fake-score) step. A student step adds the sCM loss and, after warm-up, λ times the DMD loss, then
+takes one optimiser step and updates the power-EMA. Pure sCM and pure DMD are the same code with one term off.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rcm_core.config import DistillCfg, ExperimentCfg, OptimCfg
+from rcm_core.data import LatentBatch
+from rcm_core.denoiser import TrigFlowDenoiser, check_latents
+from rcm_core.ema import PowerEMA
+from rcm_core.losses import dmd_loss, fake_score_loss, scm_loss, student_rollout
+from rcm_core.parallel import sync_gradients
+from rcm_core.timesteps import sample_p_D, sample_p_G
+
+
+@dataclass
+class DistillState:
+    teacher: TrigFlowDenoiser
+    student: TrigFlowDenoiser
+    fake: TrigFlowDenoiser | None
+    ema: PowerEMA
+    opt_student: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer | None
+    iteration: int = 0          # all iterations
+    student_iter: int = 0       # student-phase iterations (LR schedule, EMA, rollout cycle advance on these)
+    critic_iter: int = 0
+    counters: dict[str, float] = field(default_factory=lambda: {"nan_samples": 0.0, "nonfinite_grads": 0.0})
+
+
+def make_optimizer(params, lr: float, cfg: OptimCfg) -> torch.optim.Optimizer:
+    """AdamW with β₁ = 0 as in rCM (Table 4); no gradient clipping (paper: "crucial for stability")."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
+    """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher)."""
+    teacher.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    uses_dmd = cfg.distill.mode != "scm"
+    fake = copy.deepcopy(teacher).requires_grad_(True).train() if uses_dmd else None
+    return DistillState(
+        teacher=teacher, student=student, fake=fake, ema=PowerEMA(student, cfg.ema.sigma_rel),
+        opt_student=make_optimizer(student.parameters(), cfg.optim.lr, cfg.optim),
+        opt_fake=make_optimizer(fake.parameters(), cfg.optim.fake_lr, cfg.optim) if fake else None)
+
+
+def is_student_phase(i: int, cfg: DistillCfg) -> bool:
+    if cfg.mode == "scm":
+        return True
+    warmup = cfg.tangent_warmup if cfg.mode == "rcm" else 0
+    return i < warmup or (i - warmup) % cfg.student_update_freq == 0
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up from 1e-6× to 1× over `warmup` steps, then constant (official LambdaLinearScheduler)."""
+    if warmup <= 0 or step >= warmup:
+        return 1.0
+    return 1e-6 + (1.0 - 1e-6) * step / warmup
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def zero_nonfinite_grads(module: nn.Module) -> int:
+    """Replace NaN/Inf gradient entries by 0 and return how many there were (official grad_clip callback)."""
+    bad = 0
+    for p in module.parameters():
+        if p.grad is not None:
+            mask = ~torch.isfinite(p.grad)
+            n = int(mask.sum())
+            if n:
+                bad += n
+                p.grad[mask] = 0
+    return bad
+
+
+def rollout_steps(state: DistillState, cfg: DistillCfg, generator: torch.Generator) -> int:
+    """N ∈ 1..N_max: cycled by the student iteration (official code) or uniform (paper)."""
+    if cfg.rollout_length == "cycle":
+        return state.student_iter % cfg.max_rollout_steps + 1
+    return int(torch.randint(1, cfg.max_rollout_steps + 1, (1,), generator=generator))
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
+                  grad_student: TrigFlowDenoiser) -> dict[str, float]:
+    d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
+    B, frames = x0.shape[0], x0.shape[2]
+    in_warmup = d.mode == "rcm" and state.iteration < d.tangent_warmup
+    r = min(1.0, state.iteration / d.tangent_warmup) if d.tangent_warmup > 0 else 1.0
+    metrics: dict[str, float] = {"tangent_warmup_r": r}
+    state.opt_student.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=torch.float64, device=x0.device)
+    if d.mode in ("rcm", "scm"):
+        t = sample_p_G(B, mean=d.p_G_mean, std=d.p_G_std, frames=frames, frame_shift=d.p_G_frame_shift,
+                       generator=g, device=x0.device)
+        out = scm_loss(state.student, state.teacher, x0, cond, t=t, eps=_noise_like(x0, g),
+                       guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
+                       fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
+                       student_grad=grad_student)
+        total = total + out.loss
+        metrics.update(out.metrics)
+    if d.mode in ("rcm", "dmd") and not in_warmup:
+        steps = rollout_steps(state, d, g)
+        x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
+                                 times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
+                                                               device=x0.device),
+                                 grad_module=grad_student)
+        t_D = sample_p_D(B, shift=d.p_D_shift, generator=g, device=x0.device)
+        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=_noise_like(x0, g),
+                       guidance=cfg.teacher.guidance, weight_min=d.dmd_weight_min,
+                       scale=d.reg_weight * d.scm_loss_scale)
+        total = total + out.loss
+        metrics.update(out.metrics, rollout_steps=float(steps))
+    total.backward()
+    sync_gradients(state.student)
+    bad = zero_nonfinite_grads(state.student)
+    _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
+    state.opt_student.step()
+    state.ema.update(state.student)
+    state.student_iter += 1
+    state.counters["nonfinite_grads"] += bad
+    state.counters["nan_samples"] += metrics.get("scm_nan_samples", 0.0) + metrics.get("dmd_nan_samples", 0.0)
+    metrics.update(loss=total.item(), nonfinite_grads=float(bad), phase_student=1.0)
+    return metrics
+
+
+def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
+                 grad_fake: TrigFlowDenoiser) -> dict[str, float]:
+    d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
+    steps = rollout_steps(state, d, g)
+    with torch.no_grad():
+        x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
+                                 times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
+                                                               device=x0.device))
+    t_D = sample_p_D(x0.shape[0], shift=d.p_D_shift, generator=g, device=x0.device)
+    state.opt_fake.zero_grad(set_to_none=True)
+    out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=_noise_like(x0, g))
+    out.loss.backward()
+    sync_gradients(state.fake)
+    bad = zero_nonfinite_grads(state.fake)
+    _set_lr(state.opt_fake, cfg.optim.fake_lr * lr_factor(state.critic_iter, cfg.optim.lr_warmup))
+    state.opt_fake.step()
+    state.critic_iter += 1
+    state.counters["nonfinite_grads"] += bad
+    state.counters["nan_samples"] += out.metrics["critic_nan_samples"]
+    return {**out.metrics, "loss": out.loss.item(), "nonfinite_grads": float(bad), "phase_student": 0.0}
+
+
+def distill_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, generator: torch.Generator,
+                 *, grad_student: TrigFlowDenoiser | None = None,
+                 grad_fake: TrigFlowDenoiser | None = None) -> dict[str, float]:
+    """One iteration; `grad_*` are optional wrapped modules used for the with-grad forward passes."""
+    check_latents(batch.latent, state.student)
+    if is_student_phase(state.iteration, cfg.distill):
+        metrics = _student_step(state, batch, cfg, generator, grad_student or state.student)
+    else:
+        metrics = _critic_step(state, batch, cfg, generator, grad_fake or state.fake)
+    state.iteration += 1
+    return metrics
+
+
+def batch_condition(batch: LatentBatch) -> torch.Tensor:
+    """The network's cond input: class labels [B] or a text-embedding sequence [B, L, D]."""
+    if batch.label is not None:
+        return batch.label
+    if batch.cond is not None:
+        return batch.cond
+    raise ValueError("the batch has neither `label` nor `cond`; every latent row needs a condition")
+

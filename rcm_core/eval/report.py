@@ -1,0 +1,269 @@
+"""Per-step-count evaluation: every metric for every sampler setting, with bootstrap CIs and a teacher noise floor.
+
+Test: `.venv/bin/python -m pytest tests/test_eval.py -q -k report`.
+Use:
+    rep = evaluate_step_counts({"nfe_1": s1, "nfe_2": s2, "nfe_4": s4}, teacher_a, reference_2=teacher_b,
+                               labels=y, extractors=[net, RandomProjection.for_samples(teacher_a)], classifier=net,
+                               costs={"nfe_1": {"nfe": 1, "sec_per_sample": 0.01}})
+    print(format_table(rep)); mlflow.log_metrics(mlflow_metrics(rep))   # (the mlflow call lives in workflows/)
+
+Conventions (shared/DESIGN.md, MLflow): keys `eval/nfe_<N>/<metric>` and `eval/teacher_nfe_<N>/<metric>`, each with
+`_ci_low`/`_ci_high`. All sets share one evaluation bank (same labels, and for the student the same noises as the
+reference, so paired MSE is defined); `reference_2` is the teacher on a disjoint seed set and gives the floor row:
+a student row is only "worse than the teacher" where it sits outside the floor (§4.1 principle 4).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from rcm_core.eval import metrics as M
+from rcm_core.eval import video as V
+from rcm_core.eval.features import FeatureExtractor, FeatureNet
+from rcm_core.eval.gmm import GaussianMixture, gmm_metrics
+from rcm_core.eval.metrics import Estimate
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9_./-]+$")
+Bank = dict[str, Tensor]  # per-sample quantities of one sample set, all with first dimension N
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    k: int = 5  # k-NN size for precision/recall/density/coverage (Kynkäänniemi 2019 and Naeem 2020 use 3–5)
+    num_resamples: int = 100  # bootstrap resamples per row
+    level: float = 0.95  # CI level
+    seed: int = 0  # bootstrap and KID subset seed
+    stratify: bool = True  # resample within each label (the evaluation bank's prompts are fixed, seeds are not)
+    standardize: bool = True  # z-score every feature space with the reference set's mean/std (a fixed affine map)
+    kid_subset_size: int = 1000
+    kid_num_subsets: int = 10
+    gmm_k_sigma: Optional[float] = None  # None: radius holding 99% of each mode's mass
+    gmm_min_fraction: float = 0.1
+
+
+@dataclass
+class StepCountReport:
+    """rows[name][metric] -> Estimate; `floor` is the teacher-vs-teacher row (None without `reference_2`)."""
+
+    rows: dict[str, dict[str, Estimate]]
+    floor_name: str = "teacher_floor"
+    floor: Optional[dict[str, Estimate]] = None
+    cost_metrics: tuple[str, ...] = ()
+    extractor_versions: dict[str, str] = field(default_factory=dict)
+
+    def all_rows(self) -> dict[str, dict[str, Estimate]]:
+        return {**self.rows, **({self.floor_name: self.floor} if self.floor is not None else {})}
+
+
+def step_count_name(nfe: int, *, teacher: bool = False) -> str:
+    """The row (and MLflow key) name of a sampler with `nfe` network evaluations: nfe_<N> or teacher_nfe_<N>."""
+    return f"{'teacher_' if teacher else ''}nfe_{nfe}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-set banks: features and per-sample statistics are computed once, then bootstrapped by row
+
+
+def _classifier_bank(x: Tensor, net: FeatureNet) -> Bank:
+    out = net.extract(x)
+    bank = {"logits": out.video_logits, "f/" + net.name: out.video_features}
+    if x.shape[2] >= 2:  # video: temporal statistics per sample
+        bank["label_const"] = V.per_video_label_constant(out.frame_logits)
+        bank["label_agree"] = V.per_video_majority_agreement(out.frame_logits)
+        bank["frame_cos"] = V.per_video_frame_cosine(out.frame_features)
+    return bank
+
+
+def build_bank(
+    x: Tensor,
+    *,
+    labels: Optional[Tensor],
+    extractors: Sequence[FeatureExtractor],
+    classifier: Optional[FeatureNet],
+    keep_raw: bool,
+) -> Bank:
+    """Features per owned space, classifier logits, temporal statistics, labels (and raw rows for the GMM track)."""
+    bank: Bank = _classifier_bank(x, classifier) if classifier is not None else {}
+    for ex in extractors:
+        bank.setdefault("f/" + ex.name, ex.features(x).to(torch.float64))
+    if x.dim() == 5 and x.shape[2] >= 2:
+        bank["motion"] = V.frame_difference_energy(x)
+    if labels is not None:
+        bank["labels"] = labels.to(x.device)
+    if keep_raw:
+        bank["raw"] = M.as_rows(x)
+    return bank
+
+
+def feature_stats(ref_bank: Bank) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-dimension mean and std of each feature space of the reference set."""
+    return {k: (v.mean(dim=0), v.std(dim=0).clamp(min=1e-12)) for k, v in ref_bank.items() if k.startswith("f/")}
+
+
+def standardize(bank: Bank, stats: dict[str, tuple[Tensor, Tensor]]) -> Bank:
+    """z-score feature spaces with the reference's statistics: scale-free numbers, unit-scale inputs for KID's
+    cubic kernel (which assumes features of order one), and one fixed map for every row and bootstrap resample."""
+    return {k: (v - stats[k][0]) / stats[k][1] if k in stats else v for k, v in bank.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One row of metrics from two banks (called on the full sets and on every bootstrap resample)
+
+
+def _space_metrics(name: str, c: Tensor, r: Tensor, cb: Bank, rb: Bank, cfg: EvalConfig) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    p = M.prdc(c, r, k=cfg.k)
+    out = {f"fd_{name}": M.frechet_distance(c, r),
+           f"kid_{name}": M.kid(c, r, subset_size=cfg.kid_subset_size, num_subsets=cfg.kid_num_subsets,
+                                generator=gen, cand_strata=cb.get("labels"), ref_strata=rb.get("labels")),
+           f"precision_{name}": p.precision, f"recall_{name}": p.recall,
+           f"density_{name}": p.density, f"coverage_{name}": p.coverage}
+    if "labels" in cb and "labels" in rb:
+        out[f"div_ratio_{name}"] = M.diversity_ratio(c, r, cb["labels"], rb["labels"])
+    return out
+
+
+def _gmm_row(gmm: GaussianMixture, raw: Tensor, cfg: EvalConfig) -> dict[str, float]:
+    g = gmm_metrics(gmm, raw, k_sigma=cfg.gmm_k_sigma, min_fraction=cfg.gmm_min_fraction)
+    return {"gmm_coverage": g.coverage, "gmm_precision": g.precision_like, "gmm_mode_kl": g.mode_kl,
+            "gmm_mode_tv": g.mode_tv, "gmm_nll": g.nll}
+
+
+def row_metrics(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: Optional[GaussianMixture] = None) -> dict[str, float]:
+    """Every metric the two banks support, as plain floats."""
+    out: dict[str, float] = {}
+    for key in (k for k in cb if k.startswith("f/") and k in rb):
+        out.update(_space_metrics(key[2:], cb[key], rb[key], cb, rb, cfg))
+    if "logits" in cb and "labels" in cb:
+        out["class_acc"] = M.class_accuracy(cb["logits"], cb["labels"])
+    for key in ("label_const", "label_agree", "frame_cos"):
+        if key in cb:
+            out[key] = float(cb[key].mean())
+    if "motion" in cb and "motion" in rb:
+        out["motion_ratio"] = float(cb["motion"].mean() / rb["motion"].mean())
+    if "pair_se" in cb:
+        out["paired_mse"] = float(cb["pair_se"].mean())
+    if gmm is not None:
+        out.update(_gmm_row(gmm, cb["raw"], cfg))
+    return out
+
+
+def _evaluate_row(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: Optional[GaussianMixture]) -> dict[str, Estimate]:
+    fn = lambda c, r: row_metrics(c, r, cfg, gmm)  # noqa: E731
+    strata = lambda b: b.get("labels") if cfg.stratify else None  # noqa: E731
+    return M.bootstrap_many(fn, cb, rb, num_resamples=cfg.num_resamples, level=cfg.level, seed=cfg.seed,
+                            cand_strata=strata(cb), ref_strata=strata(rb))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_step_counts(
+    samples: Mapping[str, Tensor],
+    reference: Tensor,
+    *,
+    reference_2: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    reference_labels: Optional[Tensor] = None,
+    extractors: Sequence[FeatureExtractor] = (),
+    classifier: Optional[FeatureNet] = None,
+    gmm: Optional[GaussianMixture] = None,
+    costs: Optional[Mapping[str, Mapping[str, float]]] = None,
+    floor_name: str = "teacher_floor",
+    cfg: EvalConfig = EvalConfig(),
+) -> StepCountReport:
+    """Metrics of each sample set (name -> [N, ...]) against the reference teacher set, with bootstrap CIs.
+
+    `labels` condition the sample sets (the shared evaluation bank); `reference_labels` those of both teacher sets
+    (default: `labels`). Paired MSE is reported for sets with the reference's shape (same noise, same order).
+    `costs[name]` (e.g. {"nfe": 1, "sec_per_sample": 0.01}) become columns without a CI.
+    """
+    ref_labels = reference_labels if reference_labels is not None else labels
+    bank = lambda x, y: build_bank(x, labels=y, extractors=extractors, classifier=classifier,  # noqa: E731
+                                   keep_raw=gmm is not None)
+    ref_bank = bank(reference, ref_labels)
+    if cfg.standardize:
+        stats = feature_stats(ref_bank)
+        ref_bank = standardize(ref_bank, stats)
+        bank = lambda x, y, _b=bank: standardize(_b(x, y), stats)  # noqa: E731
+    rows = {}
+    for name, x in samples.items():
+        cb = bank(x, labels)
+        if x.shape == reference.shape:
+            cb["pair_se"] = M.per_sample_sq_error(x, reference)
+        rows[_safe_name(name)] = _evaluate_row(cb, ref_bank, cfg, gmm)
+    floor = _evaluate_row(bank(reference_2, ref_labels), ref_bank, cfg, gmm) if reference_2 is not None else None
+    cost_names = _add_costs(rows, costs or {})
+    versions = {ex.name: ex.version for ex in [*extractors, *([classifier] if classifier is not None else [])]}
+    return StepCountReport(rows, _safe_name(floor_name), floor, cost_names, versions)
+
+
+def _add_costs(rows: dict[str, dict[str, Estimate]], costs: Mapping[str, Mapping[str, float]]) -> tuple[str, ...]:
+    names: list[str] = []
+    for row, values in costs.items():
+        for metric, v in values.items():
+            rows.setdefault(_safe_name(row), {})[_safe_name(metric)] = Estimate(float(v), float(v), float(v))
+            names += [] if _safe_name(metric) in names else [_safe_name(metric)]
+    return tuple(names)
+
+
+def _safe_name(name: str) -> str:
+    """Characters outside [A-Za-z0-9_./-] become '_' (MLflow rejects '@', '=' and others; mlflow #9425)."""
+    return re.sub(r"[^A-Za-z0-9_./-]", "_", str(name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: MLflow keys, table rows, terminal table
+
+
+def mlflow_metrics(report: StepCountReport, *, prefix: str = "eval") -> dict[str, float]:
+    """Flatten to `{prefix}/{row}/{metric}` (+ `_ci_low`, `_ci_high`; costs have no CI keys)."""
+    flat: dict[str, float] = {}
+    for row, metrics in report.all_rows().items():
+        for metric, est in metrics.items():
+            key = f"{prefix}/{row}/{metric}"
+            if not _KEY_OK.match(key):
+                raise ValueError(f"invalid MLflow metric key {key!r} (allowed: A-Za-z0-9_./-)")
+            flat[key] = est.value
+            if metric not in report.cost_metrics:
+                flat[key + "_ci_low"], flat[key + "_ci_high"] = est.ci_low, est.ci_high
+    return flat
+
+
+def table_rows(report: StepCountReport) -> list[dict[str, object]]:
+    """One dict per row (`name`, then metric, metric_ci_low, metric_ci_high), e.g. for `mlflow.log_table`."""
+    out = []
+    for row, metrics in report.all_rows().items():
+        entry: dict[str, object] = {"name": row}
+        for metric, est in metrics.items():
+            entry.update({metric: est.value, f"{metric}_ci_low": est.ci_low, f"{metric}_ci_high": est.ci_high})
+        out.append(entry)
+    return out
+
+
+def _cell(est: Optional[Estimate], with_ci: bool) -> str:
+    if est is None:
+        return "-"
+    if not math.isfinite(est.value) or not with_ci:
+        return f"{est.value:.4g}"
+    return f"{est.value:.4g} ± {est.half_width:.2g}"
+
+
+def format_table(report: StepCountReport, *, columns: Optional[Sequence[str]] = None) -> str:
+    """Plain-text table: rows = step counts (floor last), columns = costs then metrics, cells "value ± half-width"."""
+    rows = report.all_rows()
+    seen = dict.fromkeys(m for metrics in rows.values() for m in metrics)
+    cols = list(columns) if columns is not None else [
+        *[c for c in report.cost_metrics if c in seen], *[m for m in seen if m not in report.cost_metrics]]
+    body = [[name, *(_cell(rows[name].get(c), c not in report.cost_metrics) for c in cols)] for name in rows]
+    header = ["name", *cols]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda r: "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in  # noqa: E731
+                               enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])

@@ -1,0 +1,278 @@
+"""Video DiT with the module names and parameter shapes of diffusers' `WanTransformer3DModel` (Wan2.1 T2V).
+
+    .venv/bin/python -m pytest tests/test_networks.py tests/test_wan_io.py -q
+
+Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a plain key map
+(`rcm_core.networks.wan_io`). Differences from Wan, all additive:
+- `forward(x, timestep, cond, cond_mask=None)`: `cond` is a context [B, L, text_dim] or, when
+  `num_classes > 0`, int64 labels [B] looked up in `label_embedding` [num_classes+1, label_tokens, text_dim]
+  (row `num_classes` is the CFG null label). `cond_mask` (bool [B, L], True = attend) masks padded text
+  keys; Wan itself zero-pads umT5 embeddings to 512 tokens and attends to the padding, which is what
+  `cond_mask=None` reproduces.
+- `negative_context` [L, text_dim] buffer: the unconditional context for text models (zeros until a stored
+  negative-prompt embedding is set with `set_negative_context`).
+- The time path (sinusoid, `time_embedder`, `time_proj`) and the adaLN modulation always compute in ≥ fp32,
+  with autocast off, because sCM differentiates through time (rCM paper §4.2).
+- All attention goes through `kernels.attention` ([B, heads, L, head_dim]) so the Triton JVP kernel is used
+  on GPU; nothing here is data-dependent, so `torch.func.jvp` works through the whole network.
+
+Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
+bias (Wan), N(0, 0.02²) for the time/text embedders (Wan), and adaLN-zero (DiT): `time_proj` and every
+`scale_shift_table` start at zero so all gates are 0, the ungated cross-attention output projection starts at
+zero, and `proj_out` starts at zero (Wan zero-inits its head too). Each block is then exactly the identity
+and the network outputs 0 at step 0; gradients reach every parameter from the second step on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from rcm_core.config import ModelCfg
+from rcm_core.networks.layers import (FP32LayerNorm, RMSNorm, TimestepEmbedder, apply_rope, compute_dtype,
+                                      linear_in, no_autocast, patch_grid, rope_angles, sinusoidal_embedding,
+                                      unpatchify)
+
+# Modules whose parameters stay fp32 when the rest of the network is cast to bf16 (Wan keeps the time path,
+# the modulation tables and the affine cross-attention norm in fp32; diffusers' `_keep_in_fp32_modules`).
+KEEP_FP32 = ("condition_embedder.time_embedder", "condition_embedder.time_proj", "scale_shift_table", "norm2")
+
+
+class TextProjection(nn.Module):
+    """text_dim → dim → dim with tanh-GELU (diffusers `PixArtAlphaTextProjection`; Wan `text_embedding`)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Time embedding temb [B, dim] and its 6-way modulation projection, plus the text projection."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = TimestepEmbedder(freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextProjection(text_dim, dim)
+
+    def time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep [B] → (temb [B, dim], e0 [B, 6, dim]), both in ≥ fp32 (Wan runs this under fp32 autocast)."""
+        dt = compute_dtype(self.time_embedder.linear_1.weight.dtype)
+        with no_autocast(timestep.device):
+            temb = self.time_embedder(sinusoidal_embedding(timestep.to(dt), self.freq_dim))
+            e0 = linear_in(self.time_proj, F.silu(temb))
+        return temb, e0.unflatten(1, (6, -1))
+
+
+class WanAttention(nn.Module):
+    """Multi-head attention with QK RMSNorm across heads; self-attention takes RoPE, cross-attention a mask."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        # Slot 1 is diffusers' Dropout; an Identity keeps the parameter name `to_out.0`.
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)      # [B, L, D] → [B, heads, L, hd]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        kv = x if context is None else context
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(kv)))
+        v = self._heads(self.to_v(kv))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = kernels.attention(q, k, v, key_padding_mask=key_padding_mask)
+        return self.to_out[0](o.transpose(1, 2).flatten(2).to(x.dtype))
+
+
+class FeedForward(nn.Module):
+    """net.0.proj (dim → ffn_dim) → tanh-GELU → net.2 (ffn_dim → dim), diffusers' `FeedForward` names."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        proj_in = nn.Module()
+        proj_in.proj = nn.Linear(dim, ffn_dim)
+        self.net = nn.ModuleList([proj_in, nn.Identity(), nn.Linear(ffn_dim, dim)])   # slot 1: dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class WanTransformerBlock(nn.Module):
+    """Self-attention and FFN modulated by (shift, scale, gate) = scale_shift_table + e0 (adaLN, in fp32);
+    cross-attention to the text after an affine LayerNorm, ungated (Wan2.1)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, num_heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.attn2 = WanAttention(dim, num_heads, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None) -> torch.Tensor:
+        dt = e0.dtype                                                       # ≥ fp32
+        with no_autocast(x.device):
+            shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.to(dt) + e0).chunk(6, dim=1)
+            h = (self.norm1(x.to(dt)) * (1 + scale) + shift).to(x.dtype)
+        x = (x.to(dt) + self.attn1(h, rope=rope) * gate).to(x.dtype)
+        x = x + self.attn2(self.norm2(x), context=context, key_padding_mask=context_mask)
+        with no_autocast(x.device):
+            h = (self.norm3(x.to(dt)) * (1 + c_scale) + c_shift).to(x.dtype)
+        return (x.to(dt) + self.ffn(h).to(dt) * c_gate).to(x.dtype)
+
+
+class WanDiT(nn.Module):
+    """The Wan2.1 T2V transformer on latents [B, C, T, H, W] (T = 1 for images), plus label conditioning."""
+
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"model.dim={cfg.dim} must be divisible by model.num_heads={cfg.num_heads}")
+        self.cfg = cfg
+        self.patch_size = tuple(cfg.patch_size)
+        self.out_channels = cfg.in_channels
+        self.head_dim = cfg.dim // cfg.num_heads
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=self.patch_size,
+                                         stride=self.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg.dim, cfg.freq_dim, cfg.text_dim)
+        self.blocks = nn.ModuleList(WanTransformerBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.eps)
+                                    for _ in range(cfg.num_layers))
+        self.norm_out = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(cfg.dim, cfg.in_channels * math.prod(self.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        if cfg.num_classes > 0:
+            self.label_embedding = nn.Parameter(torch.zeros(cfg.num_classes + 1, cfg.label_tokens, cfg.text_dim))
+        # One zero token: with no mask, Wan attends to zero-padded text, and any number of identical zero
+        # tokens gives the same attention output, so one token stands for Wan's 512 zero tokens.
+        self.register_buffer("negative_context", torch.zeros(1, cfg.text_dim))
+        self.reset_parameters()
+
+    # -- initialisation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Wan's init for the trunk, adaLN-zero for modulation and outputs (see the module docstring)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        ce = self.condition_embedder
+        for lin in (ce.time_embedder.linear_1, ce.time_embedder.linear_2,
+                    ce.text_embedder.linear_1, ce.text_embedder.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(ce.time_proj.weight)
+        for block in self.blocks:
+            nn.init.zeros_(block.scale_shift_table)
+            nn.init.zeros_(block.attn2.to_out[0].weight)
+        nn.init.zeros_(self.scale_shift_table)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        if hasattr(self, "label_embedding"):
+            nn.init.normal_(self.label_embedding, std=1.0)   # umT5-like unit-scale "tokens" per class
+
+    # -- conditioning -----------------------------------------------------------------------------------
+    def null_cond(self, batch_size: int, device: torch.device | str | None = None,
+                  length: int | None = None) -> torch.Tensor:
+        """The unconditional condition for CFG: the null label (index num_classes) or the negative context
+        [B, L, text_dim], zero-padded to `length` tokens if given (Wan zero-pads every umT5 context to 512,
+        so padding keeps Wan's semantics and lets cond and null be batched together)."""
+        if self.cfg.num_classes > 0:
+            return torch.full((batch_size,), self.cfg.num_classes, dtype=torch.long, device=device)
+        neg = self.negative_context.to(device)
+        if length is not None:
+            if length < neg.shape[0]:
+                raise ValueError(f"null_cond(length={length}) is shorter than the stored negative context "
+                                 f"({neg.shape[0]} tokens)")
+            neg = torch.cat([neg, neg.new_zeros(length - neg.shape[0], neg.shape[1])])
+        return neg.unsqueeze(0).expand(batch_size, *neg.shape)
+
+    @torch.no_grad()
+    def set_negative_context(self, context: torch.Tensor) -> None:
+        """Store a negative-prompt embedding [L, text_dim] (e.g. Wan's umT5 negative prompt) as the null cond."""
+        if context.dim() != 2 or context.shape[1] != self.cfg.text_dim:
+            raise ValueError(f"negative context must be [L, text_dim={self.cfg.text_dim}], "
+                             f"got {tuple(context.shape)}")
+        self.negative_context = context.to(self.negative_context.device, self.negative_context.dtype).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A stored negative prompt may have any length L: adopt the checkpoint's shape before loading.
+        key = prefix + "negative_context"
+        if key in state_dict and state_dict[key].shape != self.negative_context.shape:
+            self.negative_context = self.negative_context.new_empty(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def embed_cond(self, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """cond → raw context [B, L, text_dim]: labels via `label_embedding`, contexts as they are."""
+        if not torch.is_floating_point(cond):
+            if self.cfg.num_classes <= 0:
+                raise ValueError("integer labels given but model.num_classes=0; pass a context "
+                                 f"[B, L, text_dim={self.cfg.text_dim}] or set model.num_classes")
+            if cond.shape != (batch_size,):
+                raise ValueError(f"labels must have shape [B]=[{batch_size}], got {tuple(cond.shape)}")
+            return self.label_embedding[cond]
+        if cond.dim() != 3 or cond.shape[0] != batch_size or cond.shape[2] != self.cfg.text_dim:
+            raise ValueError(f"context must have shape [B={batch_size}, L, text_dim={self.cfg.text_dim}], "
+                             f"got {tuple(cond.shape)}")
+        return cond
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"x must have shape [B, C={self.cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
+        if not torch.is_floating_point(x):
+            raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+        if timestep.dim() == 0:
+            timestep = timestep.expand(x.shape[0])
+        if timestep.shape != (x.shape[0],):
+            raise ValueError(f"timestep must have shape [B]=[{x.shape[0]}] (raw network time, Wan: 1000·s), "
+                             f"got {tuple(timestep.shape)}")
+        return timestep
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = rope_angles(grid, self.head_dim, device=device)           # float64, cast in apply_rope
+        return torch.cos(angles), torch.sin(angles)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, T, H, W], timestep [B] (raw time, Wan: 1000·s), cond labels [B] or context [B, L, text_dim],
+        optional cond_mask bool [B, L] (True = attend) → output [B, C, T, H, W] in x's dtype."""
+        timestep = self._check_inputs(x, timestep)
+        B = x.shape[0]
+        grid = patch_grid(tuple(x.shape), self.patch_size)
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)      # [B, L, dim]
+        temb, e0 = self.condition_embedder.time(timestep)
+        context = self.embed_cond(cond, B)
+        context = self.condition_embedder.text_embedder(context.to(dtype))
+        rope = self.rope(grid, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, context, e0, rope, cond_mask)
+        with no_autocast(x.device):
+            shift, scale = (self.scale_shift_table.to(temb.dtype) + temb[:, None, :]).chunk(2, dim=1)
+            h = (self.norm_out(tokens.to(temb.dtype)) * (1 + scale) + shift).to(dtype)
+        out = unpatchify(self.proj_out(h), grid, self.patch_size, self.out_channels)
+        return out.to(x.dtype)

@@ -1,0 +1,105 @@
+"""Flow-matching training of a teacher, because no teacher weights can be downloaded here.
+
+The teacher is the project's own backbone trained as a rectified-flow velocity model (Wan's convention,
+so the same `rf_velocity` wrapper serves it and a real Wan2.1 checkpoint), with label dropout so
+classifier-free guidance has an unconditional branch, and an EDM2 power-EMA whose weights are the teacher.
+Trained teachers are cached by a hash of everything that shapes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm import tqdm
+
+from rcm_core.config import ExperimentCfg, to_dict
+from rcm_core.data import LatentBatch
+from rcm_core.denoiser import TrigFlowDenoiser
+from rcm_core.ema import PowerEMA
+from rcm_core.losses import flow_matching_loss
+from rcm_core.networks import build_network
+from rcm_core.trigflow import rf_to_trig
+
+
+def drop_condition(cond: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each sample's condition by the null condition with probability p (CFG training)."""
+    drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+    return torch.where(drop.reshape(-1, *([1] * (cond.dim() - 1))), null.to(cond.dtype), cond)
+
+
+def sample_train_t(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """RF time s ~ logit-normal(0, 1) (SD3's default), as TrigFlow t."""
+    s = torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float64))
+    return rf_to_trig(s).clamp(1e-4, torch.pi / 2 - 1e-4)
+
+
+def train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device: torch.device,
+                  log_every: int = 100) -> TrigFlowDenoiser:
+    from rcm_core.distill import batch_condition
+
+    t_cfg = cfg.teacher
+    model = TrigFlowDenoiser(build_network(cfg.model), t_cfg.parametrization).to(device)
+    ema = PowerEMA(model, t_cfg.ema_sigma_rel)
+    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.train_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator(device=device).manual_seed(cfg.train.seed + 77)
+    stream = iter(batches)
+    bar = tqdm(range(t_cfg.train_steps), desc="teacher (flow matching)", dynamic_ncols=True)
+    for step in bar:
+        batch = next(stream).to(device)
+        x0, cond = batch.latent, batch_condition(batch)
+        cond = drop_condition(cond, model.null_cond(x0.shape[0], device), t_cfg.cond_dropout, g)
+        t = sample_train_t(x0.shape[0], g, device)
+        eps = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
+        out = flow_matching_loss(model, x0, cond, t=t, eps=eps)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        ema.update(model)
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.4f}")
+    return ema.module.requires_grad_(False).eval()
+
+
+def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
+    shaped_by = {"model": to_dict(cfg.model), "teacher": {**to_dict(cfg.teacher), "checkpoint": ""},
+                 "data": data_key, "seed": cfg.train.seed}
+    return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"net": model.net.state_dict(), "model": to_dict(cfg.model),
+                "parametrization": model.parametrization}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
+    data = torch.load(path, map_location=device, weights_only=True)
+    if data["model"] != to_dict(cfg.model):
+        diff = {k: (v, to_dict(cfg.model).get(k)) for k, v in data["model"].items() if to_dict(cfg.model).get(k) != v}
+        raise ValueError(f"teacher checkpoint {path} was trained with another model config: {diff} "
+                         f"(checkpoint value, config value); set model.* to match or retrain")
+    net = build_network(cfg.model)
+    net.load_state_dict(data["net"])
+    return TrigFlowDenoiser(net, data["parametrization"]).to(device).requires_grad_(False).eval()
+
+
+def load_or_train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device: torch.device,
+                          data_key: str, cache_dir: str | Path = ".cache/teachers") -> TrigFlowDenoiser:
+    """cfg.teacher.checkpoint if set; else a cached teacher for this config; else train and cache one."""
+    if cfg.teacher.checkpoint:
+        return load_teacher(cfg.teacher.checkpoint, cfg, device)
+    path = Path(cache_dir) / f"teacher-{teacher_key(cfg, data_key)}.pt"
+    if path.is_file():
+        tqdm.write(f"teacher: using cached {path}")
+        return load_teacher(path, cfg, device)
+    teacher = train_teacher(cfg, batches, device=device)
+    save_teacher(teacher, cfg, path)
+    tqdm.write(f"teacher: trained and cached at {path}")
+    return teacher
