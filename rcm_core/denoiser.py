@@ -74,13 +74,16 @@ class TrigFlowDenoiser(nn.Module):
         """Consistency function f = cos t·x_t − sin t·F: the x̂0 estimate."""
         return consistency_fn(x_t, self.F(x_t, t, cond), t)
 
-    def null_cond(self, batch_size: int, device: torch.device) -> torch.Tensor:
+    def null_cond(self, batch_size: int, device: torch.device, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The CFG unconditional condition; a text context is zero-padded to `like`'s length (as Wan does)."""
+        if like is not None and like.dim() == 3:
+            return self.net.null_cond(batch_size, device, length=like.shape[1])
         return self.net.null_cond(batch_size, device)
 
     def F_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                  guidance: float) -> torch.Tensor:
         """F_T = F(∅) + w·(F(c) − F(∅)), one batched call (CFG folded into the teacher target)."""
-        uncond = None if cond is None else self.null_cond(x_t.shape[0], x_t.device)
+        uncond = None if cond is None else self.null_cond(x_t.shape[0], x_t.device, like=cond)
         if guidance == 1.0 or uncond is None:          # unconditional models have nothing to guide with
             return self.F(x_t, t, cond)
         F_both = self.F(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond))

@@ -50,7 +50,7 @@ def train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device:
     for step in bar:
         batch = next(stream).to(device)
         x0, cond = batch.latent, batch_condition(batch)
-        cond = drop_condition(cond, model.null_cond(x0.shape[0], device), t_cfg.cond_dropout, g)
+        cond = drop_condition(cond, model.null_cond(x0.shape[0], device, like=cond), t_cfg.cond_dropout, g)
         t = sample_train_t(x0.shape[0], g, device)
         eps = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
         out = flow_matching_loss(model, x0, cond, t=t, eps=eps)

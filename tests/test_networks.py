@@ -12,7 +12,13 @@ import torch
 import kernels
 from rcm_core.config import ModelCfg
 from rcm_core.networks import build_network
-from rcm_core.networks.layers import apply_rope, patchify, rope_angles, rope_axis_dims, unpatchify
+from rcm_core.networks.layers import (
+    apply_rope,
+    patchify,
+    rope_angles,
+    rope_axis_dims,
+    unpatchify,
+)
 
 TINY = dict(kind="dit", in_channels=4, dim=48, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=24)
 
@@ -170,7 +176,7 @@ def test_rope_time_axis_rotates_only_its_channels():
 # Forward-mode AD through the whole network (the sCM tangent needs it), float64 vs central differences
 
 def _jvp_vs_fd(net, x, t, cond, x_dot, t_dot, h):
-    f = lambda x_, t_: net(x_, t_, cond)                                   # noqa: E731
+    f = lambda x_, t_: net(x_, t_, cond)
     _, jvp_out = torch.func.jvp(f, (x, t), (x_dot, t_dot))
     fd = (f(x + h * x_dot, t + h * t_dot) - f(x - h * x_dot, t - h * t_dot)) / (2 * h)
     return jvp_out, fd

@@ -12,7 +12,7 @@ Wan2.1 checkpoints load and export through `rcm_core.networks.wan_io`.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from rcm_core.config import ModelCfg
 from rcm_core.networks.dit import KEEP_FP32, WanDiT
@@ -50,4 +50,4 @@ def build_network(cfg: ModelCfg) -> nn.Module:
     return cast_network(net, DTYPES[cfg.dtype])
 
 
-__all__ = ["build_network", "cast_network", "WanDiT", "ResidualMLP", "DTYPES"]
+__all__ = ["DTYPES", "ResidualMLP", "WanDiT", "build_network", "cast_network"]

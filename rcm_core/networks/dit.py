@@ -27,14 +27,24 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import kernels
 from rcm_core.config import ModelCfg
-from rcm_core.networks.layers import (FP32LayerNorm, RMSNorm, TimestepEmbedder, apply_rope, compute_dtype,
-                                      linear_in, no_autocast, patch_grid, rope_angles, sinusoidal_embedding,
-                                      unpatchify)
+from rcm_core.networks.layers import (
+    FP32LayerNorm,
+    RMSNorm,
+    TimestepEmbedder,
+    apply_rope,
+    compute_dtype,
+    linear_in,
+    no_autocast,
+    patch_grid,
+    rope_angles,
+    sinusoidal_embedding,
+    unpatchify,
+)
 
 # Modules whose parameters stay fp32 when the rest of the network is cast to bf16 (Wan keeps the time path,
 # the modulation tables and the affine cross-attention norm in fp32; diffusers' `_keep_in_fp32_modules`).
@@ -193,6 +203,8 @@ class WanDiT(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
         if hasattr(self, "label_embedding"):
             nn.init.normal_(self.label_embedding, std=1.0)   # umT5-like unit-scale "tokens" per class
+        # Also after `to_empty()` from the meta device: Wan checkpoints do not hold this buffer.
+        self.negative_context.zero_()
 
     # -- conditioning -----------------------------------------------------------------------------------
     def null_cond(self, batch_size: int, device: torch.device | str | None = None,

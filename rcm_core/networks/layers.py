@@ -12,8 +12,8 @@ import contextlib
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

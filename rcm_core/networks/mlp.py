@@ -14,11 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from rcm_core.config import ModelCfg
-from rcm_core.networks.layers import TimestepEmbedder, compute_dtype, linear_in, no_autocast, sinusoidal_embedding
+from rcm_core.networks.layers import (
+    TimestepEmbedder,
+    compute_dtype,
+    no_autocast,
+    sinusoidal_embedding,
+)
 
 
 class ResBlock(nn.Module):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from rcm_core.config import ModelCfg
 
@@ -337,7 +337,9 @@ def config_for_layout(cfg: ModelCfg, layout: Layout) -> dict:
 
 def build_from_checkpoint(path: str | Path, dtype: str = "float32", **overrides) -> nn.Module:
     """A `WanDiT` shaped by the checkpoint's config.json, with its weights loaded."""
-    from rcm_core.networks import build_network       # here: rcm_core.networks imports this module's package
+    from rcm_core.networks import (
+        build_network,  # here: rcm_core.networks imports this module's package
+    )
 
     config = read_config(path)
     if config is None:
@@ -401,7 +403,21 @@ def export(source: nn.Module | dict[str, torch.Tensor], out_dir: str | Path, *, 
     return written + [index]
 
 
-__all__ = ["WanCheckpointError", "original_to_ours", "ours_to_original", "detect_layout", "convert_to_ours",
-           "convert_from_ours", "read_safetensors", "write_safetensors", "read_checkpoint", "read_config",
-           "check_state_dict", "load_weights", "model_cfg_from_config", "config_for_layout",
-           "build_from_checkpoint", "export"]
+__all__ = [
+    "WanCheckpointError",
+    "build_from_checkpoint",
+    "check_state_dict",
+    "config_for_layout",
+    "convert_from_ours",
+    "convert_to_ours",
+    "detect_layout",
+    "export",
+    "load_weights",
+    "model_cfg_from_config",
+    "original_to_ours",
+    "ours_to_original",
+    "read_checkpoint",
+    "read_config",
+    "read_safetensors",
+    "write_safetensors",
+]
