@@ -7,8 +7,22 @@ Both run the Triton kernels (kernels/_triton_attention.py) on CUDA and under TRI
 PyTorch twins (kernels/reference.py) otherwise. `merge_attention_partials` merges results over key blocks.
 Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels_gpu.py`; bench: `python -m kernels.bench`.
 """
-from kernels.flash_jvp import AttnPartial, attention, attention_jvp, merge_attention_partials, use_triton
+from kernels.flash_jvp import (
+           AttnPartial,
+           attention,
+           attention_jvp,
+           merge_attention_partials,
+           use_triton,
+)
 from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref
 
-__all__ = ["attention", "attention_jvp", "merge_attention_partials", "AttnPartial", "use_triton",
-           "attention_ref", "attention_jvp_ref", "attention_jvp_lse_ref"]
+__all__ = [
+           "AttnPartial",
+           "attention",
+           "attention_jvp",
+           "attention_jvp_lse_ref",
+           "attention_jvp_ref",
+           "attention_ref",
+           "merge_attention_partials",
+           "use_triton",
+]

@@ -1,0 +1,388 @@
+"""Fused attention forward + JVP on Triton: launchers, autotuning, autograd, dispatch and partial merging.
+
+Public entry points (re-exported by `kernels`):
+  attention(q, k, v, *, scale=None, key_padding_mask=None) -> o
+      reverse-mode (Triton FA2-style backward) and forward-mode (its `jvp` runs the fused pass) differentiable,
+      so `torch.func.jvp`, `torch.autograd.forward_ad` and plain training all work through it.
+  attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, key_padding_mask=None, return_lse=False)
+      -> (o, o_t) or (o, o_t, lse, lse_t): the fused single pass, no L×L tensor.
+  merge_attention_partials(parts) merges results over disjoint key blocks exactly (ring / context parallel).
+Dispatch: Triton on CUDA tensors, and on any tensor while TRITON_INTERPRET=1 (read at call time); else the
+PyTorch twins in kernels/reference.py. Test: `pytest tests/test_kernels.py`; bench: `python -m kernels.bench`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref
+
+
+class AttnPartial(NamedTuple):
+    """Attention over one block of keys: output, its tangent, row log-sum-exp [B,H,Lq] (fp32) and its tangent."""
+    o: torch.Tensor
+    o_t: torch.Tensor
+    lse: torch.Tensor
+    lse_t: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, or anywhere under the interpreter; the PyTorch twin otherwise."""
+    if _interpret():
+        return True
+    return x.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=2)
+def _kernels(interpret: bool) -> ModuleType:
+    """Load _triton_attention.py compiled (interpret=False) or interpreted: triton.jit fixes its mode at
+    decoration time, so each mode gets its own module object and the env var can change between calls."""
+    import triton
+    path = Path(__file__).with_name("_triton_attention.py")
+    name = f"kernels._triton_attention_{'interp' if interpret else 'gpu'}"
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+def _fwd_configs():
+    import triton
+    cfgs = []
+    for bm, bn, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
+                         (64, 128, 4, 2), (128, 64, 4, 3), (64, 32, 4, 2)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # Keep the search small: which tiles can pay off depends on the head dim (register and smem budget).
+    d = kwargs["BLOCK_D"]
+    tangent = kwargs["HAS_TANGENT"]
+    def ok(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d >= 256:
+            return bm == 64 and bn <= 64
+        if d >= 128 and tangent:
+            return bn <= 64 and (bm, bn) != (64, 32) and c.num_stages < 4   # 4 stages of K,K̇,V,V̇ overflow smem
+        return (bm, bn) != (64, 32)
+    kept = [c for c in configs if ok(c)]
+    return kept or configs[-1:]
+
+
+def _bwd_configs(kind: str):
+    import triton
+    if kind == "dkdv":
+        shapes = [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+    else:
+        shapes = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    if kwargs["BLOCK_D"] >= 256:
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
+    return configs
+
+
+_EVEN = {
+    "EVEN_M": lambda a: a["LQ"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0,
+    "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
+}
+_TUNE_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_MASK", "UPCAST", "PREC"]
+
+
+def _autotune() -> bool:
+    # RCM_KERNELS_AUTOTUNE=0 pins one config per head dim on the GPU (quick compiles for tests).
+    return os.environ.get("RCM_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _fixed_config(name: str, block_d: int, fp32: bool) -> dict:
+    """One config per kernel: 64×64 in the interpreter (several key blocks, ragged tails, cheap to run);
+    on the GPU a conservative tile that fits the registers at every head dim. fp32 (exact "ieee" dots, a
+    correctness path, not a fast one) gets small tiles: its tiles take twice the shared memory and its
+    FMA-based dots compile slowly."""
+    if _interpret():
+        return {"BLOCK_M": 64, "BLOCK_N": 64}
+    if fp32:
+        small = block_d >= 256
+        return {"BLOCK_M": 32 if small else 64, "BLOCK_N": 16 if small else 32, "num_warps": 4, "num_stages": 1}
+    big = block_d >= 256
+    if name == "_attn_fwd_jvp":
+        return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32 if big else 64, "num_warps": 4 if big else 8, "num_stages": 2}
+    if name.endswith("dkdv"):
+        return {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+@functools.lru_cache(maxsize=16)
+def _launcher(name: str, interpret: bool, autotune: bool):
+    """The kernel wrapped for launch: EVEN_* heuristics always; autotune only on the GPU (the interpreter
+    cannot benchmark: "0 active drivers"), keyed on head dim, flags and power-of-two length buckets."""
+    import triton
+    fn = triton.heuristics(_EVEN)(getattr(_kernels(interpret), name))
+    if interpret or not autotune:
+        return fn
+    if name == "_attn_fwd_jvp":
+        tuner = triton.autotune(_fwd_configs(), key=_TUNE_KEY + ["HAS_TANGENT"],
+                                prune_configs_by={"early_config_prune": _prune_fwd})
+    else:
+        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY,
+                                prune_configs_by={"early_config_prune": _prune_bwd})
+    return tuner(fn)
+
+
+def _run(name: str, grid, *args, **kwargs):
+    fp32 = kwargs["PREC"] == "ieee"
+    interpret, autotune = _interpret(), _autotune() and not fp32
+    launcher = _launcher(name, interpret, autotune)
+    if interpret or not autotune:
+        kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
+    return launcher[grid](*args, **kwargs)
+
+
+# Tests set this to fill every output with NaN before launch, so an element the kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index D with unit stride (coalesced loads); other strides are passed through.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+            key_padding_mask: torch.Tensor | None) -> dict:
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    if k.shape != (B, H, LK, D) or v.shape != (B, H, LK, D):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected [B, H, L, D] "
+                         "with equal B, H, D (the kernel has no GQA and d_v = d_qk)")
+    if D > 256:
+        raise ValueError(f"head dim {D} > 256 is not supported by the Triton kernel")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of fp16/bf16/fp32 for all")
+    import triton
+    mask = q if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
+    if key_padding_mask is not None and mask.shape != (B, LK):
+        raise ValueError(f"key_padding_mask {tuple(mask.shape)} != [B, Lk] = {(B, LK)}")
+    return {"H": H, "LQ": LQ, "LK": LK, "D": D, "scale": float(1.0 / math.sqrt(D) if scale is None else scale),
+                "LQ_KEY": _bucket(LQ), "LK_KEY": _bucket(LK), "mask": mask, "s_mb": mask.stride(0) if mask.dim() == 2 else 0,
+                "HAS_MASK": key_padding_mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D)),
+                "UPCAST": q.dtype == torch.bfloat16 and _interpret(),
+                "PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def _resolve_scale(scale: float | None, q: torch.Tensor) -> float:
+    return float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=None):
+    """Launch the fused pass. Without tangents it is a plain flash forward that also writes lse."""
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
+    c = _common(q, k, v, scale, key_padding_mask)
+    tangent = q_t is not None
+    if tangent:
+        q_t, k_t, v_t = (_unit_stride(t.to(q.dtype)) for t in (q_t, k_t, v_t))
+    else:
+        q_t, k_t, v_t = q, k, v                    # never read: HAS_TANGENT is a constexpr
+    B, H, LQ, D = q.shape
+    o = _empty((B, H, LQ, D), q, q.dtype)
+    lse = _empty((B, H, LQ), q, torch.float32)
+    o_t = _empty((B, H, LQ, D), q, q.dtype) if tangent else o
+    lse_t = _empty((B, H, LQ), q, torch.float32) if tangent else lse
+    grid = lambda meta: (_cdiv(LQ, meta["BLOCK_M"]), B * H)
+    _run("_attn_fwd_jvp", grid, q, k, v, q_t, k_t, v_t, c["mask"], o, o_t, lse, lse_t,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(q_t), *_strides(k_t), *_strides(v_t), c["s_mb"],
+         c["H"], LQ, c["LK"], D, c["scale"], c["LQ_KEY"], c["LK_KEY"],
+         HAS_TANGENT=tangent, HAS_MASK=c["HAS_MASK"], UPCAST=c["UPCAST"], PREC=c["PREC"], BLOCK_D=c["BLOCK_D"])
+    return (o, o_t, lse, lse_t) if tangent else (o, lse)
+
+
+def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None):
+    """FA2-style backward from the saved lse: delta = rowsum(dO⊙O) − dlse, then a dK/dV pass over key blocks
+    and a dQ pass over query blocks (two launches, no atomics)."""
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
+    c = _common(q, k, v, scale, key_padding_mask)
+    B, H, LQ, D = q.shape
+    LK = c["LK"]
+    do = do.to(q.dtype).contiguous()
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq = _empty((B, H, LQ, D), q, q.dtype)
+    dk = _empty((B, H, LK, D), q, q.dtype)
+    dv = _empty((B, H, LK, D), q, q.dtype)
+    common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
+              c["LQ_KEY"], c["LK_KEY"])
+    flags = {"HAS_MASK": c["HAS_MASK"], "UPCAST": c["UPCAST"], "PREC": c["PREC"], "BLOCK_D": c["BLOCK_D"]}
+    _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
+         q, k, v, do, c["mask"], lse, delta, dk, dv, *common, **flags)
+    _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
+         q, k, v, do, c["mask"], lse, delta, dq, *common, **flags)
+    return dq, dk, dv
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# The fused pass as a custom op: a Function's `jvp` rule runs on functorch-wrapped tensors under
+# torch.func.jvp, which a raw kernel launch cannot read; a custom op is dispatched down to plain tensors.
+@torch.library.custom_op("rcm_kernels::attention_fwd_jvp", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor q_t, Tensor k_t, Tensor v_t, Tensor? mask, float scale)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"))
+def _fwd_jvp_op(q, k, v, q_t, k_t, v_t, mask, scale):
+    return _fwd(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=mask)
+
+
+@_fwd_jvp_op.register_fake
+def _(q, k, v, q_t, k_t, v_t, mask, scale):
+    o = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return o, torch.empty_like(o), lse, torch.empty_like(lse)
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+class _Attention(torch.autograd.Function):
+    """o (and lse) from the Triton forward; backward = Triton FA2 backward; jvp = the fused pass."""
+
+    @staticmethod
+    def forward(q, k, v, scale, key_padding_mask):
+        return _fwd(q, k, v, scale=scale, key_padding_mask=key_padding_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, mask = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.scale, ctx.mask = _resolve_scale(scale, q), mask
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale=ctx.scale, key_padding_mask=ctx.mask, dlse=dlse)
+        return dq, dk, dv, None, None
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t, scale_t, mask_t):
+        # Forward AD has already run forward(); this recomputes the primal inside the fused pass (its P·V
+        # GEMM is 1 of 6), which is cheaper than a separate tangent-only kernel would be to maintain.
+        q, k, v = ctx.saved_tensors[:3]
+        q_t, k_t, v_t = (torch.zeros_like(x) if t is None else t for x, t in zip((q, k, v), (q_t, k_t, v_t)))
+        _, o_t, _, lse_t = _fwd_jvp_op(q, k, v, q_t, k_t, v_t, ctx.mask, ctx.scale)
+        return o_t, lse_t
+
+
+class _AttentionJVP(torch.autograd.Function):
+    """(o, o_t, lse, lse_t) in one pass. Gradients flow to q, k, v through o and lse only: sCM/rCM
+    never differentiate the tangent (it is a detached target), so a gradient reaching o_t raises."""
+
+    @staticmethod
+    def forward(q, k, v, q_t, k_t, v_t, scale, key_padding_mask):
+        return _fwd(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, *_, scale, mask = inputs
+        o, _, lse, _ = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.mask = scale, mask
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, do, do_t, dlse, dlse_t):
+        if do_t is not None or dlse_t is not None:
+            raise NotImplementedError("attention_jvp: no gradient through the tangent output (semigradient "
+                                      "contract: detach o_t, as sCM/rCM do)")
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale=ctx.scale, key_padding_mask=ctx.mask, dlse=dlse)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# -------------------------------------------------------------------------------------------- public API
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale·q kᵀ) v over [B, H, L, D]; differentiable in reverse and forward mode."""
+    if not use_triton(q):
+        return attention_ref(q, k, v, scale=scale, key_padding_mask=key_padding_mask)
+    o, _ = _Attention.apply(q, k, v, scale, key_padding_mask)
+    return o
+
+
+def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, *,
+                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                  return_lse: bool = False) -> tuple[torch.Tensor, ...]:
+    """(o, o_t) of attention and its JVP in one fused pass; with return_lse also the row log-sum-exp
+    lse [B, H, Lq] (fp32, natural log, -inf on fully masked rows) and its tangent lse_t = Σ_j P_ij·Ṡ_ij."""
+    if use_triton(q):
+        out = _AttentionJVP.apply(q, k, v, q_t, k_t, v_t, scale, key_padding_mask)
+    elif return_lse:
+        out = attention_jvp_lse_ref(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask)
+    else:
+        return attention_jvp_ref(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask)
+    return tuple(out) if return_lse else (out[0], out[1])
+
+
+def merge_attention_partials(parts: Sequence[AttnPartial | tuple]) -> AttnPartial:
+    """Exact merge of attention over disjoint key blocks (ring / context-parallel attention), tangents included.
+
+    With w_i = exp(lse_i − lse), lse = logsumexp_i lse_i: o = Σ w_i o_i, lse_t = Σ w_i lse_t_i and, since
+    ẇ_i = w_i (lse_t_i − lse_t), o_t = Σ w_i (o_t_i + (lse_t_i − lse_t) o_i). Blocks with lse = -inf (all keys
+    masked) get weight 0; a row masked in every block stays 0 with lse = -inf, no NaN.
+    """
+    parts = [AttnPartial(*p) for p in parts]
+    acc = torch.promote_types(parts[0].o.dtype, torch.float32)
+    lses = torch.stack([p.lse.to(acc) for p in parts])                    # [P, B, H, Lq]
+    lse = torch.logsumexp(lses, dim=0)
+    finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lses - finite)                                          # 0 for empty blocks
+    lse_t = (w * torch.stack([p.lse_t.to(acc) for p in parts])).sum(0)
+    o = sum(w[i, ..., None] * p.o.to(acc) for i, p in enumerate(parts))
+    o_t = sum(w[i, ..., None] * (p.o_t.to(acc) + (p.lse_t.to(acc) - lse_t)[..., None] * p.o.to(acc))
+              for i, p in enumerate(parts))
+    dtype = parts[0].o.dtype
+    return AttnPartial(o.to(dtype), o_t.to(dtype), lse, lse_t)
