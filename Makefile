@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m rcm_core.loop
+	$(PY) workflows/distill.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

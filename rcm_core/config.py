@@ -44,6 +44,7 @@ class ModelCfg:
     hidden: int = 256                       # mlp only: width
     depth: int = 4                          # mlp only: residual blocks
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"   # parameter / compute dtype
+    activation_checkpointing: bool = False  # dit: recompute each block in backward (long video latents)
 
 
 @dataclass(kw_only=True)

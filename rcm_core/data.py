@@ -32,10 +32,12 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:      # torch is imported where used: Ray Data's decode workers never pay its ~3 s import
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,15 @@ class LatentBatch:
     def __len__(self) -> int:
         return self.latent.shape[0]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "LatentBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LatentBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return LatentBatch(move(self.latent), move(self.label), move(self.cond), move(self.ids))
 
     @classmethod
-    def from_numpy_batch(cls, batch: Mapping[str, Any]) -> "LatentBatch":
+    def from_numpy_batch(cls, batch: Mapping[str, Any]) -> LatentBatch:
         """From a Ray Data batch (numpy arrays from `iter_batches`, or tensors from `iter_torch_batches`)."""
+        import torch
+
         def tensor(key: str, dtype: torch.dtype) -> torch.Tensor | None:
             if key not in batch or batch[key] is None:
                 return None
@@ -131,7 +135,7 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str) -> "Manifest":
+    def from_dict(cls, data: dict, where: str) -> Manifest:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -374,7 +378,9 @@ def denormalize(latent: torch.Tensor | np.ndarray, m: Manifest) -> torch.Tensor 
     mean = np.asarray(m.channel_mean, np.float64)
     std = np.maximum(np.asarray(m.channel_std, np.float64), _STD_FLOOR)
     shape = (1, -1, 1, 1, 1)
-    if isinstance(latent, torch.Tensor):
+    if not isinstance(latent, np.ndarray):        # a torch tensor
+        import torch
+
         return latent * torch.as_tensor(std, dtype=latent.dtype, device=latent.device).view(shape) + \
             torch.as_tensor(mean, dtype=latent.dtype, device=latent.device).view(shape)
     return latent * std.reshape(shape) + mean.reshape(shape)

@@ -24,6 +24,9 @@ from rcm_core.networks import build_network
 from rcm_core.trigflow import rf_to_trig
 
 
+RUNTIME_MODEL_FIELDS = {"dtype", "activation_checkpointing"}
+
+
 def drop_condition(cond: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Replace each sample's condition by the null condition with probability p (CFG training)."""
     drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
@@ -81,8 +84,11 @@ def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path) 
 
 def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
     data = torch.load(path, map_location=device, weights_only=True)
-    if data["model"] != to_dict(cfg.model):
-        diff = {k: (v, to_dict(cfg.model).get(k)) for k, v in data["model"].items() if to_dict(cfg.model).get(k) != v}
+    want = to_dict(cfg.model)
+    # Only fields that shape the parameters must agree; dtype and checkpointing are run-time choices.
+    diff = {k: (v, want.get(k)) for k, v in data["model"].items()
+            if k not in RUNTIME_MODEL_FIELDS and k in want and want[k] != v}
+    if diff:
         raise ValueError(f"teacher checkpoint {path} was trained with another model config: {diff} "
                          f"(checkpoint value, config value); set model.* to match or retrain")
     net = build_network(cfg.model)

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class RandomProjection:
         self.version = f"rp{out_dim}-d{in_dim}-s{seed}-{digest[:12]}"
 
     @classmethod
-    def for_samples(cls, x: Tensor, out_dim: int = 64, *, seed: int = 0) -> "RandomProjection":
+    def for_samples(cls, x: Tensor, out_dim: int = 64, *, seed: int = 0) -> RandomProjection:
         """A projection sized for samples shaped like `x[0]`."""
         return cls(x[0].numel(), out_dim, seed=seed)
 
@@ -102,15 +102,16 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class FeatureNet(nn.Module):
-    """Three conv blocks (28→14→7 for 28×28), global average pool, a feature layer and a linear classifier head."""
+    """Three conv blocks (28→14→7→7 for 28×28), global average pool, a feature layer and a linear classifier head."""
 
     def __init__(self, cfg: FeatureNetConfig) -> None:
         super().__init__()
         self.cfg, w = cfg, cfg.width
         self.register_buffer("in_mean", torch.zeros(cfg.in_channels))  # per-channel latent statistics
         self.register_buffer("in_std", torch.ones(cfg.in_channels))
-        self.body = nn.Sequential(_conv_block(cfg.in_channels, w, 1), _conv_block(w, 2 * w, 2),
-                                  _conv_block(2 * w, 2 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        # Downsample first: full-resolution activations dominate CPU training time, not the convolutions.
+        self.body = nn.Sequential(_conv_block(cfg.in_channels, w, 2), _conv_block(w, 2 * w, 2),
+                                  _conv_block(2 * w, 2 * w, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.embed = nn.Linear(2 * w, cfg.feat_dim)
         self.head = nn.Linear(cfg.feat_dim, cfg.num_classes)
 
@@ -205,7 +206,7 @@ def _fit(net: FeatureNet, frames: Tensor, labels: Tensor, *, steps: int, seed: i
         sched.step()
 
 
-def save_feature_net(net: FeatureNet, path: Union[str, Path]) -> str:
+def save_feature_net(net: FeatureNet, path: str | Path) -> str:
     """Save config + weights + content hash (plain types and tensors only, so `weights_only=True` loads it)."""
     digest = net.content_hash()
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -214,7 +215,7 @@ def save_feature_net(net: FeatureNet, path: Union[str, Path]) -> str:
     return digest
 
 
-def load_feature_net(path: Union[str, Path], *, device: torch.device = torch.device("cpu")) -> FeatureNet:
+def load_feature_net(path: str | Path, *, device: torch.device | str = "cpu") -> FeatureNet:
     """Load with `weights_only=True`; raises if the stored hash does not match the loaded weights."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("schema") != FEATURE_NET_SCHEMA:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,8 +23,8 @@ class GaussianMixture:
     """means [K, D]; stds scalar, [K] (isotropic) or [K, D] (diagonal); weights [K] (uniform if None); float64."""
 
     means: Tensor
-    stds: Union[Tensor, float]
-    weights: Optional[Tensor] = None
+    stds: Tensor | float
+    weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.means = torch.as_tensor(self.means, dtype=torch.float64)
@@ -46,9 +45,9 @@ class GaussianMixture:
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) = logsumexp_k [log w_k + log N(x; μ_k, diag σ_k²)], [N] float64."""
         z = normalized_offsets(self, x)  # [N, K, D]
-        log_norm = -0.5 * self.dim * math.log(2 * math.pi) - self.stds.log().sum(dim=1)  # [K]
-        log_comp = log_norm - 0.5 * z.square().sum(dim=2)
-        return torch.logsumexp(self.weights.log() + log_comp, dim=1)
+        stds, weights = self.stds.to(z.device), self.weights.to(z.device)
+        log_norm = -0.5 * self.dim * math.log(2 * math.pi) - stds.log().sum(dim=1)  # [K]
+        return torch.logsumexp(weights.log() + log_norm - 0.5 * z.square().sum(dim=2), dim=1)
 
     def sample(self, n: int, *, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """n samples [n, D] and their components [n]; the generator's device decides where they are drawn."""
@@ -74,6 +73,14 @@ class GMMMetrics:
     nll: float  # −mean log p(x) under the true density, nats
     num_modes_covered: int
     k_sigma: float
+
+    @property
+    def precision(self) -> float:  # alias: the "precision-like" number of the toy track
+        return self.precision_like
+
+    @property
+    def recall(self) -> float:  # alias: the "recall-like" number (= mode coverage)
+        return self.recall_like
 
 
 def normalized_offsets(gmm: GaussianMixture, x: Tensor) -> Tensor:
@@ -124,7 +131,7 @@ def gmm_metrics(
     gmm: GaussianMixture,
     x: Tensor,
     *,
-    k_sigma: Optional[float] = None,
+    k_sigma: float | None = None,
     mass: float = 0.99,
     min_fraction: float = 0.1,
 ) -> GMMMetrics:

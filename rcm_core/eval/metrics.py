@@ -14,14 +14,14 @@ pairs of identical rows, k-NN radii are computed over distinct rows, and the div
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 # A sample set: one tensor, or several tensors / a dict of tensors that share their first (row) dimension.
-Sample = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
+Sample = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,22 @@ def as_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).to(torch.float64)
 
 
+def row_ids(x: Tensor) -> Tensor:
+    """[N] long: equal for bit-identical rows (bootstrap copies), distinct otherwise.
+
+    An exact integer hash of each row's float64 bit pattern (wrapping int64 arithmetic), then `unique` on [N]:
+    much cheaper than `torch.unique(dim=0)`; a false match needs a 64-bit collision.
+    """
+    bits = as_rows(x).contiguous().view(torch.int64)
+    gen = torch.Generator().manual_seed(0x5EED)
+    mult = torch.randint(-(2**62), 2**62, (bits.shape[1],), generator=gen).to(bits.device) | 1
+    return torch.unique((bits * mult).sum(dim=1), return_inverse=True)[1]
+
+
 def _distinct_pair_mask(x: Tensor) -> Tensor:
     """[N, N] bool, True where rows i and j are different draws (not bit-identical copies, not i == j)."""
-    _, inverse = torch.unique(x, dim=0, return_inverse=True)
-    return inverse[:, None] != inverse[None, :]
+    ids = row_ids(x)
+    return ids[:, None] != ids[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,36 +115,46 @@ def polynomial_kernel(a: Tensor, b: Tensor, *, degree: int = 3, coef0: float = 1
     return (a @ b.T / a.shape[1] + coef0) ** degree
 
 
-def _within_set_term(k: Tensor, mask: Tensor, strata: Optional[Tensor]) -> Tensor:
-    """Mean of k over distinct pairs; with strata, the mean of each (stratum, stratum) block weighted by p_c p_c'.
+def _strata_onehots(x_strata: Tensor | None, y_strata: Tensor | None, n_x: int, n_y: int,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """One-hot stratum matrices [N_x, S], [N_y, S] over the union of labels (one stratum without labels)."""
+    if x_strata is None or y_strata is None:
+        return (torch.ones(n_x, 1, dtype=torch.float64, device=device),
+                torch.ones(n_y, 1, dtype=torch.float64, device=device))
+    ids = torch.unique(torch.cat([x_strata.cpu(), y_strata.cpu()]), return_inverse=True)[1]
+    onehot = torch.nn.functional.one_hot(ids).to(device, torch.float64)
+    return onehot[:n_x], onehot[n_x:]
 
-    The plain U-statistic assumes i.i.d. rows. A fixed evaluation bank (exactly n_c rows per label) drops the
-    self-pairs mostly from same-label blocks and biases MMD² low by O(1/n_c); block weights remove that bias.
-    """
-    if strata is None:
-        return (k * mask).sum() / mask.sum().clamp(min=1)
-    onehot = torch.nn.functional.one_hot(torch.unique(strata, return_inverse=True)[1]).to(k)  # [N, S]
-    p = onehot.mean(dim=0)
-    block_sum = onehot.T @ (k * mask) @ onehot
-    block_cnt = onehot.T @ mask.to(k) @ onehot
-    w = p[:, None] * p[None, :] * (block_cnt > 0)
-    return (w * block_sum / block_cnt.clamp(min=1)).sum() / w.sum()
+
+def _block_mean(k: Tensor, mask: Tensor, oa: Tensor, ob: Tensor, w: Tensor) -> Tensor:
+    """Σ_cc' w_c w_c' · mean of k over the allowed pairs of block (c, c'), renormalised over non-empty blocks."""
+    mask = mask.to(k)
+    block_sum, block_cnt = oa.T @ (k * mask) @ ob, oa.T @ mask @ ob
+    ww = w[:, None] * w[None, :] * (block_cnt > 0)
+    return (ww * block_sum / block_cnt.clamp(min=1)).sum() / ww.sum()
 
 
 def mmd2_unbiased(
-    x: Tensor, y: Tensor, *, x_strata: Optional[Tensor] = None, y_strata: Optional[Tensor] = None
+    x: Tensor, y: Tensor, *, x_strata: Tensor | None = None, y_strata: Tensor | None = None
 ) -> float:
     """Unbiased MMD² with the cubic polynomial kernel (a U-statistic; can be slightly negative).
 
-    Strata (labels of a fixed, stratified evaluation bank) make the within-set terms stratum-weighted.
+    With strata (labels of a fixed evaluation bank) every term is a block mean weighted by the reference's label
+    shares w_c w_c'. The plain U-statistic assumes i.i.d. rows: with exactly n_c rows per label it drops the
+    self-pairs mostly from same-label blocks and is biased low by O(1/n_c); subsets with unequal label shares
+    would bias it high. The weighted form compares the label-conditional distributions at the same label mix.
     """
     x, y = as_rows(x), as_rows(y)
-    kxx = _within_set_term(polynomial_kernel(x, x), _distinct_pair_mask(x), x_strata)
-    kyy = _within_set_term(polynomial_kernel(y, y), _distinct_pair_mask(y), y_strata)
-    return float(kxx + kyy - 2 * polynomial_kernel(x, y).mean())
+    ox, oy = _strata_onehots(x_strata, y_strata, x.shape[0], y.shape[0], x.device)
+    w = oy.mean(dim=0)
+    kxx = _block_mean(polynomial_kernel(x, x), _distinct_pair_mask(x), ox, ox, w)
+    kyy = _block_mean(polynomial_kernel(y, y), _distinct_pair_mask(y), oy, oy, w)
+    kxy_all = polynomial_kernel(x, y)
+    kxy = _block_mean(kxy_all, torch.ones_like(kxy_all, dtype=torch.bool), ox, oy, w)
+    return float(kxx + kyy - 2 * kxy)
 
 
-def _rows_or_none(strata: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
+def _rows_or_none(strata: Tensor | None, idx: Tensor) -> Tensor | None:
     return strata[idx.to(strata.device)] if strata is not None else None
 
 
@@ -142,9 +164,9 @@ def kid(
     *,
     subset_size: int = 1000,
     num_subsets: int = 20,
-    generator: Optional[torch.Generator] = None,
-    cand_strata: Optional[Tensor] = None,
-    ref_strata: Optional[Tensor] = None,
+    generator: torch.Generator | None = None,
+    cand_strata: Tensor | None = None,
+    ref_strata: Tensor | None = None,
 ) -> float:
     """KID: unbiased MMD² averaged over random subsets (Bińkowski et al. 2018 §4; KID is unbiased in N)."""
     n_c, n_r = candidate.shape[0], reference.shape[0]
@@ -165,10 +187,18 @@ def kid(
 # and density/coverage (Naeem et al. 2020, arXiv 2002.09797). Same definitions as the `prdc` package.
 
 
+def _distinct_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows [U, D] and, for every row, the index of its distinct row [N]."""
+    ids = row_ids(x)
+    n_u = int(ids.max()) + 1
+    first = torch.full((n_u,), x.shape[0], dtype=torch.long, device=x.device)
+    first = first.scatter_reduce(0, ids, torch.arange(x.shape[0], device=x.device), reduce="amin")
+    return x[first], ids
+
+
 def knn_radii(x: Tensor, k: int = 5, *, chunk: int = 2048) -> Tensor:
     """Distance from each row to its k-th nearest other distinct row, [N] float64 (0 if all rows are equal)."""
-    x = as_rows(x)
-    uniq, inverse = torch.unique(x, dim=0, return_inverse=True)
+    uniq, inverse = _distinct_rows(as_rows(x))
     n_u = uniq.shape[0]
     if n_u == 1:
         return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -181,30 +211,28 @@ def knn_radii(x: Tensor, k: int = 5, *, chunk: int = 2048) -> Tensor:
     return torch.cat(radii)[inverse]
 
 
-def ball_membership(
-    points: Tensor, centers: Tensor, radii: Tensor, *, chunk: int = 2048
-) -> tuple[Tensor, Tensor]:
-    """For balls B(center_j, radius_j): per point, how many balls hold it [P]; per center, does any point fall in [C]."""
-    points, centers = as_rows(points), as_rows(centers)
-    counts = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
-    hit = torch.zeros(centers.shape[0], dtype=torch.bool, device=centers.device)
-    for start in range(0, points.shape[0], chunk):
-        inside = torch.cdist(points[start:start + chunk], centers) <= radii[None, :]
-        counts[start:start + chunk] = inside.sum(dim=1).to(torch.float64)
-        hit |= inside.any(dim=0)
-    return counts, hit
+def prdc(candidate: Tensor, reference: Tensor, *, k: int = 5, chunk: int = 2048) -> PRDC:
+    """Precision, recall (Kynkäänniemi 2019) and density, coverage (Naeem 2020) with k-NN radii (k = 5 by default).
 
-
-def prdc(candidate: Tensor, reference: Tensor, *, k: int = 5) -> PRDC:
-    """Precision, recall (Kynkäänniemi 2019) and density, coverage (Naeem 2020) with k-NN radii (k = 5 by default)."""
-    r_ref, r_cand = knn_radii(reference, k), knn_radii(candidate, k)
-    counts_in_ref, ref_hit = ball_membership(candidate, reference, r_ref)
-    counts_in_cand, _ = ball_membership(reference, candidate, r_cand)
+    One pass over candidate-reference distances: candidate i is in reference ball j when d_ij ≤ r_ref[j];
+    reference j is in candidate ball i when d_ij ≤ r_cand[i].
+    """
+    cand, ref = as_rows(candidate), as_rows(reference)
+    r_ref, r_cand = knn_radii(ref, k), knn_radii(cand, k)
+    balls_holding_cand = torch.zeros(cand.shape[0], dtype=torch.float64, device=cand.device)
+    ref_ball_hit = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
+    ref_in_cand_ball = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
+    for start in range(0, cand.shape[0], chunk):
+        d = torch.cdist(cand[start:start + chunk], ref)
+        in_ref_ball = d <= r_ref[None, :]
+        balls_holding_cand[start:start + chunk] = in_ref_ball.sum(dim=1).to(torch.float64)
+        ref_ball_hit |= in_ref_ball.any(dim=0)
+        ref_in_cand_ball |= (d <= r_cand[start:start + chunk, None]).any(dim=0)
     return PRDC(
-        precision=float((counts_in_ref > 0).double().mean()),  # candidates on the reference manifold
-        recall=float((counts_in_cand > 0).double().mean()),  # references on the candidate manifold
-        density=float(counts_in_ref.sum() / (k * candidate.shape[0])),  # Naeem 2020 eq. (1)
-        coverage=float(ref_hit.double().mean()),  # reference balls holding ≥ 1 candidate, eq. (2)
+        precision=float((balls_holding_cand > 0).double().mean()),  # candidates on the reference manifold
+        recall=float(ref_in_cand_ball.double().mean()),  # references on the candidate manifold
+        density=float(balls_holding_cand.sum() / (k * cand.shape[0])),  # Naeem 2020 eq. (1)
+        coverage=float(ref_ball_hit.double().mean()),  # reference balls holding ≥ 1 candidate, eq. (2)
     )
 
 
@@ -277,7 +305,7 @@ def take_rows(sample: Sample, idx: Tensor) -> Sample:
     return type(sample)(value[idx.to(value.device)] for value in sample)
 
 
-def _strata_groups(n: int, strata: Optional[Tensor]) -> list[Tensor]:
+def _strata_groups(n: int, strata: Tensor | None) -> list[Tensor]:
     """Row indices of each stratum (one group of all rows when there are no strata)."""
     if strata is None:
         return [torch.arange(n)]
@@ -301,16 +329,16 @@ def _percentile_estimates(point: Mapping[str, float], draws: list[Mapping[str, f
 
 
 def bootstrap_many(
-    fn: Callable[[Sample, Optional[Sample]], Mapping[str, float]],
+    fn: Callable[[Sample, Sample | None], Mapping[str, float]],
     candidate: Sample,
-    reference: Optional[Sample] = None,
+    reference: Sample | None = None,
     *,
     num_resamples: int = 200,
     level: float = 0.95,
     seed: int = 0,
     paired: bool = False,
-    cand_strata: Optional[Tensor] = None,
-    ref_strata: Optional[Tensor] = None,
+    cand_strata: Tensor | None = None,
+    ref_strata: Tensor | None = None,
 ) -> dict[str, Estimate]:
     """Percentile bootstrap CIs for every metric `fn(candidate, reference)` returns (value: on the full sets).
 
@@ -333,18 +361,18 @@ def bootstrap_many(
 
 
 def bootstrap_ci(
-    fn: Callable[[Sample, Optional[Sample]], float],
+    fn: Callable[[Sample, Sample | None], float],
     candidate: Sample,
-    reference: Optional[Sample] = None,
+    reference: Sample | None = None,
     *,
     num_resamples: int = 200,
     level: float = 0.95,
     seed: int = 0,
     paired: bool = False,
-    cand_strata: Optional[Tensor] = None,
-    ref_strata: Optional[Tensor] = None,
+    cand_strata: Tensor | None = None,
+    ref_strata: Tensor | None = None,
 ) -> Estimate:
     """Percentile bootstrap CI of one scalar metric `fn(candidate, reference)`; see `bootstrap_many`."""
-    wrapped = lambda c, r: {"m": fn(c, r)}  # noqa: E731
+    wrapped = lambda c, r: {"m": fn(c, r)}
     return bootstrap_many(wrapped, candidate, reference, num_resamples=num_resamples, level=level, seed=seed,
                           paired=paired, cand_strata=cand_strata, ref_strata=ref_strata)["m"]

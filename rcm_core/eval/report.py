@@ -11,14 +11,18 @@ Conventions (shared/DESIGN.md, MLflow): keys `eval/nfe_<N>/<metric>` and `eval/t
 `_ci_low`/`_ci_high`. All sets share one evaluation bank (same labels, and for the student the same noises as the
 reference, so paired MSE is defined); `reference_2` is the teacher on a disjoint seed set and gives the floor row:
 a student row is only "worse than the teacher" where it sits outside the floor (§4.1 principle 4).
+
+Cost: every bootstrap resample recomputes each metric (three N×N distance matrices per feature space). Measured:
+N = 5000, 4 rows + floor, 2 spaces, 100 resamples in 39 s on one H100 (tests/test_eval_gpu.py, 2026-11-25). On a
+CPU, keep N ≤ ~1000 per set or lower `num_resamples` (N = 2000, 1 row, 2 spaces: ~2.5 s per resample, one core).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -43,7 +47,7 @@ class EvalConfig:
     standardize: bool = True  # z-score every feature space with the reference set's mean/std (a fixed affine map)
     kid_subset_size: int = 1000
     kid_num_subsets: int = 10
-    gmm_k_sigma: Optional[float] = None  # None: radius holding 99% of each mode's mass
+    gmm_k_sigma: float | None = None  # None: radius holding 99% of each mode's mass
     gmm_min_fraction: float = 0.1
 
 
@@ -53,7 +57,7 @@ class StepCountReport:
 
     rows: dict[str, dict[str, Estimate]]
     floor_name: str = "teacher_floor"
-    floor: Optional[dict[str, Estimate]] = None
+    floor: dict[str, Estimate] | None = None
     cost_metrics: tuple[str, ...] = ()
     extractor_versions: dict[str, str] = field(default_factory=dict)
 
@@ -83,12 +87,15 @@ def _classifier_bank(x: Tensor, net: FeatureNet) -> Bank:
 def build_bank(
     x: Tensor,
     *,
-    labels: Optional[Tensor],
+    labels: Tensor | None,
     extractors: Sequence[FeatureExtractor],
-    classifier: Optional[FeatureNet],
+    classifier: FeatureNet | None,
     keep_raw: bool,
 ) -> Bank:
-    """Features per owned space, classifier logits, temporal statistics, labels (and raw rows for the GMM track)."""
+    """Features per owned space, classifier logits, temporal statistics, labels (and raw rows for the GMM track).
+
+    Everything lives on `x.device`: pass samples on the GPU to run the bootstrap there.
+    """
     bank: Bank = _classifier_bank(x, classifier) if classifier is not None else {}
     for ex in extractors:
         bank.setdefault("f/" + ex.name, ex.features(x).to(torch.float64))
@@ -98,7 +105,7 @@ def build_bank(
         bank["labels"] = labels.to(x.device)
     if keep_raw:
         bank["raw"] = M.as_rows(x)
-    return bank
+    return {key: value.to(x.device) for key, value in bank.items()}
 
 
 def feature_stats(ref_bank: Bank) -> dict[str, tuple[Tensor, Tensor]]:
@@ -135,7 +142,7 @@ def _gmm_row(gmm: GaussianMixture, raw: Tensor, cfg: EvalConfig) -> dict[str, fl
             "gmm_mode_tv": g.mode_tv, "gmm_nll": g.nll}
 
 
-def row_metrics(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: Optional[GaussianMixture] = None) -> dict[str, float]:
+def row_metrics(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: GaussianMixture | None = None) -> dict[str, float]:
     """Every metric the two banks support, as plain floats."""
     out: dict[str, float] = {}
     for key in (k for k in cb if k.startswith("f/") and k in rb):
@@ -154,9 +161,9 @@ def row_metrics(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: Optional[GaussianMixtu
     return out
 
 
-def _evaluate_row(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: Optional[GaussianMixture]) -> dict[str, Estimate]:
-    fn = lambda c, r: row_metrics(c, r, cfg, gmm)  # noqa: E731
-    strata = lambda b: b.get("labels") if cfg.stratify else None  # noqa: E731
+def _evaluate_row(cb: Bank, rb: Bank, cfg: EvalConfig, gmm: GaussianMixture | None) -> dict[str, Estimate]:
+    fn = lambda c, r: row_metrics(c, r, cfg, gmm)
+    strata = lambda b: b.get("labels") if cfg.stratify else None
     return M.bootstrap_many(fn, cb, rb, num_resamples=cfg.num_resamples, level=cfg.level, seed=cfg.seed,
                             cand_strata=strata(cb), ref_strata=strata(rb))
 
@@ -168,48 +175,70 @@ def evaluate_step_counts(
     samples: Mapping[str, Tensor],
     reference: Tensor,
     *,
-    reference_2: Optional[Tensor] = None,
-    labels: Optional[Tensor] = None,
-    reference_labels: Optional[Tensor] = None,
+    reference_2: Tensor | None = None,
+    labels: Tensor | None = None,
+    reference_labels: Tensor | None = None,
     extractors: Sequence[FeatureExtractor] = (),
-    classifier: Optional[FeatureNet] = None,
-    gmm: Optional[GaussianMixture] = None,
-    costs: Optional[Mapping[str, Mapping[str, float]]] = None,
+    classifier: FeatureNet | None = None,
+    gmm: GaussianMixture | None = None,
+    costs: Mapping[str, Mapping[str, float]] | None = None,
     floor_name: str = "teacher_floor",
-    cfg: EvalConfig = EvalConfig(),
+    cfg: EvalConfig | None = None,
 ) -> StepCountReport:
     """Metrics of each sample set (name -> [N, ...]) against the reference teacher set, with bootstrap CIs.
 
     `labels` condition the sample sets (the shared evaluation bank); `reference_labels` those of both teacher sets
     (default: `labels`). Paired MSE is reported for sets with the reference's shape (same noise, same order).
-    `costs[name]` (e.g. {"nfe": 1, "sec_per_sample": 0.01}) become columns without a CI.
+    `costs[name]` (e.g. {"nfe": 1, "sec_per_sample": 0.01}) become columns without a CI; `costs[floor_name]`
+    fills the floor row (name it e.g. `teacher_nfe_50` to key the teacher's numbers `eval/teacher_nfe_50/...`).
     """
+    cfg = cfg if cfg is not None else EvalConfig()
     ref_labels = reference_labels if reference_labels is not None else labels
-    bank = lambda x, y: build_bank(x, labels=y, extractors=extractors, classifier=classifier,  # noqa: E731
-                                   keep_raw=gmm is not None)
-    ref_bank = bank(reference, ref_labels)
+    banker = _Banker(extractors, classifier, keep_raw=gmm is not None)
+    ref_bank = banker(reference, ref_labels)
     if cfg.standardize:
-        stats = feature_stats(ref_bank)
-        ref_bank = standardize(ref_bank, stats)
-        bank = lambda x, y, _b=bank: standardize(_b(x, y), stats)  # noqa: E731
-    rows = {}
-    for name, x in samples.items():
-        cb = bank(x, labels)
-        if x.shape == reference.shape:
-            cb["pair_se"] = M.per_sample_sq_error(x, reference)
-        rows[_safe_name(name)] = _evaluate_row(cb, ref_bank, cfg, gmm)
-    floor = _evaluate_row(bank(reference_2, ref_labels), ref_bank, cfg, gmm) if reference_2 is not None else None
-    cost_names = _add_costs(rows, costs or {})
+        banker.stats = feature_stats(ref_bank)
+        ref_bank = standardize(ref_bank, banker.stats)
+    rows = {_safe_name(name): _evaluate_row(banker.candidate(x, labels, reference), ref_bank, cfg, gmm)
+            for name, x in samples.items()}
+    floor = _evaluate_row(banker(reference_2, ref_labels), ref_bank, cfg, gmm) if reference_2 is not None else None
+    cost_names = _add_costs(rows, floor, _safe_name(floor_name), costs or {})
     versions = {ex.name: ex.version for ex in [*extractors, *([classifier] if classifier is not None else [])]}
     return StepCountReport(rows, _safe_name(floor_name), floor, cost_names, versions)
 
 
-def _add_costs(rows: dict[str, dict[str, Estimate]], costs: Mapping[str, Mapping[str, float]]) -> tuple[str, ...]:
-    names: list[str] = []
+@dataclass
+class _Banker:
+    """Builds every set's bank the same way (and z-scores it with the reference's statistics once they are set)."""
+
+    extractors: Sequence[FeatureExtractor]
+    classifier: FeatureNet | None
+    keep_raw: bool
+    stats: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def __call__(self, x: Tensor, labels: Tensor | None) -> Bank:
+        bank = build_bank(x, labels=labels, extractors=self.extractors, classifier=self.classifier,
+                          keep_raw=self.keep_raw)
+        return standardize(bank, self.stats) if self.stats is not None else bank
+
+    def candidate(self, x: Tensor, labels: Tensor | None, reference: Tensor) -> Bank:
+        """A candidate's bank, with per-sample squared error to the reference when the two are same-noise pairs."""
+        bank = self(x, labels)
+        if x.shape == reference.shape:
+            bank["pair_se"] = M.per_sample_sq_error(x, reference)
+        return bank
+
+
+def _add_costs(rows: dict[str, dict[str, Estimate]], floor: dict[str, Estimate] | None, floor_name: str,
+               costs: Mapping[str, Mapping[str, float]]) -> tuple[str, ...]:
+    """Cost columns (no CI); `costs[floor_name]` goes to the floor row (the teacher's own NFE and latency)."""
+    names: dict[str, None] = {}
     for row, values in costs.items():
+        name = _safe_name(row)
+        target = floor if name == floor_name and floor is not None else rows.setdefault(name, {})
         for metric, v in values.items():
-            rows.setdefault(_safe_name(row), {})[_safe_name(metric)] = Estimate(float(v), float(v), float(v))
-            names += [] if _safe_name(metric) in names else [_safe_name(metric)]
+            target[_safe_name(metric)] = Estimate(float(v), float(v), float(v))
+            names[_safe_name(metric)] = None
     return tuple(names)
 
 
@@ -247,7 +276,7 @@ def table_rows(report: StepCountReport) -> list[dict[str, object]]:
     return out
 
 
-def _cell(est: Optional[Estimate], with_ci: bool) -> str:
+def _cell(est: Estimate | None, with_ci: bool) -> str:
     if est is None:
         return "-"
     if not math.isfinite(est.value) or not with_ci:
@@ -255,7 +284,7 @@ def _cell(est: Optional[Estimate], with_ci: bool) -> str:
     return f"{est.value:.4g} ± {est.half_width:.2g}"
 
 
-def format_table(report: StepCountReport, *, columns: Optional[Sequence[str]] = None) -> str:
+def format_table(report: StepCountReport, *, columns: Sequence[str] | None = None) -> str:
     """Plain-text table: rows = step counts (floor last), columns = costs then metrics, cells "value ± half-width"."""
     rows = report.all_rows()
     seen = dict.fromkeys(m for metrics in rows.values() for m in metrics)
@@ -264,6 +293,6 @@ def format_table(report: StepCountReport, *, columns: Optional[Sequence[str]] = 
     body = [[name, *(_cell(rows[name].get(c), c not in report.cost_metrics) for c in cols)] for name in rows]
     header = ["name", *cols]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda r: "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in  # noqa: E731
+    line = lambda r: "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                                enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])

@@ -12,7 +12,6 @@ The per-video functions return `[N]` tensors so the report can bootstrap them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ class TemporalConsistency:
     label_constant: float  # share of videos whose per-frame predicted class never changes
     label_agreement: float  # mean share of frames agreeing with the video's majority class
     frame_cosine: float  # mean cosine similarity of consecutive-frame features
-    motion_ratio: Optional[float]  # frame-difference energy / the reference's (≈1 good, ≪1 frozen, ≫1 flicker)
+    motion_ratio: float | None  # frame-difference energy / the reference's (≈1 good, ≪1 frozen, ≫1 flicker)
 
 
 def per_video_label_constant(frame_logits: Tensor) -> Tensor:
@@ -60,7 +59,7 @@ def motion_ratio(candidate: Tensor, reference: Tensor) -> float:
 
 
 def temporal_consistency(
-    videos: Tensor, net: FeatureNet, *, reference: Optional[Tensor] = None
+    videos: Tensor, net: FeatureNet, *, reference: Tensor | None = None
 ) -> TemporalConsistency:
     """All temporal statistics of `videos` in one call; `motion_ratio` only when a reference is given."""
     if videos.shape[2] < 2:

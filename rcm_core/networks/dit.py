@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -282,7 +283,12 @@ class WanDiT(nn.Module):
         context = self.condition_embedder.text_embedder(context.to(dtype))
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            tokens = block(tokens, context, e0, rope, cond_mask)
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                # Recompute each block in backward: at 32K tokens the saved activations of 30 blocks don't fit.
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, e0, rope, cond_mask,
+                                                           use_reentrant=False)
+            else:
+                tokens = block(tokens, context, e0, rope, cond_mask)
         with no_autocast(x.device):
             shift, scale = (self.scale_shift_table.to(temb.dtype) + temb[:, None, :]).chunk(2, dim=1)
             h = (self.norm_out(tokens.to(temb.dtype)) * (1 + scale) + shift).to(dtype)

@@ -1,0 +1,1 @@
+"""Ray Train / Tune / Data and MLflow entry points: the only layer that imports ray or mlflow."""

@@ -1,0 +1,247 @@
+"""One rCM distillation run on Ray Train, fed by Ray Data, tracked in MLflow.
+
+    python workflows/distill.py                                   # the embedded default (local Ray, toy data)
+    python workflows/distill.py --config experiments/X.yaml key=value ...
+    ray job submit --working-dir . -- python workflows/distill.py --config experiments/smoke.yaml
+
+What happens: the data set is written if the config names a built-in source and it is not there yet; storage
+is checked before any worker starts; the teacher is loaded or trained once on the driver (cached by config
+hash); a `TorchTrainer` runs `rcm_core.loop.run_training` on every worker with its Ray Data shard; rank 0
+logs to MLflow and evaluates 1/2/4 steps against the teacher. Running the same command again resumes from
+the run's latest checkpoint and continues the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:            # `python workflows/distill.py` from a checkout or a job working dir
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rcm_core.config import ExperimentCfg, from_dict, load_config, to_dict  # noqa: E402
+from rcm_core.data import LatentBatch, iterate_batches, read_manifest  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "experiments" / "demo.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side
+
+def _epochs(shard, batch_size: int):
+    """Endless stream of LatentBatch from a Ray Data shard, one pass per epoch."""
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, drop_last=True):
+            yield LatentBatch.from_numpy_batch(batch)
+
+
+def _evaluator(cfg: ExperimentCfg, teacher, manifest: dict, device: torch.device):
+    from rcm_core.eval.features import RandomProjection
+    from rcm_core.evaluate import EvalBank, StepCountEvaluator
+    from rcm_core.pipeline import toy_evaluator, toy_gmm
+
+    if manifest.get("source", {}).get("name") == "gmm" and not cfg.data.normalize:
+        return toy_evaluator(cfg, teacher, toy_gmm(cfg), device)
+    shape = manifest["latent_shape"]
+    n, k = cfg.eval.num_samples, max(manifest.get("num_classes") or 1, 1)
+    bank = EvalBank.make(shape, torch.arange(n) % k, cfg.eval.seed)
+    dim = int(torch.tensor(shape).prod())
+    return StepCountEvaluator(cfg=cfg, teacher=teacher, bank=bank, device=device,
+                              extractors=[RandomProjection(dim, out_dim=min(64, dim), seed=0)])
+
+
+class RayReporter:
+    """Forwards metrics and checkpoints to Ray Train (every rank) and MLflow (rank 0)."""
+
+    def __init__(self, cfg: ExperimentCfg, rank: int, extra_state: dict, parent_run_id: str | None):
+        self.cfg, self.rank, self.extra, self.parent = cfg, rank, extra_state, parent_run_id
+        self.tracker = None
+
+    def ensure_tracker(self):
+        if self.rank == 0 and self.tracker is None:
+            from workflows.tracking import Tracker
+            self.tracker = Tracker(self.cfg, run_id=self.extra.get("mlflow_run_id"), parent_run_id=self.parent)
+            self.extra["mlflow_run_id"] = self.tracker.run_id     # saved in every later checkpoint
+        return self.tracker
+
+    def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+        import ray.train
+
+        if self.rank == 0 and metrics:
+            self.ensure_tracker().log_metrics(step, metrics)
+        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
+        ray.train.report({"step": step, **{k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}},
+                         checkpoint=ckpt)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from rcm_core.evaluate import format_table
+    from rcm_core.loop import run_training
+    from rcm_core.teacher import load_teacher
+
+    cfg = from_dict(config["cfg"], "train_loop_config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+    teacher = load_teacher(config["teacher_path"], cfg, device)
+    shard = ray.train.get_dataset_shard("train")
+    extra: dict = {}
+    reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"))
+    evaluator = _evaluator(cfg, teacher, config["manifest"], device) if rank == 0 else None
+    ckpt = ray.train.get_checkpoint()
+    with (ckpt.as_directory() if ckpt else nullcontext(None)) as resume:
+        state = run_training(cfg, _epochs(shard, cfg.data.batch_size // world), reporter, resume,
+                             teacher=teacher, evaluator=evaluator, device=device, extra_state=extra)
+    if rank == 0:
+        tracker = reporter.ensure_tracker()
+        _log_final_artifacts(cfg, tracker, state, evaluator, config["manifest"])
+        table = format_table(evaluator.last_report)
+        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.train.run_dir) / "eval_table.txt").write_text(table + "\n")
+        tracker.finish()
+
+
+def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict) -> None:
+    """Resolved config, samples per step count (PNG; GIF for video), the final EMA student."""
+    from rcm_core.config import dump_yaml
+    from rcm_core.samples import save_sample_pictures
+    from rcm_core.teacher import save_teacher
+
+    tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = evaluator.bank.labels if evaluator.bank.labels.dim() == 1 else None
+        for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels):
+            tracker.log_artifact(path, "samples")
+        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt")
+        tracker.log_artifact(student, "student")
+        local = Path(cfg.train.run_dir) / "ema_student.pt"
+        local.write_bytes(student.read_bytes())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side
+
+def absolute_paths(cfg: ExperimentCfg) -> ExperimentCfg:
+    """Ray workers run in their own working directory: resolve local paths on the driver first."""
+    from workflows.tracking import tracking_uri
+
+    for section, key in (("train", "run_dir"), ("data", "url"), ("teacher", "checkpoint")):
+        value = getattr(getattr(cfg, section), key)
+        if value and "://" not in value and not Path(value).is_absolute():
+            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+    cfg.tracking.tracking_uri = tracking_uri(cfg)
+    return cfg
+
+
+def prepare_data(cfg: ExperimentCfg) -> ExperimentCfg:
+    """Built-in sources are written once to data.url (default runs/data/<source>) and then read as a data set."""
+    from workflows.data import check_storage
+    from workflows.prepare_latents import prepare
+
+    if cfg.data.source in ("gmm", "moving_fashion"):
+        url = cfg.data.url or str(Path("runs", "data", f"{cfg.name}-{cfg.data.source}").resolve())
+        try:
+            check_storage(url, cfg.data.s3_endpoint)
+        except Exception:
+            cfg.data.url = url
+            prepare(cfg.data)
+        cfg.data.url = url
+    check_storage(cfg.data.url, cfg.data.s3_endpoint)       # fail before any worker starts, naming the URL
+    return cfg
+
+
+def driver_teacher(cfg: ExperimentCfg) -> Path:
+    """Load or train the teacher once, on the driver, from the same data set (cached by config hash)."""
+    from rcm_core.teacher import load_or_train_teacher, save_teacher, teacher_key
+
+    path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else Path(".cache", "teachers").resolve() / (
+        f"teacher-{teacher_key(cfg, cfg.data.url)}.pt")
+    if not path.is_file():
+        batches = iterate_batches(cfg.data.url, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1,
+                                  endpoint=cfg.data.s3_endpoint, do_normalize=cfg.data.normalize)
+        teacher = load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url,
+                                        cache_dir=path.parent)
+        save_teacher(teacher, cfg, path)
+    return path
+
+
+def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str | None = None,
+                  callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workflows.data import check_batching, make_ray_dataset
+
+    manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)
+    r = cfg.resources
+    check_batching(manifest, r.num_workers, cfg.data.batch_size // max(r.num_workers, 1))
+    if cfg.data.batch_size % max(r.num_workers, 1):
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by resources.num_workers="
+                         f"{r.num_workers}; choose a multiple")
+    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    storage = cfg.train.run_dir if "://" in cfg.train.run_dir else str(Path(cfg.train.run_dir).resolve().parent)
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "teacher_path": str(teacher_path), "manifest": vars(manifest),
+                           "parent_run_id": parent_run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                               resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        datasets={"train": make_ray_dataset(cfg)},
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-ray", storage_path=str(Path(storage) / "ray_results"),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or []))
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Workers import rcm_core/workflows by module name (pitfall P10): ship this checkout as the working dir.
+    env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env)
+    else:
+        # More logical CPUs than cores: the work is small and Ray Data needs slots beside the workers (P6).
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+                 object_store_memory=512 * 2 ** 20, log_to_driver=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="rCM distillation on Ray Train (Ray Data input, MLflow tracking).")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.reg_weight=0.1")
+    args = ap.parse_args(argv)
+    cfg = prepare_data(absolute_paths(load_config(args.config, args.overrides)))
+    teacher_path = driver_teacher(cfg)
+    init_ray(args.address)
+    result = build_trainer(cfg, teacher_path).fit()
+    table_file = Path(cfg.train.run_dir) / "eval_table.txt"
+    from workflows.tracking import tracking_uri
+    print("\n" + (table_file.read_text() if table_file.is_file() else "(no evaluation table written)"))
+    print(f"MLflow:      {tracking_uri(cfg)}  (experiment '{cfg.tracking.experiment}'; "
+          f"UI: mlflow ui --backend-store-uri {tracking_uri(cfg)})")
+    print(f"run folder:  {Path(cfg.train.run_dir).resolve()}")
+    print(f"checkpoint:  {result.checkpoint.path if result.checkpoint else '(none)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
