@@ -22,6 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# A local copy of the real service stack (S3 server, PostgreSQL, MLflow server, Ray head) on loopback.
+stack-up: $(STAMP)
+	$(PY) cluster/local_stack.py up
+
+stack-down:
+	$(PY) cluster/local_stack.py down
+
 # On the lent GPU machine (see docs/BENCHMARKS.md for the call that runs it).
 test-gpu:
 	python3 -m pytest -q -m gpu tests

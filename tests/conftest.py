@@ -1,0 +1,79 @@
+"""Shared pytest fixtures: the local stack's real services (S3 server, PostgreSQL-backed MLflow, Ray head).
+
+    .venv/bin/python -m pytest tests/test_data.py tests/test_stack.py -q
+
+Services start lazily, once per session, through `cluster/local_stack.py`'s `Stack` (the same code as
+`make stack-up`), in a private state folder with free ports, and stop at the end of the session:
+    s3_endpoint   "http://127.0.0.1:PORT"  (moto server; buckets mlflow-artifacts, rcm-data, rcm-checkpoints;
+                  also exported as AWS_ENDPOINT_URL for the session, credentials "testing")
+    mlflow_uri    "http://127.0.0.1:PORT"  (MLflow server on PostgreSQL, artifacts in s3://mlflow-artifacts)
+    ray_address   "127.0.0.1:PORT"         (a Ray head with dashboard; `stack.env()["RAY_API_SERVER_ADDRESS"]`
+                  is the job-submission URL)
+    ray_connected ray.init(address=ray_address) for one test module, ray.shutdown() after it
+    local_stack   the `Stack` itself (state_dir, env(), urls(), status())
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Before anything imports ray or botocore (reference §7): no token auth (P11), no usage stats, quiet Ray Data,
+# dummy S3 credentials and no EC2 metadata look-ups (which hang for seconds off-cloud).
+for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                   "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    from cluster.local_stack import Stack
+
+    # Not under pytest's tmp_path: that is 0700, and PostgreSQL runs as the `postgres` user when tests run as root.
+    state = Path(tempfile.mkdtemp(prefix="rcm-stack-", dir="/tmp"))
+    state.chmod(0o755)
+    stack = Stack(state)
+    yield stack
+    stack.down()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(local_stack):
+    url = local_stack.up(["s3"])["s3_endpoint"]
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = url
+    yield url
+    if old is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = old
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(local_stack, s3_endpoint):
+    return local_stack.up(["mlflow"])["mlflow_uri"]
+
+
+@pytest.fixture(scope="session")
+def ray_address(local_stack, s3_endpoint):
+    # after s3 so the head's workers inherit AWS_ENDPOINT_URL and the keys
+    return local_stack.up(["ray"])["ray_address"]
+
+
+@pytest.fixture(scope="module")
+def ray_connected(ray_address):
+    import ray
+
+    ray.init(address=ray_address, log_to_driver=False)
+    yield ray
+    ray.shutdown()
