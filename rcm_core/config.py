@@ -51,7 +51,9 @@ class ModelCfg:
 class TeacherCfg:
     # How the raw network's output is read; every teacher is presented as a TrigFlow F-predictor.
     parametrization: Literal["rf_velocity", "edm_eps", "edm_x0", "trigflow"] = "rf_velocity"
-    checkpoint: str = ""                    # path to teacher weights; "" = train one (cached by config hash)
+    checkpoint: str = ""                    # teacher weights: our .pt, or a Wan2.1 checkpoint (original or diffusers
+                                            # layout: .safetensors / .pth / sharded index / folder); "" = train one
+    negative_context: str = ""              # .npy or .pt [L, text_dim]: the negative-prompt embedding CFG uses as ∅
     guidance: float = 5.0                   # CFG scale w baked into teacher targets (Wan: 5.0, Cosmos: 4.5)
     train_steps: int = 2000                 # flow-matching steps when the teacher is trained here
     train_lr: float = 1.0e-3
@@ -134,7 +136,8 @@ class TrainCfg:
     checkpoint_every: int = 100
     eval_every: int = 0                     # 0 = evaluate only at the end
     log_every: int = 10
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"           # local: resolved config, checkpoint staging, eval table
+    storage_path: str = ""                  # Ray Train run storage (folder or s3://…); "" = <run_dir>/../ray_results
 
 
 @dataclass(kw_only=True)

@@ -82,7 +82,30 @@ def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path) 
     return path
 
 
+def is_wan_checkpoint(path: str | Path) -> bool:
+    """Released Wan2.1 weights (original or diffusers layout) rather than a file written by save_teacher."""
+    p = Path(path)
+    return p.is_dir() or p.suffix in (".safetensors", ".json", ".pth")
+
+
+def load_negative_context(path: str | Path) -> torch.Tensor:
+    """A stored negative-prompt embedding [L, text_dim] (Wan: the umT5 embedding of its negative prompt)."""
+    p = Path(path)
+    if p.suffix == ".npy":
+        import numpy as np
+        return torch.from_numpy(np.load(p)).float()
+    value = torch.load(p, map_location="cpu", weights_only=True)
+    return value if isinstance(value, torch.Tensor) else next(iter(value.values()))
+
+
 def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
+    if is_wan_checkpoint(path):
+        from rcm_core.networks.wan_io import load_weights
+        net = build_network(cfg.model)
+        load_weights(net, path)          # exact key map; lists missing / unexpected / mis-shaped keys on mismatch
+        if cfg.teacher.negative_context:
+            net.set_negative_context(load_negative_context(cfg.teacher.negative_context))
+        return TrigFlowDenoiser(net, cfg.teacher.parametrization).to(device).requires_grad_(False).eval()
     data = torch.load(path, map_location=device, weights_only=True)
     want = to_dict(cfg.model)
     # Only fields that shape the parameters must agree; dtype and checkpointing are run-time choices.

@@ -188,7 +188,7 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str 
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by resources.num_workers="
                          f"{r.num_workers}; choose a multiple")
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    storage = cfg.train.run_dir if "://" in cfg.train.run_dir else str(Path(cfg.train.run_dir).resolve().parent)
+    storage = cfg.train.storage_path or str(Path(cfg.train.run_dir).resolve().parent / "ray_results")
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_path": str(teacher_path), "manifest": vars(manifest),
@@ -198,10 +198,29 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str 
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         datasets={"train": make_ray_dataset(cfg)},
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-ray", storage_path=str(Path(storage) / "ray_results"),
+            name=f"{cfg.name}-ray", storage_path=_strip_scheme(storage, fs := storage_filesystem(storage)),
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or []))
+
+
+def _strip_scheme(storage: str, fs) -> str:
+    """With an explicit filesystem Ray wants `bucket/path`, not `s3://bucket/path`."""
+    return storage.split("://", 1)[1] if fs is not None else storage
+
+
+def storage_filesystem(storage: str):
+    """pyarrow's S3 client for s3:// storage, with the endpoint from AWS_ENDPOINT_URL (moto, MinIO…)."""
+    if not storage.startswith("s3://"):
+        return None
+    import pyarrow.fs as pafs
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    if not endpoint:
+        return None                      # real AWS: Ray resolves the filesystem from the URI itself
+    scheme, host = endpoint.split("://", 1)
+    return pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
 def init_ray(address: str | None) -> None:

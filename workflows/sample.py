@@ -1,0 +1,108 @@
+"""Sample from a distilled student (or a teacher) into a .npy file of latents [K, C, T, H, W] float32.
+
+    python workflows/sample.py --checkpoint runs/demo/ema_student.pt --steps 2 --num-samples 16 --out s.npy
+    python workflows/sample.py --checkpoint runs:/<run_id>/student/ema_student.pt --steps 4 ...   # from MLflow
+    python workflows/sample.py --checkpoint .cache/teachers/teacher-XXXX.pt --teacher --steps 50 --out t.npy
+
+The checkpoint is a file written by `rcm_core.teacher.save_teacher` (the EMA student logged by every run, or a
+cached teacher): it carries its model config, so no run config is needed. Students use the multistep
+consistency sampler at `arctan σ_max` and the intermediate times `--mid-t`; `--teacher` solves the PF-ODE with
+`--steps` Euler/Heun steps and `--guidance`. Class-conditional models sample labels 0, 1, 2, … in turn
+(or `--label`); text-conditioned models take `--cond FILE.npy` ([L, D] or [K, L, D]).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
+from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
+from rcm_core.networks import build_network  # noqa: E402
+from rcm_core.samplers import consistency_sample, teacher_sample  # noqa: E402
+
+
+def local_path(uri: str) -> Path:
+    """A local file, or an MLflow `runs:/` / `mlflow-artifacts:` URI downloaded through the tracking server."""
+    if uri.startswith(("runs:/", "mlflow-artifacts:", "models:/")):
+        import mlflow
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    path = Path(uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {uri}: no such file (give the ema_student.pt of a run, a cached "
+                                f"teacher, or a runs:/<id>/student/ema_student.pt URI)")
+    return path
+
+
+def load_model(path: Path, device: torch.device) -> TrigFlowDenoiser:
+    data = torch.load(path, map_location=device, weights_only=True)
+    if not {"net", "model", "parametrization"} <= set(data):
+        raise ValueError(f"{path} is not a model file from save_teacher (keys {sorted(data)[:6]}); run checkpoints "
+                         f"(state.pt) hold the whole training state — use the run's ema_student.pt")
+    cfg = from_dict({"model": data["model"]}, str(path)).model
+    net = build_network(cfg)
+    net.load_state_dict(data["net"])
+    return TrigFlowDenoiser(net, data["parametrization"]).to(device).eval()
+
+
+def conditions(model: ModelCfg, k: int, label: int | None, cond_file: str | None) -> torch.Tensor:
+    if model.num_classes > 0:
+        return torch.full((k,), label, dtype=torch.long) if label is not None else torch.arange(k) % model.num_classes
+    if cond_file is None:
+        raise ValueError("this model is text-conditioned: pass --cond FILE.npy with an embedding [L, D] or [K, L, D]")
+    c = torch.from_numpy(np.load(cond_file)).float()
+    return c.expand(k, *c.shape) if c.dim() == 2 else c
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = SamplerCfg()
+    ap = argparse.ArgumentParser(description="Sample latents from a distilled student or a teacher.")
+    ap.add_argument("--checkpoint", required=True, help="ema_student.pt / teacher .pt, or an MLflow runs:/ URI")
+    ap.add_argument("--steps", type=int, required=True, help="student steps (1-4) or teacher ODE steps")
+    ap.add_argument("--num-samples", type=int, required=True)
+    ap.add_argument("--out", required=True, help="output .npy, [K, C, T, H, W] float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", action="store_true", help="sample with the teacher's ODE solver")
+    ap.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "T", "H", "W"), default=None,
+                    help="latent shape (default: [in_channels, 1, 1, 1] for vector models, required for the DiT)")
+    ap.add_argument("--sigma-max", type=float, default=d.sigma_max)
+    ap.add_argument("--mid-t", type=float, nargs="*", default=d.mid_t)
+    ap.add_argument("--guidance", type=float, default=1.0, help="teacher CFG scale (students have it baked in)")
+    ap.add_argument("--solver", choices=["euler", "heun"], default="heun")
+    ap.add_argument("--label", type=int, default=None)
+    ap.add_argument("--cond", default=None, help=".npy text embedding for text-conditioned models")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.num_samples < 1:
+        ap.error(f"--steps={args.steps} and --num-samples={args.num_samples} must be ≥ 1")
+    if not args.teacher and args.steps - 1 > len(args.mid_t):
+        ap.error(f"a {args.steps}-step student needs {args.steps - 1} intermediate times; --mid-t has {args.mid_t}")
+    device = torch.device(args.device)
+    model = load_model(local_path(args.checkpoint), device)
+    mcfg = model.net.cfg
+    shape = args.latent_shape or ([mcfg.in_channels, 1, 1, 1] if mcfg.kind == "mlp" else None)
+    if shape is None:
+        ap.error("--latent-shape C T H W is required for video models")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    z = torch.randn(args.num_samples, *shape, generator=g, device=device)
+    cond = conditions(mcfg, args.num_samples, args.label, args.cond).to(device)
+    if args.teacher:
+        x = teacher_sample(model, z, cond, steps=args.steps, guidance=args.guidance, solver=args.solver)
+    else:
+        x = consistency_sample(model, z, cond, steps=args.steps, sigma_max=args.sigma_max, mid_t=args.mid_t,
+                               generator=g)
+    np.save(args.out, x.float().cpu().numpy())
+    print(f"wrote {args.out}: {tuple(x.shape)} float32 ({'teacher' if args.teacher else 'student'}, "
+          f"{args.steps} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
