@@ -80,7 +80,10 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     path = Path(directory) / CKPT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a folder written by save_checkpoint)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or holding pickled code (refused by weights_only)
+        raise ValueError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: {e}") from e
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
