@@ -46,14 +46,18 @@ def toy_evaluator(cfg: ExperimentCfg, teacher: TrigFlowDenoiser, gmm: GaussianMi
                               extractors=[RandomProjection(gmm.dim, out_dim=gmm.dim, seed=0)])
 
 
+def toy_teacher(cfg: ExperimentCfg, gmm: GaussianMixture, device: torch.device) -> TrigFlowDenoiser:
+    """The toy's flow-matching teacher, trained once per config and cached under .cache/teachers."""
+    batches = gmm_batches(gmm, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1)
+    return load_or_train_teacher(cfg, batches, device=device, data_key=f"gmm-{gmm.dim}-{gmm.num_classes}")
+
+
 def run_toy(cfg: ExperimentCfg, *, resume: str | None = None,
             reporter=print_reporter) -> tuple[DistillState, StepCountEvaluator]:
     """Train (or load) the toy teacher, distil it, evaluate every step count. Returns state and evaluator."""
     device = torch.device(cfg.train.device)
     gmm = toy_gmm(cfg)
-    teacher_batches = gmm_batches(gmm, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1)
-    teacher = load_or_train_teacher(cfg, teacher_batches, device=device,
-                                    data_key=f"gmm-{gmm.dim}-{gmm.num_classes}")
+    teacher = toy_teacher(cfg, gmm, device)
     evaluator = toy_evaluator(cfg, teacher, gmm, device)
     state = run_training(cfg, lambda start: gmm_batches(gmm, cfg.data.batch_size, cfg.train.seed, start),
                          reporter, resume, teacher=teacher, evaluator=evaluator, device=device)

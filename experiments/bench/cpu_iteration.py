@@ -1,6 +1,6 @@
 """CPU time of one rCM iteration on the tiny configs (issue 2's benchmark). Prints one table.
 
-    .venv/bin/python experiments/bench/cpu_iteration.py [--iters 30]
+    .venv/bin/python experiments/bench/cpu_iteration.py [--iters 30] [--threads 1]
 
 Medians over `--iters` iterations after 3 warm-ups, each phase timed separately: a student iteration
 (sCM with JVP + DMD rollout and loss + backward + AdamW + EMA) and a critic iteration.
@@ -51,7 +51,9 @@ def bench(overrides: list[str], shape: tuple, iters: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared boxes)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'config':45s} {'student ms':>11s} {'critic ms':>10s} {'rCM iter ms (1 student + 4 critic)/5':>38s}")
     for name, (ov, shape) in CASES.items():
