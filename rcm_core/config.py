@@ -164,6 +164,15 @@ class ResourcesCfg:                         # read only by workflows/
 
 
 @dataclass(kw_only=True)
+class ParallelCfg:                          # the device mesh inside a run (rcm_core.mesh, rcm_core.parallel)
+    dp_replicate: int = -1                  # full replicas, gradients all-reduced (HSDP outer dim); -1 = the rest
+    dp_shard: int = 1                       # FSDP2 shard size (>1 shards over dp_shard·cp ranks); -1 = the rest
+    cp: int = 1                             # Ulysses context parallelism: must divide model.num_heads and the
+                                            # latent token count; ranks of a CP group share batch, noise, times
+                                            # (default = plain replicated data parallelism over all workers)
+
+
+@dataclass(kw_only=True)
 class ExperimentCfg:
     name: str = "rcm"
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -177,6 +186,7 @@ class ExperimentCfg:
     eval: EvalCfg = field(default_factory=EvalCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     resources: ResourcesCfg = field(default_factory=ResourcesCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,6 +404,31 @@ def validate(cfg: ExperimentCfg) -> None:
              "must lie in [0, 1)")
     _require(cfg.ema.sigma_rel > 0 and cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", cfg.ema.sigma_rel,
              "must lie in (0, 0.28) (EDM2 power-EMA; paper 0.05)")
+    _validate_parallel(cfg)
     if cfg.data.source == "dataset":
         _require(cfg.data.url != "", "data.url", cfg.data.url,
                  "data.source=dataset needs data.url (a folder or s3://bucket/prefix with manifest.json)")
+
+
+def _validate_parallel(cfg: ExperimentCfg) -> None:
+    """Static mesh checks; rcm_core.mesh.check_shape repeats them at run time with the latent token count."""
+    p, heads = cfg.parallel, cfg.model.num_heads
+    legal_cp = [c for c in range(1, heads + 1) if heads % c == 0] if cfg.model.kind == "dit" else [1]
+    for key in ("dp_replicate", "dp_shard"):
+        value = getattr(p, key)
+        _require(value >= 1 or value == -1, f"parallel.{key}", value, "must be ≥ 1, or -1 for the rest")
+    _require(not (p.dp_replicate == -1 and p.dp_shard == -1), "parallel.dp_shard", p.dp_shard,
+             "only one of parallel.dp_replicate and parallel.dp_shard may be -1")
+    _require(p.cp in legal_cp, "parallel.cp", p.cp,
+             f"Ulysses splits attention heads; legal cp sizes for model.kind={cfg.model.kind}, "
+             f"model.num_heads={heads}: {legal_cp}")
+    n = cfg.resources.num_workers
+    if n < 1:
+        return
+    fixed = p.cp * max(p.dp_replicate, 1) * max(p.dp_shard, 1)      # the product of the sizes that are not -1
+    if -1 in (p.dp_replicate, p.dp_shard):
+        ok, have = n % fixed == 0, f"the fixed sizes' product {fixed} must divide it"
+    else:
+        ok, have = fixed == n, f"dp_replicate·dp_shard·cp = {p.dp_replicate}·{p.dp_shard}·{p.cp} = {fixed} ranks"
+    legal = [(r, n // (r * c), c) for c in legal_cp if n % c == 0 for r in range(1, n // c + 1) if (n // c) % r == 0]
+    _require(ok, "resources.num_workers", n, f"{have}; legal (dp_replicate, dp_shard, cp) for {n} workers: {legal}")

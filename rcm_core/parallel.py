@@ -1,15 +1,49 @@
-"""Data parallelism for the rCM step, applied from outside the model (torchtitan style).
+"""Parallelism for the rCM step, applied from outside the model (torchtitan's parallelize.py pattern).
 
-A student iteration runs several forward passes (the sCM F_θ and the DMD rollout's last step) before one
-backward, and the JVP pass must see the plain module. So instead of wrapping the student in DDP, every rank
-runs the whole step on its shard and gradients are averaged explicitly after backward: one flattened
-all-reduce per module, which is what DDP does at the end of its bucketing.
+    .venv/bin/python -m pytest tests/test_parallel.py -q          # gloo, 1/2/4 CPU processes, 2-3.5 min
+    .venv/bin/python -m pytest tests/test_parallel_ray.py -q      # the same through Ray Train, 2 workers
+
+In a training loop (every rank; the process group already initialised, e.g. by Ray Train):
+
+    shape = mesh.shape_from_config(cfg.parallel, world_size())
+    m = mesh.build_mesh(shape, device_type=device.type, num_heads=cfg.model.num_heads,
+                        num_tokens=mesh.latent_tokens(latent_shape, cfg.model.patch_size))
+    state = parallelize_state(build_state(cfg, teacher), m)
+    g = step_generator(seed, m.dp_rank, iteration, device)   # dp_rank, not rank: a CP group draws alike
+    distill_step(state, batch_of_dp_group, cfg, g)           # sync_gradients inside skips FSDP's DTensors
+    dcp.save_distributed(state, folder, extra)               # every rank; rank-0 torch.save can't hold shards
+
+Three mechanisms, picked by the mesh (`rcm_core.mesh`):
+- Replicated data parallelism (dp_shard = 1): every rank holds full modules, runs the whole step on its
+  samples, and `sync_gradients` averages .grad after backward: one flattened all-reduce per dtype, what
+  DDP does at the end of its bucketing. No DDP wrapper, because an iteration runs several forwards
+  (sCM F_θ, the JVP pass, the DMD rollout) before one backward, and the JVP must see a plain module.
+- FSDP2 (dp_shard > 1): `fully_shard` on every transformer block, then on the network root, over the
+  dp_shard × cp ranks (× dp_replicate for HSDP), with gradient reduction in ≥ fp32. Student, fake score
+  and EMA are sharded; the frozen teacher too, for memory.
+- Ulysses context parallelism (cp > 1): `rcm_core.context_parallel`.
+
+The JVP pass under FSDP2 (rcm_method.md §5.4). rCM's official code (torch 2.7) rewrites every layer into a
+"JVP mode" because, its authors found, `torch.func.jvp` cannot be applied over FSDP modules. On torch 2.13
+the plain call works for FSDP2, and we rely on it (tests/test_parallel.py checks the tangent against the
+one-process value, float64, and after three training steps; verified on CPU/gloo): `losses.scm_tangent_jvp`
+runs `torch.func.jvp` under no_grad with tangents on the inputs (x_t, t) only. FSDP2's pre-forward hook
+of each block all-gathers the parameters into ordinary tensors, which functorch sees as constants with zero
+tangent, and the post-forward hook frees them again; no post-backward hooks are registered because grad is
+off. So the JVP runs block by block on unsharded parameters, exactly the layer-wise scheme, without a
+second network definition. Parameters must never carry tangents (they don't in sCM).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from rcm_core.context_parallel import apply_context_parallel
+from rcm_core.mesh import Mesh
 
 
 def world_size() -> int:
@@ -20,26 +54,140 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _replicated(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that are plain tensors; FSDP's (DTensors) are reduced by FSDP itself."""
+    return [p for p in module.parameters() if not isinstance(p, DTensor)]
+
+
 def sync_gradients(module: nn.Module) -> None:
-    """Average .grad over all ranks (no-op on one process). Missing grads count as zeros."""
+    """Average .grad of the replicated parameters over all ranks (no-op on one process). Missing grads count
+    as zeros. One flattened all-reduce per gradient dtype, summed in at least fp32 (a bf16 Wan keeps fp32
+    islands, and bf16 sums of many ranks lose bits). FSDP-sharded parameters are skipped: their gradients
+    are already reduce-scattered.
+
+    With context parallelism this mean over all ranks is still right: each CP rank holds cp × its share of
+    the gradient (rcm_core.context_parallel), so the mean over a CP group is the sum of the shares."""
     n = world_size()
-    if n == 1:
+    params = [p for p in _replicated(module) if p.requires_grad]
+    if n == 1 or not params:
         return
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= n
-    offset = 0
-    for p, g in zip(params, grads):
-        k = g.numel()
-        p.grad = flat[offset:offset + k].view_as(g).clone()
-        offset += k
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        group = [p for p in params if p.dtype == dtype]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(torch.promote_types(dtype, torch.float32))
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= n
+        offset = 0
+        for p, g in zip(group, grads):
+            k = g.numel()
+            p.grad = flat[offset:offset + k].view_as(g).to(dtype).clone()
+            offset += k
 
 
 def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
-    """Make every rank start from rank `src`'s weights."""
+    """Make every rank start from rank `src`'s weights (replicated tensors only; call it before sharding)."""
     if world_size() == 1:
         return
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in _replicated(module) + [b for b in module.buffers() if not isinstance(b, DTensor)]:
         dist.broadcast(t.data, src=src)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP2
+
+def mixed_precision(param_dtype: torch.dtype | None, stored_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """Compute in `param_dtype` (None = the stored dtype), reduce gradients in at least fp32 (float64 stays
+    float64, so the float64 equality tests stay exact)."""
+    compute = param_dtype or stored_dtype
+    return MixedPrecisionPolicy(param_dtype=param_dtype,
+                                reduce_dtype=torch.promote_types(compute, torch.float32))
+
+
+def _majority_dtype(params: list[nn.Parameter]) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for p in params:
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get)
+
+
+def _shard_unit(unit: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+    """fully_shard `unit`, first splitting off parameters of a minority dtype.
+
+    FSDP2 all-gathers one flat buffer per unit and requires one dtype in it, but a bf16 Wan block keeps
+    `norm2` and `scale_shift_table` in fp32 (networks/dit.py KEEP_FP32). Submodules wholly in the other
+    dtype become their own units; bare parameters of the other dtype (the modulation tables, 6·dim values)
+    stay replicated as ignored parameters, whose gradients `sync_gradients` averages.
+    """
+    own = [p for p in unit.parameters() if not isinstance(p, DTensor)]
+    if not own:
+        return
+    main = _majority_dtype(own)
+    for _, sub in unit.named_modules():
+        params = [p for p in sub.parameters() if not isinstance(p, DTensor)]
+        if sub is not unit and params and all(p.dtype != main for p in params) and len({p.dtype for p in params}) == 1:
+            fully_shard(sub, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    ignored = {p for p in unit.parameters() if not isinstance(p, DTensor) and p.dtype != main}
+    fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, ignored_params=ignored or None)
+
+
+def shard_network(net: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
+                  reshard_after_forward: bool = True) -> nn.Module:
+    """`fully_shard` each transformer block, then the root (embeddings, time path, head), in place.
+
+    Per-block units are what make the JVP pass block-wise: only one block's parameters are gathered at a
+    time. `param_dtype=None` keeps the stored dtypes: the DiT keeps its time path and modulation tables in
+    fp32 (networks/dit.py KEEP_FP32), which a blanket bf16 cast of a block would break.
+    """
+    stored = _majority_dtype(list(net.parameters()))
+    policy = mixed_precision(param_dtype, stored)
+    for block in net.blocks:
+        _shard_unit(block, mesh, policy, reshard_after_forward)
+    _shard_unit(net, mesh, policy, reshard_after_forward)
+    return net
+
+
+def parallelize_network(net: nn.Module, mesh: Mesh, *, context_parallel: bool = True,
+                        param_dtype: torch.dtype | None = None) -> nn.Module:
+    """CP hooks first (they only touch attention), then FSDP; torchtitan's order (TP → AC → compile → FSDP)."""
+    if context_parallel and mesh.cp_group is not None:
+        apply_context_parallel(net, mesh.cp_group)
+    if mesh.fsdp_mesh is not None:
+        shard_network(net, mesh.fsdp_mesh, param_dtype=param_dtype)
+    return net
+
+
+def _rebuild_optimizer(opt: torch.optim.Optimizer, module: nn.Module) -> torch.optim.Optimizer:
+    """fully_shard replaces parameters by DTensor ones, so an optimiser built earlier points at dead tensors:
+    swap them in place, group by group, in `module.parameters()` order (which fully_shard preserves)."""
+    if opt.state:
+        raise RuntimeError("parallelize the state before the first optimiser step (its moments would be lost)")
+    new = list(module.parameters())
+    if sum(len(g["params"]) for g in opt.param_groups) != len(new):
+        raise RuntimeError("the optimiser does not hold exactly the module's parameters; build it after sharding")
+    offset = 0
+    for group in opt.param_groups:
+        n = len(group["params"])
+        group["params"] = new[offset:offset + n]
+        offset += n
+    return opt
+
+
+def parallelize_state(state, mesh: Mesh, *, param_dtype: torch.dtype | None = None, broadcast: bool = True):
+    """Apply the mesh to a fresh `DistillState` (from `distill.build_state`) in place and return it.
+
+    Teacher, student and fake score get CP and FSDP; the EMA gets FSDP only (memory), no CP: it is only
+    evaluated, and CP would make evaluation a collective. NOTE: with FSDP every rank must take part in any
+    forward of a sharded module, evaluation included (rank-0-only evaluation would hang in the all-gather).
+    """
+    modules = [state.teacher, state.student] + ([state.fake] if state.fake is not None else [])
+    if broadcast:
+        for m in modules + [state.ema.module]:
+            broadcast_parameters(m)
+    for m in modules:
+        parallelize_network(m.net, mesh, param_dtype=param_dtype)
+    if mesh.fsdp_mesh is not None:
+        shard_network(state.ema.module.net, mesh.fsdp_mesh)
+        state.opt_student = _rebuild_optimizer(state.opt_student, state.student)
+        if state.fake is not None:
+            state.opt_fake = _rebuild_optimizer(state.opt_fake, state.fake)
+    return state

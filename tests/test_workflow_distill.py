@@ -19,6 +19,9 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch):
     from workflows.distill import main
 
     monkeypatch.chdir(tmp_path)
+    secret = "PLANTED-SECRET-7f3a9c"                      # credentials must never reach anything written
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = [*TINY, f"tracking.tracking_uri={uri}", "tracking.experiment=wf-test", f"train.run_dir={tmp_path}/run"]
     assert main(["train.steps=20", *common]) == 0
@@ -39,3 +42,16 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch):
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert steps == [5, 10, 15, 20, 25, 30]
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, leaked                              # db, artifacts, checkpoints, resolved config
+
+    # The logged EMA student samples through workflows/sample.py straight from MLflow.
+    import numpy as np
+
+    from workflows.sample import main as sample_main
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "samples.npy"
+    assert sample_main(["--checkpoint", f"runs:/{runs[0].info.run_id}/student/ema_student.pt", "--steps", "2",
+                        "--num-samples", "8", "--out", str(out)]) == 0
+    x = np.load(out)
+    assert x.shape == (8, 2, 1, 1, 1) and x.dtype == np.float32 and np.isfinite(x).all()

@@ -98,6 +98,9 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        # Optional replacement for `kernels.attention` with the same signature; rcm_core.context_parallel
+        # installs Ulysses attention here. The model itself never shards.
+        self.attention_fn = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)      # [B, L, D] → [B, heads, L, hd]
@@ -111,7 +114,8 @@ class WanAttention(nn.Module):
         v = self._heads(self.to_v(kv))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = kernels.attention(q, k, v, key_padding_mask=key_padding_mask)
+        attention = kernels.attention if self.attention_fn is None else self.attention_fn
+        o = attention(q, k, v, key_padding_mask=key_padding_mask)
         return self.to_out[0](o.transpose(1, 2).flatten(2).to(x.dtype))
 
 
@@ -179,6 +183,9 @@ class WanDiT(nn.Module):
         # One zero token: with no mask, Wan attends to zero-padded text, and any number of identical zero
         # tokens gives the same attention output, so one token stands for Wan's 512 zero tokens.
         self.register_buffer("negative_context", torch.zeros(1, cfg.text_dim))
+        # Optional context-parallel hook (rcm_core.context_parallel.SequenceShard): `shard(tokens, rope)` keeps
+        # this rank's token slice, `gather(out)` rebuilds all tokens. None = the whole sequence here.
+        self.sequence_parallel = None
         self.reset_parameters()
 
     # -- initialisation ---------------------------------------------------------------------------------
@@ -282,6 +289,8 @@ class WanDiT(nn.Module):
         context = self.embed_cond(cond, B)
         context = self.condition_embedder.text_embedder(context.to(dtype))
         rope = self.rope(grid, x.device)
+        if self.sequence_parallel is not None:
+            tokens, rope = self.sequence_parallel.shard(tokens, rope)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Recompute each block in backward: at 32K tokens the saved activations of 30 blocks don't fit.
@@ -292,5 +301,8 @@ class WanDiT(nn.Module):
         with no_autocast(x.device):
             shift, scale = (self.scale_shift_table.to(temb.dtype) + temb[:, None, :]).chunk(2, dim=1)
             h = (self.norm_out(tokens.to(temb.dtype)) * (1 + scale) + shift).to(dtype)
-        out = unpatchify(self.proj_out(h), grid, self.patch_size, self.out_channels)
+        out = self.proj_out(h)
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel.gather(out)
+        out = unpatchify(out, grid, self.patch_size, self.out_channels)
         return out.to(x.dtype)
