@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 CKPT_FILE = "state.pt"
+# What state_to_dict writes for the distillation state itself; every other entry is caller "extra" state.
+STATE_KEYS = {"student", "ema", "fake", "opt_student", "opt_fake", "iteration", "student_iter", "critic_iter",
+              "counters", "torch_rng"}
 
 
 def state_to_dict(state, *, extra: dict | None = None) -> dict:
@@ -43,10 +46,7 @@ def load_into_state(state, data: dict) -> dict:
     state.critic_iter = int(data["critic_iter"])
     state.counters.update(data["counters"])
     torch.set_rng_state(data["torch_rng"])
-    known = set(state_to_dict.__code__.co_consts) | {"student", "ema", "fake", "opt_student", "opt_fake",
-                                                     "iteration", "student_iter", "critic_iter", "counters",
-                                                     "torch_rng"}
-    return {k: v for k, v in data.items() if k not in known}
+    return {k: v for k, v in data.items() if k not in STATE_KEYS}
 
 
 def _load_module(module: torch.nn.Module, sd: dict, name: str) -> None:

@@ -8,7 +8,6 @@ pieces on Ray Train with Ray Data and MLflow.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -81,7 +80,3 @@ def cli_main(argv: list[str] | None = None) -> None:
     tqdm.write("\n" + table)
     tqdm.write(f"\nrun folder: {run_dir.resolve()} (config/resolved.yaml, checkpoints/, eval_table.txt)")
 
-
-def report_json(evaluator: StepCountEvaluator) -> str:
-    from rcm_core.eval.report import mlflow_metrics
-    return json.dumps(mlflow_metrics(evaluator.last_report), indent=1, sort_keys=True)
