@@ -34,6 +34,30 @@ for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
     os.environ.setdefault(key, value)
 
 
+def _import_triton_for_the_interpreter() -> None:
+    """On CPU, the kernel tests run Triton's interpreter. triton.jit fixes a function's mode when it is
+    decorated, and triton's own standard library (tl.zeros, …) is decorated when triton is first imported: if
+    anything imports triton first in compiled mode, interpreted kernels later fail ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). So import it once here, in interpreter mode, before any test runs."""
+    import importlib.util
+
+    import torch
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None or "triton" in sys.modules:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_for_the_interpreter()
+
+
 @pytest.fixture(scope="session")
 def local_stack():
     from cluster.local_stack import Stack
