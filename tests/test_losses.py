@@ -1,5 +1,4 @@
 """Float64 checks of the sCM tangent and loss, the DMD and critic losses, and the rollout (rcm_method.md §2–3)."""
-import math
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 from rcm_core.denoiser import TrigFlowDenoiser
 from rcm_core.losses import (consistency_objective, dmd_loss, normalize_tangent, scm_loss, scm_tangent_fd,
                              scm_tangent_g, scm_tangent_jvp, student_rollout)
-from rcm_core.trigflow import add_noise, consistency_fn
+from rcm_core.trigflow import add_noise
 from test_trigflow import mlp
 
 B = 4
