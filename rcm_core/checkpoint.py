@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 CKPT_FILE = "state.pt"
+DCP_METADATA = ".metadata"     # what torch.distributed.checkpoint writes last, on rank 0
 # What state_to_dict writes for the distillation state itself; every other entry is caller "extra" state.
 STATE_KEYS = {"student", "ema", "fake", "opt_student", "opt_fake", "iteration", "student_iter", "critic_iter",
               "counters", "torch_rng"}
@@ -86,10 +87,19 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise ValueError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: {e}") from e
 
 
+def is_distributed(directory: str | Path) -> bool:
+    """A torch.distributed.checkpoint folder (rcm_core.dcp, written by sharded runs) rather than state.pt."""
+    return (Path(directory) / DCP_METADATA).is_file()
+
+
+def is_complete(directory: str | Path) -> bool:
+    return (Path(directory) / CKPT_FILE).is_file() or is_distributed(directory)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """Newest complete `step_<N>` folder under root; temporary (partial) folders are never picked."""
     root = Path(root)
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name and (p / CKPT_FILE).is_file()]
+    done = [p for p in root.glob("step_*") if p.is_dir() and ".tmp" not in p.name and is_complete(p)]
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)

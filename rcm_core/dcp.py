@@ -39,14 +39,28 @@ def _barrier() -> None:
 
 
 def state_dict_of(state, extra: dict | None = None) -> dict:
-    """The nested dict DCP saves; DTensor (FSDP) and plain modules give the same keys."""
+    """The nested dict DCP saves; DTensor (FSDP) and plain modules give the same keys.
+
+    get_state_dict fills an optimiser that has not stepped yet by running one zero-gradient step, which
+    advances AdamW's step count and so changes its later bias correction (the critic has not stepped before
+    the first checkpoint when the tangent warm-up is long). Such optimisers are emptied again here and
+    recorded in meta["fresh_optimizers"], so that a resumed run empties them too."""
+    fresh = [name for name, opt in (("opt_student", state.opt_student), ("opt_fake", state.opt_fake))
+             if opt is not None and not opt.state]
     student, opt_student = get_state_dict(state.student, state.opt_student)
     out = {"student": student, "opt_student": opt_student, "ema": get_model_state_dict(state.ema.module),
            "meta": {**{k: getattr(state, k) for k in META_KEYS}, "counters": dict(state.counters),
-                    "ema_num_updates": state.ema.num_updates, "extra": json.dumps(extra or {})}}
+                    "ema_num_updates": state.ema.num_updates, "extra": json.dumps(extra or {}),
+                    "fresh_optimizers": json.dumps(fresh)}}
     if state.fake is not None:
         out["fake"], out["opt_fake"] = get_state_dict(state.fake, state.opt_fake)
+    _empty(state, fresh)
     return out
+
+
+def _empty(state, names: list[str]) -> None:
+    for name in names:
+        getattr(state, name).state.clear()
 
 
 def save_distributed(state, directory: str | Path, extra: dict | None = None) -> Path:
@@ -85,4 +99,5 @@ def load_distributed(state, directory: str | Path) -> dict:
         setattr(state, k, int(meta[k]))
     state.counters.update(meta["counters"])
     state.ema.num_updates = int(meta["ema_num_updates"])
+    _empty(state, json.loads(meta.get("fresh_optimizers", "[]")))
     return json.loads(meta["extra"])

@@ -18,11 +18,21 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 from tqdm import tqdm
 
-from rcm_core.checkpoint import latest_checkpoint, load_checkpoint, load_into_state, save_checkpoint, state_to_dict
+from rcm_core.checkpoint import (
+    is_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    load_into_state,
+    save_checkpoint,
+    state_to_dict,
+)
 from rcm_core.config import ExperimentCfg, config_hash, save_resolved
 from rcm_core.data import LatentBatch
 from rcm_core.denoiser import TrigFlowDenoiser
 from rcm_core.distill import DistillState, build_state, distill_step
+from rcm_core.dcp import load_distributed, save_distributed
+from rcm_core.mesh import Mesh
+from rcm_core.parallel import mesh_for_run, parallelize_state, share_batch
 from rcm_core.parallel import rank as dist_rank
 
 
@@ -60,34 +70,45 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
                  resume: str | Path | None = None, *, teacher: TrigFlowDenoiser,
                  evaluator: Evaluator | None = None, device: str | torch.device | None = None,
                  grad_wrap: Callable[[TrigFlowDenoiser], TrigFlowDenoiser] | None = None,
-                 extra_state: dict | None = None) -> DistillState:
+                 extra_state: dict | None = None,
+                 latent_shape: tuple[int, ...] | None = None) -> DistillState:
     """Distil `teacher` for cfg.train.steps iterations; checkpoints go to run_dir/checkpoints/step_<N>.
 
     resume: a checkpoint folder, or "latest" for the newest one under the run dir (None = fresh start).
     extra_state: entries saved in every checkpoint beside the state (e.g. the MLflow run id); after a
     resume it is updated with the loaded values.
+    latent_shape: one latent's [C, T, H, W]; with several processes it lets the mesh from `cfg.parallel`
+    (FSDP2 / context parallelism, rcm_core.parallel) be checked against the token count.
+
+    Under a sharded or context-parallel mesh every rank evaluates and checkpoints (those are collectives),
+    only rank 0 reports evaluation metrics, and only the first rank of a CP group reads `batches`.
     """
     device = torch.device(device or cfg.train.device)
     rank, run_dir = dist_rank(), Path(cfg.train.run_dir)
     state = build_state(cfg, teacher.to(device))
+    mesh = mesh_for_run(cfg, latent_shape, device)
+    if mesh is not None:
+        parallelize_state(state, mesh)
+    dp_rank = mesh.dp_rank if mesh is not None else rank     # a CP group draws the same noise and times
     ckpt_root = run_dir / "checkpoints"
     resume_dir = latest_checkpoint(ckpt_root) if resume == "latest" else resume
     if resume_dir is not None:
-        loaded = load_into_state(state, load_checkpoint(resume_dir, map_location=device))
+        loaded = _resume(state, Path(resume_dir), mesh, device)
         if extra_state is not None:
             extra_state.update(loaded)
     if rank == 0:
         save_resolved(cfg, run_dir)
-    stream = _batches_from(batches, state.iteration)
+    reads = mesh is None or mesh.cp_rank == 0
+    stream = _batches_from(batches, state.iteration) if reads else None
     history: list[dict[str, float]] = []
     wait = busy = 0.0
     bar = tqdm(total=cfg.train.steps, initial=state.iteration, desc=f"rCM {cfg.distill.mode}",
                disable=rank != 0, dynamic_ncols=True, file=sys.stderr)
     while state.iteration < cfg.train.steps:
         t0 = time.perf_counter()
-        batch = next(stream).to(device)
+        batch = share_batch(next(stream) if reads else None, mesh, device).to(device)
         t1 = time.perf_counter()
-        g = step_generator(cfg.train.seed, rank, state.iteration, device)
+        g = step_generator(cfg.train.seed, dp_rank, state.iteration, device)
         metrics = distill_step(state, batch, cfg, g, grad_student=grad_wrap(state.student) if grad_wrap else None,
                                grad_fake=grad_wrap(state.fake) if grad_wrap and state.fake else None)
         t2 = time.perf_counter()
@@ -104,18 +125,32 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
             report.update({f"train/total_{k}": v for k, v in state.counters.items()})
             bar.set_postfix(loss=f"{report.get('train/loss', float('nan')):.4g}")
             history, wait, busy = [], 0.0, 0.0
-        if eval_due and rank == 0:
-            report.update(evaluator(state, step))
+        if eval_due and (rank == 0 or mesh is not None):     # sharded modules: every rank joins the forwards
+            metrics = evaluator(state, step)
+            if rank == 0:
+                report.update(metrics)
         ckpt_dir = None
         if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
             ckpt_dir = ckpt_root / f"step_{step}"
-            if rank == 0:
-                extra = {"config_hash": config_hash(cfg), "data_position": step, **(extra_state or {})}
+            extra = {"config_hash": config_hash(cfg), "data_position": step, **(extra_state or {})}
+            if mesh is not None and mesh.fsdp_mesh is not None:
+                save_distributed(state, ckpt_dir, extra)      # every rank writes its shards
+            elif rank == 0:
                 save_checkpoint(state_to_dict(state, extra=extra), ckpt_dir)
         if log_due or eval_due or ckpt_dir is not None:   # same on every rank: Ray needs equal report counts
             reporter(step, report, ckpt_dir)
     bar.close()
     return state
+
+
+def _resume(state: DistillState, directory: Path, mesh: Mesh | None, device: torch.device) -> dict:
+    """Load a checkpoint of either kind into the (already parallelised) state; returns its extra entries."""
+    if is_distributed(directory):
+        return load_distributed(state, directory)
+    if mesh is not None and mesh.fsdp_mesh is not None:
+        raise ValueError(f"{directory} holds an unsharded checkpoint (state.pt) but parallel.dp_shard > 1 shards "
+                         "this run; resume with the parallel settings it was written with")
+    return load_into_state(state, load_checkpoint(directory, map_location=device))
 
 
 def _due(step: int, every: int, last: int) -> bool:

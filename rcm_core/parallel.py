@@ -191,3 +191,60 @@ def parallelize_state(state, mesh: Mesh, *, param_dtype: torch.dtype | None = No
         if state.fake is not None:
             state.opt_fake = _rebuild_optimizer(state.opt_fake, state.fake)
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the training loop needs from the mesh
+
+def run_shape(parallel, world: int | None = None):
+    """The mesh shape `cfg.parallel` asks for on this many ranks (default: the process group's size)."""
+    from rcm_core.mesh import shape_from_config
+    return shape_from_config(parallel, world_size() if world is None else world)
+
+
+def is_collective(parallel, world: int | None = None) -> bool:
+    """True when modules are sharded (FSDP) or split (CP): then every forward is a collective, so every rank
+    must run evaluation and checkpointing, not only rank 0."""
+    world = world_size() if world is None else world
+    if world == 1:
+        return False
+    shape = run_shape(parallel, world)
+    return shape.dp_shard > 1 or shape.cp > 1
+
+
+def mesh_for_run(cfg, latent_shape: tuple[int, ...] | None, device: torch.device) -> Mesh | None:
+    """Build the run's mesh from `cfg.parallel`, checked against the model and the latent token count.
+
+    None for plain replicated data parallelism (and on one process): the loop then keeps the global rank as
+    the data-parallel rank and `sync_gradients` does all the communication."""
+    from rcm_core.mesh import build_mesh, latent_tokens
+
+    if not is_collective(cfg.parallel):
+        return None
+    dit = cfg.model.kind == "dit"
+    tokens = latent_tokens(tuple(latent_shape), tuple(cfg.model.patch_size)) if dit and latent_shape else None
+    return build_mesh(run_shape(cfg.parallel), device_type=device.type,
+                      num_heads=cfg.model.num_heads if dit else 1, num_tokens=tokens)
+
+
+def share_batch(batch, mesh: Mesh | None, device: torch.device):
+    """Ranks of one CP group train on the same samples: only the group's first rank reads (one reader per
+    group, rcm_core.mesh's rank layout puts it at dp_rank·cp) and sends its batch to the others."""
+    if mesh is None or mesh.cp_group is None:
+        return batch
+    box = [batch.to(torch.device("cpu")) if batch is not None else None]
+    leader = mesh.dp_rank * mesh.shape.cp
+    dist.broadcast_object_list(box, src=leader, group=mesh.cp_group,
+                               device=device if device.type == "cuda" else None)
+    if box[0] is None:
+        raise RuntimeError(f"the reader of context-parallel group {mesh.dp_rank} (rank {leader}) had no batch")
+    return box[0]
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain CPU tensors of a (possibly FSDP-sharded) module. Collective when sharded: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -72,11 +72,13 @@ def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path) -> Path:
+def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path, *,
+                 net_state: dict | None = None) -> Path:
+    """`net_state`: the network's full weights when `model` is FSDP-sharded (rcm_core.parallel.full_state_dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"net": model.net.state_dict(), "model": to_dict(cfg.model),
+    torch.save({"net": net_state if net_state is not None else model.net.state_dict(), "model": to_dict(cfg.model),
                 "parametrization": model.parametrization}, tmp)
     tmp.replace(path)
     return path

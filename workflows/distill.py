@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:            # `python workflows/distill.py` from a checkout or a job working dir
     sys.path.insert(0, str(ROOT))
 
+import ray.train  # noqa: E402
 import torch  # noqa: E402
 
 from rcm_core.config import ExperimentCfg, from_dict, load_config, to_dict  # noqa: E402
@@ -88,6 +89,8 @@ def train_fn_per_worker(config: dict) -> None:
     from rcm_core.loop import run_training
     from rcm_core.teacher import load_teacher
 
+    from rcm_core.parallel import full_state_dict, is_collective, run_shape
+
     cfg = from_dict(config["cfg"], "train_loop_config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -96,21 +99,25 @@ def train_fn_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     extra: dict = {}
     reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"))
-    evaluator = _evaluator(cfg, teacher, config["manifest"], device) if rank == 0 else None
+    collective = is_collective(cfg.parallel, world)      # FSDP/CP: every rank joins evaluation forwards
+    evaluator = _evaluator(cfg, teacher, config["manifest"], device) if rank == 0 or collective else None
+    per_group = cfg.data.batch_size // run_shape(cfg.parallel, world).data_parallel_size
     ckpt = ray.train.get_checkpoint()
     with (ckpt.as_directory() if ckpt else nullcontext(None)) as resume:
-        state = run_training(cfg, _epochs(shard, cfg.data.batch_size // world), reporter, resume,
-                             teacher=teacher, evaluator=evaluator, device=device, extra_state=extra)
+        state = run_training(cfg, _epochs(shard, per_group), reporter, resume, teacher=teacher,
+                             evaluator=evaluator, device=device, extra_state=extra,
+                             latent_shape=tuple(config["manifest"]["latent_shape"]))
+    ema_weights = full_state_dict(state.ema.module.net)      # collective when sharded
     if rank == 0:
         tracker = reporter.ensure_tracker()
-        _log_final_artifacts(cfg, tracker, state, evaluator, config["manifest"])
+        _log_final_artifacts(cfg, tracker, state, evaluator, config["manifest"], ema_weights)
         table = format_table(evaluator.last_report)
         Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.run_dir) / "eval_table.txt").write_text(table + "\n")
         tracker.finish()
 
 
-def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict) -> None:
+def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_weights: dict) -> None:
     """Resolved config, samples per step count (PNG; GIF for video), the final EMA student."""
     from rcm_core.config import dump_yaml
     from rcm_core.samples import save_sample_pictures
@@ -121,7 +128,7 @@ def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict) -> None
         labels = evaluator.bank.labels if evaluator.bank.labels.dim() == 1 else None
         for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels):
             tracker.log_artifact(path, "samples")
-        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt")
+        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights)
         tracker.log_artifact(student, "student")
         local = Path(cfg.train.run_dir) / "ema_student.pt"
         local.write_bytes(student.read_bytes())
@@ -181,12 +188,16 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str 
 
     from workflows.data import check_batching, make_ray_dataset
 
+    from rcm_core.parallel import run_shape
+
     manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)
     r = cfg.resources
-    check_batching(manifest, r.num_workers, cfg.data.batch_size // max(r.num_workers, 1))
-    if cfg.data.batch_size % max(r.num_workers, 1):
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by resources.num_workers="
-                         f"{r.num_workers}; choose a multiple")
+    shape = run_shape(cfg.parallel, max(r.num_workers, 1))
+    readers = shape.data_parallel_size                   # one reader per context-parallel group
+    check_batching(manifest, readers, cfg.data.batch_size // readers)
+    if cfg.data.batch_size % readers:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {readers} data-parallel "
+                         f"groups (resources.num_workers={r.num_workers} / parallel.cp={shape.cp}); choose a multiple")
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     storage = cfg.train.storage_path or str(Path(cfg.train.run_dir).resolve().parent / "ray_results")
     return TorchTrainer(
@@ -197,12 +208,38 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str 
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         datasets={"train": make_ray_dataset(cfg)},
+        dataset_config=GroupReaderDataConfig(shape.cp),
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-ray", storage_path=_strip_scheme(storage, fs := storage_filesystem(storage)),
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or []))
+
+
+class GroupReaderDataConfig(ray.train.DataConfig):
+    """Ray Train's default splits the data set into one stream per worker; with context parallelism the cp
+    ranks of a group train on the same samples, so split it into one stream per group and hand it to the
+    group's first rank (rank = group·cp + c, rcm_core.mesh), which sends each batch to the others
+    (rcm_core.parallel.share_batch). The other ranks hold the same iterator but never pull from it."""
+
+    def __init__(self, cp: int = 1):
+        super().__init__()
+        self.cp = cp
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if self.cp == 1:
+            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        groups = world_size // self.cp
+        out = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            leaders = worker_node_ids[::self.cp] if (worker_node_ids and self._enable_shard_locality) else None
+            for g, split in enumerate(ds.streaming_split(groups, equal=True, locality_hints=leaders)):
+                for c in range(self.cp):
+                    out[g * self.cp + c][name] = split
+        return out
 
 
 def _strip_scheme(storage: str, fs) -> str:
