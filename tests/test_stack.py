@@ -1,6 +1,10 @@
 """The local stack (cluster/local_stack.py): every service answers a real client, and `down` leaves nothing.
 
-    .venv/bin/python -m pytest tests/test_stack.py -q          # ~1.5–2 min on a 2-core machine
+    .venv/bin/python -m pytest tests/test_stack.py -q          # ~3–4 min on a 2-core machine
+
+test_cli_up_status_down_leaves_no_process is docs/SCALE_OUT.md's local-stack walk-through: `make stack-up`,
+`ray job submit` of experiments/smoke.yaml with cluster/runtime_env.yaml, the run read back from the MLflow
+server, `make stack-down`, and no process left.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.local_stack import session_members
 
@@ -80,6 +85,8 @@ def test_fixture_services_answer(local_stack, s3_endpoint, mlflow_uri, ray_addre
 
 
 def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or working folder contains `text` (a Ray job's driver and workers run in
+    its unpacked working dir under the stack's Ray temp folder, with command lines that do not name it)."""
     out = []
     for d in Path("/proc").iterdir():
         try:
@@ -87,18 +94,60 @@ def processes_mentioning(text: str) -> list[str]:
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if text in cmd and state != "Z" and d.name != str(os.getpid()):
-            out.append(f"{d.name}: {cmd[:200]}")
+        try:
+            cwd = os.readlink(d / "cwd")
+        except OSError:
+            cwd = ""
+        if (text in cmd or text in cwd) and state != "Z" and d.name != str(os.getpid()):
+            out.append(f"{d.name}: {cmd[:200]} (cwd {cwd})")
     return out
+
+
+def make(target: str, state: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`make <target>` on the stack in `state` (RCM_STACK_DIR), with this interpreter as the Makefile's PY. `-o`
+    counts the venv stamp as up to date: this checks the stack targets, not the install."""
+    return subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", f"PY={sys.executable}", target],
+                          cwd=REPO, env={**os.environ, "RCM_STACK_DIR": str(state)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_smoke_job(env: dict) -> None:
+    """docs/SCALE_OUT.md's local submission: experiments/smoke.yaml through `ray job submit` with
+    cluster/runtime_env.yaml, then the run as the MLflow server reports it."""
+    from mlflow.tracking import MlflowClient
+
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    # The head already runs in this venv, and Ray would clone the whole venv to install `pip` (GBs, offline):
+    # everything else of the cluster's runtime_env is used as it is.
+    runtime_env.pop("pip")
+    runtime_env.pop("working_dir")          # "." relative to the caller; --working-dir names the checkout instead
+    steps = 10
+    r = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(REPO),
+                        "--runtime-env-json", json.dumps(runtime_env), "--",
+                        "python", "workflows/distill.py", "--config", "experiments/smoke.yaml", f"train.steps={steps}",
+                        "train.checkpoint_every=10", "eval.num_samples=100", "eval.bootstrap=5"],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert f"MLflow:      {env['MLFLOW_TRACKING_URI']}" in r.stdout, r.stdout[-2000:]   # the server, not SQLite
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("rcm-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["train.steps"] == str(steps)
+    assert all(f"eval/nfe_{n}/gmm_precision" in run.data.metrics for n in (1, 2, 4))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == steps
+    assert "config/resolved.yaml" in [f.path for f in client.list_artifacts(run.info.run_id, "config")]
 
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_cli_up_status_down_leaves_no_process(tmp_path):
+def test_cli_up_status_down_leaves_no_process():
     state = Path(tempfile.mkdtemp(prefix="rcm-cli-stack-", dir="/tmp"))
     state.chmod(0o755)                      # PostgreSQL runs as `postgres` when tests run as root
     try:
-        up = subprocess.run(STACK + ["up", "--state-dir", str(state)], capture_output=True, text=True, timeout=400)
+        up = make("stack-up", state, timeout=400)
         assert up.returncode == 0, up.stdout + up.stderr
         records = json.loads((state / "state.json").read_text())
         assert set(records) == {"s3", "postgres", "mlflow", "ray"}
@@ -110,10 +159,10 @@ def test_cli_up_status_down_leaves_no_process(tmp_path):
         urls = json.loads((state / "stack.json").read_text())
         check_s3(env)
         check_mlflow(env, urls["postgres_uri"])
-        check_ray_job(env, tmp_path)
+        check_smoke_job(env)
         assert processes_mentioning(str(state))                           # sanity: the check sees the services
     finally:
-        down = subprocess.run(STACK + ["down", "--state-dir", str(state)], capture_output=True, text=True, timeout=300)
+        down = make("stack-down", state, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
     assert json.loads((state / "state.json").read_text()) == {}
     assert all(session_members(rec["pid"]) == [] for rec in records.values())
