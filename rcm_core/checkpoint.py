@@ -32,15 +32,26 @@ def state_to_dict(state, *, extra: dict | None = None) -> dict:
     return out
 
 
+class CheckpointData(dict):
+    """The loaded checkpoint dict, remembering the file it came from (for error messages)."""
+
+    path: Path | None = None
+
+
 def load_into_state(state, data: dict) -> dict:
-    """Restore `state` in place; returns the checkpoint's extra entries (data position, run ids…)."""
-    _load_module(state.student, data["student"], "student")
+    """Restore `state` in place; returns the checkpoint's extra entries (data position, run ids…).
+    A checkpoint of another model shape raises ValueError naming the file and the mismatching keys."""
+    where = getattr(data, "path", None) or "checkpoint"
+    missing = sorted(STATE_KEYS - {"fake", "opt_fake"} - set(data))
+    if missing:
+        raise ValueError(f"{where}: not a distillation checkpoint (missing {missing})")
+    _load_module(state.student, data["student"], "student", where)
     state.ema.load_state_dict(data["ema"])
     if state.fake is not None:
         if data.get("fake") is None:
-            raise ValueError("checkpoint has no fake score, but distill.mode needs one; resume with the mode it "
+            raise ValueError(f"{where} has no fake score, but distill.mode needs one; resume with the mode it "
                              "was trained with")
-        _load_module(state.fake, data["fake"], "fake score")
+        _load_module(state.fake, data["fake"], "fake score", where)
         state.opt_fake.load_state_dict(data["opt_fake"])
     state.opt_student.load_state_dict(data["opt_student"])
     state.iteration, state.student_iter = int(data["iteration"]), int(data["student_iter"])
@@ -50,13 +61,13 @@ def load_into_state(state, data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in STATE_KEYS}
 
 
-def _load_module(module: torch.nn.Module, sd: dict, name: str) -> None:
+def _load_module(module: torch.nn.Module, sd: dict, name: str, where: str | Path = "checkpoint") -> None:
     own = module.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if bad or missing or unexpected:
-        raise ValueError(f"the {name} checkpoint does not match this model (another model shape?): "
+        raise ValueError(f"{where}: the {name} weights do not match this model (another model shape?): "
                          f"shape mismatches {bad[:5]}, missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     module.load_state_dict(sd)
 
@@ -82,9 +93,14 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a folder written by save_checkpoint)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, or holding pickled code (refused by weights_only)
         raise ValueError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, not a state dict")
+    out = CheckpointData(data)
+    out.path = path
+    return out
 
 
 def is_distributed(directory: str | Path) -> bool:

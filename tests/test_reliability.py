@@ -60,3 +60,80 @@ def test_any_override_either_loads_or_fails_with_config_error(key, value):
         load_config(None, [f"{key}={value}"])
     except ConfigError as e:
         assert str(e)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A checkpoint from another model shape
+
+def _tiny_state(hidden: int):
+    from rcm_core.denoiser import TrigFlowDenoiser
+    from rcm_core.distill import build_state
+    from rcm_core.networks import build_network
+
+    cfg = load_config("experiments/debug_cpu.yaml", [f"model.hidden={hidden}", "model.depth=2"])
+    teacher = TrigFlowDenoiser(build_network(cfg.model), cfg.teacher.parametrization).requires_grad_(False)
+    return build_state(cfg, teacher)
+
+
+def test_checkpoint_of_another_model_shape_names_the_file_and_keys(tmp_path):
+    from rcm_core.checkpoint import load_into_state, state_to_dict
+
+    path = save_checkpoint(state_to_dict(_tiny_state(32)), tmp_path / "step_7")
+    with pytest.raises(ValueError) as err:
+        load_into_state(_tiny_state(48), load_checkpoint(path))
+    msg = str(err.value)
+    assert str(path / CKPT_FILE) in msg and "another model shape" in msg and "(32" in msg and "(48" in msg
+    torch.save({"w": torch.ones(2)}, path / CKPT_FILE)          # a weights file, not a distillation checkpoint
+    with pytest.raises(ValueError, match=r"step_7/state.pt: not a distillation checkpoint \(missing \['counters'"):
+        load_into_state(_tiny_state(32), load_checkpoint(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fuzzed sweep YAML: every bad file ends in one ConfigError that names the file
+
+SWEEP_KEYS = ["name", "base", "metric", "search_space", "num_samples", "search", "scheduler", "resources",
+              "max_concurrent", "overrides", "seed", "trials"]
+leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 500), st.floats(allow_nan=True, allow_infinity=True),
+                 text, st.sampled_from(["experiments/demo.yaml", "eval/nfe_2/gmm_precision", "max", "asha", "grid",
+                                        "distill.reg_weight", "train.steps", "fifo", "optuna"]))
+tree = st.recursive(leaf, lambda kids: st.one_of(st.lists(kids, max_size=3),
+                                                 st.dictionaries(st.sampled_from(SWEEP_KEYS + [
+                                                     "grid", "choice", "uniform", "loguniform", "randint", "type",
+                                                     "grace_period", "max_t", "mode", "num_workers",
+                                                     "distill.reg_weight", "train.steps", "sampler.step_counts"]),
+                                                     kids, max_size=3)), max_leaves=8)
+GOOD_SWEEP = {"base": "experiments/demo.yaml", "metric": {"name": "eval/nfe_2/gmm_precision", "mode": "max"},
+              "search_space": {"distill.reg_weight": {"grid": [1, 0.1]}}, "resources": {"num_workers": 1}}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(edits=st.dictionaries(st.sampled_from(SWEEP_KEYS), tree, max_size=3),
+       drop=st.lists(st.sampled_from(list(GOOD_SWEEP)), max_size=2), raw=st.one_of(st.none(), text))
+def test_fuzzed_sweep_yaml_loads_or_fails_with_one_config_error(tmp_path, edits, drop, raw):
+    import yaml
+
+    from workflows.sweep import load_sweep
+
+    path = tmp_path / "fuzz.yaml"
+    if raw is not None:                          # arbitrary text, often not YAML or not a mapping at all
+        path.write_text(raw)
+    else:
+        doc = {k: v for k, v in {**GOOD_SWEEP, **edits}.items() if k not in drop}
+        path.write_text(yaml.safe_dump(doc))
+    try:
+        load_sweep(path, ["train.steps=20"])
+    except ConfigError as e:
+        assert str(path) in str(e), str(e)       # names the file (and, by the messages above, the key and fix)
+
+
+def test_yaml_tags_that_construct_objects_are_refused(tmp_path):
+    from workflows.sweep import load_sweep
+
+    for text in ("!!python/object/apply:os.system ['echo pwned']\n",
+                 "base: !!python/name:os.system\nmetric: {name: eval/nfe_2/gmm_precision, mode: max}\n"):
+        (tmp_path / "evil.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_sweep(tmp_path / "evil.yaml")
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_config(tmp_path / "evil.yaml")
