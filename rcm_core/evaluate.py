@@ -16,7 +16,7 @@ import torch
 from rcm_core.config import ExperimentCfg
 from rcm_core.denoiser import TrigFlowDenoiser
 from rcm_core.eval.features import FeatureExtractor, FeatureNet
-from rcm_core.eval.report import StepCountReport, evaluate_step_counts, format_table, mlflow_metrics
+from rcm_core.eval.report import EvalConfig, StepCountReport, evaluate_step_counts, format_table, mlflow_metrics
 from rcm_core.samplers import consistency_sample, teacher_nfe, teacher_sample
 
 
@@ -99,8 +99,12 @@ class StepCountEvaluator:
         costs = {name: {"nfe": float(name.split("_")[1]), "sec_per_sample": sec} for name, (_, sec) in students.items()}
         costs[t_name] = {"nfe": float(t_name.split("_")[-1]), "sec_per_sample": t_sec}   # fills the floor row
         labels = self.bank.labels if self.bank.labels.dim() == 1 else None
-        report = evaluate_step_counts(samples, ref, reference_2=floor, labels=labels, extractors=self.extractors,
-                                      classifier=self.classifier, gmm=self.gmm, costs=costs, floor_name=t_name)
+        # Metrics and their bootstrap run where the samples are (report.py): on the run's device, not the CPU.
+        dev = lambda x: None if x is None else x.to(self.device)
+        report = evaluate_step_counts({k: dev(v) for k, v in samples.items()}, dev(ref), reference_2=dev(floor),
+                                      labels=dev(labels), extractors=self.extractors, classifier=self.classifier,
+                                      gmm=self.gmm, costs=costs, floor_name=t_name,
+                                      cfg=EvalConfig(num_resamples=self.cfg.eval.bootstrap))
         self.last_report, self.last_samples = report, {**samples, "teacher_reference": ref}
         return report
 

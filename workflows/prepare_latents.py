@@ -51,7 +51,7 @@ def _progress(total: int, desc: str):
 
 def moving_fashion_rows(d: DataCfg, bar) -> tuple[Iterator[dict], dict]:
     from rcm_core.datasets.codec import PatchDCT
-    from rcm_core.datasets.moving_fashion import generate
+    from rcm_core.datasets.moving_fashion import generate, load_items
 
     if d.canvas % d.patch:
         raise ConfigError(f"data.canvas={d.canvas} must be divisible by data.patch={d.patch}")
@@ -60,14 +60,15 @@ def moving_fashion_rows(d: DataCfg, bar) -> tuple[Iterator[dict], dict]:
     info = {"latent_shape": [codec.channels, d.frames, h, h], "num_classes": 10,
             "encoder": codec.describe(d.frames, d.canvas),
             "source": {"name": "moving_fashion", "seed": d.seed, "frames": d.frames, "canvas": d.canvas,
-                       "item_size": d.item_size}}
+                       "item_size": d.item_size,
+                       # known before any row: write_shards copies `source` into the manifest when it starts
+                       "images": load_items("train")[2]}}
 
     def rows() -> Iterator[dict]:
         for start in range(0, d.num_rows, _CHUNK):
             n = min(_CHUNK, d.num_rows - start)
             # one seed per chunk: the data set does not depend on how it is chunked when resumed or extended
             v = generate(n, frames=d.frames, size=d.canvas, item=d.item_size, seed=d.seed * 1_000_003 + start)
-            info["source"]["images"] = v.source
             lat = codec.encode(v.videos).astype(np.float32)
             for i in range(n):
                 yield {"id": start + i, "latent": lat[i], "label": int(v.labels[i])}

@@ -49,8 +49,14 @@ def load_items(split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
             labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
         source = "fashion-mnist"
     else:
-        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
+        try:  # scikit-learn bundles its digits: no download
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise FileNotFoundError(
+                f"{img_path} not found and scikit-learn (the fallback) is not installed: install "
+                f"dataset-fashion-mnist (or point RCM_FASHION_MNIST_DIR at a folder with the four *-ubyte.gz "
+                f"files), or write the latent data set elsewhere and carry it (workflows/prepare_latents.py)"
+            ) from None
         log.warning("%s not found (apt-get install dataset-fashion-mnist); using scikit-learn digits", img_path)
         digits = load_digits()
         images, labels, source = (digits.images / 16.0 * 255).astype(np.uint8), digits.target.astype(np.int64), \
