@@ -1,10 +1,10 @@
 """sCM vs DMD vs rCM on moving Fashion-MNIST video latents (issue 4, result 2): prints table 2 of docs/RESULTS.md.
 
-    # 1. here, where Debian's Fashion-MNIST is installed: write the data set to carry (float16 Parquet, ~32 MiB)
-    python experiments/bench/fashion_results.py --prepare-only --data .fashion_data
-    # 2. on the GPU machine (pyarrow, numpy, pyyaml, tqdm, Pillow; no ray/mlflow needed)
-    RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --data .fashion_data \
-        --out /tmp/fashion --archive $OUT/fashion_results.tar.gz
+    # 1. here, where Debian's Fashion-MNIST is installed: write the data set to carry (6000 rows float16, 38 MiB;
+    #    runs/ is git-ignored, so name the folder in the device call's `carry`)
+    python experiments/bench/fashion_results.py --prepare-only --data runs/data/fashion_video
+    # 2. on the GPU machine (needs pyarrow, numpy, pyyaml, tqdm, Pillow; no ray, mlflow or scikit-learn)
+    RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --data runs/data/fashion_video --out /tmp/fashion --archive $OUT/fashion_results.tar.gz
     # CPU smoke test of the whole pipeline (meaningless numbers, a few minutes on 2 cores)
     python experiments/bench/fashion_results.py --tiny --out /tmp/fashion_tiny
 
