@@ -28,9 +28,9 @@ from rcm_core.checkpoint import (
 )
 from rcm_core.config import ExperimentCfg, config_hash, save_resolved
 from rcm_core.data import LatentBatch
+from rcm_core.dcp import load_distributed, save_distributed
 from rcm_core.denoiser import TrigFlowDenoiser
 from rcm_core.distill import DistillState, build_state, distill_step
-from rcm_core.dcp import load_distributed, save_distributed
 from rcm_core.mesh import Mesh
 from rcm_core.parallel import mesh_for_run, parallelize_state, share_batch
 from rcm_core.parallel import rank as dist_rank

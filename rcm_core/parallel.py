@@ -243,7 +243,10 @@ def share_batch(batch, mesh: Mesh | None, device: torch.device):
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Plain CPU tensors of a (possibly FSDP-sharded) module. Collective when sharded: call on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     if not any(isinstance(p, DTensor) for p in module.parameters()):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from rcm_core.config import ExperimentCfg, from_dict, load_config, to_dict  # noqa: E402
 from rcm_core.data import LatentBatch, iterate_batches, read_manifest  # noqa: E402
+from rcm_core.parallel import full_state_dict, is_collective, run_shape  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "experiments" / "demo.yaml"
 
@@ -88,8 +89,6 @@ def train_fn_per_worker(config: dict) -> None:
     from rcm_core.evaluate import format_table
     from rcm_core.loop import run_training
     from rcm_core.teacher import load_teacher
-
-    from rcm_core.parallel import full_state_dict, is_collective, run_shape
 
     cfg = from_dict(config["cfg"], "train_loop_config")
     ctx = ray.train.get_context()
@@ -187,8 +186,6 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workflows.data import check_batching, make_ray_dataset
-
-    from rcm_core.parallel import run_shape
 
     manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)
     r = cfg.resources
