@@ -33,6 +33,7 @@ class DistillState:
     student_iter: int = 0       # student-phase iterations (LR schedule, EMA, rollout cycle advance on these)
     critic_iter: int = 0
     counters: dict[str, float] = field(default_factory=lambda: {"nan_samples": 0.0, "nonfinite_grads": 0.0})
+    stopped: str | None = None  # why the run ended before cfg.train.steps (a reporter asked), else None
 
 
 def make_optimizer(params, lr: float, cfg: OptimCfg) -> torch.optim.Optimizer:

@@ -37,7 +37,9 @@ from rcm_core.parallel import rank as dist_rank
 
 
 class Reporter(Protocol):
-    def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> None: ...
+    """Receives each report; a non-empty string returned is a reason to stop the run after this step (e.g. a
+    sweep trial that diverged: stopping on the worker is deterministic, a scheduler's stop signal is not)."""
+    def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> str | None: ...
 
 
 def print_reporter(step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> None:
@@ -138,7 +140,11 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
             elif rank == 0:
                 save_checkpoint(state_to_dict(state, extra=extra), ckpt_dir)
         if log_due or eval_due or ckpt_dir is not None:   # same on every rank: Ray needs equal report counts
-            reporter(step, report, ckpt_dir)
+            reason = _any_rank(reporter(step, report, ckpt_dir), device)
+            if reason:
+                state.stopped = reason
+                tqdm.write(f"step {step}: stopping: {reason}")
+                break
     bar.close()
     return state
 
@@ -151,6 +157,16 @@ def _resume(state: DistillState, directory: Path, mesh: Mesh | None, device: tor
         raise ValueError(f"{directory} holds an unsharded checkpoint (state.pt) but parallel.dp_shard > 1 shards "
                          "this run; resume with the parallel settings it was written with")
     return load_into_state(state, load_checkpoint(directory, map_location=device))
+
+
+def _any_rank(reason: str | None, device: torch.device) -> str | None:
+    """Stop everywhere if any rank asks to (ranks see their own losses; a rank leaving alone would hang the
+    others in their next collective). Returns this rank's reason, or a generic one if another rank asked."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return reason
+    flag = torch.tensor([1.0 if reason else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return reason or ("another rank asked to stop" if flag.item() > 0 else None)
 
 
 def _due(step: int, every: int, last: int) -> bool:

@@ -13,10 +13,12 @@ the run's latest checkpoint and continues the same MLflow run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
 from contextlib import nullcontext
+from typing import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +63,10 @@ def _evaluator(cfg: ExperimentCfg, teacher, manifest: dict, device: torch.device
 class RayReporter:
     """Forwards metrics and checkpoints to Ray Train (every rank) and MLflow (rank 0)."""
 
-    def __init__(self, cfg: ExperimentCfg, rank: int, extra_state: dict, parent_run_id: str | None):
+    def __init__(self, cfg: ExperimentCfg, rank: int, extra_state: dict, parent_run_id: str | None,
+                 stop_when: Callable[[dict[str, float]], str | None] | None = None):
         self.cfg, self.rank, self.extra, self.parent = cfg, rank, extra_state, parent_run_id
+        self.stop_when = stop_when      # metrics -> reason to end the run now (sweeps: divergence)
         self.tracker = None
 
     def ensure_tracker(self):
@@ -72,7 +76,7 @@ class RayReporter:
             self.extra["mlflow_run_id"] = self.tracker.run_id     # saved in every later checkpoint
         return self.tracker
 
-    def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+    def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> str | None:
         import ray.train
 
         if self.rank == 0 and metrics:
@@ -80,6 +84,7 @@ class RayReporter:
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
         ray.train.report({"step": step, **{k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}},
                          checkpoint=ckpt)
+        return self.stop_when(metrics) if self.stop_when is not None and metrics else None
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -97,7 +102,7 @@ def train_fn_per_worker(config: dict) -> None:
     teacher = load_teacher(config["teacher_path"], cfg, device)
     shard = ray.train.get_dataset_shard("train")
     extra: dict = {}
-    reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"))
+    reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"), _stop_rule(config))
     collective = is_collective(cfg.parallel, world)      # FSDP/CP: every rank joins evaluation forwards
     evaluator = _evaluator(cfg, teacher, config["manifest"], device) if rank == 0 or collective else None
     per_group = cfg.data.batch_size // run_shape(cfg.parallel, world).data_parallel_size
@@ -106,6 +111,10 @@ def train_fn_per_worker(config: dict) -> None:
         state = run_training(cfg, _epochs(shard, per_group), reporter, resume, teacher=teacher,
                              evaluator=evaluator, device=device, extra_state=extra,
                              latent_shape=tuple(config["manifest"]["latent_shape"]))
+    if state.stopped:                         # every rank agreed (rcm_core.loop): no final samples or weights
+        if rank == 0:
+            reporter.ensure_tracker().finish("FAILED")
+        return
     ema_weights = full_state_dict(state.ema.module.net)      # collective when sharded
     if rank == 0:
         tracker = reporter.ensure_tracker()
@@ -114,6 +123,16 @@ def train_fn_per_worker(config: dict) -> None:
         Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.run_dir) / "eval_table.txt").write_text(table + "\n")
         tracker.finish()
+
+
+def _stop_rule(config: dict) -> Callable[[dict[str, float]], str | None] | None:
+    """Sweeps pass `stop_on_divergence` (the per-worker batch): a trial whose student blew up ends on its worker
+    at that report instead of running on until Tune's stop signal arrives (which would race its next evaluation)."""
+    batch = config.get("stop_on_divergence")
+    if batch is None:
+        return None
+    from workflows.sweep import divergence
+    return functools.partial(divergence, per_worker_batch=batch)
 
 
 def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_weights: dict) -> None:
@@ -181,7 +200,9 @@ def driver_teacher(cfg: ExperimentCfg) -> Path:
 
 
 def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str | None = None,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, stop_on_divergence: int | None = None):
+    """A TorchTrainer for `cfg`. stop_on_divergence: the per-worker batch size; when given, workers end the run
+    at the first report that `workflows.sweep.divergence` calls diverged (sweep trials)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -200,7 +221,7 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, parent_run_id: str 
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_path": str(teacher_path), "manifest": vars(manifest),
-                           "parent_run_id": parent_run_id},
+                           "parent_run_id": parent_run_id, "stop_on_divergence": stop_on_divergence},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),

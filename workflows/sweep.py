@@ -378,7 +378,8 @@ def run_trial(params: dict, const: dict) -> None:
         teacher_path = driver_teacher(cfg)      # cached by config hash: shared unless model/teacher keys are swept
     per_worker_batch = cfg.data.batch_size // max(cfg.resources.num_workers, 1)
     build_trainer(cfg, teacher_path, parent_run_id=const["parent_run_id"],
-                  callbacks=[make_report_callback(const["metric"], per_worker_batch, cfg.train.steps)]).fit()
+                  callbacks=[make_report_callback(const["metric"], per_worker_batch, cfg.train.steps)],
+                  stop_on_divergence=per_worker_batch).fit()
 
 
 # ----------------------------------------------------------------------------------------------------------
