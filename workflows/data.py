@@ -14,6 +14,18 @@ Worker side (inside `train_fn`):
     for batch in it.iter_torch_batches(batch_size=per_worker_batch, prefetch_batches=2):
         batch = LatentBatch.from_numpy_batch(batch)                    # core type from the worker's first lines
 
+Resuming (a restarted worker, a re-run driver): `resumable_batches(shard, per_worker_batch)` is a callable
+`start_step -> iterator` that `rcm_core.loop.run_training` asks for the stream from the checkpoint's step, so a
+resumed run sees the batches the uninterrupted one would have seen. That holds because the order is
+reproducible: the dataset keeps Ray Data's `preserve_order` on (without it two executions of the same seeded
+shuffle differ, measured) and a fresh execution of the dataset replays epoch 0, 1, … with the same seeds.
+
+S3 reads go through pyarrow's S3 client, wrapped by Ray Data in its retry layer: "AWS Error NETWORK_CONNECTION"
+(a refused or dropped connection) and the other transient errors in `DataContext.retried_io_errors` are retried
+10 times with exponential back-off up to 32 s between tries, about 3 minutes in all, before the read fails. The
+same errors raised in any other operator of the dataset (file listing, decoding) re-run that task up to
+`MAP_RETRIES` times; Ray skips the blocks a retried task had already produced, so no row is read twice.
+
 Decoding uses `rcm_core.data.decode_batch`, the same function as the local iterator, so a bad shard fails (or is
 skipped) identically on both paths. Each epoch (each execution of the dataset) is reshuffled from
 `data.shuffle_seed`. Skipped rows (`data.on_bad_row=skip`) are logged by the workers and counted in a
@@ -27,14 +39,18 @@ import socket
 import urllib.parse
 from typing import Any
 
+from collections.abc import Callable, Iterator
+
 import ray
 
 from rcm_core.config import DataCfg, ExperimentCfg
-from rcm_core.data import MANIFEST, DatasetError, Manifest, decode_batch, filesystem, read_manifest, storage_options
+from rcm_core.data import (MANIFEST, DatasetError, LatentBatch, Manifest, decode_batch, filesystem, read_manifest,
+                           storage_options)
 
 log = logging.getLogger(__name__)
 
 
+MAP_RETRIES = 10          # per map task, for storage errors only (DataContext.retried_io_errors patterns)
 FOOTER_ACTORS = 2         # Parquet footer-reader actors per dataset execution (Ray's default is 32)
 
 
@@ -186,6 +202,13 @@ def make_ray_dataset(cfg: DataCfg | ExperimentCfg, *, shuffle: bool = True,
     # One read task per shard at most, so shards stream to the workers instead of arriving at the end (P5).
     ds = ray.data.read_parquet(paths, filesystem=_arrow_filesystem(d.url, d.s3_endpoint, fs), include_paths=True,
                                override_num_blocks=len(paths))
+    # Reproducible order: blocks leave every operator in input order, so the seeded shuffle below gives the same
+    # rows in the same order on every execution (the derived datasets share this context object).
+    ds.context.execution_options.preserve_order = True
+    # Transient storage errors inside any operator (Ray 2.60 lists files in a map task of its own, outside the
+    # I/O retry layer) re-run that task from where it stopped; items already yielded are skipped, not repeated.
+    ds.context.retried_map_errors = list(ds.context.retried_io_errors)
+    ds.context.max_map_retries = MAP_RETRIES
     ds = ds.map_batches(_decode, batch_format="numpy", batch_size=None, zero_copy_batch=True,
                         fn_kwargs={"manifest": vars(m), "scheme": scheme, "on_bad_row": d.on_bad_row,
                                    "do_normalize": d.normalize, "counter": bad_rows})
@@ -193,3 +216,25 @@ def make_ray_dataset(cfg: DataCfg | ExperimentCfg, *, shuffle: bool = True,
         # reseed_after_execution: each epoch (a new execution) gets a new, reproducible order
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=d.shuffle_seed, reseed_after_execution=True))
     return ds
+
+
+def resumable_batches(shard: Any, batch_size: int, *, prefetch_batches: int = 2
+                      ) -> Callable[[int], Iterator[LatentBatch]]:
+    """A batch source for `run_training`: called with the step to start from, it yields `LatentBatch`es of a
+    Ray Data shard (`ray.train.get_dataset_shard`) forever, one pass per epoch, after skipping `start_step`
+    batches. Skipped batches are read and dropped (whole epochs too, so each epoch keeps its own shuffle seed):
+    resuming costs one read of the data up to the saved position, no training."""
+    def stream(start_step: int = 0) -> Iterator[LatentBatch]:
+        skip = start_step
+        while True:
+            n = 0
+            for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches,
+                                                  drop_last=True):
+                n += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield LatentBatch.from_numpy_batch(batch)
+            if n == 0:
+                raise DatasetError(f"an epoch of the Ray Data shard gave no batch of {batch_size} rows")
+    return stream

@@ -1,15 +1,22 @@
 """MLflow tracking for distillation runs: rank 0 logs, one run per distillation, resumable by run id.
 
-Params are the flattened resolved config, tags the git commit and config hash. Metrics are buffered and
-sent in batches; if the tracking server is unreachable the buffer is kept and re-sent on the next call
-(a warning says how many are waiting), so an outage never stops training. With no tracking URI in the
+Params are the flattened resolved config, tags the git commit and config hash. Metrics go into a buffer that
+a background thread sends in batches, so `log_metrics` never waits on the network: MLflow's HTTP client retries
+a refused connection for about 4 minutes before it gives up (measured, docs/RELIABILITY.md), which would stall
+training for that long at every log step. While the server is unreachable the buffer grows and a warning says
+so (once per outage); when it answers again everything is sent, each value once, in order. `finish()` waits
+for the buffer to drain; what still cannot be sent then is written to `<run_dir>/mlflow_unsent_metrics.jsonl`
+with a loud warning, never silently dropped. With no tracking URI in the
 config or MLFLOW_TRACKING_URI, runs go to an SQLite file `runs/mlflow.db` with artifacts in `runs/mlartifacts`.
 """
 from __future__ import annotations
 
 import os
 import re
+import json
+import logging
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +25,8 @@ from rcm_core.config import ExperimentCfg, config_hash, flatten
 
 SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
 DEFAULT_DB = "runs/mlflow.db"
-
-
+UNSENT_FILE = "mlflow_unsent_metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: ExperimentCfg) -> str:
@@ -56,7 +63,8 @@ def redact(params: dict) -> dict:
 class Tracker:
     """Rank-0 MLflow logger. `run_id` resumes an existing run (a restarted or re-submitted job)."""
 
-    def __init__(self, cfg: ExperimentCfg, run_id: str | None = None, parent_run_id: str | None = None):
+    def __init__(self, cfg: ExperimentCfg, run_id: str | None = None, parent_run_id: str | None = None,
+                 retry_s: float = 2.0, warn_after_s: float = 30.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -80,8 +88,24 @@ class Tracker:
             run_id = run.info.run_id
             self._log_params(cfg, run_id)
         self.run_id = run_id
-        self._pending: list = []
         self._mlflow = mlflow
+        self._unsent_dir = Path(cfg.train.run_dir)
+        self.retry_s, self.warn_after_s = retry_s, warn_after_s
+        self.sent = 0                                  # metric values the server accepted
+        self.outages = 0                               # separate periods with the server unreachable
+        self._pending: list = []
+        self._lock = threading.Lock()                  # guards _pending; the client itself is used by both threads
+        self._wake = threading.Event()
+        self._closing = False
+        # One outage detector, shared by both threads under _state_lock: a send that failed, or one that has
+        # waited longer than warn_after_s (MLflow's client retries a refused connection for minutes before it
+        # raises, so waiting is how an outage shows first). It ends at the first success of a send that began
+        # after it was declared (a send already in flight may succeed on a server that was only slow).
+        self._state_lock = threading.Lock()
+        self._down_since: float | None = None
+        self._inflight_since: float | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._sender.start()
 
     def _log_params(self, cfg: ExperimentCfg, run_id: str) -> None:
         from mlflow.entities import Param
@@ -89,22 +113,101 @@ class Tracker:
         for i in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[i:i + 100])
 
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue the values and return at once; the sender thread delivers them."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.flush()
+        with self._lock:
+            self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            waiting = len(self._pending)
+        self._wake.set()
+        started = self._inflight_since
+        if started is not None and time.monotonic() - started > self.warn_after_s:
+            self._outage_started(f"no answer for {time.monotonic() - started:.0f} s", waiting)
 
-    def flush(self) -> bool:
-        try:
-            for i in range(0, len(self._pending), 500):
-                self.client.log_batch(self.run_id, metrics=self._pending[i:i + 500])
-            self._pending = []
-            return True
-        except Exception as e:   # any transport error: keep the metrics, try again next time
-            warnings.warn(f"MLflow at {self.uri} unreachable ({type(e).__name__}); "
-                          f"{len(self._pending)} metric values kept and re-sent later", stacklevel=2)
-            return False
+    def _outage_started(self, why: str, waiting: int) -> None:
+        with self._state_lock:
+            if self._down_since is not None:
+                return                                 # already declared (by the other thread, or earlier)
+            self._down_since = time.monotonic()
+            self.outages += 1
+        msg = (f"MLflow at {self.uri} unreachable ({why}); training goes on, {waiting} metric values are "
+               f"kept and sent when it answers again")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=self.retry_s)
+            self._wake.clear()
+            ok = self._send_pending()
+            if self._closing and (ok or not self.pending):
+                return
+            if not ok:
+                time.sleep(self.retry_s)
+
+    def _send_pending(self) -> bool:
+        """Send what is queued, oldest first, 500 values a request; a value leaves the queue only once the server
+        has accepted it. False if the server could not be reached (the rest stays queued)."""
+        while True:
+            with self._lock:
+                chunk = self._pending[:500]
+            if not chunk:
+                return True
+            began = self._inflight_since = time.monotonic()
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as e:   # any transport or server error: keep the values, try again later
+                self._inflight_since = None
+                self._outage_started(type(e).__name__, self.pending)
+                return False
+            self._inflight_since = None
+            with self._lock:
+                del self._pending[:len(chunk)]
+            self.sent += len(chunk)
+            with self._state_lock:
+                down, recovered = self._down_since, self._down_since is not None and began >= self._down_since
+                if recovered:
+                    self._down_since = None
+            if recovered:
+                log.warning("MLflow at %s answers again after %.0f s; queued metric values are being sent",
+                            self.uri, time.monotonic() - down)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the queue is empty (True) or `timeout` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake.set()
+        while self.pending and self._sender.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return not self.pending
+
+    def close(self, timeout: float = 300.0) -> int:
+        """Drain the queue (up to `timeout` s) and stop the sender. Whatever is left is written to
+        <run_dir>/mlflow_unsent_metrics.jsonl (one JSON object a line) with a loud warning; returns that count."""
+        self._closing = True
+        self._wake.set()
+        self._sender.join(timeout)
+        with self._lock:
+            left, self._pending = self._pending, []
+        if left:
+            self._unsent_dir.mkdir(parents=True, exist_ok=True)
+            path = self._unsent_dir / UNSENT_FILE
+            with open(path, "a") as fh:
+                for m in left:
+                    fh.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
+                                         "timestamp": m.timestamp, "step": m.step}) + "\n")
+            msg = (f"MLflow at {self.uri} still unreachable after {timeout:.0f} s: {len(left)} metric values of run "
+                   f"{self.run_id} were NOT sent; they are in {path}")
+            log.error(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return len(left)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -112,6 +215,6 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.flush()
+    def finish(self, status: str = "FINISHED", timeout: float = 300.0) -> None:
+        self.close(timeout)
         self.client.set_terminated(self.run_id, status=status)
