@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ class EvalCfg:
     num_samples: int = 512
     seed: int = 1234
     bootstrap: int = 200
+    classifier_steps: int = 300             # workflows: steps of the frame classifier (rcm_core.eval.features) trained
+                                            # once per labelled video/image data set, scoring `*_feat` and class_acc
 
 
 @dataclass(kw_only=True)
@@ -348,8 +351,29 @@ def config_hash(cfg: ExperimentCfg) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# `scheme://user:password@host` or `scheme://token@host`: the user-info part of a URL is a credential.
+URL_USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the user-info of every URL in it replaced by `***` (for logs, printed lines, written configs)."""
+    return URL_USERINFO.sub("***@", text)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
 def dump_yaml(cfg: ExperimentCfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML for people and artifacts: credentials in URLs (a tracking URI with a token, an S3
+    endpoint with keys) are redacted, so this text is not a way to rebuild a run's access."""
+    return yaml.safe_dump(_redacted(to_dict(cfg)), sort_keys=False)
 
 
 def save_resolved(cfg: ExperimentCfg, run_dir: str | Path) -> Path:
@@ -398,6 +422,8 @@ def validate(cfg: ExperimentCfg) -> None:
     _require(o.lr > 0 and o.fake_lr > 0, "optim.lr", o.lr, "learning rates must be positive")
     _require(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be ≥ 1")
     _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be ≥ 0")
+    _require(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps,
+             "the evaluation classifier needs at least 1 training step (default 300)")
     _require(cfg.resources.num_workers >= 0, "resources.num_workers", cfg.resources.num_workers,
              "must be ≥ 0 (0 = Ray Train local mode)")
     _require(0 <= cfg.teacher.cond_dropout < 1, "teacher.cond_dropout", cfg.teacher.cond_dropout,

@@ -137,3 +137,21 @@ def test_yaml_tags_that_construct_objects_are_refused(tmp_path):
             load_sweep(tmp_path / "evil.yaml")
         with pytest.raises(ConfigError, match="not valid YAML"):
             load_config(tmp_path / "evil.yaml")
+
+
+def test_credentials_in_urls_never_reach_the_written_config(tmp_path):
+    """A tracking URI with a token and an S3 endpoint with keys: the resolved config written to the run folder
+    (and logged to MLflow as an artifact, via the same dump_yaml) keeps the hosts but not the credentials."""
+    from rcm_core.config import dump_yaml, load_config, redact_url, save_resolved
+
+    cfg = load_config(None, ["tracking.tracking_uri=https://alice:tok-SECRET1@mlflow.example:5000",
+                             "data.s3_endpoint=http://AKIASECRET2:SECRET3@127.0.0.1:9000",
+                             "data.url=s3://bucket/prefix"])
+    text = save_resolved(cfg, tmp_path).read_text()
+    assert text == dump_yaml(cfg)
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "alice"):
+        assert secret not in text
+    assert "https://***@mlflow.example:5000" in text and "http://***@127.0.0.1:9000" in text
+    assert "s3://bucket/prefix" in text                       # URLs without credentials are untouched
+    assert cfg.tracking.tracking_uri.startswith("https://alice:")   # the run itself still has its access
+    assert redact_url("postgresql://u:p@db/x and http://t0ken@h/") == "postgresql://***@db/x and http://***@h/"

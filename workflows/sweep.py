@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:            # `python workflows/sweep.py` from a ch
     sys.path.insert(0, str(ROOT))
 
 from rcm_core.config import (ConfigError, ExperimentCfg, apply_overrides, flatten, from_dict,  # noqa: E402
-                             read_yaml, to_dict)
+                             read_yaml, redact_url, to_dict)
 
 TOP_KEYS = ("name", "base", "metric", "search_space", "num_samples", "search", "scheduler", "resources",
             "max_concurrent", "overrides", "storage", "seed")
@@ -370,14 +370,17 @@ def run_trial(params: dict, const: dict) -> None:
     `params` is what Tune sampled (dotted key -> value); `const` the sweep's fixed part (base config, parent run)."""
     from ray import tune
 
-    from workflows.distill import build_trainer, driver_teacher
+    from rcm_core.data import read_manifest
+    from workflows.distill import build_trainer, driver_feature_net, driver_teacher
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(const, params, trial_id)
     with working_dir(const["cwd"]):
         teacher_path = driver_teacher(cfg)      # cached by config hash: shared unless model/teacher keys are swept
+        # cached by the data set's version (data.* is fixed per sweep): every trial is scored by one classifier
+        feature_net_path = driver_feature_net(cfg, vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)))
     per_worker_batch = cfg.data.batch_size // max(cfg.resources.num_workers, 1)
-    build_trainer(cfg, teacher_path, parent_run_id=const["parent_run_id"],
+    build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, parent_run_id=const["parent_run_id"],
                   callbacks=[make_report_callback(const["metric"], per_worker_batch, cfg.train.steps)],
                   stop_on_divergence=per_worker_batch).fit()
 
@@ -582,7 +585,8 @@ def finish_parent(uri: str, parent_run_id: str, status: str = "FINISHED") -> str
 def run_sweep(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str], *, resume: bool = False,
               address: str | None = None) -> str:
     """Prepare data and teacher once, start (or restore) the Tuner, finish the parent run. Returns its run id."""
-    from workflows.distill import absolute_paths, driver_teacher, init_ray, prepare_data
+    from rcm_core.data import read_manifest
+    from workflows.distill import absolute_paths, driver_feature_net, driver_teacher, init_ray, prepare_data
     from workflows.tracking import tracking_uri
 
     state = _state_path(spec)
@@ -602,6 +606,7 @@ def run_sweep(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str], *, resume: bo
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps(const, indent=1))
     driver_teacher(cfg)            # trained once here, so concurrent trials find it cached instead of racing
+    driver_feature_net(cfg, vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)))    # likewise
     init_ray(address)
     import ray
     concurrency = spec.max_concurrent or default_concurrency(ray.cluster_resources(), cfg)
@@ -643,8 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         ap.exit(2, f"error: {e}\n")
     from workflows.tracking import tracking_uri
-    print(f"\nMLflow parent run {parent} at {tracking_uri(cfg)}; again: python workflows/report.py --sweep {parent} "
-          f"--tracking-uri {tracking_uri(cfg)}")
+    shown = redact_url(tracking_uri(cfg))               # printed lines end up in job logs: no credentials
+    print(f"\nMLflow parent run {parent} at {shown}; again: python workflows/report.py --sweep {parent} "
+          f"--tracking-uri {shown}")
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from rcm_core.config import ExperimentCfg, config_hash, flatten
+from rcm_core.config import ExperimentCfg, config_hash, flatten, redact_url
 
 SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
 DEFAULT_DB = "runs/mlflow.db"
@@ -56,7 +56,7 @@ def redact(params: dict) -> dict:
     for k, v in params.items():
         if SECRET_KEY.search(k):
             continue
-        out[k] = re.sub(r"//[^/@\s]+:[^/@\s]+@", "//***@", v) if isinstance(v, str) else v
+        out[k] = redact_url(v) if isinstance(v, str) else v
     return out
 
 
@@ -69,6 +69,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg)
+        self.shown_uri = redact_url(self.uri)          # the URI in messages and logs: without credentials
         if self.uri.startswith("sqlite:"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
@@ -136,7 +137,7 @@ class Tracker:
                 return                                 # already declared (by the other thread, or earlier)
             self._down_since = time.monotonic()
             self.outages += 1
-        msg = (f"MLflow at {self.uri} unreachable ({why}); training goes on, {waiting} metric values are "
+        msg = (f"MLflow at {self.shown_uri} unreachable ({why}); training goes on, {waiting} metric values are "
                f"kept and sent when it answers again")
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -176,7 +177,7 @@ class Tracker:
                     self._down_since = None
             if recovered:
                 log.warning("MLflow at %s answers again after %.0f s; queued metric values are being sent",
-                            self.uri, time.monotonic() - down)
+                            self.shown_uri, time.monotonic() - down)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the queue is empty (True) or `timeout` seconds pass (False)."""
@@ -203,7 +204,7 @@ class Tracker:
                 for m in left:
                     fh.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
                                          "timestamp": m.timestamp, "step": m.step}) + "\n")
-            msg = (f"MLflow at {self.uri} still unreachable after {timeout:.0f} s: {len(left)} metric values of run "
+            msg = (f"MLflow at {self.shown_uri} still unreachable after {timeout:.0f} s: {len(left)} metric values of run "
                    f"{self.run_id} were NOT sent; they are in {path}")
             log.error(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,141 @@
+"""Video through the Ray workflow: experiments/video_cpu.yaml (moving Fashion-MNIST latents, a 2-layer DiT) with two
+Ray Train workers forming one context-parallel group, scored by the data set's own classifier, tracked in MLflow.
+And, without Ray, the classifier step itself: trained once per data set, then read from its cache.
+
+    .venv/bin/python -m pytest tests/test_workflow_video.py -q    # ~1 min of CPU; 5-6 min wall on 2 cores at load ~15
+
+Without Debian's dataset-fashion-mnist the data set is written from scikit-learn's digits instead (rcm_core.datasets.
+moving_fashion); the run test still runs, says so in pytest's warnings summary, and the manifest records which
+images were used.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = ["data.source=moving_fashion", "data.num_rows=40", "data.rows_per_shard=20", "data.frames=2",
+             "data.canvas=8", "data.item_size=4", "data.patch=4", "eval.classifier_steps=3"]
+
+
+def _tiny_data_set(root: Path, seed: int):
+    """A 40-video moving Fashion-MNIST data set at root/data<seed> (latents [16, 2, 2, 2]) and its config."""
+    from rcm_core.config import load_config
+    from workflows.prepare_latents import prepare
+
+    cfg = load_config(None, [*TINY_DATA, f"data.url={root / f'data{seed}'}", f"data.seed={seed}"])
+    prepare(cfg.data)
+    return cfg
+
+
+def _manifest(cfg) -> dict:
+    from rcm_core.data import read_manifest
+    return vars(read_manifest(cfg.data.url))
+
+
+def test_feature_net_trained_once_per_data_set(tmp_path, monkeypatch, capsys):
+    from rcm_core.config import load_config
+    from rcm_core.eval.features import load_feature_net
+    from workflows.distill import driver_feature_net
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny_data_set(tmp_path, seed=0)
+    first = driver_feature_net(cfg, _manifest(cfg))
+    assert first is not None and first.parent == tmp_path / ".cache" / "feature_nets"
+    assert first.name.startswith("featnet-") and first.suffix == ".pt"
+    card = json.loads(first.with_suffix(".json").read_text())
+    assert card["version"] == load_feature_net(first).version      # the card names exactly these weights
+    assert (card["heldout_videos"], card["train_videos"], card["steps"]) == (4, 36, 3)
+    assert 0.0 <= card["heldout_accuracy"] <= 1.0
+    assert "feature net: training 3 steps on 36 videos" in capsys.readouterr().out
+
+    stamp = first.stat().st_mtime_ns
+    assert driver_feature_net(cfg, _manifest(cfg)) == first
+    assert first.stat().st_mtime_ns == stamp and "training" not in capsys.readouterr().out   # from the cache
+
+    # The same data set in another folder is the same version; another data set or step count is not.
+    shutil.copytree(tmp_path / "data0", tmp_path / "copy")
+    copy = load_config(None, [*TINY_DATA, f"data.url={tmp_path / 'copy'}"])
+    assert driver_feature_net(copy, _manifest(copy)) == first
+    other = _tiny_data_set(tmp_path, seed=1)
+    assert driver_feature_net(other, _manifest(other)) not in (first, None)
+    longer = load_config(None, [*TINY_DATA, f"data.url={cfg.data.url}", "eval.classifier_steps=4"])
+    assert driver_feature_net(longer, _manifest(longer)) not in (first, None)
+    assert len(list((tmp_path / ".cache" / "feature_nets").glob("*.pt"))) == 3
+
+
+def test_toy_mixture_gets_no_feature_net(tmp_path, monkeypatch):
+    from rcm_core.config import load_config
+    from workflows.distill import driver_feature_net
+    from workflows.prepare_latents import prepare
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.source=gmm", "data.num_rows=64", f"data.url={tmp_path / 'gmm'}"])
+    prepare(cfg.data)
+    assert driver_feature_net(cfg, _manifest(cfg)) is None
+    assert not (tmp_path / ".cache").exists()
+
+
+def _runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
+    from rcm_core.data import read_manifest
+    from workflows.distill import main
+
+    monkeypatch.chdir(tmp_path)                # data, teacher and classifier caches, Ray results: all under tmp
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # Fewer teacher (100) and classifier (300) steps than the config: on 2 shared cores the teacher alone took
+    # 2-3 min; what is checked here is the wiring, not the quality.
+    import ray
+    try:
+        assert main(["--config", str(REPO / "experiments" / "video_cpu.yaml"), "resources.num_workers=2",
+                     "parallel.cp=2", f"data.url={tmp_path}/data", f"train.run_dir={tmp_path}/run",
+                     f"tracking.tracking_uri={uri}", "tracking.experiment=video-test", "teacher.train_steps=30",
+                     "eval.classifier_steps=60"]) == 0
+    finally:
+        ray.shutdown()       # main() started a local Ray in this process; later tests connect to their own
+    out = capsys.readouterr().out
+    images = read_manifest(str(tmp_path / "data")).source["images"]
+    assert images in ("fashion-mnist", "sklearn-digits")
+    if images != "fashion-mnist":              # in pytest's warnings summary: the run was tested, on other images
+        warnings.warn("dataset-fashion-mnist is not installed: the video data set was written from scikit-learn "
+                      "digits", UserWarning)
+
+    client, runs = _runs(uri, "video-test")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    teacher = next(k.split("/")[1] for k in metrics if k.startswith("eval/teacher_nfe_"))
+    for row in ("nfe_1", "nfe_2", "nfe_4", teacher):
+        for name in ("class_acc", "fd_feat", "precision_feat", "fd_rp64", "label_agree", "frame_cos"):
+            assert f"eval/{row}/{name}" in metrics, (row, name)
+        assert 0.0 <= metrics[f"eval/{row}/class_acc"] <= 1.0
+
+    # The classifier that scored the run is named on it, and is the one the driver printed and cached.
+    version = tags["feature_net.version"]
+    cached = list((tmp_path / ".cache" / "feature_nets").glob("featnet-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["version"] == version
+    assert f"feature net: {version}" in out and version.startswith("featnet-")
+    assert 0.0 <= float(tags["feature_net.heldout_accuracy"]) <= 1.0 and tags["feature_net.steps"] == "60"
+
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    for row in ("nfe_1", "nfe_2", "nfe_4"):
+        assert {f"samples/{row}.png", f"samples/{row}.gif"} <= samples, samples
+
+    # Two workers as one context-parallel group: the mesh the run logged, and the run's last checkpoint at its
+    # last step (a CP-only mesh is not sharded, so rank 0 writes one state.pt).
+    assert (params["resources.num_workers"], params["parallel.cp"]) == ("2", "2")
+    assert (tmp_path / "run" / "checkpoints" / "step_10" / "state.pt").is_file()
+    ray_checkpoint = Path(out.split("checkpoint:", 1)[1].split()[0])     # the one main() prints for the user
+    assert ray_checkpoint.is_dir() and tmp_path in ray_checkpoint.parents
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10]
