@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) workflows/distill.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15   # the slowest tests listed: keep the suite under 25 min on 2 cores
 
 # A local copy of the real service stack (S3 server, PostgreSQL, MLflow server, Ray head) on loopback.
 stack-up: $(STAMP)
