@@ -418,6 +418,8 @@ def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: Feature
              reports: dict[str, StepCountReport], tables: dict[str, str], train_rows: list, phases: dict) -> str:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     mc = cfg.model
+    per_row = any(name.startswith("rCM-l") for name in tables)
+    lam = "λ as in each row's name (rCM-l<λ>)" if per_row else f"λ = {cfg.distill.reg_weight}"
     lines = [
         (f"Card: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Data: {m.num_rows} videos "
          f"(images from {m.source.get('images')}), latent {m.latent_shape}. Teacher: DiT {mc.num_layers}×{mc.dim} "
@@ -425,7 +427,7 @@ def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: Feature
          f"{cfg.teacher.train_batch_size}, sampled with {cfg.sampler.teacher_steps} {cfg.sampler.teacher_solver} "
          f"steps at guidance {cfg.teacher.guidance}. Students: {cfg.train.steps} iterations at batch "
          f"{cfg.data.batch_size}, tangent warm-up {cfg.distill.tangent_warmup}, 1 student : "
-         f"{cfg.distill.student_update_freq - 1} critic, λ = {cfg.distill.reg_weight}. Evaluation: "
+         f"{cfg.distill.student_update_freq - 1} critic, {lam}. Evaluation: "
          f"{cfg.eval.num_samples} samples, {cfg.eval.bootstrap} bootstrap resamples; classifier {net.version} "
          f"(held-out video accuracy {held_acc:.3f})."),
         "",
@@ -457,6 +459,23 @@ def write_archive(out: Path, archive: Path) -> Path:
     return archive
 
 
+def pick_methods(names: str, lambdas: str) -> dict[str, list[str]]:
+    """The students to train, in order: the named METHODS, with rCM replaced by one student per λ if given.
+    Every student starts from the same teacher with the same seed, data and iterations, so rows compare."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in METHODS]
+    if unknown or not chosen:
+        raise SystemExit(f"--methods {names!r}: choose from {', '.join(METHODS)} (comma-separated)")
+    out: dict[str, list[str]] = {}
+    for name in chosen:
+        if name == "rCM" and lambdas:
+            for lam in (float(v) for v in lambdas.split(",")):
+                out[f"rCM-l{lam:g}"] = [*METHODS["rCM"], f"distill.reg_weight={lam!r}"]
+        else:
+            out[name] = METHODS[name]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archive", default="", help="also pack tables and pictures into this .tar.gz")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints and EMA students")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    ap.add_argument("--methods", default="sCM,DMD,rCM", help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--rcm-lambdas", default="", help="comma-separated λ values: one rCM student each (named "
+                    "rCM-l<λ>) instead of one at distill.reg_weight; the λ ablation on this data set")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. distill.reg_weight=0.1")
     args = ap.parse_args(argv)
     if args.threads:
@@ -501,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(cfg, data=data, out=out, device=device, teacher_seconds=args.teacher_seconds,
               student_seconds=args.student_seconds, classifier_steps=args.classifier_steps,
               teacher_path=args.teacher, keep_checkpoints=args.keep_checkpoints, probe_iters=args.probe_iters,
-              archive=args.archive)
+              archive=args.archive, methods=pick_methods(args.methods, args.rcm_lambdas))
     print("\n" + res.markdown, flush=True)
     print(f"wall time {time.perf_counter() - t:.1f} s; tables in {out / 'tables'}, pictures in {out / 'samples'}",
           flush=True)
