@@ -2,7 +2,7 @@
 Ray Train workers forming one context-parallel group, scored by the data set's own classifier, tracked in MLflow.
 And, without Ray, the classifier step itself: trained once per data set, then read from its cache.
 
-    .venv/bin/python -m pytest tests/test_workflow_video.py -q    # ~1 min of CPU; 5-6 min wall on 2 cores at load ~15
+    .venv/bin/python -m pytest tests/test_workflow_video.py -q    # about 1.5 min on an idle 2-core box
 
 Without Debian's dataset-fashion-mnist the data set is written from scikit-learn's digits instead (rcm_core.datasets.
 moving_fashion); the run test still runs, says so in pytest's warnings summary, and the manifest records which
