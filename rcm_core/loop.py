@@ -128,9 +128,9 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
             bar.set_postfix(loss=f"{report.get('train/loss', float('nan')):.4g}")
             history, wait, busy = [], 0.0, 0.0
         if eval_due and (rank == 0 or mesh is not None):     # sharded modules: every rank joins the forwards
-            metrics = evaluator(state, step)
+            eval_metrics = evaluator(state, step)
             if rank == 0:
-                report.update(metrics)
+                report.update(eval_metrics)
         ckpt_dir = None
         if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
             ckpt_dir = ckpt_root / f"step_{step}"

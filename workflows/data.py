@@ -18,7 +18,9 @@ Resuming (a restarted worker, a re-run driver): `resumable_batches(shard, per_wo
 `start_step -> iterator` that `rcm_core.loop.run_training` asks for the stream from the checkpoint's step, so a
 resumed run sees the batches the uninterrupted one would have seen. That holds because the order is
 reproducible: the dataset keeps Ray Data's `preserve_order` on (without it two executions of the same seeded
-shuffle differ, measured) and a fresh execution of the dataset replays epoch 0, 1, … with the same seeds.
+shuffle differ, measured) and a fresh execution of the dataset replays epoch 0, 1, … with the same seeds. Ray
+Train rebuilds a dataset's execution options when it splits it, so its DataConfig must keep the flag too
+(`workflows.distill.GroupReaderDataConfig`).
 
 S3 reads go through pyarrow's S3 client, wrapped by Ray Data in its retry layer: "AWS Error NETWORK_CONNECTION"
 (a refused or dropped connection) and the other transient errors in `DataContext.retried_io_errors` are retried
@@ -37,9 +39,8 @@ import logging
 import os
 import socket
 import urllib.parse
-from typing import Any
-
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import ray
 

@@ -243,10 +243,12 @@ def feature_net_key(cfg: ExperimentCfg, manifest: dict) -> str:
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def driver_feature_net(cfg: ExperimentCfg, manifest: dict) -> Path | None:
+def driver_feature_net(cfg: ExperimentCfg, manifest: dict | None = None) -> Path | None:
     """Train the data set's frame classifier once, on the driver's CPU, and cache it by the data set's version
     (`.cache/feature_nets/featnet-<key>.pt`, its held-out accuracy beside it in `.json`). None where the evaluator
-    has no use for one (unlabelled data, the toy mixture)."""
+    has no use for one (unlabelled data, the toy mixture). `manifest`: the data set's, read from cfg.data if None."""
+    if manifest is None:
+        manifest = vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint))
     if not feature_net_applies(manifest):
         return None
     path = Path(".cache", "feature_nets").resolve() / f"featnet-{feature_net_key(cfg, manifest)}.pt"
@@ -264,7 +266,7 @@ def _train_feature_net(cfg: ExperimentCfg, path: Path) -> None:
     import time
 
     from rcm_core.data import LatentDataset
-    from rcm_core.eval.features import save_feature_net, train_feature_classifier
+    from rcm_core.eval.features import holdout_split, save_feature_net, train_feature_classifier
 
     print(f"feature net: reading {cfg.data.url}", flush=True)
     ds = LatentDataset(cfg.data.url, endpoint=cfg.data.s3_endpoint, on_bad_row=cfg.data.on_bad_row,
@@ -288,15 +290,6 @@ def _train_feature_net(cfg: ExperimentCfg, path: Path) -> None:
     weights.replace(path)
     card_file.write_text(json.dumps(card, indent=1))
     card_file.replace(path.with_suffix(".json"))
-
-
-def holdout_split(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(held-out, training) row indices: a seeded permutation, so classes stored in order are split evenly."""
-    held = max(round(n * share), 1)
-    if n - held < 1:
-        raise ValueError(f"{n} rows are too few to train the evaluation classifier and hold {held} out")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[:held], perm[held:]
 
 
 def feature_net_card(path: Path) -> dict:
@@ -421,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = prepare_data(absolute_paths(load_config(args.config, args.overrides)))
     teacher_path = driver_teacher(cfg)
-    feature_net_path = driver_feature_net(cfg, vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)))
+    feature_net_path = driver_feature_net(cfg)
     init_ray(args.address)
     result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path).fit()
     table_file = Path(cfg.train.run_dir) / "eval_table.txt"

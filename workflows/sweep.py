@@ -370,7 +370,6 @@ def run_trial(params: dict, const: dict) -> None:
     `params` is what Tune sampled (dotted key -> value); `const` the sweep's fixed part (base config, parent run)."""
     from ray import tune
 
-    from rcm_core.data import read_manifest
     from workflows.distill import build_trainer, driver_feature_net, driver_teacher
 
     trial_id = tune.get_context().get_trial_id()
@@ -378,7 +377,7 @@ def run_trial(params: dict, const: dict) -> None:
     with working_dir(const["cwd"]):
         teacher_path = driver_teacher(cfg)      # cached by config hash: shared unless model/teacher keys are swept
         # cached by the data set's version (data.* is fixed per sweep): every trial is scored by one classifier
-        feature_net_path = driver_feature_net(cfg, vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)))
+        feature_net_path = driver_feature_net(cfg)
     per_worker_batch = cfg.data.batch_size // max(cfg.resources.num_workers, 1)
     build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, parent_run_id=const["parent_run_id"],
                   callbacks=[make_report_callback(const["metric"], per_worker_batch, cfg.train.steps)],
@@ -585,7 +584,6 @@ def finish_parent(uri: str, parent_run_id: str, status: str = "FINISHED") -> str
 def run_sweep(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str], *, resume: bool = False,
               address: str | None = None) -> str:
     """Prepare data and teacher once, start (or restore) the Tuner, finish the parent run. Returns its run id."""
-    from rcm_core.data import read_manifest
     from workflows.distill import absolute_paths, driver_feature_net, driver_teacher, init_ray, prepare_data
     from workflows.tracking import tracking_uri
 
@@ -606,7 +604,7 @@ def run_sweep(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str], *, resume: bo
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps(const, indent=1))
     driver_teacher(cfg)            # trained once here, so concurrent trials find it cached instead of racing
-    driver_feature_net(cfg, vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)))    # likewise
+    driver_feature_net(cfg)    # likewise
     init_ray(address)
     import ray
     concurrency = spec.max_concurrent or default_concurrency(ray.cluster_resources(), cfg)

@@ -65,7 +65,6 @@ class Tracker:
 
     def __init__(self, cfg: ExperimentCfg, run_id: str | None = None, parent_run_id: str | None = None,
                  retry_s: float = 2.0, warn_after_s: float = 30.0):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg)
@@ -89,10 +88,8 @@ class Tracker:
             run_id = run.info.run_id
             self._log_params(cfg, run_id)
         self.run_id = run_id
-        self._mlflow = mlflow
         self._unsent_dir = Path(cfg.train.run_dir)
         self.retry_s, self.warn_after_s = retry_s, warn_after_s
-        self.sent = 0                                  # metric values the server accepted
         self.outages = 0                               # separate periods with the server unreachable
         self._pending: list = []
         self._lock = threading.Lock()                  # guards _pending; the client itself is used by both threads
@@ -170,7 +167,6 @@ class Tracker:
             self._inflight_since = None
             with self._lock:
                 del self._pending[:len(chunk)]
-            self.sent += len(chunk)
             with self._state_lock:
                 down, recovered = self._down_since, self._down_since is not None and began >= self._down_since
                 if recovered:
@@ -178,16 +174,6 @@ class Tracker:
             if recovered:
                 log.warning("MLflow at %s answers again after %.0f s; queued metric values are being sent",
                             self.shown_uri, time.monotonic() - down)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the queue is empty (True) or `timeout` seconds pass (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._wake.set()
-        while self.pending and self._sender.is_alive():
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return not self.pending
 
     def close(self, timeout: float = 300.0) -> int:
         """Drain the queue (up to `timeout` s) and stop the sender. Whatever is left is written to

@@ -225,3 +225,12 @@ def load_feature_net(path: str | Path, *, device: torch.device | str = "cpu") ->
     if net.content_hash() != blob["sha256"]:
         raise ValueError(f"{path}: content hash mismatch (file corrupt or edited)")
     return net.to(device).eval()
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out, training) row indices: a seeded permutation, so classes stored in order are split evenly."""
+    held = max(round(n * share), 1)
+    if n - held < 1:
+        raise ValueError(f"{n} rows are too few to train the evaluation classifier and hold {held} out")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:held], perm[held:]
