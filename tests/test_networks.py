@@ -265,6 +265,24 @@ def test_wan21_shaped_parameter_count_on_meta(size):
     assert next(net.parameters()).device.type == "meta"
 
 
+def test_meta_build_then_reset_initialises_every_tensor():
+    """How large models are built for FSDP2: on `meta`, `to_empty`, then `reset_parameters`. Fill the fresh
+    memory with NaN first, so any parameter or buffer that reset_parameters skips stays NaN and is named."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        net = build_network(tiny_cfg(num_layers=2))
+    net.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            t.fill_(float("nan"))
+    net.reset_parameters()
+    missed = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if not torch.isfinite(t).all()]
+    assert not missed, f"left uninitialised by reset_parameters: {missed}"
+    x = torch.randn(1, TINY["in_channels"], 2, 4, 4)
+    out = net(x, torch.tensor([500.0]), net.null_cond(1))
+    assert torch.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Residual MLP for vector toys
 

@@ -196,6 +196,13 @@ class WanDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                # Norm gains start at 1 and biases at 0. Needed after `to_empty()` from the meta device,
+                # where a module's own constructor-time init never ran and the memory holds garbage.
+                if getattr(m, "weight", None) is not None:
+                    nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
         nn.init.zeros_(self.patch_embedding.bias)
         ce = self.condition_embedder
