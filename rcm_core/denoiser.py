@@ -37,7 +37,9 @@ class TrigFlowDenoiser(nn.Module):
 
     @property
     def net_dtype(self) -> torch.dtype:
-        return next(self.net.parameters()).dtype
+        """The dtype the network computes in: its parameters' dtype, or under FSDP2 with fp32 masters the
+        compute dtype recorded by rcm_core.parallel.shard_network."""
+        return getattr(self.net, "compute_dtype", None) or next(self.net.parameters()).dtype
 
     def _raw_inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(network input, network timestep), both from float64 coefficients."""

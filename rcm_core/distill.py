@@ -18,6 +18,7 @@ from rcm_core.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.ema import PowerEMA
 from rcm_core.losses import dmd_loss, fake_score_loss, scm_loss, student_rollout
 from rcm_core.parallel import sync_gradients
+from rcm_core.precision import master_parameters, with_master_weights
 from rcm_core.timesteps import sample_p_D, sample_p_G
 
 
@@ -36,9 +37,12 @@ class DistillState:
     stopped: str | None = None  # why the run ended before cfg.train.steps (a reporter asked), else None
 
 
-def make_optimizer(params, lr: float, cfg: OptimCfg) -> torch.optim.Optimizer:
-    """AdamW with β₁ = 0 as in rCM (Table 4); no gradient clipping (paper: "crucial for stability")."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+def make_optimizer(params, lr: float, cfg: OptimCfg):
+    """AdamW with β₁ = 0 as in rCM (Table 4); no gradient clipping (paper: "crucial for stability").
+    bf16 parameters get fp32 masters (rcm_core.precision); under FSDP2 the parameters themselves are fp32
+    (rcm_core.parallel rebuilds the optimiser on them)."""
+    return with_master_weights(params, lambda ps: torch.optim.AdamW(
+        ps, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps))
 
 
 def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
@@ -131,7 +135,7 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     bad = zero_nonfinite_grads(state.student)
     _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
     state.opt_student.step()
-    state.ema.update(state.student)
+    state.ema.update(state.student, master_parameters(state.student, state.opt_student))
     state.student_iter += 1
     state.counters["nonfinite_grads"] += bad
     state.counters["nan_samples"] += metrics.get("scm_nan_samples", 0.0) + metrics.get("dmd_nan_samples", 0.0)

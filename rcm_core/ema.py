@@ -32,10 +32,12 @@ class PowerEMA:
         return (1.0 - 1.0 / i) ** (self.gamma + 1)
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, params: list[torch.Tensor] | None = None) -> None:
+        """Average `params` (default: module's parameters; pass the fp32 masters when the module computes in
+        bf16, rcm_core.precision) into the shadow; buffers are copied from `module`."""
         self.num_updates += 1
         beta = self.beta(self.num_updates)
-        for p_ema, p in zip(self.module.parameters(), module.parameters()):
+        for p_ema, p in zip(self.module.parameters(), module.parameters() if params is None else params):
             p_ema.lerp_(p.detach().float(), 1.0 - beta)
         for b_ema, b in zip(self.module.buffers(), module.buffers()):
             b_ema.copy_(b)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from rcm_core.denoiser import TrigFlowDenoiser
 from rcm_core.trigflow import add_noise, consistency_fn, expand_like, velocity_target
@@ -42,6 +43,24 @@ def _finite_rows(*xs: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # sCM
 
+def jvp(fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(*primals), its directional derivative along `tangents`) by forward-mode AD, without gradients.
+
+    Dual tensors (`torch.autograd.forward_ad`), not `torch.func.jvp`: on torch 2.11 + CUDA, FSDP2's
+    pre-forward all-gather fails inside the functorch transform ("Cannot access storage of TensorWrapper",
+    docs/BENCHMARKS.md), while dual tensors run through the same sharded network with the tangent equal to
+    the unsharded one (max error 0 on 2× H200, shared/reference/gpu_multi.md). Parameters are plain
+    tensors here, so they carry no tangent; `kernels.attention` sees dual q/k/v and runs its fused
+    primal+tangent pass once (no primal recomputation); CP's all-to-alls carry the tangents through their
+    `jvp` rules. The same mechanism on one process, on CPU and under every mesh: one code path.
+    """
+    with torch.no_grad(), fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        primal, tangent = fwAD.unpack_dual(out)
+    return primal.detach(), (torch.zeros_like(primal) if tangent is None else tangent.detach())
+
+
 def scm_tangent_jvp(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                     F_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(F_θ⁻, T) with T = cos t·sin t·dF_θ⁻/dt along the teacher's PF-ODE.
@@ -50,9 +69,7 @@ def scm_tangent_jvp(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tenso
     """
     cs = torch.cos(t) * torch.sin(t)                                   # [B] float64
     x_dot = (expand_like(cs, x_t) * F_teacher).to(x_t.dtype)
-    with torch.no_grad():
-        F_minus, T = torch.func.jvp(lambda x, tt: student.F(x, tt, cond), (x_t, t), (x_dot, cs))
-    return F_minus.detach(), T.detach()
+    return jvp(lambda x, tt: student.F(x, tt, cond), (x_t, t), (x_dot, cs))
 
 
 def scm_tangent_fd(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -63,8 +80,8 @@ def scm_tangent_fd(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tensor
     """
     cs = torch.cos(t) * torch.sin(t)
     x_dot = (expand_like(cs, x_t) * F_teacher).to(x_t.dtype)
+    F_minus, jvp_x = jvp(lambda x: student.F(x, t, cond), (x_t,), (x_dot,))
     with torch.no_grad():
-        F_minus, jvp_x = torch.func.jvp(lambda x: student.F(x, t, cond), (x_t,), (x_dot,))
         F_back = student.F(x_t, t - h, cond)
     dF_dt = (torch.cos(torch.tensor(h, dtype=torch.float64)) * F_minus - F_back) / torch.sin(
         torch.tensor(h, dtype=torch.float64))
@@ -200,5 +217,16 @@ def flow_matching_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Te
     return LossOut(loss, {"fm_loss": loss.item()})
 
 
-__all__ = ["LossOut", "scm_loss", "scm_tangent_jvp", "scm_tangent_fd", "scm_tangent_g", "normalize_tangent",
-           "student_rollout", "dmd_loss", "fake_score_loss", "flow_matching_loss", "consistency_fn"]
+__all__ = [
+    "LossOut",
+    "consistency_fn",
+    "dmd_loss",
+    "fake_score_loss",
+    "flow_matching_loss",
+    "normalize_tangent",
+    "scm_loss",
+    "scm_tangent_fd",
+    "scm_tangent_g",
+    "scm_tangent_jvp",
+    "student_rollout",
+]

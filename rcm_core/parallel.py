@@ -23,15 +23,23 @@ Three mechanisms, picked by the mesh (`rcm_core.mesh`):
   and EMA are sharded; the frozen teacher too, for memory.
 - Ulysses context parallelism (cp > 1): `rcm_core.context_parallel`.
 
-The JVP pass under FSDP2 (rcm_method.md §5.4). rCM's official code (torch 2.7) rewrites every layer into a
-"JVP mode" because, its authors found, `torch.func.jvp` cannot be applied over FSDP modules. On torch 2.13
-the plain call works for FSDP2, and we rely on it (tests/test_parallel.py checks the tangent against the
-one-process value, float64, and after three training steps; verified on CPU/gloo): `losses.scm_tangent_jvp`
-runs `torch.func.jvp` under no_grad with tangents on the inputs (x_t, t) only. FSDP2's pre-forward hook
-of each block all-gathers the parameters into ordinary tensors, which functorch sees as constants with zero
-tangent, and the post-forward hook frees them again; no post-backward hooks are registered because grad is
-off. So the JVP runs block by block on unsharded parameters, exactly the layer-wise scheme, without a
-second network definition. Parameters must never carry tangents (they don't in sCM).
+The JVP pass under FSDP2 (rcm_method.md §5.4). rCM's official code rewrites every layer into a "JVP mode"
+that carries (x, ẋ) through each block, because `torch.func.jvp` cannot be applied over FSDP modules. Measured
+here: on the CPU wheel (torch 2.13, gloo) whole-model `torch.func.jvp` over FSDP2 runs, but on torch 2.11 +
+CUDA (2× H200, NCCL) it fails in FSDP2's pre-forward all-gather ("Cannot access storage of TensorWrapper"),
+while `torch.autograd.forward_ad` dual tensors through the same sharded model run with the tangent equal to
+the unsharded one (max error 0; shared/reference/gpu_multi.md). So `losses.jvp` uses dual tensors, under
+no_grad, with tangents on the inputs (x_t, t) only, on every mesh and on one process alike. FSDP2's
+pre-forward hook of each block all-gathers the parameters into ordinary tensors (no tangent: parameters are
+constants of the JVP), the post-forward hook frees them, and no post-backward hooks are registered because
+grad is off: the JVP runs block by block on unsharded parameters, the layer-wise scheme without a second
+network definition. tests/test_parallel.py checks the tangent against one process in float64 (gloo);
+tests/test_parallel_gpu.py on 2 GPUs (NCCL).
+
+Mixed precision: trained networks (student, fake score) keep fp32 masters and optimiser state. Under FSDP2
+the sharded parameters are fp32 and each unit computes in the dtype it was built with (`shard_network`,
+MixedPrecisionPolicy: bf16 all-gathers and compute, fp32 gradient reduce-scatter); without FSDP,
+`rcm_core.precision.MasterWeightOptimizer` does the same arithmetic on one rank.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from torch.distributed.tensor import DTensor
 
 from rcm_core.context_parallel import apply_context_parallel
 from rcm_core.mesh import Mesh
+from rcm_core.precision import MasterWeightOptimizer
 
 
 def world_size() -> int:
@@ -97,68 +106,113 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
 
 def mixed_precision(param_dtype: torch.dtype | None, stored_dtype: torch.dtype) -> MixedPrecisionPolicy:
     """Compute in `param_dtype` (None = the stored dtype), reduce gradients in at least fp32 (float64 stays
-    float64, so the float64 equality tests stay exact)."""
+    float64, so the float64 equality tests stay exact). Forward inputs are never cast: a block receives the
+    fp32 modulation `e0` and RoPE tables beside its bf16 tokens, and the network casts what it computes on."""
     compute = param_dtype or stored_dtype
-    return MixedPrecisionPolicy(param_dtype=param_dtype,
-                                reduce_dtype=torch.promote_types(compute, torch.float32))
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.promote_types(compute, torch.float32),
+                                cast_forward_inputs=False)
 
 
-def _majority_dtype(params: list[nn.Parameter]) -> torch.dtype:
+def _majority_dtype(params: list[nn.Parameter], dtype_of) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for p in params:
-        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+        counts[dtype_of(p)] = counts.get(dtype_of(p), 0) + p.numel()
     return max(counts, key=counts.get)
 
 
-def _shard_unit(unit: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
-    """fully_shard `unit`, first splitting off parameters of a minority dtype.
+def _policy(compute: torch.dtype, stored: torch.dtype) -> MixedPrecisionPolicy:
+    return mixed_precision(None if compute == stored else compute, stored)
 
-    FSDP2 all-gathers one flat buffer per unit and requires one dtype in it, but a bf16 Wan block keeps
-    `norm2` and `scale_shift_table` in fp32 (networks/dit.py KEEP_FP32). Submodules wholly in the other
-    dtype become their own units; bare parameters of the other dtype (the modulation tables, 6·dim values)
-    stay replicated as ignored parameters, whose gradients `sync_gradients` averages.
+
+def _shard_unit(unit: nn.Module, mesh: DeviceMesh, reshard: bool, compute_of) -> None:
+    """fully_shard `unit`, first splitting off parameters of a minority compute dtype.
+
+    FSDP2 all-gathers one flat buffer per unit in one dtype, but a bf16 Wan block computes `norm2` and
+    `scale_shift_table` in fp32 (networks/dit.py KEEP_FP32). Submodules wholly of the other compute dtype
+    become their own units; bare parameters of the other dtype (the modulation tables, 6·dim values) stay
+    replicated as ignored parameters, whose gradients `sync_gradients` averages.
     """
     own = [p for p in unit.parameters() if not isinstance(p, DTensor)]
     if not own:
         return
-    main = _majority_dtype(own)
+    main = _majority_dtype(own, compute_of)
     for _, sub in unit.named_modules():
         params = [p for p in sub.parameters() if not isinstance(p, DTensor)]
-        if sub is not unit and params and all(p.dtype != main for p in params) and len({p.dtype for p in params}) == 1:
+        kinds = {compute_of(p) for p in params}
+        if sub is not unit and params and main not in kinds and len(kinds) == 1:
+            policy = _policy(kinds.pop(), _majority_dtype(params, lambda p: p.dtype))
             fully_shard(sub, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    ignored = {p for p in unit.parameters() if not isinstance(p, DTensor) and p.dtype != main}
-    fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, ignored_params=ignored or None)
+    ignored = {p for p in unit.parameters() if not isinstance(p, DTensor) and compute_of(p) != main}
+    sharded = [p for p in own if p not in ignored and not isinstance(p, DTensor)]
+    stored = _majority_dtype(sharded or own, lambda p: p.dtype)
+    fully_shard(unit, mesh=mesh, mp_policy=_policy(main, stored), reshard_after_forward=reshard,
+                ignored_params=ignored or None)
 
 
-def shard_network(net: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
+def shard_network(net: nn.Module, mesh: DeviceMesh, *, master_dtype: torch.dtype | None = None,
+                  compute_dtypes: dict[str, torch.dtype] | None = None,
                   reshard_after_forward: bool = True) -> nn.Module:
     """`fully_shard` each transformer block, then the root (embeddings, time path, head), in place.
 
-    Per-block units are what make the JVP pass block-wise: only one block's parameters are gathered at a
-    time. `param_dtype=None` keeps the stored dtypes: the DiT keeps its time path and modulation tables in
-    fp32 (networks/dit.py KEEP_FP32), which a blanket bf16 cast of a block would break.
+    Per-block units keep the JVP pass block-wise: only one block's parameters are gathered at a time.
+    Every parameter computes in the dtype it has when this is called (a bf16 Wan: bf16 trunk, fp32 islands).
+    `master_dtype=torch.float32` (trained networks) stores the narrow ones in fp32 instead: FSDP2 then casts
+    each gathered unit to its compute dtype, and gradients and AdamW state are fp32 (what FSDP users expect).
+    `None` (the frozen teacher) stores them as they are. `compute_dtypes` (by parameter name) overrides the
+    compute dtypes: the fp32 EMA is laid out like its bf16 student, so the two shard alike and the EMA update
+    pairs shard with shard.
     """
-    stored = _majority_dtype(list(net.parameters()))
-    policy = mixed_precision(param_dtype, stored)
+    compute = {p: (compute_dtypes or {}).get(n, p.dtype) for n, p in net.named_parameters()}
+    if compute_dtypes is not None:
+        net.compute_dtype = _majority_dtype(list(net.parameters()), compute.__getitem__)
+    if master_dtype is not None:
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.is_floating_point() and torch.finfo(p.dtype).bits < torch.finfo(master_dtype).bits:
+                    p.data = p.data.to(master_dtype)
+        # The denoiser casts its inputs to this, not to the fp32 storage (rcm_core.denoiser.net_dtype).
+        net.compute_dtype = _majority_dtype(list(net.parameters()), compute.__getitem__)
+
+    def compute_of(p):  # parameters are looked up before fully_shard replaces them (DTensors are skipped)
+        return compute[p]
+
     for block in net.blocks:
-        _shard_unit(block, mesh, policy, reshard_after_forward)
-    _shard_unit(net, mesh, policy, reshard_after_forward)
+        _shard_unit(block, mesh, reshard_after_forward, compute_of)
+    _shard_unit(net, mesh, reshard_after_forward, compute_of)
     return net
+
+
+def _has_narrow(module: nn.Module) -> bool:
+    return any(p.is_floating_point() and torch.finfo(p.dtype).bits < 32 for p in module.parameters())
+
+
+def shard_mesh(mesh: Mesh, narrow: bool) -> DeviceMesh | None:
+    """The mesh FSDP2 shards over: dp_shard·cp ranks when dp_shard > 1; for a bf16 model with context
+    parallelism alone, the CP ranks (× replicas as HSDP), because fp32 masters then live in FSDP2 (the
+    official rCM runs shard over their CP ranks too); else None (no FSDP: rcm_core.precision's masters)."""
+    if mesh.fsdp_mesh is not None or not narrow or mesh.cp_group is None:
+        return mesh.fsdp_mesh
+    return mesh.device_mesh["dp_replicate", "cp"] if mesh.shape.dp_replicate > 1 else mesh.device_mesh["cp"]
 
 
 def parallelize_network(net: nn.Module, mesh: Mesh, *, context_parallel: bool = True,
-                        param_dtype: torch.dtype | None = None) -> nn.Module:
-    """CP hooks first (they only touch attention), then FSDP; torchtitan's order (TP → AC → compile → FSDP)."""
+                        master_dtype: torch.dtype | None = None) -> nn.Module:
+    """CP hooks first (they only touch attention), then FSDP; torchtitan's order (TP → AC → compile → FSDP).
+    `master_dtype`: see `shard_network` (fp32 for trained networks, None for the frozen teacher)."""
     if context_parallel and mesh.cp_group is not None:
         apply_context_parallel(net, mesh.cp_group)
-    if mesh.fsdp_mesh is not None:
-        shard_network(net, mesh.fsdp_mesh, param_dtype=param_dtype)
+    fsdp = shard_mesh(mesh, _has_narrow(net))
+    if fsdp is not None:
+        shard_network(net, fsdp, master_dtype=master_dtype)
     return net
 
 
-def _rebuild_optimizer(opt: torch.optim.Optimizer, module: nn.Module) -> torch.optim.Optimizer:
+def _rebuild_optimizer(opt, module: nn.Module) -> torch.optim.Optimizer:
     """fully_shard replaces parameters by DTensor ones, so an optimiser built earlier points at dead tensors:
-    swap them in place, group by group, in `module.parameters()` order (which fully_shard preserves)."""
+    swap them in place, group by group, in `module.parameters()` order (which fully_shard preserves). A
+    `MasterWeightOptimizer` is unwrapped: under FSDP2 the sharded parameters are the fp32 masters."""
+    if isinstance(opt, MasterWeightOptimizer):
+        opt = opt.inner
     if opt.state:
         raise RuntimeError("parallelize the state before the first optimiser step (its moments would be lost)")
     new = list(module.parameters())
@@ -172,21 +226,27 @@ def _rebuild_optimizer(opt: torch.optim.Optimizer, module: nn.Module) -> torch.o
     return opt
 
 
-def parallelize_state(state, mesh: Mesh, *, param_dtype: torch.dtype | None = None, broadcast: bool = True):
+def parallelize_state(state, mesh: Mesh, *, broadcast: bool = True):
     """Apply the mesh to a fresh `DistillState` (from `distill.build_state`) in place and return it.
 
     Teacher, student and fake score get CP and FSDP; the EMA gets FSDP only (memory), no CP: it is only
-    evaluated, and CP would make evaluation a collective. NOTE: with FSDP every rank must take part in any
-    forward of a sharded module, evaluation included (rank-0-only evaluation would hang in the all-gather).
+    evaluated, and CP would make evaluation a collective. Student and fake score keep fp32 masters under
+    FSDP2 (`shard_network(master_dtype=fp32)`); the frozen teacher stays as loaded. NOTE: with FSDP every
+    rank must take part in any forward of a sharded module, evaluation included (rank-0-only evaluation
+    would hang in the all-gather).
     """
-    modules = [state.teacher, state.student] + ([state.fake] if state.fake is not None else [])
+    trained = [state.student] + ([state.fake] if state.fake is not None else [])
+    narrow = _has_narrow(state.student)
+    layout = {n: p.dtype for n, p in state.student.net.named_parameters()}      # before masters replace it
     if broadcast:
-        for m in modules + [state.ema.module]:
+        for m in [state.teacher] + trained + [state.ema.module]:
             broadcast_parameters(m)
-    for m in modules:
-        parallelize_network(m.net, mesh, param_dtype=param_dtype)
-    if mesh.fsdp_mesh is not None:
-        shard_network(state.ema.module.net, mesh.fsdp_mesh)
+    parallelize_network(state.teacher.net, mesh)
+    for m in trained:
+        parallelize_network(m.net, mesh, master_dtype=torch.float32)
+    fsdp = shard_mesh(mesh, narrow)
+    if fsdp is not None:
+        shard_network(state.ema.module.net, fsdp, compute_dtypes=layout if narrow else None)
         state.opt_student = _rebuild_optimizer(state.opt_student, state.student)
         if state.fake is not None:
             state.opt_fake = _rebuild_optimizer(state.opt_fake, state.fake)

@@ -185,6 +185,10 @@ def test_forward_mode_through_attention(triton_mode):
         out = kernels.attention(fwAD.make_dual(q.to(dev, dt), qt.to(dev, dt)), kd, vd)
         ot = fwAD.unpack_dual(out).tangent
     assert _err(ot, ot_ref) < 1e-4, f"forward_ad (seed {seed})"
+    o_ref = attention_ref(q, k, v)
+    with torch.no_grad(), fwAD.dual_level():    # no grad recorded: the fused single pass, a dual output
+        o, ot = fwAD.unpack_dual(kernels.attention(fwAD.make_dual(q.to(dev, dt), qt.to(dev, dt)), kd, vd))
+    assert _err(o, o_ref) < 1e-4 and _err(ot, ot_ref) < 1e-4, f"forward_ad under no_grad (seed {seed})"
 
 
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
@@ -291,6 +295,7 @@ def test_jvp_through_two_block_dit_matches_twin(monkeypatch):
     kernel under the interpreter gives the same primal and tangent as the PyTorch twin."""
     from rcm_core.config import ModelCfg
     from rcm_core.denoiser import TrigFlowDenoiser
+    from rcm_core.losses import jvp
     from rcm_core.networks import build_network
 
     torch.manual_seed(0)
@@ -307,12 +312,17 @@ def test_jvp_through_two_block_dit_matches_twin(monkeypatch):
     def run():
         return torch.func.jvp(lambda a, b: den.F(a, b, cond), (x, t), (x_dot, t_dot))
 
+    def run_dual():      # the training path: rcm_core.losses.jvp, dual tensors, the fused attention pass
+        return jvp(lambda a, b: den.F(a, b, cond), (x, t), (x_dot, t_dot))
+
     # Kernel first, then the twin by switching dispatch off: triton 3.6's interpreter cannot be entered after
     # a torch.func.jvp has run in compiled-dispatch mode in the same process (seen here; not a product path).
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    F_dual, T_dual = run_dual()
     F_kern, T_kern = run()
     monkeypatch.setattr(katt, "use_triton", lambda x: False)
     F_twin, T_twin = run()
-    assert torch.isfinite(T_kern).all()
-    assert (F_kern - F_twin).norm() / F_twin.norm() < 1e-5
-    assert (T_kern - T_twin).norm() / T_twin.norm() < 1e-5
+    assert torch.isfinite(T_kern).all() and torch.isfinite(T_dual).all()
+    for F_, T_, how in ((F_kern, T_kern, "torch.func.jvp"), (F_dual, T_dual, "forward_ad")):
+        assert (F_ - F_twin).norm() / F_twin.norm() < 1e-5, how
+        assert (T_ - T_twin).norm() / T_twin.norm() < 1e-5, how

@@ -357,6 +357,21 @@ def _bf16_worker() -> None:
         # compared by norm, ‖Δ‖ ≤ 1e-2·‖g‖, about one bf16 rounding (2^-7).
         diff = (full(q.grad).float() - p.grad.float()).norm()
         assert diff <= 1e-2 * p.grad.float().norm() + 1e-6, f"{name}: ‖Δ‖={diff:.3g}, ‖g‖={p.grad.float().norm():.3g}"
+    # Trained networks: fp32 masters in FSDP2, each unit gathered and computed in its built dtype. bf16 of the
+    # fp32 copy of a bf16 value is that value, so the JVP pass is bitwise the bf16 module's; gradients arrive
+    # in fp32 (reduce-scattered) and agree by norm as above.
+    master = copy.deepcopy(plain)
+    parallelize_network(master.net, mesh, master_dtype=torch.float32)
+    assert {p.dtype for p in master.parameters()} == {torch.float32}
+    assert master.net_dtype == torch.bfloat16
+    _, T_m = scm_tangent_jvp(master, x, t, b.label, x.double())
+    torch.testing.assert_close(T_m, T_ref, atol=0, rtol=0)
+    master.F(x, t, b.label).square().mean().backward()
+    sync_gradients(master)
+    for (name, p), q in zip(plain.named_parameters(), master.parameters()):
+        assert q.grad.dtype == torch.float32, name
+        diff = (full(q.grad) - p.grad.float()).norm()
+        assert diff <= 1e-2 * p.grad.float().norm() + 1e-6, f"{name} (fp32 masters): ‖Δ‖={diff:.3g}"
 
 
 def test_fsdp_bf16_with_fp32_islands():

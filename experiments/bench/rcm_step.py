@@ -3,8 +3,9 @@
     python3 experiments/bench/rcm_step.py                # on the GPU: the 1.3B shape at 8,190 and 32,760 tokens
     python experiments/bench/rcm_step.py --tiny          # CPU smoke run of the same code path
 
-Random weights (width 1536, 30 blocks, 12 heads, text 512×4096), bf16 parameters with fp32 time path, per-block
-activation checkpointing for the with-grad passes. Parts are timed separately (CUDA events via do_bench-style
+Random weights (width 1536, 30 blocks, 12 heads, text 512×4096) built on the meta device and materialised on the
+GPU, bf16 compute with an fp32 time path, fp32 master weights and AdamW state (rcm_core.precision), per-block
+activation checkpointing for the with-grad passes. Every timed part's output is checked to be finite first. Parts are timed separately (CUDA events via do_bench-style
 medians) and as whole student / critic iterations; a plain flow-matching step on the same model and batch is the
 unit of cost. The JVP pass is also run with the PyTorch twin attention (materialises L×L: what a user gets
 without the kernel). MFU counts model FLOPs (matmuls and attention, 2 FLOPs per MAC) against 989 TFLOP/s.
@@ -21,14 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import kernels.flash_jvp as katt  # noqa: E402
-from rcm_core.config import ExperimentCfg, ModelCfg  # noqa: E402
-from rcm_core.data import LatentBatch  # noqa: E402
-from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
-from rcm_core.distill import build_state, distill_step  # noqa: E402
-from rcm_core.losses import flow_matching_loss, scm_tangent_jvp  # noqa: E402
-from rcm_core.networks import build_network  # noqa: E402
-from rcm_core.trigflow import add_noise  # noqa: E402
+import kernels.flash_jvp as katt
+from rcm_core.config import ExperimentCfg, ModelCfg
+from rcm_core.data import LatentBatch
+from rcm_core.denoiser import TrigFlowDenoiser
+from rcm_core.distill import build_state, distill_step, make_optimizer
+from rcm_core.losses import flow_matching_loss, scm_tangent_jvp
+from rcm_core.networks import build_network
+from rcm_core.trigflow import add_noise
 
 PEAK = 989e12
 WAN_1P3B = dict(kind="dit", in_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256,
@@ -75,7 +76,19 @@ def build(cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
     net.reset_parameters()
     for p in net.parameters():                 # off the zero init, so every path does real arithmetic
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else None
+    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"non-finite parameters after init: {bad[:5]}")
     return TrigFlowDenoiser(net, "rf_velocity")
+
+
+def finite(name: str, *outs) -> None:
+    """Refuse to time NaN arithmetic (the 32,760-token rows of an earlier table did, unnoticed)."""
+    for o in outs:
+        vals = o.values() if isinstance(o, dict) else (o if isinstance(o, tuple) else (o,))
+        for v in vals:
+            if not torch.isfinite(torch.as_tensor(v)).all():
+                raise RuntimeError(f"{name}: non-finite output; no time reported")
 
 
 def run_shape(model: dict, latent: tuple, L_text: int, device: torch.device, reps: int) -> list[tuple]:
@@ -101,6 +114,8 @@ def run_shape(model: dict, latent: tuple, L_text: int, device: torch.device, rep
         rows.append((name, sec * 1e3, flops / sec / PEAK * 100 if sec == sec and flops else float("nan")))
 
     with torch.no_grad():
+        finite("teacher forward", teacher.F_guided(x_t, t, ctx, 5.0))
+        finite("JVP pass", scm_tangent_jvp(state.student, x_t, t, ctx, F_T))
         add("teacher forward ×2 (CFG)", guard(lambda: timed(lambda: teacher.F_guided(x_t, t, ctx, 5.0), device, reps)), 2 * fwd)
         add("JVP pass (fused kernel)", guard(lambda: timed(lambda: scm_tangent_jvp(state.student, x_t, t, ctx, F_T), device, reps)), 3 * fwd)
     orig = katt.use_triton
@@ -113,7 +128,7 @@ def run_shape(model: dict, latent: tuple, L_text: int, device: torch.device, rep
         state.student.F(x_t, t, ctx).float().square().mean().backward()
     add("student forward+backward", guard(lambda: timed(fwd_bwd, device, reps)), 3 * fwd)
 
-    opt = torch.optim.AdamW(state.student.parameters(), lr=1e-6)
+    opt = make_optimizer(state.student.parameters(), 1e-6, cfg.optim)     # fp32 masters, as training
 
     def fm_step():
         opt.zero_grad(set_to_none=True)
@@ -124,7 +139,7 @@ def run_shape(model: dict, latent: tuple, L_text: int, device: torch.device, rep
 
     def phase(student: bool):
         state.iteration = 0 if student else 1          # freq 2: even iterations are student steps
-        distill_step(state, batch, cfg, g)
+        finite("rCM iteration", distill_step(state, batch, cfg, g))
     # student iteration: sCM (2 teacher fwd, JVP ≈ 3 fwd, fwd+bwd 3) + DMD (avg 2.5 rollout fwd, last with grad,
     # fake fwd 1, teacher CFG 2, bwd 2): model FLOPs ≈ 15.5 forwards
     s_sec = guard(lambda: timed(lambda: phase(True), device, reps))

@@ -290,7 +290,9 @@ class WanDiT(nn.Module):
         timestep = self._check_inputs(x, timestep)
         B = x.shape[0]
         grid = patch_grid(tuple(x.shape), self.patch_size)
-        dtype = self.patch_embedding.weight.dtype
+        # Under FSDP2 with fp32 masters the stored weight is fp32 and the gathered one bf16: the compute dtype
+        # is recorded by rcm_core.parallel.shard_network (the stored dtype can be read before the all-gather).
+        dtype = getattr(self, "compute_dtype", None) or self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)      # [B, L, dim]
         temb, e0 = self.condition_embedder.time(timestep)
         context = self.embed_cond(cond, B)

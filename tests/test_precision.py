@@ -1,0 +1,92 @@
+"""fp32 master weights for bf16 networks without FSDP (rcm_core.precision): the same arithmetic as an fp32
+AdamW fed the bf16 gradients, updates below bf16's resolution kept, and an exact resume."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from rcm_core.precision import (
+    MasterWeightOptimizer,
+    master_parameters,
+    with_master_weights,
+)
+
+LR = 1e-5          # AdamW steps of ~lr: far below half a bf16 ulp of weights ~0.5 (2^-9 ≈ 2e-3)
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=LR, betas=(0.0, 0.999), weight_decay=0.0, eps=1e-8)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    net[0].to(torch.bfloat16)                 # a bf16 trunk with an fp32 island, as Wan's KEEP_FP32
+    with torch.no_grad():
+        net[0].weight.uniform_(0.25, 0.75)
+    return net
+
+
+def _loss(net: nn.Module, seed: int) -> torch.Tensor:
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    return net[1](net[0](x).float()).square().mean()
+
+
+def _train(net: nn.Module, opt, steps: range) -> None:
+    for i in steps:
+        opt.zero_grad(set_to_none=True)
+        _loss(net, i).backward()
+        opt.step()
+
+
+def test_masters_equal_fp32_adamw_on_the_bf16_gradients():
+    net, ref = _model(), _model()
+    opt = with_master_weights(net.parameters(), _adamw)
+    assert isinstance(opt, MasterWeightOptimizer)
+    masters = [p.detach().float().clone().requires_grad_(True) for p in ref.parameters()]
+    ref_opt = _adamw(masters)
+    start = net[0].weight.detach().clone()
+    for i in range(20):
+        opt.zero_grad(set_to_none=True)
+        _loss(net, i).backward()
+        opt.step()
+        ref.zero_grad(set_to_none=True)            # the reference: fp32 AdamW on the same bf16 gradients
+        _loss(ref, i).backward()
+        for p, m in zip(ref.parameters(), masters):
+            m.grad = p.grad.float()
+        ref_opt.step()
+        with torch.no_grad():
+            for p, m in zip(ref.parameters(), masters):
+                p.copy_(m)
+    for got, want in zip(master_parameters(net, opt), masters):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    moved = (master_parameters(net, opt)[0] - start.float()).abs()
+    assert (moved > 0).all() and moved.max() > 5 * LR, "20 steps of ~lr each must move the fp32 masters"
+    # A plain bf16 AdamW loses every one of these updates: each is below half an ulp of its weight.
+    plain = _model()
+    _train(plain, _adamw(plain.parameters()), range(20))
+    assert torch.equal(plain[0].weight, start)
+    assert torch.equal(net[0].weight, master_parameters(net, opt)[0].to(torch.bfloat16))
+
+
+def test_fp32_model_gets_the_plain_optimizer():
+    net = nn.Linear(3, 3)
+    assert isinstance(with_master_weights(net.parameters(), _adamw), torch.optim.AdamW)
+
+
+def test_resume_from_state_dict_is_exact():
+    net = _model()
+    opt = with_master_weights(net.parameters(), _adamw)
+    _train(net, opt, range(5))
+    saved_model = {k: v.clone() for k, v in net.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())     # state_dict() holds live moment tensors
+    _train(net, opt, range(5, 9))
+    other = _model()
+    other.load_state_dict(saved_model)
+    opt2 = with_master_weights(other.parameters(), _adamw)
+    opt2.load_state_dict(saved_opt)
+    _train(other, opt2, range(5, 9))
+    for a, b in zip(master_parameters(net, opt), master_parameters(other, opt2)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
