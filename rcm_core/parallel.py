@@ -218,11 +218,17 @@ def _rebuild_optimizer(opt, module: nn.Module) -> torch.optim.Optimizer:
     new = list(module.parameters())
     if sum(len(g["params"]) for g in opt.param_groups) != len(new):
         raise RuntimeError("the optimiser does not hold exactly the module's parameters; build it after sharding")
-    offset = 0
+    offset, groups = 0, []
     for group in opt.param_groups:
         n = len(group["params"])
-        group["params"] = new[offset:offset + n]
-        offset += n
+        params, offset = new[offset:offset + n], offset + n
+        # AdamW's multi-tensor kernels run per group and refuse DTensors and plain tensors together: the
+        # replicated fp32 islands (ignored by FSDP2) get a group of their own, same hyper-parameters.
+        for kind in (True, False):
+            part = [p for p in params if isinstance(p, DTensor) == kind]
+            if part:
+                groups.append({**group, "params": part})
+    opt.param_groups = groups
     return opt
 
 

@@ -103,7 +103,15 @@ def _match_worker(rank: int, world: int, port: int, shape: MeshShape, dtype: str
         for loss in losses:
             loss.backward()
         sync_gradients(par)
+        grads = dict(plain.named_parameters())
         for (name, p), q in zip(plain.named_parameters(), par.parameters()):
+            if name.endswith("to_k.bias"):
+                # Softmax ignores a shift shared by all keys of a row, so this gradient is zero in exact
+                # arithmetic and both sides hold only round-off: measured against its weight's gradient.
+                ref = grads[name.replace(".bias", ".weight")].grad
+                err = (_full(q.grad).double() - p.grad.double()).norm()
+                assert err <= rtol * ref.double().norm(), f"{name} {shape} {dtype}: ‖Δ‖={err:.3g}"
+                continue
             _close(q.grad, p.grad, f"gradient of {name} {shape} {dtype}", rtol)
     finally:
         dist.destroy_process_group()
