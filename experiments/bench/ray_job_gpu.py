@@ -10,6 +10,11 @@ What it does, as a user would (nothing can be downloaded there, so teacher and d
    experiments/wan21_t2v_1p3b_rcm.yaml …` with one Train worker per GPU, FSDP2 over all of them
    (`parallel.dp_shard=N`), batch 1 per GPU, MLflow on a local SQLite store; `ray stop` at the end.
 It prints the job's last lines, its wall time, and the run's metrics read back from MLflow.
+
+Status (2026-11-28): written and imported, NOT YET RUN on a GPU host (the session's device time went to the
+FSDP2 scaling table). It needs Ray and MLflow there: carry the bundle of shared/reference/gpu_ray.md, built with
+the dashboard's index.html kept (job submission needs the dashboard) and mlflow-skinny + SQLAlchemy + alembic for
+the SQLite store.
 """
 from __future__ import annotations
 
