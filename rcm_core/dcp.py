@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from rcm_core.precision import MasterWeightOptimizer
+
 META_KEYS = ("iteration", "student_iter", "critic_iter")
 
 
@@ -87,6 +89,12 @@ def load_distributed(state, directory: str | Path) -> dict:
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
         raise FileNotFoundError(f"no distributed checkpoint at {directory} (expected DCP's .metadata file)")
+    if isinstance(state.opt_student, MasterWeightOptimizer):
+        # bf16 without FSDP keeps its fp32 masters outside the module (rcm_core.precision), where DCP's
+        # state-dict helpers cannot map them to parameter names.
+        raise ValueError(f"{directory} is a sharded checkpoint and this run computes in bf16 without FSDP2: resume "
+                         "it on 2 or more GPUs with parallel.dp_shard > 1 (or context parallelism), where the fp32 "
+                         "masters are the sharded parameters")
     sd = state_dict_of(state)
     dcp.load(sd, checkpoint_id=str(directory), no_dist=not _distributed())
     set_state_dict(state.student, state.opt_student, model_state_dict=sd["student"],
