@@ -90,3 +90,21 @@ def test_resume_from_state_dict_is_exact():
     _train(other, opt2, range(5, 9))
     for a, b in zip(master_parameters(net, opt), master_parameters(other, opt2)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_sharded_checkpoint_into_bf16_without_fsdp_says_how(tmp_path):
+    """A DCP folder cannot fill masters kept outside the module: the error names the way to resume."""
+    import pytest
+
+    from rcm_core.config import from_dict
+    from rcm_core.dcp import load_distributed
+    from rcm_core.denoiser import TrigFlowDenoiser
+    from rcm_core.distill import build_state
+    from rcm_core.networks import build_network
+
+    cfg = from_dict({"model": {"kind": "mlp", "in_channels": 2, "hidden": 8, "depth": 1, "freq_dim": 8,
+                               "dtype": "bfloat16"}})
+    state = build_state(cfg, TrigFlowDenoiser(build_network(cfg.model)))
+    (tmp_path / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match="dp_shard > 1"):
+        load_distributed(state, tmp_path)
