@@ -286,7 +286,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(e)})") from None
     # YAML reads "1e-3" as a string (no dot); accept it as the number a user meant.
     if isinstance(value, str):
         try:
@@ -307,14 +307,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: "line 4, column 102: mapping values are not allowed here"."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (pass --config with a path under experiments/)")
     try:
         data = yaml.safe_load(path.read_text()) or {}   # safe_load: configs can never construct objects
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config (not even text); pass a file under experiments/") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run as a scrip
 
 from rcm_core.config import ConfigError, DataCfg, load_config
 from rcm_core.data import Manifest, write_shards
+from workflows.cli import add_debug_flag, run_cli
 
 _CHUNK = 128    # videos generated and encoded at a time: bounded memory for any num_rows
 
@@ -46,7 +47,8 @@ _CHUNK = 128    # videos generated and encoded at a time: bounded memory for any
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True)
+    # delay: no bar at all for work that ends (or fails on a bad input) within a second
+    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True, delay=1.0)
 
 
 def moving_fashion_rows(d: DataCfg, bar) -> tuple[Iterator[dict], dict]:
@@ -162,14 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="experiment YAML (its data section is used)")
     ap.add_argument("--from-npz", metavar="FILE", help="write precomputed latents from FILE (see the module docstring)")
+    add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        url, m = prepare(cfg.data, args.from_npz)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    url, m = prepare(cfg.data, args.from_npz)
     cond = f"{m.num_classes} classes" if m.num_classes else f"cond {m.cond_shape}"
     print(f"wrote {m.num_rows} rows ({len(m.shards)} shards, latent {m.latent_shape} {m.latent_dtype}, {cond}) "
           f"to {url.rstrip('/')}/manifest.json")
@@ -177,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

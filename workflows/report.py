@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from workflows.cli import add_debug_flag, run_cli  # noqa: E402
+
 KEY = re.compile(r"^eval/(teacher_)?nfe_(\d+)/([A-Za-z0-9_.-]+)$")
 RUN_COLUMNS = ("gmm_precision", "gmm_coverage", "gmm_mode_tv", "fd_rp2", "precision_rp2", "recall_rp2",
                "coverage_rp2", "paired_mse")
@@ -244,6 +246,21 @@ def default_tracking_uri() -> str:
     return tracking_uri(ExperimentCfg())
 
 
+def check_run(client, run_id: str, flag: str) -> None:
+    """A UsageError (exit 2, one line) when the tracking store has no such run, instead of MLflow's traceback."""
+    from mlflow.exceptions import MlflowException
+
+    from rcm_core.config import redact_url
+    from workflows.cli import UsageError
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise UsageError(f"{flag} {run_id}: no such run at {redact_url(client.tracking_uri)} (give the run id "
+                         f"the run printed, or --tracking-uri of the store it logged to)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Per-step-count comparison table and plot of a run or a sweep, "
                                              "read from MLflow.")
@@ -255,11 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                                                    f"{DEFAULT_METRIC})")
     ap.add_argument("--out", default=None, help="plot file (default: runs/reports/<sweep|run>-<id>.png)")
     ap.add_argument("--csv", default=None, help="also write the table as CSV here")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.tracking_uri or default_tracking_uri())
     run_id = args.sweep or args.run
+    check_run(client, run_id, "--sweep" if args.sweep else "--run")
     out = Path(args.out or Path("runs", "reports", f"{'sweep' if args.sweep else 'run'}-{run_id[:12]}.png"))
     make = sweep_report if args.sweep else run_report
     rep = make(client, run_id, args.metric, out)
@@ -271,4 +290,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

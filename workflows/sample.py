@@ -27,6 +27,7 @@ from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
 from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
 from rcm_core.networks import build_network  # noqa: E402
 from rcm_core.samplers import consistency_sample, teacher_sample  # noqa: E402
+from workflows.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 
 
 def local_path(uri: str) -> Path:
@@ -36,16 +37,21 @@ def local_path(uri: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     path = Path(uri)
     if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {uri}: no such file (give the ema_student.pt of a run, a cached "
+        raise UserError(f"--checkpoint {uri}: no such file (give the ema_student.pt of a run, a cached "
                                 f"teacher, or a runs:/<id>/student/ema_student.pt URI)")
     return path
 
 
 def load_model(path: Path, device: torch.device) -> TrigFlowDenoiser:
-    data = torch.load(path, map_location=device, weights_only=True)
-    if not {"net", "model", "parametrization"} <= set(data):
-        raise ValueError(f"{path} is not a model file from save_teacher (keys {sorted(data)[:6]}); run checkpoints "
-                         f"(state.pt) hold the whole training state — use the run's ema_student.pt")
+    try:
+        data = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:   # not a torch file at all, truncated, or holding pickled code (refused by weights_only)
+        raise UserError(f"{path} is not a checkpoint (torch.load cannot read it: {type(e).__name__}); give the "
+                        f"ema_student.pt of a run or a cached teacher .pt") from e
+    if not isinstance(data, dict) or not {"net", "model", "parametrization"} <= set(data):
+        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{path} is not a model file from save_teacher ({keys}); run checkpoints "
+                        f"(state.pt) hold the whole training state — use the run's ema_student.pt")
     cfg = from_dict({"model": data["model"]}, str(path)).model
     net = build_network(cfg)
     net.load_state_dict(data["net"])
@@ -56,7 +62,7 @@ def conditions(model: ModelCfg, k: int, label: int | None, cond_file: str | None
     if model.num_classes > 0:
         return torch.full((k,), label, dtype=torch.long) if label is not None else torch.arange(k) % model.num_classes
     if cond_file is None:
-        raise ValueError("this model is text-conditioned: pass --cond FILE.npy with an embedding [L, D] or [K, L, D]")
+        raise UserError("this model is text-conditioned: pass --cond FILE.npy with an embedding [L, D] or [K, L, D]")
     c = torch.from_numpy(np.load(cond_file)).float()
     return c.expand(k, *c.shape) if c.dim() == 2 else c
 
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", type=int, default=None)
     ap.add_argument("--cond", default=None, help=".npy text embedding for text-conditioned models")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.num_samples < 1:
         ap.error(f"--steps={args.steps} and --num-samples={args.num_samples} must be ≥ 1")
@@ -105,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
