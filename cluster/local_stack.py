@@ -18,7 +18,8 @@ What runs (every port picked free at start, so parallel stacks and test sessions
 
 Every service runs in its own process session; <state>/state.json records the leader PID and its start time, and
 `down` signals only processes of those sessions (never `ray stop`, which would kill every Ray on the machine).
-Logs: <state>/logs/<service>.log. URLs: <state>/stack.env (shell) and <state>/stack.json.
+Logs: <state>/logs/<service>.log. URLs: <state>/stack.env (shell, mode 600: also the PostgreSQL URI with its
+password as $RCM_STACK_POSTGRES_URI) and <state>/stack.json (the password shown as ***, as in the printout).
 The state folder defaults to <checkout>/.stack (or $RCM_STACK_DIR). The pytest fixtures in tests/conftest.py use
 this module's `Stack` class.
 """
@@ -39,6 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:                       # `python cluster/local_stack.py` from a checkout
+    sys.path.insert(0, str(REPO))
+from rcm_core.config import redact_url  # noqa: E402
+
+SECRET_ENV = "RCM_STACK_POSTGRES_URI"                # only in stack.env (mode 600), never printed
 SERVICES = ("s3", "postgres", "mlflow", "ray")
 NEEDS = {"mlflow": ("postgres",)}                   # mlflow without its backend store makes no sense
 BUCKETS = ("mlflow-artifacts", "rcm-data", "rcm-checkpoints")
@@ -179,9 +185,13 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(self.state, indent=1))
         self.state_file.chmod(0o600)          # holds the PostgreSQL password
-        env = self.env()
-        (self.state_dir / "stack.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-        (self.state_dir / "stack.json").write_text(json.dumps(self.urls(), indent=1))
+        # The PostgreSQL password lives in state.json and stack.env only (both mode 600); stack.json and the
+        # printout show the URI redacted.
+        env = {**self.env(), **({SECRET_ENV: self._pg_uri(sqlalchemy=True)} if "postgres" in self.state else {})}
+        env_file = self.state_dir / "stack.env"
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+        env_file.chmod(0o600)
+        (self.state_dir / "stack.json").write_text(json.dumps(self.shown_urls(), indent=1))
 
     # --- what clients need ---------------------------------------------------------------------------------
     def urls(self) -> dict[str, str]:
@@ -196,6 +206,10 @@ class Stack:
             out["ray_address"] = f"127.0.0.1:{s['ray']['port']}"
             out["ray_dashboard"] = f"http://127.0.0.1:{s['ray']['dashboard_port']}"
         return out
+
+    def shown_urls(self) -> dict[str, str]:
+        """urls() with the password replaced by *** (for printing and stack.json)."""
+        return {k: redact_url(v) for k, v in self.urls().items()}
 
     def env(self) -> dict[str, str]:
         """Environment variables for clients (tests, users' shells, Ray jobs)."""
@@ -429,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             for name, rec in stack.state.items():
                 print(f"{name:9s} pid {rec['pid']:>7d}  up in {rec.get('startup_s', 0):5.1f} s  log {rec['log']}")
-            print(json.dumps(urls, indent=1))
-            print(f"source {stack.state_dir / 'stack.env'}")
+            print(json.dumps(stack.shown_urls(), indent=1))
+            print(f"source {stack.state_dir / 'stack.env'}   # the PostgreSQL URI with its password: ${SECRET_ENV}")
         elif args.command == "down":
             for name, pids in stack.down().items():
                 print(f"{name:9s} stopped {len(pids)} process(es)")

@@ -100,3 +100,68 @@ def save_gif(videos: Any, path: str | Path, *, ncol: int | None = None, scale: i
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labelled comparison: one column per sampler (teacher, 1/2/4-step students), one row per sample
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)          # Pillow ≥ 10.1 with FreeType: scalable
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def labelled_grid(cells: list[list[np.ndarray]], *, row_names: list[str], col_names: list[str], title: str,
+                  pad: int = 6, font_size: int = 14):
+    """A PIL image: `title` on top, `col_names` above the columns, `row_names` left of the rows; cells[r][c] is a
+    uint8 [H, W, 3] picture (all of one size)."""
+    from PIL import Image, ImageDraw
+
+    h, w = cells[0][0].shape[:2]
+    font, head = _font(font_size), _font(font_size + 2)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda s, f=font: int(probe.textlength(s, font=f))   # noqa: E731
+    left = max(text_w(n) for n in row_names) + 2 * pad if any(row_names) else pad
+    line = font_size + pad
+    width = max(left + len(col_names) * (w + pad) + pad, text_w(title, head) + 2 * pad)
+    top = 2 * line + pad
+    img = Image.new("RGB", (width, top + len(cells) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, pad // 2), title, fill="black", font=head)
+    for c, name in enumerate(col_names):
+        x = left + c * (w + pad)
+        draw.text((x + max(0, (w - text_w(name)) // 2), line + pad // 2), name, fill="black", font=font)
+    for r, row in enumerate(cells):
+        y = top + r * (h + pad)
+        draw.text((pad, y + max(0, (h - font_size) // 2)), row_names[r], fill="black", font=font)
+        for c, cell in enumerate(row):
+            img.paste(Image.fromarray(cell), (left + c * (w + pad), y))
+    return img
+
+
+def save_comparison(columns: dict[str, Any], path: str | Path, *, row_names: list[str], title: str,
+                    scale: int = 2, fps: int = 4, value_range: tuple[float, float] = (0.0, 1.0)) -> list[Path]:
+    """Samplers side by side on the same rows (same noise, same label): `columns` maps a column name to videos
+    [N, T, H, W] (or [N, C, T, H, W]) or images [N, H, W]. PNG: each cell is the row's frames left to right; for
+    videos also a GIF (same path, .gif) whose frame t shows every cell's frame t."""
+    from PIL import Image
+
+    arrays = {name: _to_uint8(_to_videos(x, "videos" if _as_numpy(x).ndim >= 4 else "images")[0], value_range)
+              for name, x in columns.items()}
+    n, t = next(iter(arrays.values())).shape[:2]
+    strip = lambda v: _upscale(_tile(v, v.shape[0], 1), scale)        # noqa: E731  [T, H, W, 3] → one row
+    grid = lambda pick: labelled_grid([[pick(v[i]) for v in arrays.values()] for i in range(n)],  # noqa: E731
+                                      row_names=row_names, col_names=list(arrays), title=title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(strip).save(path)
+    out = [path]
+    if t > 1:
+        frames = [grid(lambda v, i=i: _upscale(_tile(v[i:i + 1], 1, 1), scale)) for i in range(t)]
+        gif = path.with_suffix(".gif")
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+        out.append(gif)
+    return out

@@ -157,8 +157,12 @@ def test_cli_up_status_down_leaves_no_process():
         env = dict(line.removeprefix("export ").split("=", 1) for line in (state / "stack.env").read_text().split("\n")
                    if line)
         urls = json.loads((state / "stack.json").read_text())
+        password = records["postgres"]["password"]
+        assert password not in up.stdout and password not in json.dumps(urls)    # printed and stack.json: redacted
+        assert urls["postgres_uri"].startswith("postgresql+psycopg2://***@127.0.0.1:")
+        assert (state / "stack.env").stat().st_mode & 0o077 == 0
         check_s3(env)
-        check_mlflow(env, urls["postgres_uri"])
+        check_mlflow(env, env["RCM_STACK_POSTGRES_URI"])
         check_smoke_job(env)
         assert processes_mentioning(str(state))                           # sanity: the check sees the services
     finally:

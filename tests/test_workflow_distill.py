@@ -1,5 +1,7 @@
 """workflows/distill.py end to end on local Ray: Ray Data input, Ray Train workers, MLflow (SQLite) tracking,
 checkpoints, and a second invocation of the same command resuming the same run."""
+import os
+
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -15,7 +17,16 @@ def _runs(uri, experiment):
     return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
-def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch):
+@pytest.fixture
+def restore_environ():
+    """main() adds its quiet-output variables (workflows/console.py) to os.environ: take them away afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capsys, restore_environ):
     from workflows.distill import main
 
     monkeypatch.chdir(tmp_path)
@@ -27,6 +38,18 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch):
     assert main(["train.steps=20", *common]) == 0
     client, runs = _runs(uri, "wf-test")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # The printout: a table for a 100-column terminal (floor row last), then the figure and the run's MLflow page.
+    out = capsys.readouterr().out
+    table = out[out.index("name "):out.index("teacher_nfe_39")].splitlines()
+    assert table[0].split()[:4] == ["name", "nfe", "sec_per_sample", "gmm_precision"]
+    assert max(map(len, table)) <= 100
+    run_id, exp_id = runs[0].info.run_id, runs[0].info.experiment_id
+    assert f"figure:        {tmp_path}/run/comparison/samples.png" in out
+    assert f"/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning" in out
+    # MLflow: model-training experiment, the comparison figure and the full table as a CSV the UI renders.
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {"comparison/samples.png", "comparison/step_counts.csv", "comparison/step_counts.txt"} <= {
+        a.path for a in client.list_artifacts(run_id, "comparison")}
     metrics = runs[0].data.metrics
     for name in ("nfe_1", "nfe_2", "nfe_4", "teacher_nfe_39"):
         assert f"eval/{name}/gmm_precision" in metrics and f"eval/{name}/fd_rp2" in metrics

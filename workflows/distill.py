@@ -35,6 +35,9 @@ import torch  # noqa: E402
 from rcm_core.config import ExperimentCfg, from_dict, load_config, redact_url, to_dict  # noqa: E402
 from rcm_core.data import iterate_batches, read_manifest  # noqa: E402
 from rcm_core.parallel import full_state_dict, is_collective, run_shape  # noqa: E402
+from workflows.cli import add_debug_flag, run_cli  # noqa: E402
+from workflows.console import (log_comparison_figure, print_eval_line, setup_output,  # noqa: E402
+                               write_step_count_tables)
 
 DEFAULT_CONFIG = ROOT / "experiments" / "demo.yaml"
 
@@ -86,6 +89,7 @@ class RayReporter:
 
         if self.rank == 0 and metrics:
             self.ensure_tracker().log_metrics(step, metrics)
+            print_eval_line(step, metrics)
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
         ray.train.report({"step": step, **{k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}},
                          checkpoint=ckpt)
@@ -96,7 +100,6 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rcm_core.evaluate import format_table
     from rcm_core.loop import run_training
     from rcm_core.teacher import load_teacher
     from workflows.data import resumable_batches
@@ -127,9 +130,7 @@ def train_fn_per_worker(config: dict) -> None:
     if rank == 0:
         tracker = reporter.ensure_tracker()
         _log_final_artifacts(cfg, tracker, state, evaluator, config["manifest"], ema_weights)
-        table = format_table(evaluator.last_report)
-        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.train.run_dir) / "eval_table.txt").write_text(table + "\n")
+        write_step_count_tables(cfg.train.run_dir, tracker, evaluator.last_report)
         tracker.finish()
 
 
@@ -156,7 +157,7 @@ def _stop_rule(config: dict) -> Callable[[dict[str, float]], str | None] | None:
 
 
 def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_weights: dict) -> None:
-    """Resolved config, samples per step count (PNG; GIF for video), the final EMA student."""
+    """Resolved config, samples per step count (PNG; GIF for video), the comparison figure, the EMA student."""
     from rcm_core.config import dump_yaml
     from rcm_core.samples import save_sample_pictures
     from rcm_core.teacher import save_teacher
@@ -166,6 +167,7 @@ def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_wei
         labels = evaluator.bank.labels if evaluator.bank.labels.dim() == 1 else None
         for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels):
             tracker.log_artifact(path, "samples")
+        log_comparison_figure(cfg, tracker, evaluator, manifest, labels)
         student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights)
         tracker.log_artifact(student, "student")
         local = Path(cfg.train.run_dir) / "ema_student.pt"
@@ -305,6 +307,7 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from workflows.console import train_logging_config
     from workflows.data import check_batching, make_ray_dataset
 
     manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)
@@ -332,6 +335,7 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=train_logging_config(),         # Ray Train's console chatter only with --verbose
             callbacks=callbacks or []))
 
 
@@ -390,43 +394,66 @@ def storage_filesystem(storage: str):
 def init_ray(address: str | None) -> None:
     import ray
 
+    from workflows.console import ray_init_kwargs, worker_env
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     # Workers import rcm_core/workflows by module name (pitfall P10): ship this checkout as the working dir.
-    env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    # The quiet-output settings (workflows/console.py) travel with it, so a cluster's workers get them too.
+    env = {"env_vars": {"PYTHONPATH": str(ROOT), **worker_env()}}
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, **ray_init_kwargs())
     else:
         # More logical CPUs than cores: the work is small and Ray Data needs slots beside the workers (P6).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
-                 object_store_memory=512 * 2 ** 20, log_to_driver=True)
+        # The dashboard stays on (bound to loopback): it also serves the State API, which Ray Train's
+        # PlacementGroupCleaner polls every second; without it each poll logs "Failed to query Ray Train
+        # Controller actor state" (measured: 25 such lines in a 60-step run). One machine has no node to be
+        # preempted: Ray Train's preemption watcher only adds a core_worker error line about its restarts.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=env, object_store_memory=512 * 2 ** 20, log_to_driver=True, **ray_init_kwargs())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="rCM distillation on Ray Train (Ray Data input, MLflow tracking).")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
+    ap.add_argument("--full-table", action="store_true", help="print every metric of the step-count table (wide; "
+                    "the default table fits 100 columns)")
+    ap.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Data's progress bars")
+    add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.reg_weight=0.1")
     args = ap.parse_args(argv)
+    setup_output(args.verbose)
     cfg = prepare_data(absolute_paths(load_config(args.config, args.overrides)))
     teacher_path = driver_teacher(cfg)
     feature_net_path = driver_feature_net(cfg)
     init_ray(args.address)
     result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path).fit()
-    table_file = Path(cfg.train.run_dir) / "eval_table.txt"
-    from workflows.tracking import tracking_uri
-    print("\n" + (table_file.read_text() if table_file.is_file() else "(no evaluation table written)"))
-    shown = redact_url(tracking_uri(cfg))               # printed lines end up in job logs: no credentials
-    print(f"MLflow:      {shown}  (experiment '{cfg.tracking.experiment}'; "
-          f"UI: mlflow ui --backend-store-uri {shown})")
-    print(f"run folder:  {Path(cfg.train.run_dir).resolve()}")
-    print(f"checkpoint:  {result.checkpoint.path if result.checkpoint else '(none)'}")
+    print(summary(cfg, result.checkpoint.path if result.checkpoint else "(none)", full_table=args.full_table))
     return 0
 
 
+def summary(cfg: ExperimentCfg, checkpoint: str, *, full_table: bool = False) -> str:
+    """The printout after a run: the step-count table (short, or every metric), then where everything is."""
+    from workflows.console import final_printout, run_info
+    from workflows.tracking import tracking_uri
+
+    run_dir = Path(cfg.train.run_dir).resolve()
+    table_file = run_dir / ("eval_table_full.txt" if full_table else "eval_table.txt")
+    table = table_file.read_text().rstrip() if table_file.is_file() else "(no evaluation table written)"
+    figure = run_dir / "comparison" / "samples.png"
+    ids = run_info(run_dir)
+    return final_printout(table=table, run_dir=run_dir, uri=redact_url(tracking_uri(cfg)),  # printed: no credentials
+                          experiment=cfg.tracking.experiment, checkpoint=checkpoint,
+                          experiment_id=ids.get("experiment_id"), run_id=ids.get("run_id"),
+                          figure=str(figure) if figure.is_file() else None,
+                          full_table=None if full_table else run_dir / "eval_table_full.txt")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:            # `python workflows/sweep.py` from a ch
 
 from rcm_core.config import (ConfigError, ExperimentCfg, apply_overrides, flatten, from_dict,  # noqa: E402
                              read_yaml, redact_url, to_dict)
+from workflows.cli import add_debug_flag, run_cli  # noqa: E402
 
 TOP_KEYS = ("name", "base", "metric", "search_space", "num_samples", "search", "scheduler", "resources",
             "max_concurrent", "overrides", "storage", "seed")
@@ -395,13 +396,13 @@ def _client(uri: str):
 def start_parent_run(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str]) -> str:
     """The sweep's MLflow parent run: sweep YAML and resolved base config as artifacts, the search as params."""
     from rcm_core.config import config_hash, dump_yaml
-    from workflows.tracking import default_artifact_root, git_commit, redact, tracking_uri
+    from workflows.tracking import EXPERIMENT_KIND, default_artifact_root, git_commit, redact, tracking_uri
 
     uri = tracking_uri(cfg)
     client = _client(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=default_artifact_root(uri))
+        cfg.tracking.experiment, artifact_location=default_artifact_root(uri), tags=dict([EXPERIMENT_KIND]))
     tags = {"mlflow.runName": spec.name, "rcm.sweep": "true", "rcm.sweep.metric": spec.metric,
             "rcm.sweep.mode": spec.mode, "rcm.sweep.keys": json.dumps(list(spec.search_space)),
             "git_commit": git_commit(), "config_hash": config_hash(cfg)}
@@ -627,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file name)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
     ap.add_argument("--dry-run", action="store_true", help="check the YAML and print the trials' search, then stop")
+    add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. train.steps=20; "
                     "sweep.KEY=VALUE overrides the sweep YAML, e.g. sweep.scheduler.grace_period=10")
     args = ap.parse_args(argv)
@@ -653,4 +655,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

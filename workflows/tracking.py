@@ -26,6 +26,9 @@ from rcm_core.config import ExperimentCfg, config_hash, flatten, redact_url
 SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
 DEFAULT_DB = "runs/mlflow.db"
 UNSENT_FILE = "mlflow_unsent_metrics.jsonl"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, evaluation runs); this one is model
+# training. (The UI's own workflowType switch, `?workflowType=machine_learning`, overrides the tag when it is shown.)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +82,8 @@ class Tracker:
         else:
             exp_id = exp.experiment_id
         self.experiment_id = exp_id
+        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         if run_id is None:
             tags = {"git_commit": git_commit(), "config_hash": config_hash(cfg), "algo": cfg.distill.mode,
                     "mlflow.runName": cfg.tracking.run_name or cfg.name}

@@ -284,14 +284,60 @@ def _cell(est: Estimate | None, with_ci: bool) -> str:
     return f"{est.value:.4g} ± {est.half_width:.2g}"
 
 
-def format_table(report: StepCountReport, *, columns: Sequence[str] | None = None) -> str:
-    """Plain-text table: rows = step counts (floor last), columns = costs then metrics, cells "value ± half-width"."""
+COST_METRICS = ("nfe", "sec_per_sample")
+# The short table's metrics, first match wins: (quality, diversity, distance to the teacher), read left to right.
+# The first of each is the headline (the comparison figure's title, the one line per evaluation).
+SHORT_METRICS = (
+    ("gmm_precision", "gmm_mode_tv", "fd_rp2"),             # the toy mixture: exact metrics against the true modes
+    ("fd_feat", "precision_feat", "recall_feat"),           # a data set with its own classifier (features.py)
+)
+
+
+def short_metrics(names: Sequence[str] | set[str]) -> list[str]:
+    """The 2–3 metrics of the short table among `names`: a SHORT_METRICS group, else the first feature space's
+    Fréchet distance, precision and recall."""
+    present = set(names)
+    for group in SHORT_METRICS:
+        if group[0] in present:
+            return [m for m in group if m in present]
+    spaces = sorted(m[3:] for m in present if m.startswith("fd_"))
+    if spaces:
+        return [m for m in (f"{p}_{spaces[0]}" for p in ("fd", "precision", "recall")) if m in present]
+    return sorted(m for m in present if not m.endswith(("_ci_low", "_ci_high")) and m not in COST_METRICS)[:3]
+
+
+
+def headline_metric(names: Sequence[str] | set[str]) -> str | None:
+    chosen = short_metrics(names)
+    return chosen[0] if chosen else None
+
+
+def short_columns(report: StepCountReport) -> list[str]:
+    """The cost columns and the short_metrics: a table of them fits 100 columns for every SHORT_METRICS group."""
+    seen = {m for metrics in report.all_rows().values() for m in metrics}
+    costs = [c for c in report.cost_metrics if c in seen]
+    return [*costs, *short_metrics(seen - set(report.cost_metrics))]
+
+
+def short_table(report: StepCountReport) -> str:
+    """format_table of the short_columns (the teacher's floor row stays last)."""
+    return format_table(report, columns=short_columns(report))
+
+
+def table_cells(report: StepCountReport, *, columns: Sequence[str] | None = None) -> list[list[str]]:
+    """Header and rows of the table as strings: rows = step counts (floor last), columns = costs then metrics,
+    cells "value ± half-width"."""
     rows = report.all_rows()
     seen = dict.fromkeys(m for metrics in rows.values() for m in metrics)
     cols = list(columns) if columns is not None else [
         *[c for c in report.cost_metrics if c in seen], *[m for m in seen if m not in report.cost_metrics]]
     body = [[name, *(_cell(rows[name].get(c), c not in report.cost_metrics) for c in cols)] for name in rows]
-    header = ["name", *cols]
+    return [["name", *cols], *body]
+
+
+def format_table(report: StepCountReport, *, columns: Sequence[str] | None = None) -> str:
+    """Plain-text table of `table_cells`."""
+    header, *body = table_cells(report, columns=columns)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda r: "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                                enumerate(zip(r, widths)))
