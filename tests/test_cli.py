@@ -6,7 +6,6 @@ errors), before Ray starts; `--debug` shows the traceback. Also the quiet-output
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """A tripwire: starting Ray fails the test (the bad input must be refused before). The environment that
-    distill.main's quiet-output set-up writes is restored afterwards."""
+    """A tripwire: starting Ray fails the test (the bad input must be refused before)."""
     def started(*args, **kwargs):
         raise AssertionError("Ray was started for an input that should have been refused first")
     monkeypatch.setattr(distill, "init_ray", started)
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _one_line_error(capsys) -> str:

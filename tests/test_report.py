@@ -71,3 +71,11 @@ def test_other_metric_and_run_table(store, tmp_path, capsys):
     uri = client.tracking_uri
     assert main(["--sweep", parent, "--tracking-uri", uri, "--metric", "fd_rp2", "--out", str(tmp_path / "f.png")]) == 0
     assert "fd_rp2 by student step count" in capsys.readouterr().out
+
+
+def test_unknown_run_id_is_one_line(store, capsys):
+    from workflows.cli import run_cli
+    uri = store[0].tracking_uri
+    assert run_cli(main, ["--run", "0123456789abcdef", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --run 0123456789abcdef: no such run at sqlite:") and err.count("\n") == 1, err

@@ -1,7 +1,5 @@
 """workflows/distill.py end to end on local Ray: Ray Data input, Ray Train workers, MLflow (SQLite) tracking,
 checkpoints, and a second invocation of the same command resuming the same run."""
-import os
-
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -17,16 +15,7 @@ def _runs(uri, experiment):
     return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
-@pytest.fixture
-def restore_environ():
-    """main() adds its quiet-output variables (workflows/console.py) to os.environ: take them away afterwards."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capsys, restore_environ):
+def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capsys):
     from workflows.distill import main
 
     monkeypatch.chdir(tmp_path)

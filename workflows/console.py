@@ -3,11 +3,11 @@
     python workflows/distill.py > run.log 2>&1                # about 30 lines: bars, evaluations, table, locations
     python workflows/distill.py --verbose                     # plus Ray's own logs and Ray Data's progress bars
 
-Quiet (the default), set before Ray starts and passed to the workers through the runtime_env (so a cluster's
-workers and Tune trial processes see it too): Ray Data's progress bars off (`DataContext.enable_progress_bars`,
-and its environment variable, which is what Tune trials read), Ray Data and Ray Train logs on the console from
-WARNING up (their log files under the Ray session folder keep everything), the driver's `ray` logger at WARNING,
-and Python's deprecation warnings off in Ray's processes. Test: `.venv/bin/python -m pytest -q tests/test_cli.py`.
+Quiet (the default), passed to every Ray process of the job through its runtime_env (so a cluster's workers and
+Tune trial processes see it too): Ray Data's progress bars off (`DataContext.enable_progress_bars` in the driver,
+its environment variable in Tune trials), Ray Data and Ray Train logs on the console from WARNING up (their log
+files under the Ray session folder keep everything), the driver's `ray` logger at WARNING, Python's deprecation
+warnings off in Ray's processes, and workers' progress bars redrawn every 20 s. Test: `.venv/bin/python -m pytest -q tests/test_cli.py`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ QUIET_WORKER_ENV = {
     "RAY_DATA_LOG_LEVEL": "WARNING",                  # "Starting execution of Dataset …", "✔️ Dataset … finished"
     "PYTHONWARNINGS": "ignore::DeprecationWarning",   # Ray's own RayDeprecationWarnings from its actors
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # A worker's progress bar reaches the driver through Ray's log forwarding, one line per redraw (in a terminal as
+    # in a log file): redraw it every 20 s instead of every 0.1 s. The driver's own bars are not affected.
+    "TQDM_MININTERVAL": "20",
 }
 
 
@@ -29,12 +32,11 @@ def is_verbose() -> bool:
 
 
 def setup_output(verbose: bool) -> None:
-    """Call at the start of main(), before Ray starts or any Dataset is built."""
+    """Call at the start of main(), before Ray starts or any Dataset is built. Ray's processes get the quiet
+    settings from `worker_env()` (the runtime_env), so only RCM_VERBOSE is set here."""
     os.environ[VERBOSE_VAR] = "1" if verbose else "0"
     if verbose:
         return
-    for key, value in QUIET_WORKER_ENV.items():
-        os.environ.setdefault(key, value)
     from ray.data import DataContext
     # The Dataset copies the driver's context when it is built; the environment variable alone is read only when
     # ray.data is first imported, which may already have happened.
@@ -43,7 +45,20 @@ def setup_output(verbose: bool) -> None:
 
 def worker_env() -> dict[str, str]:
     """Environment for every Ray process of the job (runtime_env env_vars): the quiet settings unless verbose."""
-    return {} if is_verbose() else {k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items()}
+    if is_verbose():
+        return {VERBOSE_VAR: "1"}
+    return {VERBOSE_VAR: "0", **{k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items()}}
+
+
+def quiet_worker_logs() -> None:
+    """In a Ray Train worker: Ray Train 2.60 logs 'Reporting training result N: TrainingReport(…every metric…)' at
+    INFO through a logger named by its file path (`logging.getLogger(__file__)` in its execution/context.py), which
+    escapes RunConfig's logging_config and reaches the console through the root logger. Raise that one logger to
+    WARNING unless verbose."""
+    if is_verbose():
+        return
+    from ray.train.v2._internal.execution import context
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def ray_init_kwargs() -> dict:
@@ -165,10 +180,10 @@ def run_description(report, run_id: str, figure: bool) -> str:
     from rcm_core.eval.report import short_columns, table_cells
 
     cells = table_cells(report, columns=short_columns(report))
-    md = ["**Student step counts against the teacher** (last row: the teacher on other seeds, its noise floor; "
-          "± = 95 % bootstrap half-width; every metric: artifact `comparison/step_counts.csv`)", "",
-          "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0]),
-          *("| " + " | ".join(row) + " |" for row in cells[1:])]
+    md = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0]),
+          *("| " + " | ".join(row) + " |" for row in cells[1:]), "",
+          "Student step counts against the teacher (last row: the teacher on other seeds, its noise floor); ± = 95 % "
+          "bootstrap half-width; every metric: artifact `comparison/step_counts.csv`."]
     if figure:
         md += ["", f"![teacher and students on the same noise and labels]"
                    f"(get-artifact?path=comparison%2Fsamples.png&run_uuid={run_id})"]

@@ -36,8 +36,8 @@ from rcm_core.config import ExperimentCfg, from_dict, load_config, redact_url, t
 from rcm_core.data import iterate_batches, read_manifest  # noqa: E402
 from rcm_core.parallel import full_state_dict, is_collective, run_shape  # noqa: E402
 from workflows.cli import add_debug_flag, run_cli  # noqa: E402
-from workflows.console import (log_comparison_figure, print_eval_line, setup_output,  # noqa: E402
-                               write_step_count_tables)
+from workflows.console import (log_comparison_figure, print_eval_line, quiet_worker_logs,  # noqa: E402
+                               setup_output, write_step_count_tables)
 
 DEFAULT_CONFIG = ROOT / "experiments" / "demo.yaml"
 
@@ -105,6 +105,7 @@ def train_fn_per_worker(config: dict) -> None:
     from workflows.data import resumable_batches
 
     cfg = from_dict(config["cfg"], "train_loop_config")
+    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
@@ -402,20 +403,33 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     # Workers import rcm_core/workflows by module name (pitfall P10): ship this checkout as the working dir.
     # The quiet-output settings (workflows/console.py) travel with it, so a cluster's workers get them too.
-    env = {"env_vars": {"PYTHONPATH": str(ROOT), **worker_env()}}
+    env_vars = {"PYTHONPATH": str(ROOT), **worker_env()}
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, **ray_init_kwargs())
-    else:
-        # More logical CPUs than cores: the work is small and Ray Data needs slots beside the workers (P6).
-        # The dashboard stays on (bound to loopback): it also serves the State API, which Ray Train's
-        # PlacementGroupCleaner polls every second; without it each poll logs "Failed to query Ray Train
-        # Controller actor state" (measured: 25 such lines in a 60-step run). One machine has no node to be
-        # preempted: Ray Train's preemption watcher only adds a core_worker error line about its restarts.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=env, object_store_memory=512 * 2 ** 20, log_to_driver=True, **ray_init_kwargs())
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars},
+                 **ray_init_kwargs())
+        return
+    # More logical CPUs than cores: the work is small and Ray Data needs slots beside the workers (P6).
+    # The dashboard stays on (bound to loopback): it also serves the State API, which Ray Train's
+    # PlacementGroupCleaner polls every second; without it each poll logs "Failed to query Ray Train Controller
+    # actor state" (measured: 25 such lines in a 60-step run). The State API client finds its server through
+    # RAY_API_SERVER_ADDRESS, else by looking for Ray on this machine, which fails when another Ray runs here too
+    # ("Found multiple active Ray instances"): name ours. One machine has no node to be preempted: Ray Train's
+    # preemption watcher would only add a core_worker error line about its restarts.
+    port = free_port()
+    env_vars.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": env_vars}, object_store_memory=512 * 2 ** 20,
+             log_to_driver=True, **ray_init_kwargs())
+    print(f"Ray: a local instance for this run; its dashboard: http://127.0.0.1:{port}", flush=True)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:            # `python workflows/sweep.py` from a ch
 from rcm_core.config import (ConfigError, ExperimentCfg, apply_overrides, flatten, from_dict,  # noqa: E402
                              read_yaml, redact_url, to_dict)
 from workflows.cli import add_debug_flag, run_cli  # noqa: E402
+from workflows.console import setup_output  # noqa: E402
 
 TOP_KEYS = ("name", "base", "metric", "search_space", "num_samples", "search", "scheduler", "resources",
             "max_concurrent", "overrides", "storage", "seed")
@@ -628,10 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file name)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
     ap.add_argument("--dry-run", action="store_true", help="check the YAML and print the trials' search, then stop")
+    ap.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Data's progress bars")
     add_debug_flag(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. train.steps=20; "
                     "sweep.KEY=VALUE overrides the sweep YAML, e.g. sweep.scheduler.grace_period=10")
     args = ap.parse_args(argv)
+    setup_output(args.verbose)
     try:
         spec, cfg = load_sweep(args.config, args.overrides)
     except ConfigError as e:
