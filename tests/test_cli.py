@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workflows import distill, prepare_latents, sample, sweep
+from workflows import distill, prepare_latents, report, sample, sweep
 from workflows.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +46,10 @@ def _one_line_error(capsys) -> str:
      "README.md is not a checkpoint"),
     (sample.main, ["--checkpoint", "no/such.pt", "--steps", "1", "--num-samples", "2", "--out", "x.npy"], 1,
      "no such file"),
+    (report.main, ["--run", "abc", "--tracking-uri", "sqlite:////nonexistent/mlflow.db"], 2,
+     "no MLflow store at sqlite:////nonexistent/mlflow.db"),
 ], ids=["typo-key", "config-not-yaml", "config-missing", "data-missing", "sweep-not-yaml", "prepare-not-yaml",
-        "prepare-npz-missing", "sample-not-a-checkpoint", "sample-missing"])
+        "prepare-npz-missing", "sample-not-a-checkpoint", "sample-missing", "report-no-store"])
 def test_user_errors_are_one_line(main, argv, code, says, capsys, no_ray, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     try:

@@ -276,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(args.tracking_uri or default_tracking_uri())
+    uri = args.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        from workflows.cli import UsageError         # MLflow would create an empty store there and find no run
+        raise UsageError(f"no MLflow store at {uri} (pass --tracking-uri, e.g. the one the run printed)")
+    client = MlflowClient(uri)
     run_id = args.sweep or args.run
     check_run(client, run_id, "--sweep" if args.sweep else "--run")
     out = Path(args.out or Path("runs", "reports", f"{'sweep' if args.sweep else 'run'}-{run_id[:12]}.png"))
