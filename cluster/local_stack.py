@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             try:
-                urls = stack.up([s for s in args.services.split(",") if s])
+                stack.up([s for s in args.services.split(",") if s])
             except BaseException:
                 stack.down()          # never leave half a stack running
                 raise

@@ -147,8 +147,6 @@ def save_comparison(columns: dict[str, Any], path: str | Path, *, row_names: lis
     """Samplers side by side on the same rows (same noise, same label): `columns` maps a column name to videos
     [N, T, H, W] (or [N, C, T, H, W]) or images [N, H, W]. PNG: each cell is the row's frames left to right; for
     videos also a GIF (same path, .gif) whose frame t shows every cell's frame t."""
-    from PIL import Image
-
     arrays = {name: _to_uint8(_to_videos(x, "videos" if _as_numpy(x).ndim >= 4 else "images")[0], value_range)
               for name, x in columns.items()}
     n, t = next(iter(arrays.values())).shape[:2]

@@ -76,7 +76,7 @@ def test_argparse_usage_errors_keep_exit_2(capsys):
 def test_script_prints_one_line_and_exits_2():
     """The real command line, as a user types it (a subprocess: imports, run_cli, exit status)."""
     r = subprocess.run([sys.executable, "workflows/distill.py", "distill.reg_wieght=0.1"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: unknown key 'distill.reg_wieght'") and len(r.stderr.splitlines()) == 1, r.stderr
 

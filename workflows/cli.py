@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 USAGE_EXIT = 2        # argparse's code for a bad command line; config errors are the same kind of mistake
 FAILURE_EXIT = 1

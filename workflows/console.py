@@ -7,7 +7,8 @@ Quiet (the default), passed to every Ray process of the job through its runtime_
 Tune trial processes see it too): Ray Data's progress bars off (`DataContext.enable_progress_bars` in the driver,
 its environment variable in Tune trials), Ray Data and Ray Train logs on the console from WARNING up (their log
 files under the Ray session folder keep everything), the driver's `ray` logger at WARNING, Python's deprecation
-warnings off in Ray's processes, and workers' progress bars redrawn every 20 s. Test: `.venv/bin/python -m pytest -q tests/test_cli.py`.
+warnings off in Ray's processes, and workers' progress bars redrawn every 20 s.
+Test: `.venv/bin/python -m pytest -q tests/test_cli.py` (and the printout in tests/test_workflow_distill.py).
 """
 from __future__ import annotations
 
@@ -182,11 +183,11 @@ def run_description(report, run_id: str, figure: bool) -> str:
     cells = table_cells(report, columns=short_columns(report))
     md = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0]),
           *("| " + " | ".join(row) + " |" for row in cells[1:]), "",
-          "Student step counts against the teacher (last row: the teacher on other seeds, its noise floor); ± = 95 % "
-          "bootstrap half-width; every metric: artifact `comparison/step_counts.csv`."]
+          ("Student step counts against the teacher (last row: the teacher on other seeds, its noise floor); ± = 95 % "
+           "bootstrap half-width; every metric: artifact `comparison/step_counts.csv`.")]
     if figure:
-        md += ["", f"![teacher and students on the same noise and labels]"
-                   f"(get-artifact?path=comparison%2Fsamples.png&run_uuid={run_id})"]
+        md += ["", (f"![teacher and students on the same noise and labels]"
+                    f"(get-artifact?path=comparison%2Fsamples.png&run_uuid={run_id})")]
     return "\n".join(md)
 
 

@@ -306,8 +306,8 @@ def short_metrics(names: Sequence[str] | set[str]) -> list[str]:
     return sorted(m for m in present if not m.endswith(("_ci_low", "_ci_high")) and m not in COST_METRICS)[:3]
 
 
-
 def headline_metric(names: Sequence[str] | set[str]) -> str | None:
+    """The metric that stands for a run: the first of its short_metrics."""
     chosen = short_metrics(names)
     return chosen[0] if chosen else None
 
