@@ -125,7 +125,8 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
             report = _mean(history)
             report["train/data_wait_fraction"] = wait / max(busy, 1e-9)
             report.update({f"train/total_{k}": v for k, v in state.counters.items()})
-            bar.set_postfix(loss=f"{report.get('train/loss', float('nan')):.4g}")
+            # refresh=False: the bar redraws at its own pace (a Ray worker's redraws are each a line in the log)
+            bar.set_postfix(loss=f"{report.get('train/loss', float('nan')):.4g}", refresh=False)
             history, wait, busy = [], 0.0, 0.0
         if eval_due and (rank == 0 or mesh is not None):     # sharded modules: every rank joins the forwards
             eval_metrics = evaluator(state, step)
