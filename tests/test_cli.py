@@ -134,3 +134,14 @@ def test_comparison_figure_has_a_column_per_sampler(tmp_path):
     (one,) = save_comparison_figure(toy, None, tmp_path / "toy.png", labels=torch.arange(50) % 4, report=_report(),
                                     title="demo")
     assert Image.open(one).width >= 2 * 240
+
+
+def test_job_env_vars_are_left_to_the_submitted_job(monkeypatch):
+    """Under `ray job submit --runtime-env …` Ray refuses a ray.init runtime_env that sets an env var the job's own
+    runtime env sets (ValueError at ray.init, seen with cluster/runtime_env.yaml): init_ray leaves those keys out."""
+    import json
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert distill.job_env_vars() == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert distill.job_env_vars() == {}

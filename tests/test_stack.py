@@ -128,7 +128,8 @@ def check_smoke_job(env: dict) -> None:
                         "train.checkpoint_every=10", "eval.num_samples=100", "eval.bootstrap=5"],
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    assert f"MLflow:      {env['MLFLOW_TRACKING_URI']}" in r.stdout, r.stdout[-2000:]   # the server, not SQLite
+    assert f"MLflow:        {env['MLFLOW_TRACKING_URI']}" in r.stdout, r.stdout[-2000:]   # the server, not SQLite
+    assert f"MLflow UI:     open {env['MLFLOW_TRACKING_URI']}/#/experiments/" in r.stdout    # its page, not `mlflow ui`
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("rcm-smoke")

@@ -407,8 +407,10 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars},
-                 **ray_init_kwargs())
+        # Under `ray job submit` Ray refuses to merge a key the job's own runtime env already sets: keep the job's.
+        taken = job_env_vars()
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **ray_init_kwargs(),
+                 runtime_env={"env_vars": {k: v for k, v in env_vars.items() if k not in taken}})
         return
     # More logical CPUs than cores: the work is small and Ray Data needs slots beside the workers (P6).
     # The dashboard stays on (bound to loopback): it also serves the State API, which Ray Train's
@@ -423,6 +425,15 @@ def init_ray(address: str | None) -> None:
              dashboard_port=port, runtime_env={"env_vars": env_vars}, object_store_memory=512 * 2 ** 20,
              log_to_driver=True, **ray_init_kwargs())
     print(f"Ray: a local instance for this run; its dashboard: http://127.0.0.1:{port}", flush=True)
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime env this driver was submitted with (`ray job submit`), else {}."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def free_port() -> int:
