@@ -133,7 +133,8 @@ class DataCfg:
 class TrainCfg:
     steps: int = 200
     seed: int = 0
-    device: str = "cpu"                     # cpu | cuda | cuda:N (workflows choose per worker)
+    device: str = "cpu"                     # cpu | cuda | cuda:N; under Ray the worker takes its assigned device,
+                                            # and workflows refuse one that disagrees with resources.use_gpu
     checkpoint_every: int = 100
     eval_every: int = 0                     # 0 = evaluate only at the end
     log_every: int = 10
@@ -152,7 +153,8 @@ class EvalCfg:
 
 @dataclass(kw_only=True)
 class TrackingCfg:
-    tracking_uri: str = ""                  # "" = MLFLOW_TRACKING_URI, else sqlite file in the run dir
+    tracking_uri: str = ""                  # "" = MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db under the
+                                            # current folder (workflows.tracking.tracking_uri)
     experiment: str = "rcm"
     run_name: str = ""
 
@@ -162,8 +164,7 @@ class ResourcesCfg:                         # read only by workflows/
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5            # fractional on small machines, or Ray Data starves (P6)
-    gpus_per_worker: float = 1.0
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    gpus_per_worker: float = 1.0            # (how a run is sharded across workers: parallel.* below)
 
 
 @dataclass(kw_only=True)
@@ -349,6 +350,29 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_hash(cfg: ExperimentCfg) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys a resumed run may change: how long it runs, how often it logs, evaluates and checkpoints, how it is
+# evaluated (eval.*, sampler.*: neither touches training) and where its local files go. Every other key shapes the
+# trajectory, so a run continues only with the values it started with (workflows/distill.py check_resume).
+RESUME_FREE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.run_dir",
+                    "eval.", "sampler.")
+
+
+def run_config_dict(cfg: ExperimentCfg) -> dict:
+    """The config as a checkpoint records it: plain data, URL credentials redacted."""
+    return _redacted(to_dict(cfg))
+
+
+def resume_changes(saved: dict, cfg: ExperimentCfg) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Compare a checkpoint's config (`to_dict` form) with `cfg`: (keys that shape the run, free keys), each as
+    dotted key -> (saved value, new value). A key only one side has counts as changed. Credentials in URLs are
+    compared redacted, as checkpoints store them (`run_config_dict`)."""
+    old, new = flatten(saved), flatten(run_config_dict(cfg))
+    changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+               if old.get(k, "<absent>") != new.get(k, "<absent>")}
+    free = {k: v for k, v in changed.items() if k.startswith(RESUME_FREE_KEYS)}
+    return {k: v for k, v in changed.items() if k not in free}, free
 
 
 # `scheme://user:password@host` or `scheme://token@host`: the user-info part of a URL is a credential.
