@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from rcm_core.config import ConfigError, ExperimentCfg, flatten, load_config, resume_changes, to_dict
+from rcm_core.config import ConfigError, ExperimentCfg, flatten, load_config, to_dict
 from workflows.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ WAN_TINY = ["model.kind=dit", "model.in_channels=4", "model.dim=64", "model.ffn_
 def test_wan_folder_is_loaded_where_it_lies_on_the_worker(tmp_path):
     from rcm_core.networks import build_network
     from rcm_core.networks.wan_io import export
-    from workflows.distill import driver_teacher, worker_teacher
+    from workflows.distill import driver_teacher
 
     cfg = load_config(None, WAN_TINY)
     torch.manual_seed(0)
@@ -86,6 +86,7 @@ def test_wan_folder_is_loaded_where_it_lies_on_the_worker(tmp_path):
     cfg.teacher.checkpoint = str(tmp_path / "models" / "Wan2.1-tiny")
     path = driver_teacher(cfg)
     assert path == Path(cfg.teacher.checkpoint)
+    from workflows.distill import worker_teacher
     teacher = worker_teacher(path, cfg, torch.device("cpu"))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written beside it
     x, ctx, t = torch.randn(2, 4, 1, 4, 4), torch.randn(2, 3, 16), torch.tensor([300.0, 700.0])
@@ -174,6 +175,8 @@ def test_train_device_and_use_gpu_must_agree(overrides):
 # Item 1, the comparison itself (the refusal through Ray: tests/test_workflow_distill.py)
 
 def test_resume_changes_split_shaping_from_free_keys():
+    from rcm_core.config import resume_changes
+
     old = load_config(None, ["train.steps=400"])
     new = load_config(None, ["train.steps=800", "distill.reg_weight=0.1", "eval.num_samples=64"])
     shaping, free = resume_changes(to_dict(old), new)
@@ -187,8 +190,8 @@ def test_a_resumed_runs_checkpoints_record_their_own_step_and_config(tmp_path):
     resume, where the loaded checkpoint's older entries used to overwrite them."""
     import json
 
-    from rcm_core.checkpoint import RUN_CONFIG_FILE, load_checkpoint
-    from rcm_core.config import config_hash, run_config_dict
+    from rcm_core.checkpoint import load_checkpoint
+    from rcm_core.config import config_hash
     from rcm_core.denoiser import TrigFlowDenoiser
     from rcm_core.loop import run_training
     from rcm_core.networks import build_network
@@ -209,4 +212,6 @@ def test_a_resumed_runs_checkpoints_record_their_own_step_and_config(tmp_path):
     last = tmp_path / "checkpoints" / "step_4"
     data = load_checkpoint(last)
     assert data["data_position"] == 4 and data["config_hash"] == config_hash(cfg)
+    from rcm_core.checkpoint import RUN_CONFIG_FILE
+    from rcm_core.config import run_config_dict
     assert json.loads((last / RUN_CONFIG_FILE).read_text()) == run_config_dict(cfg)

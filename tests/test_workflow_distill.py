@@ -53,11 +53,11 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, caps
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert steps == [5, 10, 15, 20, 25, 30]
 
-    # The finished command again: nothing to train, its table printed, the MLflow run untouched.
+    # The finished command again: nothing to train (no worker starts), its table printed, the MLflow run untouched.
     capsys.readouterr()
     assert main(["train.steps=30", *common]) == 0
     out = capsys.readouterr().out
-    assert "nfe_4" in out and "teacher_nfe_39" in out and "(no evaluation table written)" not in out
+    assert "finished its 30 steps before: nothing to train" in out and "nfe_4" in out and "teacher_nfe_39" in out and "(no evaluation table written)" not in out
     client, runs = _runs(uri, "wf-test")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == steps

@@ -128,7 +128,7 @@ def train_fn_per_worker(config: dict) -> None:
             reporter.ensure_tracker().finish("FAILED")
         return
     if extra.get("data_position") == state.iteration:
-        return      # resumed at its last step (the same command again): finished before, its table is in run_dir
+        return      # resumed at its last step (main() skips such runs; a sweep trial restored after its end does not)
     ema_weights = full_state_dict(state.ema.module.net)      # collective when sharded
     if rank == 0:
         tracker = reporter.ensure_tracker()
@@ -471,26 +471,42 @@ def check_device(cfg: ExperimentCfg) -> None:
 RESUMED_TAG, FORCED_TAG = "rcm.resume.changed", "rcm.resume.forced"
 
 
-def latest_run_config(cfg: ExperimentCfg) -> dict | None:
-    """The config saved in the newest checkpoint of the Ray Train run `{name}-ray` (what the run would resume
-    from), {} for a checkpoint without one (written before configs were saved), None when there is none."""
+def latest_ray_checkpoint(cfg: ExperimentCfg):
+    """The newest checkpoint of the Ray Train run `{name}-ray` (what a run of this config resumes from) and the
+    metrics reported with it, or None when there is none yet."""
     from ray.train.v2.api.result import Result
-
-    from rcm_core.checkpoint import RUN_CONFIG_FILE
 
     path, fs = run_storage(cfg)
     try:
         result = Result.from_path(f"{path.rstrip('/')}/{cfg.name}-ray", storage_filesystem=fs)
     except RuntimeError:                       # no run folder, or no checkpoint written yet
         return None
-    if result.checkpoint is None:
+    return None if result.checkpoint is None else (result.checkpoint, result.metrics or {})
+
+
+def latest_run_config(cfg: ExperimentCfg) -> dict | None:
+    """The config saved in the checkpoint a run of `cfg` would resume from, {} for a checkpoint without one
+    (written before configs were saved), None when there is no checkpoint."""
+    from rcm_core.checkpoint import RUN_CONFIG_FILE
+
+    latest = latest_ray_checkpoint(cfg)
+    if latest is None:
         return None
-    ckpt = result.checkpoint
+    ckpt = latest[0]
     try:
         with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{RUN_CONFIG_FILE}") as f:
             return json.loads(f.read().decode())
     except (FileNotFoundError, OSError):
         return {}
+
+
+def finished_checkpoint(cfg: ExperimentCfg) -> str | None:
+    """The path of the run's checkpoint if it already reached train.steps (the same command run again): then
+    there is nothing to train, and no worker needs to start."""
+    latest = latest_ray_checkpoint(cfg)
+    if latest is None or latest[1].get("step", -1) < cfg.train.steps:
+        return None
+    return latest[0].path
 
 
 def check_resume(cfg: ExperimentCfg, *, allow_changed: bool = False) -> dict[str, str]:
@@ -503,7 +519,8 @@ def check_resume(cfg: ExperimentCfg, *, allow_changed: bool = False) -> dict[str
     saved = latest_run_config(cfg)
     if saved is None:
         return {}
-    shaping, free = (resume_changes(saved, cfg) if saved else ({"(the checkpoint records no config)": ("?", "?")}, {}))
+    unknown = {"config": ("not recorded (a checkpoint from before configs were saved)", "this one")}
+    shaping, free = resume_changes(saved, cfg) if saved else (unknown, {})
     show = lambda d: "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())   # noqa: E731
     tags = {RESUMED_TAG: show(free)[:5000]} if free else {}
     if shaping and not allow_changed:
@@ -551,10 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     check_device(cfg)
     cfg = prepare_data(cfg)                              # before the comparison: it resolves data.url
     resume_tags = check_resume(cfg, allow_changed=args.resume_changed)
-    teacher_path = driver_teacher(cfg)
-    feature_net_path = driver_feature_net(cfg)
-    init_ray(args.address)
-    result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
+    checkpoint = finished_checkpoint(cfg)
+    if checkpoint is not None:
+        print(f"run '{cfg.name}' finished its {cfg.train.steps} steps before: nothing to train", flush=True)
+    else:
+        teacher_path = driver_teacher(cfg)
+        feature_net_path = driver_feature_net(cfg)
+        init_ray(args.address)
+        result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
+        checkpoint = result.checkpoint.path if result.checkpoint else None
     table_file = Path(cfg.train.run_dir) / "eval_table.txt"
     from workflows.tracking import tracking_uri
     print("\n" + (table_file.read_text() if table_file.is_file() else "(no evaluation table written)"))
@@ -562,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow:      {shown}  (experiment '{cfg.tracking.experiment}'; "
           f"UI: mlflow ui --backend-store-uri {shown})")
     print(f"run folder:  {Path(cfg.train.run_dir).resolve()}")
-    print(f"checkpoint:  {result.checkpoint.path if result.checkpoint else '(none)'}")
+    print(f"checkpoint:  {checkpoint or '(none)'}")
     return 0
 
 
