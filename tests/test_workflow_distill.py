@@ -18,8 +18,7 @@ def _runs(uri, experiment):
 
 def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capsys):
     from rcm_core.config import ConfigError, load_config
-    from workflows.distill import (DEFAULT_CONFIG, FORCED_TAG, RESUMED_TAG, absolute_paths, check_resume, main,
-                                   prepare_data)
+    from workflows.distill import main
 
     monkeypatch.chdir(tmp_path)
     secret = "PLANTED-SECRET-7f3a9c"                      # credentials must never reach anything written
@@ -42,6 +41,7 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, caps
     # Another λ under the same name would continue this run (whose params say λ = 0.01): refused, naming the key.
     with pytest.raises(ConfigError, match=r"distill.reg_weight: 0.01 -> 0.1\).*name=NEW.*--resume-changed"):
         main(["train.steps=30", "distill.reg_weight=0.1", *common])
+    from workflows.distill import DEFAULT_CONFIG, FORCED_TAG, RESUMED_TAG, absolute_paths, check_resume, prepare_data
     changed = absolute_paths(load_config(DEFAULT_CONFIG, ["train.steps=30", "distill.reg_weight=0.1", *common]))
     assert check_resume(prepare_data(changed), allow_changed=True) == {
         FORCED_TAG: "distill.reg_weight: 0.01 -> 0.1", RESUMED_TAG: "train.steps: 20 -> 30"}
