@@ -109,8 +109,26 @@ class SamplerCfg:
 
 
 @dataclass(kw_only=True)
+class VideoCfg:                             # prepare_latents data.source=videos: clips → Wan2.1 VAE + umT5 latents
+    clips: str = ""                         # folder or s3://… of clips (mp4/webm/mov/mkv/avi) and their captions
+    captions: str = ""                      # manifest beside the clips: captions.jsonl {"file","caption"} or .csv
+                                            # (file,caption); "" = that, else one <clip>.txt per clip
+    encoders: str = ""                      # Wan2.1-T2V-*-Diffusers folder (vae/, text_encoder/, tokenizer/), or s3://
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bfloat16 on GPU, float32 on CPU
+    frames: int = 81                        # pixel frames kept per clip (1 + 4k); shorter clips are skipped
+    height: int = 480
+    width: int = 832
+    text_len: int = 512                     # umT5 tokens per caption, zero-padded (Wan: 512)
+    fps: int = 16                           # frame rate of decoded samples (MP4/GIF); Wan2.1: 16
+    batch_size: int = 1                     # clips per VAE call
+    vae_actors: int = 1                     # VAE actor pool size (one GPU each when the cluster has GPUs)
+    text_actors: int = 1                    # umT5 actor pool size
+    gpus_per_actor: float = -1              # -1: 1 when the cluster has GPUs, else 0 (CPU)
+
+
+@dataclass(kw_only=True)
 class DataCfg:
-    source: Literal["gmm", "moving_fashion", "dataset", "precomputed"] = "gmm"   # precomputed: data layer
+    source: Literal["gmm", "moving_fashion", "dataset", "precomputed", "videos"] = "gmm"   # videos: data.video
     url: str = ""                           # dataset: local folder or s3://bucket/prefix with manifest.json
     s3_endpoint: str = ""                   # "" = take AWS_ENDPOINT_URL / standard AWS variables
     batch_size: int = 64                    # global batch per iteration
@@ -127,6 +145,7 @@ class DataCfg:
     gmm_dim: int = 2                        # gmm: dimension D of the toy mixture → latent [D, 1, 1, 1]
     precomputed: str = ""                   # source=precomputed: .npz of latents (+ labels | cond), see prepare_latents
     seed: int = 0                           # generation seed of the built-in sources
+    video: VideoCfg = field(default_factory=VideoCfg)   # source=videos (workflows/encode_videos.py)
 
 
 @dataclass(kw_only=True)

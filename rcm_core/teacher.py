@@ -73,13 +73,15 @@ def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
 
 
 def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path, *,
-                 net_state: dict | None = None) -> Path:
-    """`net_state`: the network's full weights when `model` is FSDP-sharded (rcm_core.parallel.full_state_dict)."""
+                 net_state: dict | None = None, data: dict | None = None) -> Path:
+    """`net_state`: the network's full weights when `model` is FSDP-sharded (rcm_core.parallel.full_state_dict).
+    `data`: the data set's card (rcm_core.video_samples.data_card), so samples can be mapped back to its
+    coordinates and decoded without the run's config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"net": net_state if net_state is not None else model.net.state_dict(), "model": to_dict(cfg.model),
-                "parametrization": model.parametrization}, tmp)
+                "parametrization": model.parametrization, **({"data": data} if data is not None else {})}, tmp)
     tmp.replace(path)
     return path
 

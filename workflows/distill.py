@@ -50,6 +50,7 @@ def _evaluator(cfg: ExperimentCfg, teacher, manifest: dict, device: torch.device
     from rcm_core.evaluate import EvalBank, StepCountEvaluator
     from rcm_core.pipeline import toy_evaluator
     from rcm_core.toy import default_gmm
+    from rcm_core.video_samples import eval_conditions
 
     if manifest.get("source", {}).get("name") == "gmm" and not cfg.data.normalize:
         # the mixture the data set was written from (its manifest), not one rebuilt from model.* keys
@@ -57,7 +58,9 @@ def _evaluator(cfg: ExperimentCfg, teacher, manifest: dict, device: torch.device
         return toy_evaluator(cfg, teacher, gmm, device)
     shape = manifest["latent_shape"]
     n, k = cfg.eval.num_samples, max(manifest.get("num_classes") or 1, 1)
-    bank = EvalBank.make(shape, torch.arange(n) % k, cfg.eval.seed)
+    conds = torch.arange(n) % k if manifest.get("cond_shape") is None else eval_conditions(   # text: the data's own
+        cfg.data.url, manifest, n, endpoint=cfg.data.s3_endpoint)
+    bank = EvalBank.make(shape, conds, cfg.eval.seed)
     dim = int(torch.tensor(shape).prod())
     projection = RandomProjection(dim, out_dim=min(64, dim), seed=0)
     extractors = [projection] if feature_net is None else [feature_net, projection]
@@ -162,17 +165,21 @@ def _stop_rule(config: dict) -> Callable[[dict[str, float]], str | None] | None:
 
 
 def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_weights: dict) -> None:
-    """Resolved config, samples per step count (PNG; GIF for video), the final EMA student."""
+    """Resolved config, samples per step count (PNG; GIF for video; MP4 for Wan-VAE data sets), the final EMA
+    student with its data set's card (channel statistics, encoder) for sample.py."""
     from rcm_core.config import dump_yaml
     from rcm_core.samples import save_sample_pictures
     from rcm_core.teacher import save_teacher
+    from rcm_core.video_samples import data_card
 
     tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         labels = evaluator.bank.labels if evaluator.bank.labels.dim() == 1 else None
-        for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels):
+        for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels,
+                                         normalized=cfg.data.normalize, endpoint=cfg.data.s3_endpoint):
             tracker.log_artifact(path, "samples")
-        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights)
+        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights,
+                               data=data_card(manifest, normalized=cfg.data.normalize))
         tracker.log_artifact(student, "student")
         local = Path(cfg.train.run_dir) / "ema_student.pt"
         local.write_bytes(student.read_bytes())
