@@ -120,6 +120,9 @@ class VideoCfg:                             # prepare_latents data.source=videos
     width: int = 832
     text_len: int = 512                     # umT5 tokens per caption, zero-padded (Wan: 512)
     fps: int = 16                           # frame rate of decoded samples (MP4/GIF); Wan2.1: 16
+    channel_stats: Literal["vae", "dataset"] = "vae"   # what readers normalise with: the VAE config's latents_mean/
+                                            # latents_std (Wan's own coordinates, what a Wan teacher expects) or
+                                            # the statistics measured on these clips (always kept in source.measured)
     batch_size: int = 1                     # clips per VAE call
     vae_actors: int = 1                     # VAE actor pool size (one GPU each when the cluster has GPUs)
     text_actors: int = 1                    # umT5 actor pool size

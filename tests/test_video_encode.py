@@ -168,7 +168,8 @@ def test_clips_in_s3_to_mp4_of_the_student(s3_endpoint, encoders, tmp_path, monk
     encode = ["data.source=videos", f"data.url={data_url}", f"data.s3_endpoint={s3_endpoint}",
               f"data.video.clips=s3://{prefix}", "data.video.encoders=s3://rcm-data/h19-encoders",
               f"data.video.frames={FRAMES}", f"data.video.height={SIZE}", f"data.video.width={SIZE}",
-              f"data.video.text_len={TEXT_LEN}", "data.video.fps=8", "data.rows_per_shard=2"]
+              f"data.video.text_len={TEXT_LEN}", "data.video.fps=8", "data.rows_per_shard=2",
+              "data.video.channel_stats=dataset"]
     try:
         assert prepare_latents.main(encode) == 0
         out, err = capsys.readouterr()
@@ -195,6 +196,10 @@ def test_clips_in_s3_to_mp4_of_the_student(s3_endpoint, encoders, tmp_path, monk
         clip = fit_clip(decode_frames(str(tmp_path / good[0]), FRAMES), frames_out=FRAMES, height=SIZE, width=SIZE)
         want = WanVAE.load(str(encoders), device=torch.device("cpu")).encode(clip[None])[0].numpy()
         np.testing.assert_allclose(ds.arrays["latent"][0], want, rtol=1e-4, atol=1e-4)
+        # channel statistics merged over shards = those of all rows at once
+        lat = ds.arrays["latent"].astype(np.float64)
+        np.testing.assert_allclose(m.channel_mean, lat.mean((0, 2, 3, 4)), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(m.channel_std, lat.std((0, 2, 3, 4)), rtol=1e-6, atol=1e-9)
 
         # Re-running resumes: nothing is encoded again. After losing one shard, only its clips are encoded.
         stamps = {p: fs.info(p)["LastModified"] for p in fs.find("rcm-data/h19-latents") if p.endswith(".parquet")}

@@ -20,6 +20,10 @@ The pipeline (one Ray Data dataset, streaming, blocks of one clip):
   before it is encoded. When all its clips are through, the driver writes `shard-0000k.parquet` and then
   `progress/shard-0000k.json` (its clip names, skipped clips and channel statistics). Re-running the same command
   skips every shard with a progress file: nothing is encoded twice. manifest.json is written last.
+- Latents are stored raw (the VAE posterior's mean). Readers normalise with the manifest's channel statistics:
+  by default the VAE's own `latents_mean` / `latents_std` (`data.video.channel_stats=vae`, Wan's coordinates, what
+  a Wan2.1 teacher was trained in), or the statistics measured on these clips (`=dataset`, for a teacher trained
+  here); the measured ones are always in the manifest's `source.measured`.
 - Memory is bounded by Ray Data's streaming back-pressure (a few clips in flight per operator, whatever the clip
   count) and by the driver holding at most the shards still being filled (blocks arrive in order).
 """
@@ -270,7 +274,7 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
         print(f"videos: encoded {len(pending)} clips in {time.perf_counter() - t0:.1f} s", flush=True)
         if buffers:
             raise RuntimeError(f"shards {sorted(buffers)} did not receive all their clips")
-    return _write_manifest(fs, root, m, done, shards, v)
+    return _write_manifest(fs, root, m, done, shards, v, configs["vae"]["config"])
 
 
 def _init_ray() -> None:
@@ -312,7 +316,8 @@ def _write_shard(fs: Any, root: str, k: int, rows: list[dict], m: Manifest, pq: 
     return rec
 
 
-def _write_manifest(fs: Any, root: str, m: Manifest, done: dict[int, dict], shards: list, v: VideoCfg) -> Manifest:
+def _write_manifest(fs: Any, root: str, m: Manifest, done: dict[int, dict], shards: list, v: VideoCfg,
+                    vae_config: dict) -> Manifest:
     skipped = [s for k in sorted(done) for s in done[k]["skipped"]]
     reasons = Counter(s["reason"].split(":")[0] for s in skipped)
     for k in sorted(done):
@@ -321,8 +326,13 @@ def _write_manifest(fs: Any, root: str, m: Manifest, done: dict[int, dict], shar
             m.num_rows += done[k]["rows"]
     if m.num_rows == 0:
         raise ConfigError(f"{v.clips}: no clip could be used ({dict(reasons)}); see the log for each clip")
-    m.channel_mean, m.channel_std = _merge_stats([done[k]["stats"] for k in sorted(done)], m.latent_shape[0])
+    mean, std = _merge_stats([done[k]["stats"] for k in sorted(done)], m.latent_shape[0])
+    if v.channel_stats == "vae":        # Wan's coordinates: (z − latents_mean) / latents_std, as its pipelines do
+        m.channel_mean, m.channel_std = list(vae_config["latents_mean"]), list(vae_config["latents_std"])
+    else:
+        m.channel_mean, m.channel_std = mean, std
     m.source = {"name": "videos", "clips": v.clips, "clip_count": sum(len(s) for s in shards),
+                "channel_stats": v.channel_stats, "measured": {"channel_mean": mean, "channel_std": std},
                 "skipped": {"count": len(skipped), "reasons": dict(reasons),
                             "clips": skipped[:SKIP_NAMES_IN_MANIFEST]}}
     with fs.open(_join(root, MANIFEST), "w") as f:

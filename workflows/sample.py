@@ -50,7 +50,11 @@ def local_path(uri: str) -> Path:
     return path
 
 
-def load_model(path: Path, device: torch.device) -> tuple[TrigFlowDenoiser, dict | None]:
+def load_model(path: Path, device: torch.device) -> TrigFlowDenoiser:
+    return load_checkpoint(path, device)[0]
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[TrigFlowDenoiser, dict | None]:
     """The model and its data set's card (None for checkpoints written before students carried one)."""
     data = torch.load(path, map_location=device, weights_only=True)
     if not {"net", "model", "parametrization"} <= set(data):
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.teacher and args.steps - 1 > len(args.mid_t):
         ap.error(f"a {args.steps}-step student needs {args.steps - 1} intermediate times; --mid-t has {args.mid_t}")
     device = torch.device(args.device)
-    model, card = load_model(local_path(args.checkpoint), device)
+    model, card = load_checkpoint(local_path(args.checkpoint), device)
     mcfg = model.net.cfg
     shape = args.latent_shape or ([mcfg.in_channels, 1, 1, 1] if mcfg.kind == "mlp" else None) or (
         card and card["latent_shape"])
