@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 CACHE = Path(".cache", "encoders")
+# The released Wan2.1-T2V-*-Diffusers folder: component sub-folder and the file that marks it.
+COMPONENTS = (("vae", "config.json"), ("text_encoder", "config.json"), ("tokenizer", "tokenizer_config.json"))
 
 
 def local_folder(url: str, *, endpoint: str = "", cache: str | Path | None = None) -> Path:
@@ -102,7 +104,7 @@ def read_configs(url: str, *, endpoint: str = "") -> dict:
 
     fs, root = filesystem(url, endpoint)
     out = {}
-    for sub, marker in (("vae", "config.json"), ("text_encoder", "config.json"), ("tokenizer", "tokenizer_config.json")):
+    for sub, marker in COMPONENTS:
         where = f"{root}/{sub}"
         if not fs.exists(f"{where}/{marker}"):
             raise FileNotFoundError(f"{url}: no {sub}/{marker} (expected the Wan2.1 *-Diffusers layout: vae/, "
@@ -175,7 +177,7 @@ class UMT5Text:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         enc_dir, tok_dir = (local_folder(component(url, sub, marker, endpoint=endpoint), endpoint=endpoint, cache=cache)
-                            for sub, marker in (("text_encoder", "config.json"), ("tokenizer", "tokenizer_config.json")))
+                            for sub, marker in COMPONENTS[1:])
         dtype = dtype or resolve_dtype("auto", device)
         model = UMT5EncoderModel.from_pretrained(str(enc_dir), dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

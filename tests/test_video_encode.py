@@ -35,7 +35,8 @@ def save_tiny_encoders(folder: Path) -> Path:
     AutoencoderKLWan(base_dim=8, z_dim=Z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                      temperal_downsample=[False, True, True], latents_mean=[0.0] * Z,
                      latents_std=[1.0] * Z).save_pretrained(folder / "vae")
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    vocab += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -125,6 +126,69 @@ def test_student_card_restores_data_set_coordinates():
     x = torch.from_numpy(normalize(raw, m))
     torch.testing.assert_close(to_dataset_coordinates(x, data_card(m, normalized=True)), torch.from_numpy(raw))
     assert to_dataset_coordinates(x, data_card(m, normalized=False)) is x
+
+
+def test_decode_task_skips_bad_clips_but_raises_on_storage_errors(tmp_path, monkeypatch):
+    """A clip's own fault (corrupt, too short, no caption) is a skipped row; a read error of the storage is not:
+    it stops the task, naming the clip, so a bucket's bad moment never drops a clip for good."""
+    from rcm_core.datasets.clips import write_mp4
+    from workflows import encode_videos
+
+    write_mp4(moving_square(12, 40, 40, 1), tmp_path / "good.mp4")
+    write_mp4(moving_square(4, 40, 40, 2), tmp_path / "short.mp4")
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 4000)
+    batch = {"id": np.arange(4), "file": np.array(["good.mp4", "short.mp4", "bad.mp4", "good.mp4"], object),
+             "caption": np.array(["a", "b", "c", ""], object), "shard": np.zeros(4, int)}
+    kw = dict(clips=str(tmp_path), endpoint="", frames=FRAMES, height=SIZE, width=SIZE)
+    out = encode_videos.decode_clips(batch, **kw)
+    assert out["video"].shape == (4, 3, FRAMES, SIZE, SIZE) and out["video"][0].any() and not out["video"][1:].any()
+    assert out["error"][0] == "" and out["error"][1] == "too short: 4 frames, need 9"
+    assert out["error"][2].startswith("unreadable") and out["error"][3] == "no caption"
+
+    class Flaky:                                     # a storage file whose reads fail after its first 1 KB
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read(self, n=-1):
+            if self.f.tell() >= 1024:
+                raise ConnectionError("connection reset by peer")
+            return self.f.read(1024 - self.f.tell() if n < 0 else min(n, 1024 - self.f.tell()))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    fs, root = encode_videos.filesystem(str(tmp_path))
+    flaky = type("FlakyFS", (), {"open": lambda self, path, mode="rb": Flaky(fs.open(path, mode))})()
+    monkeypatch.setattr(encode_videos, "filesystem", lambda url, endpoint="": (flaky, root))
+    one = {k: v[:1] for k, v in batch.items()}
+    with pytest.raises(OSError, match="good.mp4: storage error while decoding: ConnectionError"):
+        encode_videos.decode_clips(one, **kw)
+
+
+def test_manifest_statistics_vae_or_measured():
+    import fsspec
+
+    from rcm_core.data import Manifest
+    from rcm_core.config import VideoCfg
+    from workflows.encode_videos import _write_manifest
+
+    fs = fsspec.filesystem("memory")
+    rec = {"path": "shard-00000.parquet", "rows": 2, "skipped": [{"file": "x.mp4", "reason": "too short: 1 frames"}],
+           "stats": {"n": 8, "mean": [1.0, 2.0], "m2": [8.0, 32.0]}}
+    vae = {"latents_mean": [0.5, -0.5], "latents_std": [3.0, 4.0]}
+    for stats, mean, std in (("vae", [0.5, -0.5], [3.0, 4.0]), ("dataset", [1.0, 2.0], [1.0, 2.0])):
+        m = Manifest(latent_shape=[2, 1, 2, 2], cond_shape=[4, 8], cond_dtype="float32")
+        m = _write_manifest(fs, f"/h19-{stats}", m, {0: rec}, [["x.mp4", "y.mp4", "z.mp4"]],
+                            VideoCfg(clips="s3://b/c", channel_stats=stats), vae)
+        assert (m.channel_mean, m.channel_std, m.num_rows) == (mean, std, 2)
+        assert m.source["measured"] == {"channel_mean": [1.0, 2.0], "channel_std": [1.0, 2.0]}
+        assert m.source["skipped"]["reasons"] == {"too short": 1} and m.source["clip_count"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------

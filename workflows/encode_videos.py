@@ -103,8 +103,33 @@ def list_clips(v: VideoCfg, endpoint: str = "") -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # The operators (module-level so Ray pickles them by reference).
 
+class StorageFile:
+    """A storage file object for PyAV that remembers an exception its storage raised: PyAV turns a failed read into
+    a decoding error, and a clip must not be skipped for good because the bucket had a bad moment."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.f, name)(*args)
+        except Exception as e:
+            self.error = e
+            raise
+
+    def read(self, n: int = -1) -> bytes:
+        return self._call("read", n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._call("seek", offset, whence)
+
+    def tell(self) -> int:
+        return self._call("tell")
+
+
 def decode_clips(batch: dict, *, clips: str, endpoint: str, frames: int, height: int, width: int) -> dict:
-    """map_batches task: read, decode and fit each clip; a bad clip gets zero pixels and its reason in `error`."""
+    """map_batches task: read, decode and fit each clip; a bad clip gets zero pixels and its reason in `error`.
+    A storage error (not the clip's fault) is raised, naming the clip: the job stops and a re-run resumes."""
     from rcm_core.datasets.clips import ClipError, decode_frames, fit_clip
 
     fs, root = filesystem(clips, endpoint)
@@ -112,17 +137,18 @@ def decode_clips(batch: dict, *, clips: str, endpoint: str, frames: int, height:
     video = np.zeros((n, 3, frames, height, width), np.uint8)
     error = []
     for i in range(n):
-        why = ""
+        why, name = "", str(batch["file"][i])
         if not str(batch["caption"][i]).strip():
             why = "no caption"
         else:
-            try:
-                with fs.open(_join(root, str(batch["file"][i])), "rb") as f:
+            with fs.open(_join(root, name), "rb") as raw:
+                f = StorageFile(raw)
+                try:
                     video[i] = fit_clip(decode_frames(f, frames), frames_out=frames, height=height, width=width)
-            except ClipError as e:
-                why = str(e)
-            except (OSError, ValueError) as e:          # storage trouble or a file PyAV rejects outright
-                why = f"unreadable: {type(e).__name__}: {e}"
+                except ClipError as e:
+                    if f.error is not None:
+                        raise OSError(f"{clips}/{name}: storage error while decoding: {f.error!r}") from f.error
+                    why = str(e)
         if why:
             log.warning("skipping clip %s: %s", batch["file"][i], why)
         error.append(why)
@@ -203,6 +229,7 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
     """Encode `d.video.clips` into the data set at `url` (resuming from its `progress/`); returns its manifest."""
     import pyarrow.parquet as pq
     import ray
+    from ray.data import ActorPoolStrategy
 
     from rcm_core.encoders import CACHE, describe_encoders, read_configs, vae_latent_shape
 
@@ -255,9 +282,11 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
         ds.context.execution_options.preserve_order = True     # shards complete in order: the driver holds ≤ 2
         ds = ds.map_batches(decode_clips, batch_size=1, fn_kwargs={
             "clips": v.clips, "endpoint": d.s3_endpoint, "frames": v.frames, "height": v.height, "width": v.width})
-        ds = ds.map_batches(VAEStage, batch_size=v.batch_size, concurrency=v.vae_actors, num_gpus=gpus,
+        ds = ds.map_batches(VAEStage, batch_size=v.batch_size, compute=ActorPoolStrategy(size=v.vae_actors),
+                            num_gpus=gpus,
                             fn_constructor_kwargs={**models, "latent_shape": latent_shape})
-        ds = ds.map_batches(TextStage, batch_size=v.batch_size, concurrency=v.text_actors, num_gpus=gpus,
+        ds = ds.map_batches(TextStage, batch_size=v.batch_size, compute=ActorPoolStrategy(size=v.text_actors),
+                            num_gpus=gpus,
                             fn_constructor_kwargs={**models, "cond_shape": cond_shape})
         buffers: dict[int, list[dict]] = {}
         t0 = time.perf_counter()

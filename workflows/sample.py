@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     "set's VAE decoder")
     ap.add_argument("--encoders", default="", help="Wan2.1 *-Diffusers folder (local or s3://) when it is not where "
                     "the data set was encoded from")
-    ap.add_argument("--s3-endpoint", default="", help="S3 endpoint for s3:// encoder folders (default AWS_ENDPOINT_URL)")
+    ap.add_argument("--s3-endpoint", default="", help="S3 endpoint for s3:// encoder folders "
+                    "(default: AWS_ENDPOINT_URL)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.num_samples < 1:
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if shape is None:
         ap.error("--latent-shape C T H W is required for video models whose checkpoint carries no data set card")
     if args.decode and not (card and (args.encoders or (card.get("encoder") or {}).get("name") == "wan2.1")):
-        ap.error("--decode needs a checkpoint whose data set was encoded by the Wan2.1 VAE (workflows/encode_videos.py)")
+        ap.error("--decode needs a checkpoint whose data set was encoded by the Wan2.1 VAE "
+                 "(workflows/encode_videos.py), or --encoders FOLDER")
     g = torch.Generator(device=device).manual_seed(args.seed)
     z = torch.randn(args.num_samples, *shape, generator=g, device=device)
     cond = conditions(mcfg, args.num_samples, args.label, args.cond, args.prompt, card, args.encoders,

@@ -119,6 +119,34 @@ def timed(fn, n: int, device: torch.device, sampler: GpuSampler, warmup: int) ->
     return sec, util, peak
 
 
+def bench_vae(args: argparse.Namespace, pixels: np.ndarray, device: torch.device, dtype: torch.dtype,
+              sampler: GpuSampler) -> tuple:
+    """The Wan2.1 VAE (diffusers defaults = the released config) encoding one fitted clip per call."""
+    from diffusers import AutoencoderKLWan
+
+    from rcm_core.datasets.clips import to_unit_range
+
+    with device:
+        vae = AutoencoderKLWan(**(VAE_TINY if args.tiny else {})).to(dtype).eval().requires_grad_(False)
+    x = to_unit_range(torch.from_numpy(pixels)[None].to(device, torch.float32)).to(dtype)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        row = ("Wan2.1 VAE encode", *timed(lambda: vae.encode(x).latent_dist.mode(), args.clips, device, sampler,
+                                           args.warmup))
+        if args.memory_clips:
+            rss0 = rss_gib()
+            for i in range(1, args.memory_clips + 1):
+                vae.encode(x).latent_dist.mode()
+                if i % args.memory_every == 0:
+                    sync(device)
+                    gpu = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+                    print(f"  memory after {i} clips: GPU allocated {gpu:.2f} GiB, RSS {rss_gib():.2f} GiB "
+                          f"(start {rss0:.2f})", flush=True)
+    print(f"latent {tuple(z.shape[1:])}, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters",
+          flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         args.frames, args.height, args.width, args.source_size, args.text_len = 9, 32, 32, [48, 64], 16
         args.tokens = min(args.tokens, 8)
 
-    from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from rcm_core.datasets.clips import decode_frames, fit_clip, to_unit_range, write_mp4
+    from rcm_core.datasets.clips import decode_frames, fit_clip, write_mp4
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sampler = GpuSampler(device)
@@ -169,26 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("decode + fit (1 CPU process)", *timed(decode, args.clips, torch.device("cpu"), GpuSampler(
             torch.device("cpu")), args.warmup))]
 
-    # 2. VAE
-    with device:
-        vae = AutoencoderKLWan(**(VAE_TINY if args.tiny else {})).to(dtype).eval().requires_grad_(False)
-    x = to_unit_range(torch.from_numpy(pixels)[None].to(device, torch.float32)).to(dtype)
-    vae_call = lambda: vae.encode(x).latent_dist.mode()  # noqa: E731
-    with torch.no_grad():
-        z = vae_call()
-        rows.append(("Wan2.1 VAE encode", *timed(vae_call, args.clips, device, sampler, args.warmup)))
-        if args.memory_clips:
-            rss0 = rss_gib()
-            for i in range(1, args.memory_clips + 1):
-                vae_call()
-                if i % args.memory_every == 0:
-                    sync(device)
-                    gpu = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-                    print(f"  memory after {i} clips: GPU allocated {gpu:.2f} GiB, RSS {rss_gib():.2f} GiB "
-                          f"(start {rss0:.2f})", flush=True)
-    print(f"latent {tuple(z.shape[1:])}, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters",
-          flush=True)
-    del vae, x, z
+    # 2. VAE (in a function: its activations and weights are freed before umT5 is built)
+    rows.append(bench_vae(args, pixels, device, dtype, sampler))
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append((f"umT5 encode (batch {b}, {n_tok}/{args.text_len} tokens)", sec / b, util, peak))
     print(f"umT5 {sum(p.numel() for p in text.parameters()) / 1e9:.2f} B parameters", flush=True)
 
-    print(f"\n| stage | ms / clip | clips / s | GPU util % | peak GPU GiB |\n|---|---:|---:|---:|---:|")
+    print("\n| stage | ms / clip | clips / s | GPU util % | peak GPU GiB |\n|---|---:|---:|---:|---:|")
     for name, sec, util, peak in rows:
         print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.2f} | {'-' if util is None else f'{util:.0f}'} | "
               f"{'-' if peak != peak else f'{peak:.1f}'} |")
