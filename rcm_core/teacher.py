@@ -124,8 +124,10 @@ def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> 
 
 
 def load_or_train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device: torch.device,
-                          data_key: str, cache_dir: str | Path = ".cache/teachers") -> TrigFlowDenoiser:
-    """cfg.teacher.checkpoint if set; else a cached teacher for this config; else train and cache one."""
+                          data_key: str, cache_dir: str | Path = ".cache/teachers",
+                          data: dict | None = None) -> TrigFlowDenoiser:
+    """cfg.teacher.checkpoint if set; else a cached teacher for this config; else train and cache one (with the
+    data set's card `data`, see save_teacher)."""
     if cfg.teacher.checkpoint:
         return load_teacher(cfg.teacher.checkpoint, cfg, device)
     path = Path(cache_dir) / f"teacher-{teacher_key(cfg, data_key)}.pt"
@@ -133,6 +135,6 @@ def load_or_train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *,
         tqdm.write(f"teacher: using cached {path}")
         return load_teacher(path, cfg, device)
     teacher = train_teacher(cfg, batches, device=device)
-    save_teacher(teacher, cfg, path)
+    save_teacher(teacher, cfg, path, data=data)
     tqdm.write(f"teacher: trained and cached at {path}")
     return teacher

@@ -298,6 +298,8 @@ def test_clips_in_s3_to_mp4_of_the_student(s3_endpoint, encoders, tmp_path, monk
     # sample.py: a prompt, 4 steps, the decoder the data set was made with → an MP4 of 9 frames of 32×32.
     student = tmp_path / "run" / "ema_student.pt"
     assert torch.load(student, weights_only=True)["data"]["channel_mean"] == m.channel_mean
+    (teacher,) = (tmp_path / ".cache" / "teachers").glob("teacher-*.pt")          # the teacher carries it too
+    assert torch.load(teacher, weights_only=True)["data"]["encoder"]["name"] == "wan2.1"
     assert sample.main(["--checkpoint", str(student), "--steps", "4", "--num-samples", "1", "--prompt", "a red box",
                         "--decode", "--out", str(tmp_path / "kite.npy"), "--s3-endpoint", s3_endpoint]) == 0
     assert np.load(tmp_path / "kite.npy").shape == (1, Z, 3, 4, 4)

@@ -262,6 +262,7 @@ def driver_teacher(cfg: ExperimentCfg) -> Path:
     folder, never loaded, copied or written here; without one, a toy teacher trained once on the driver from the
     run's data set and cached by config hash under .cache/teachers."""
     from rcm_core.teacher import load_or_train_teacher, teacher_key
+    from rcm_core.video_samples import data_card
 
     if cfg.teacher.checkpoint:
         return Path(cfg.teacher.checkpoint)
@@ -270,7 +271,9 @@ def driver_teacher(cfg: ExperimentCfg) -> Path:
     if not path.is_file():
         batches = iterate_batches(cfg.data.url, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1,
                                   endpoint=cfg.data.s3_endpoint, do_normalize=cfg.data.normalize)
-        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url, cache_dir=cache)
+        card = data_card(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint), normalized=cfg.data.normalize)
+        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url, cache_dir=cache,
+                              data=card)          # the card: sample.py --teacher writes the data's coordinates
     return path
 
 
