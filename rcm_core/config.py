@@ -126,7 +126,7 @@ class VideoCfg:                             # prepare_latents data.source=videos
     batch_size: int = 1                     # clips per VAE call
     vae_actors: int = 1                     # VAE actor pool size (one GPU each when the cluster has GPUs)
     text_actors: int = 1                    # umT5 actor pool size
-    gpus_per_actor: float = -1              # -1: 1 when the cluster has GPUs, else 0 (CPU)
+    gpus_per_actor: float = -1              # -1: one GPU per actor if there are enough, else shared; 0 without
 
 
 @dataclass(kw_only=True)

@@ -171,6 +171,16 @@ def test_decode_task_skips_bad_clips_but_raises_on_storage_errors(tmp_path, monk
         encode_videos.decode_clips(one, **kw)
 
 
+def test_actors_share_a_single_gpu():
+    from rcm_core.config import VideoCfg
+    from workflows.encode_videos import gpus_per_actor
+
+    assert gpus_per_actor(VideoCfg(), 0) == 0                       # CPU cluster
+    assert gpus_per_actor(VideoCfg(), 1) == 0.5                     # VAE and umT5 on the one GPU
+    assert gpus_per_actor(VideoCfg(vae_actors=6, text_actors=2), 8) == 1.0
+    assert gpus_per_actor(VideoCfg(gpus_per_actor=0.25), 8) == 0.25
+
+
 def test_manifest_statistics_vae_or_measured():
     import fsspec
 

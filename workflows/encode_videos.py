@@ -12,8 +12,10 @@ The pipeline (one Ray Data dataset, streaming, blocks of one clip):
   `captions.csv` (columns file, caption) beside the clips (or `data.video.captions`), else `<clip stem>.txt`.
 - Decoding reads the clip straight from storage with PyAV, stops at `data.video.frames` frames, scales to cover
   `height × width` and centre-crops (rcm_core/datasets/clips.py). Pixels travel as uint8.
-- The VAE and umT5 actors take one GPU each when the cluster has GPUs (`data.video.gpus_per_actor`), else run on
-  CPU; `data.video.vae_actors` / `text_actors` set the pool sizes. Each loads its model once.
+- The VAE and umT5 actors take one GPU each when the cluster has enough, share them when it has fewer (one GPU
+  holds a VAE and an umT5 actor), and run on CPU on a cluster without GPUs (`data.video.gpus_per_actor` sets it by
+  hand); `data.video.vae_actors` / `text_actors` set the pool sizes. Each loads its model once. Without GPUs Ray
+  fuses decoding into the VAE actor (same resources), so clips are decoded and encoded one after the other there.
 - A clip that cannot be decoded, is too short, or has no caption is logged by name, counted, and skipped; it never
   ends the job. Counts and the first names are in the manifest's `source.skipped`, every name in `progress/`.
 - Shard k holds the clips k·R … (k+1)·R − 1 of the sorted list (R = data.rows_per_shard), so a shard is known
@@ -217,12 +219,12 @@ def _merge_stats(parts: list[dict], channels: int) -> tuple[list[float], list[fl
     return total.result()
 
 
-def _gpus_per_actor(v: VideoCfg) -> float:
-    import ray
-
+def gpus_per_actor(v: VideoCfg, cluster_gpus: float) -> float:
+    """data.video.gpus_per_actor, or (-1) one GPU per actor when the cluster has one for each, else the GPUs
+    shared evenly (one GPU holds a VAE and an umT5-XXL actor: 11 GB of bf16 weights), 0 on a CPU cluster."""
     if v.gpus_per_actor >= 0:
         return v.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return min(1.0, cluster_gpus / (v.vae_actors + v.text_actors))
 
 
 def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest:
@@ -275,7 +277,7 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
                  encoder=encoder)
     if pending:
         _init_ray()
-        gpus = _gpus_per_actor(v)
+        gpus = gpus_per_actor(v, ray.cluster_resources().get("GPU", 0))
         models = {"encoders": v.encoders, "dtype": v.dtype, "endpoint": d.s3_endpoint,
                   "cache": str(CACHE.resolve())}       # the driver's folder: actors may start elsewhere
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
