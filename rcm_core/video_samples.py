@@ -52,8 +52,8 @@ def decoder_for(card: dict, *, path: str = "", endpoint: str = "", device: torch
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     enc = card["encoder"]
-    return WanVAE.load(path or enc["path"], device=device, dtype=resolve_dtype(enc.get("dtype", "auto"), device),
-                       endpoint=endpoint)
+    # bfloat16 on a GPU, float32 on a CPU, whatever the encoding dtype was (CPU bf16 convolutions are slow)
+    return WanVAE.load(path or enc["path"], device=device, dtype=resolve_dtype("auto", device), endpoint=endpoint)
 
 
 def decode(raw: torch.Tensor, vae: Any, *, chunk: int = 1) -> np.ndarray:

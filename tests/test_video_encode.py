@@ -256,7 +256,7 @@ def test_clips_in_s3_to_mp4_of_the_student(s3_endpoint, encoders, tmp_path, monk
         assert skipped["b/broken.mp4"].startswith("unreadable") and "skipped 3 clip(s)" in err
         enc = m.encoder
         assert (enc["name"], enc["frames"], enc["height"], enc["width"], enc["dtype"]) == ("wan2.1", FRAMES, SIZE,
-                                                                                          SIZE, "auto")
+                                                                                          SIZE, "float32")
         assert enc["vae"]["class"] == "diffusers.AutoencoderKLWan" and len(enc["vae"]["version"]) == 16
         assert enc["text_encoder"]["max_length"] == TEXT_LEN
 

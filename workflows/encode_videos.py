@@ -245,7 +245,12 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.video: {e}") from None
     cond_shape = [v.text_len, int(configs["text_encoder"]["config"]["d_model"])]
-    encoder = describe_encoders(v.encoders, configs, dtype=v.dtype, frames=v.frames, height=v.height, width=v.width,
+    _init_ray()
+    gpus = gpus_per_actor(v, ray.cluster_resources().get("GPU", 0))
+    # "auto" resolved here, so the manifest names the dtype the rows were encoded in (and a re-run on other
+    # hardware that would encode in another dtype is refused by the plan check below instead of mixing them)
+    dtype = v.dtype if v.dtype != "auto" else ("bfloat16" if gpus > 0 else "float32")
+    encoder = describe_encoders(v.encoders, configs, dtype=dtype, frames=v.frames, height=v.height, width=v.width,
                                 text_len=v.text_len, fps=v.fps)
     clips = list_clips(v, d.s3_endpoint)
     R = d.rows_per_shard
@@ -276,9 +281,7 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
     m = Manifest(latent_shape=latent_shape, latent_dtype="float32", cond_shape=cond_shape, cond_dtype="float32",
                  encoder=encoder)
     if pending:
-        _init_ray()
-        gpus = gpus_per_actor(v, ray.cluster_resources().get("GPU", 0))
-        models = {"encoders": v.encoders, "dtype": v.dtype, "endpoint": d.s3_endpoint,
+        models = {"encoders": v.encoders, "dtype": dtype, "endpoint": d.s3_endpoint,
                   "cache": str(CACHE.resolve())}       # the driver's folder: actors may start elsewhere
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         ds.context.execution_options.preserve_order = True     # shards complete in order: the driver holds ≤ 2
