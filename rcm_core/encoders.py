@@ -9,13 +9,13 @@
     cond = text.encode(["a cat on a sofa"])   # float32 [B, 512, 4096], zero after each caption's tokens
 
 The folder is the layout Wan2.1-T2V-*-Diffusers is released in: `vae/` (config.json + safetensors),
-`text_encoder/` and `tokenizer/`; a folder that is itself one of those (has the model's config.json) works too.
+`text_encoder/` and `tokenizer/`; `WanVAE.load` and `UMT5Text.load` also take a component's own folder.
 `s3://…` components are copied once into `.cache/encoders/<hash of the URL>/` (the VAE actor copies vae/ only)
-and loaded from there. Nothing is
-downloaded from a model hub: `from_pretrained` is only ever given a local folder.
+and loaded from there. Nothing is downloaded from a model hub: `from_pretrained` is only given local folders.
 
-Latents are the VAE posterior's mean (`latent_dist.mode()`), unscaled: the data set computes its own per-channel
-statistics (rcm_core/data.py) and `WanVAE.decode` takes latents in those raw coordinates. Text follows Wan's
+Latents are the VAE posterior's mean (`latent_dist.mode()`), unscaled: the data set's manifest holds the
+per-channel statistics readers normalise with (workflows/encode_videos.py), and `WanVAE.decode` takes latents in
+these raw coordinates. Text follows Wan's
 pipeline (`WanPipeline._get_t5_prompt_embeds`): tokens padded to `max_length`, the encoder run with the attention
 mask, and the outputs after each caption's last token set to zero. Pure PyTorch; nothing here imports ray.
 """

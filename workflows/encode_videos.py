@@ -18,6 +18,8 @@ The pipeline (one Ray Data dataset, streaming, blocks of one clip):
   fuses decoding into the VAE actor (same resources), so clips are decoded and encoded one after the other there.
 - A clip that cannot be decoded, is too short, or has no caption is logged by name, counted, and skipped; it never
   ends the job. Counts and the first names are in the manifest's `source.skipped`, every name in `progress/`.
+  A storage error while reading a clip is not the clip's fault: it stops the job naming the clip, and re-running
+  the command resumes.
 - Shard k holds the clips k·R … (k+1)·R − 1 of the sorted list (R = data.rows_per_shard), so a shard is known
   before it is encoded. When all its clips are through, the driver writes `shard-0000k.parquet` and then
   `progress/shard-0000k.json` (its clip names, skipped clips and channel statistics). Re-running the same command
