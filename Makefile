@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.6,<=2.14.1"
-	$(PY) -m pip install -q -e ".[ray,kernels,test]"
+	$(PY) -m pip install -q -e ".[ray,kernels,test,video]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,7 +5,7 @@
 tensors laid out [batch, heads, seq, head_dim]; key_padding_mask is bool [batch, seq_k], True = attend.
 Both run the Triton kernels (kernels/_triton_attention.py) on CUDA and under TRITON_INTERPRET=1, and the
 PyTorch twins (kernels/reference.py) otherwise. `merge_attention_partials` merges results over key blocks.
-Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels_gpu.py`; bench: `python -m kernels.bench`.
+Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`.
 """
 from kernels.flash_jvp import (
            AttnPartial,

@@ -4,6 +4,7 @@ checkpoint intact and a resumed run never sees a partial one. Loaded with `weigh
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 CKPT_FILE = "state.pt"
+RUN_CONFIG_FILE = "config.json"   # the run's config beside the state, readable without loading the weights
 DCP_METADATA = ".metadata"     # what torch.distributed.checkpoint writes last, on rank 0
 # What state_to_dict writes for the distillation state itself; every other entry is caller "extra" state.
 STATE_KEYS = {"student", "ema", "fake", "opt_student", "opt_fake", "iteration", "student_iter", "critic_iter",
@@ -86,6 +88,16 @@ def save_checkpoint(data: dict, directory: str | Path) -> Path:
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def write_run_config(config: dict, directory: str | Path) -> Path:
+    """Record the config a checkpoint was trained with (`rcm_core.config.run_config_dict`), so that whoever resumes
+    it can compare configs first (workflows/distill.py check_resume) without loading the weights."""
+    path = Path(directory) / RUN_CONFIG_FILE
+    tmp = path.with_name(f"{RUN_CONFIG_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -109,8 +109,29 @@ class SamplerCfg:
 
 
 @dataclass(kw_only=True)
+class VideoCfg:                             # prepare_latents data.source=videos: clips → Wan2.1 VAE + umT5 latents
+    clips: str = ""                         # folder or s3://… of clips (mp4/webm/mov/mkv/avi) and their captions
+    captions: str = ""                      # manifest beside the clips: captions.jsonl {"file","caption"} or .csv
+                                            # (file,caption); "" = that, else one <clip>.txt per clip
+    encoders: str = ""                      # Wan2.1-T2V-*-Diffusers folder (vae/, text_encoder/, tokenizer/), or s3://
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bfloat16 on GPU, float32 on CPU
+    frames: int = 81                        # pixel frames kept per clip (1 + 4k); shorter clips are skipped
+    height: int = 480
+    width: int = 832
+    text_len: int = 512                     # umT5 tokens per caption, zero-padded (Wan: 512)
+    fps: int = 16                           # frame rate of decoded samples (MP4/GIF); Wan2.1: 16
+    channel_stats: Literal["vae", "dataset"] = "vae"   # what readers normalise with: the VAE config's latents_mean/
+                                            # latents_std (Wan's own coordinates, what a Wan teacher expects) or
+                                            # the statistics measured on these clips (always kept in source.measured)
+    batch_size: int = 1                     # clips per VAE call
+    vae_actors: int = 1                     # VAE actor pool size (one GPU each when the cluster has GPUs)
+    text_actors: int = 1                    # umT5 actor pool size
+    gpus_per_actor: float = -1              # -1: one GPU per actor if there are enough, else shared; 0 without
+
+
+@dataclass(kw_only=True)
 class DataCfg:
-    source: Literal["gmm", "moving_fashion", "dataset", "precomputed"] = "gmm"   # precomputed: data layer
+    source: Literal["gmm", "moving_fashion", "dataset", "precomputed", "videos"] = "gmm"   # videos: data.video
     url: str = ""                           # dataset: local folder or s3://bucket/prefix with manifest.json
     s3_endpoint: str = ""                   # "" = take AWS_ENDPOINT_URL / standard AWS variables
     batch_size: int = 64                    # global batch per iteration
@@ -127,13 +148,15 @@ class DataCfg:
     gmm_dim: int = 2                        # gmm: dimension D of the toy mixture → latent [D, 1, 1, 1]
     precomputed: str = ""                   # source=precomputed: .npz of latents (+ labels | cond), see prepare_latents
     seed: int = 0                           # generation seed of the built-in sources
+    video: VideoCfg = field(default_factory=VideoCfg)   # source=videos (workflows/encode_videos.py)
 
 
 @dataclass(kw_only=True)
 class TrainCfg:
     steps: int = 200
     seed: int = 0
-    device: str = "cpu"                     # cpu | cuda | cuda:N (workflows choose per worker)
+    device: str = "cpu"                     # cpu | cuda | cuda:N; under Ray the worker takes its assigned device,
+                                            # and workflows refuse one that disagrees with resources.use_gpu
     checkpoint_every: int = 100
     eval_every: int = 0                     # 0 = evaluate only at the end
     log_every: int = 10
@@ -152,7 +175,8 @@ class EvalCfg:
 
 @dataclass(kw_only=True)
 class TrackingCfg:
-    tracking_uri: str = ""                  # "" = MLFLOW_TRACKING_URI, else sqlite file in the run dir
+    tracking_uri: str = ""                  # "" = MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db under the
+                                            # current folder (workflows.tracking.tracking_uri)
     experiment: str = "rcm"
     run_name: str = ""
 
@@ -162,8 +186,7 @@ class ResourcesCfg:                         # read only by workflows/
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5            # fractional on small machines, or Ray Data starves (P6)
-    gpus_per_worker: float = 1.0
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    gpus_per_worker: float = 1.0            # (how a run is sharded across workers: parallel.* below)
 
 
 @dataclass(kw_only=True)
@@ -359,6 +382,29 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_hash(cfg: ExperimentCfg) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys a resumed run may change: how long it runs, how often it logs, evaluates and checkpoints, how it is
+# evaluated (eval.*, sampler.*: neither touches training) and where its local files go. Every other key shapes the
+# trajectory, so a run continues only with the values it started with (workflows/distill.py check_resume).
+RESUME_FREE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.run_dir",
+                    "eval.", "sampler.")
+
+
+def run_config_dict(cfg: ExperimentCfg) -> dict:
+    """The config as a checkpoint records it: plain data, URL credentials redacted."""
+    return _redacted(to_dict(cfg))
+
+
+def resume_changes(saved: dict, cfg: ExperimentCfg) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Compare a checkpoint's config (`to_dict` form) with `cfg`: (keys that shape the run, free keys), each as
+    dotted key -> (saved value, new value). A key only one side has counts as changed. Credentials in URLs are
+    compared redacted, as checkpoints store them (`run_config_dict`)."""
+    old, new = flatten(saved), flatten(run_config_dict(cfg))
+    changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+               if old.get(k, "<absent>") != new.get(k, "<absent>")}
+    free = {k: v for k, v in changed.items() if k.startswith(RESUME_FREE_KEYS)}
+    return {k: v for k, v in changed.items() if k not in free}, free
 
 
 # `scheme://user:password@host` or `scheme://token@host`: the user-info part of a URL is a credential.

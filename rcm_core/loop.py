@@ -25,8 +25,9 @@ from rcm_core.checkpoint import (
     load_into_state,
     save_checkpoint,
     state_to_dict,
+    write_run_config,
 )
-from rcm_core.config import ExperimentCfg, config_hash, save_resolved
+from rcm_core.config import ExperimentCfg, config_hash, run_config_dict, save_resolved
 from rcm_core.data import LatentBatch
 from rcm_core.dcp import load_distributed, save_distributed
 from rcm_core.denoiser import TrigFlowDenoiser
@@ -135,11 +136,14 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
         ckpt_dir = None
         if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
             ckpt_dir = ckpt_root / f"step_{step}"
-            extra = {"config_hash": config_hash(cfg), "data_position": step, **(extra_state or {})}
+            # this step's values last: after a resume extra_state holds the loaded checkpoint's own (older) ones
+            extra = {**(extra_state or {}), "config_hash": config_hash(cfg), "data_position": step}
             if mesh is not None and mesh.fsdp_mesh is not None:
                 save_distributed(state, ckpt_dir, extra)      # every rank writes its shards
             elif rank == 0:
                 save_checkpoint(state_to_dict(state, extra=extra), ckpt_dir)
+            if rank == 0:
+                write_run_config(run_config_dict(cfg), ckpt_dir)
         if log_due or eval_due or ckpt_dir is not None:   # same on every rank: Ray needs equal report counts
             reason = _any_rank(reporter(step, report, ckpt_dir), device)
             if reason:

@@ -1,7 +1,8 @@
 """Pictures of samples per step count: scatter plots for vector toys, frame grids and GIFs for video latents.
 
-Written beside every evaluation and logged to MLflow as `samples/nfe_<N>.png` (and `.gif` for video); the run's
-comparison figure (teacher and students side by side, `comparison/samples.png` / `.gif`) is `save_comparison_figure`.
+Written beside every evaluation and logged to MLflow as `samples/nfe_<N>.png` (and `.gif` for video, `.mp4` for
+data sets encoded by the Wan2.1 VAE); the run's comparison figure (teacher and students side by side,
+`comparison/samples.png` / `.gif`) is `save_comparison_figure`.
 """
 from __future__ import annotations
 
@@ -45,9 +46,14 @@ def scatter_png(points: torch.Tensor, path: Path, *, labels: torch.Tensor | None
 
 
 def save_sample_pictures(samples: dict[str, torch.Tensor], manifest: dict | Manifest | None, out_dir: Path,
-                         *, labels: torch.Tensor | None = None, max_items: int = 16) -> list[Path]:
-    """One picture per sample set (name → [N, C, T, H, W]); decoded to pixels when the data set's codec allows."""
+                         *, labels: torch.Tensor | None = None, max_items: int = 16, normalized: bool = True,
+                         endpoint: str = "") -> list[Path]:
+    """One picture per sample set (name → [N, C, T, H, W]); decoded to pixels when the data set's codec allows.
+    Data sets encoded by the Wan2.1 VAE are decoded by it into PNG, GIF and MP4 (rcm_core/video_samples.py)."""
     m = Manifest(**manifest) if isinstance(manifest, dict) else manifest
+    if m is not None and (m.encoder or {}).get("name") == "wan2.1":
+        from rcm_core.video_samples import data_card, save_decoded_samples
+        return save_decoded_samples(samples, data_card(m, normalized=normalized), out_dir, endpoint=endpoint)
     paths = []
     for name, x in samples.items():
         if x[0].numel() <= 16 and x.shape[2:] == (1, 1, 1):          # a vector toy: scatter plot

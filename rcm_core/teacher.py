@@ -73,13 +73,15 @@ def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
 
 
 def save_teacher(model: TrigFlowDenoiser, cfg: ExperimentCfg, path: str | Path, *,
-                 net_state: dict | None = None) -> Path:
-    """`net_state`: the network's full weights when `model` is FSDP-sharded (rcm_core.parallel.full_state_dict)."""
+                 net_state: dict | None = None, data: dict | None = None) -> Path:
+    """`net_state`: the network's full weights when `model` is FSDP-sharded (rcm_core.parallel.full_state_dict).
+    `data`: the data set's card (rcm_core.video_samples.data_card), so samples can be mapped back to its
+    coordinates and decoded without the run's config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"net": net_state if net_state is not None else model.net.state_dict(), "model": to_dict(cfg.model),
-                "parametrization": model.parametrization}, tmp)
+                "parametrization": model.parametrization, **({"data": data} if data is not None else {})}, tmp)
     tmp.replace(path)
     return path
 
@@ -122,8 +124,10 @@ def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> 
 
 
 def load_or_train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device: torch.device,
-                          data_key: str, cache_dir: str | Path = ".cache/teachers") -> TrigFlowDenoiser:
-    """cfg.teacher.checkpoint if set; else a cached teacher for this config; else train and cache one."""
+                          data_key: str, cache_dir: str | Path = ".cache/teachers",
+                          data: dict | None = None) -> TrigFlowDenoiser:
+    """cfg.teacher.checkpoint if set; else a cached teacher for this config; else train and cache one (with the
+    data set's card `data`, see save_teacher)."""
     if cfg.teacher.checkpoint:
         return load_teacher(cfg.teacher.checkpoint, cfg, device)
     path = Path(cache_dir) / f"teacher-{teacher_key(cfg, data_key)}.pt"
@@ -131,6 +135,6 @@ def load_or_train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *,
         tqdm.write(f"teacher: using cached {path}")
         return load_teacher(path, cfg, device)
     teacher = train_teacher(cfg, batches, device=device)
-    save_teacher(teacher, cfg, path)
+    save_teacher(teacher, cfg, path, data=data)
     tqdm.write(f"teacher: trained and cached at {path}")
     return teacher

@@ -83,8 +83,22 @@ def s3_endpoint(local_stack):
         os.environ["AWS_ENDPOINT_URL"] = old
 
 
+def postgres_missing() -> str | None:
+    """Why the MLflow server's PostgreSQL cannot start here, or None. CI has it; a laptop may not."""
+    from cluster.local_stack import PG_BIN
+
+    missing = [name for name in ("initdb", "postgres") if not (PG_BIN / name).is_file()]
+    return (f"needs PostgreSQL 15's {' and '.join(missing)} in {PG_BIN} (Debian: apt-get install postgresql-15, "
+            f"or set RCM_PG_BIN)") if missing else None
+
+
+needs_postgres = pytest.mark.skipif(postgres_missing() is not None, reason=postgres_missing() or "")
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(local_stack, s3_endpoint):
+    if reason := postgres_missing():
+        pytest.skip(reason)
     return local_stack.up(["mlflow"])["mlflow_uri"]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import needs_postgres
 
 from cluster.local_stack import session_members
 
@@ -144,6 +145,7 @@ def check_smoke_job(env: dict) -> None:
 
 @pytest.mark.services
 @pytest.mark.slow
+@needs_postgres
 def test_cli_up_status_down_leaves_no_process():
     state = Path(tempfile.mkdtemp(prefix="rcm-cli-stack-", dir="/tmp"))
     state.chmod(0o755)                      # PostgreSQL runs as `postgres` when tests run as root

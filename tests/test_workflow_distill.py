@@ -1,5 +1,6 @@
 """workflows/distill.py end to end on local Ray: Ray Data input, Ray Train workers, MLflow (SQLite) tracking,
-checkpoints, and a second invocation of the same command resuming the same run."""
+checkpoints, a second invocation of the same command resuming the same run, a changed config refused instead of
+continuing it, and the finished command run again printing its table."""
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -16,6 +17,7 @@ def _runs(uri, experiment):
 
 
 def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capsys):
+    from rcm_core.config import ConfigError, load_config
     from workflows.distill import main
 
     monkeypatch.chdir(tmp_path)
@@ -48,12 +50,29 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, caps
     assert runs[0].data.params["distill.mode"] == "rcm" and runs[0].data.tags["config_hash"]
     assert (tmp_path / "run" / "checkpoints" / "step_20" / "state.pt").is_file()
 
-    # The same command with more steps: resumes at step 20 and continues the same MLflow run.
+    # Another λ under the same name would continue this run (whose params say λ = 0.01): refused, naming the key.
+    with pytest.raises(ConfigError, match=r"distill.reg_weight: 0.01 -> 0.1\).*name=NEW.*--resume-changed"):
+        main(["train.steps=30", "distill.reg_weight=0.1", *common])
+    from workflows.distill import DEFAULT_CONFIG, FORCED_TAG, RESUMED_TAG, absolute_paths, check_resume, prepare_data
+    changed = absolute_paths(load_config(DEFAULT_CONFIG, ["train.steps=30", "distill.reg_weight=0.1", *common]))
+    assert check_resume(prepare_data(changed), allow_changed=True) == {
+        FORCED_TAG: "distill.reg_weight: 0.01 -> 0.1", RESUMED_TAG: "train.steps: 20 -> 30"}
+
+    # The same command with more steps: resumes at step 20 and continues the same MLflow run, recording the change.
     assert main(["train.steps=30", *common]) == 0
     client, runs = _runs(uri, "wf-test")
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0].data.tags[RESUMED_TAG] == "train.steps: 20 -> 30"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert steps == [5, 10, 15, 20, 25, 30]
+
+    # The finished command again: nothing to train (no worker starts), its table printed, the MLflow run untouched.
+    capsys.readouterr()
+    assert main(["train.steps=30", *common]) == 0
+    out = capsys.readouterr().out
+    assert "finished its 30 steps before: nothing to train" in out and "nfe_4" in out and "teacher_nfe_39" in out and "(no evaluation table written)" not in out
+    client, runs = _runs(uri, "wf-test")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == steps
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked, leaked                              # db, artifacts, checkpoints, resolved config
 

@@ -18,6 +18,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -32,7 +33,7 @@ if str(ROOT) not in sys.path:            # `python workflows/distill.py` from a 
 import ray.train  # noqa: E402
 import torch  # noqa: E402
 
-from rcm_core.config import ExperimentCfg, from_dict, load_config, redact_url, to_dict  # noqa: E402
+from rcm_core.config import ConfigError, ExperimentCfg, from_dict, load_config, redact_url, to_dict  # noqa: E402
 from rcm_core.data import iterate_batches, read_manifest  # noqa: E402
 from rcm_core.parallel import full_state_dict, is_collective, run_shape  # noqa: E402
 from workflows.cli import add_debug_flag, run_cli  # noqa: E402
@@ -50,13 +51,19 @@ def _evaluator(cfg: ExperimentCfg, teacher, manifest: dict, device: torch.device
     which adds the `*_feat` metrics, class_acc and, for video, the temporal ones; None = random projection only."""
     from rcm_core.eval.features import RandomProjection
     from rcm_core.evaluate import EvalBank, StepCountEvaluator
-    from rcm_core.pipeline import toy_evaluator, toy_gmm
+    from rcm_core.pipeline import toy_evaluator
+    from rcm_core.toy import default_gmm
+    from rcm_core.video_samples import eval_conditions
 
     if manifest.get("source", {}).get("name") == "gmm" and not cfg.data.normalize:
-        return toy_evaluator(cfg, teacher, toy_gmm(cfg), device)
+        # the mixture the data set was written from (its manifest), not one rebuilt from model.* keys
+        gmm = default_gmm(dim=manifest["source"]["dim"], classes=manifest["num_classes"])
+        return toy_evaluator(cfg, teacher, gmm, device)
     shape = manifest["latent_shape"]
     n, k = cfg.eval.num_samples, max(manifest.get("num_classes") or 1, 1)
-    bank = EvalBank.make(shape, torch.arange(n) % k, cfg.eval.seed)
+    conds = torch.arange(n) % k if manifest.get("cond_shape") is None else eval_conditions(   # text: the data's own
+        cfg.data.url, manifest, n, endpoint=cfg.data.s3_endpoint)
+    bank = EvalBank.make(shape, conds, cfg.eval.seed)
     dim = int(torch.tensor(shape).prod())
     projection = RandomProjection(dim, out_dim=min(64, dim), seed=0)
     extractors = [projection] if feature_net is None else [feature_net, projection]
@@ -101,7 +108,6 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from rcm_core.loop import run_training
-    from rcm_core.teacher import load_teacher
     from workflows.data import resumable_batches
 
     cfg = from_dict(config["cfg"], "train_loop_config")
@@ -109,13 +115,14 @@ def train_fn_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
-    teacher = load_teacher(config["teacher_path"], cfg, device)
+    teacher = worker_teacher(config["teacher_path"], cfg, device)
     shard = ray.train.get_dataset_shard("train")
     extra: dict = {}
     collective = is_collective(cfg.parallel, world)      # FSDP/CP: every rank joins evaluation forwards
     evaluates = rank == 0 or collective
     feature_net, tags = _worker_feature_net(config.get("feature_net"), device) if evaluates else (None, {})
-    reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"), _stop_rule(config), tags=tags)
+    reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"), _stop_rule(config),
+                           tags={**tags, **config.get("tags", {})})
     evaluator = _evaluator(cfg, teacher, config["manifest"], device, feature_net) if evaluates else None
     per_group = cfg.data.batch_size // run_shape(cfg.parallel, world).data_parallel_size
     ckpt = ray.train.get_checkpoint()
@@ -127,6 +134,8 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             reporter.ensure_tracker().finish("FAILED")
         return
+    if extra.get("data_position") == state.iteration:
+        return      # resumed at its last step (main() skips such runs; a sweep trial restored after its end does not)
     ema_weights = full_state_dict(state.ema.module.net)      # collective when sharded
     if rank == 0:
         tracker = reporter.ensure_tracker()
@@ -158,18 +167,22 @@ def _stop_rule(config: dict) -> Callable[[dict[str, float]], str | None] | None:
 
 
 def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_weights: dict) -> None:
-    """Resolved config, samples per step count (PNG; GIF for video), the comparison figure, the EMA student."""
+    """Resolved config, samples per step count (PNG; GIF for video; MP4 for Wan-VAE data sets), the comparison
+    figure, the final EMA student with its data set's card (channel statistics, encoder) for sample.py."""
     from rcm_core.config import dump_yaml
     from rcm_core.samples import save_sample_pictures
     from rcm_core.teacher import save_teacher
+    from rcm_core.video_samples import data_card
 
     tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         labels = evaluator.bank.labels if evaluator.bank.labels.dim() == 1 else None
-        for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels):
+        for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels,
+                                         normalized=cfg.data.normalize, endpoint=cfg.data.s3_endpoint):
             tracker.log_artifact(path, "samples")
         log_comparison_figure(cfg, tracker, evaluator, manifest, labels)
-        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights)
+        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights,
+                               data=data_card(manifest, normalized=cfg.data.normalize))
         tracker.log_artifact(student, "student")
         local = Path(cfg.train.run_dir) / "ema_student.pt"
         local.write_bytes(student.read_bytes())
@@ -191,35 +204,91 @@ def absolute_paths(cfg: ExperimentCfg) -> ExperimentCfg:
 
 
 def prepare_data(cfg: ExperimentCfg) -> ExperimentCfg:
-    """Built-in sources are written once to data.url (default runs/data/<source>) and then read as a data set."""
+    """Built-in sources are written once to data.url (default runs/data/<name>-<source>) and then read as a data
+    set; a data set already there must be the one the data.* keys describe (`check_data_request`)."""
     from workflows.data import check_storage
     from workflows.prepare_latents import prepare
 
     if cfg.data.source in ("gmm", "moving_fashion"):
         url = cfg.data.url or str(Path("runs", "data", f"{cfg.name}-{cfg.data.source}").resolve())
         try:
-            check_storage(url, cfg.data.s3_endpoint)
+            there = check_storage(url, cfg.data.s3_endpoint)
         except Exception:
+            there = None
             cfg.data.url = url
             prepare(cfg.data)
         cfg.data.url = url
+        if there is not None:
+            check_data_request(cfg.data, there)
     check_storage(cfg.data.url, cfg.data.s3_endpoint)       # fail before any worker starts, naming the URL
     return cfg
 
 
-def driver_teacher(cfg: ExperimentCfg) -> Path:
-    """Load or train the teacher once, on the driver, from the same data set (cached by config hash)."""
-    from rcm_core.teacher import load_or_train_teacher, save_teacher, teacher_key
+def data_request_differences(d, manifest) -> dict[str, tuple]:
+    """data.* keys whose values disagree with the data set `manifest` describes: key -> (there, requested)."""
+    src, shards = manifest.source, [s["rows"] for s in manifest.shards]
+    pairs = {"data.source": (src.get("name"), d.source), "data.seed": (src.get("seed"), d.seed),
+             "data.num_rows": (manifest.num_rows, d.num_rows),
+             # the last shard may be short; a single shard holds min(num_rows, rows_per_shard) rows
+             "data.rows_per_shard": (max(shards, default=0), min(d.rows_per_shard, d.num_rows))}
+    if d.source == "gmm":
+        pairs["data.gmm_dim"] = (src.get("dim"), d.gmm_dim)
+    else:
+        pairs.update({f"data.{k}": (src.get(k), getattr(d, k)) for k in ("frames", "canvas", "item_size")})
+        pairs["data.patch"] = (round(manifest.latent_shape[0] ** 0.5), d.patch)       # C = patch²
+    return {k: v for k, v in pairs.items() if v[0] != v[1]}
 
-    path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else Path(".cache", "teachers").resolve() / (
-        f"teacher-{teacher_key(cfg, cfg.data.url)}.pt")
+
+def check_data_request(d, manifest) -> None:
+    """A built-in source's data set is written once; a later request that disagrees with it is an error naming
+    both, never a silent run on the old data."""
+    diff = data_request_differences(d, manifest)
+    if diff:
+        shown = "; ".join(f"{k}: {there!r} there, {want!r} requested" for k, (there, want) in diff.items())
+        raise ConfigError(f"data.url={d.url} already holds a {manifest.source.get('name')} data set that differs "
+                          f"from the data.* keys: {shown}. Give another data.url to write the one you asked for, "
+                          f"set those keys to what is there, or delete {d.url}")
+
+
+def check_model_fits_data(cfg: ExperimentCfg, manifest) -> None:
+    """The data set decides the latent shape; the model must take it (model.in_channels: channels for the DiT, the
+    whole latent for the vector MLP), or every worker would fail at its first batch."""
+    shape = list(manifest.latent_shape)
+    need = shape[0] if cfg.model.kind == "dit" else math.prod(shape)
+    if cfg.model.in_channels != need:
+        raise ConfigError(f"model.in_channels={cfg.model.in_channels} does not fit the data set at {cfg.data.url}: "
+                          f"its latents are {shape}, so model.kind={cfg.model.kind} needs model.in_channels={need}")
+
+
+def driver_teacher(cfg: ExperimentCfg) -> Path:
+    """What the workers load as the teacher (`worker_teacher`): teacher.checkpoint as it is, a file or a Wan2.1
+    folder, never loaded, copied or written here; without one, a toy teacher trained once on the driver from the
+    run's data set and cached by config hash under .cache/teachers."""
+    from rcm_core.teacher import load_or_train_teacher, teacher_key
+    from rcm_core.video_samples import data_card
+
+    if cfg.teacher.checkpoint:
+        return Path(cfg.teacher.checkpoint)
+    cache = Path(".cache", "teachers").resolve()
+    path = cache / f"teacher-{teacher_key(cfg, cfg.data.url)}.pt"
     if not path.is_file():
         batches = iterate_batches(cfg.data.url, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1,
                                   endpoint=cfg.data.s3_endpoint, do_normalize=cfg.data.normalize)
-        teacher = load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url,
-                                        cache_dir=path.parent)
-        save_teacher(teacher, cfg, path)
+        card = data_card(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint), normalized=cfg.data.normalize)
+        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url, cache_dir=cache,
+                              data=card)          # the card: sample.py --teacher writes the data's coordinates
     return path
+
+
+def worker_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device):
+    """The teacher on a worker, loaded where it lies (a released Wan2.1 folder or file, or our .pt). The one place
+    a worker builds it: sharded building for large teachers belongs here (rcm_core.parallel)."""
+    from rcm_core.teacher import load_teacher
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"teacher.checkpoint={path}: no such file or folder on this worker; the workers "
+                                f"load it from there, so put it on storage every node mounts")
+    return load_teacher(path, cfg, device)
 
 
 # Fixed, not train.seed: every run on one data set is scored in the same feature space, so runs compare.
@@ -302,16 +371,19 @@ def feature_net_card(path: Path) -> dict:
 
 def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: Path | None = None,
                   parent_run_id: str | None = None, callbacks: list | None = None,
-                  stop_on_divergence: int | None = None):
+                  stop_on_divergence: int | None = None, tags: dict[str, str] | None = None):
     """A TorchTrainer for `cfg`. stop_on_divergence: the per-worker batch size; when given, workers end the run
-    at the first report that `workflows.sweep.divergence` calls diverged (sweep trials)."""
+    at the first report that `workflows.sweep.divergence` calls diverged (sweep trials). tags: set on the MLflow
+    run (e.g. `check_resume`'s record of what a resumed run changed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workflows.console import train_logging_config
     from workflows.data import check_batching, make_ray_dataset
 
+    check_device(cfg)
     manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)
+    check_model_fits_data(cfg, manifest)
     r = cfg.resources
     shape = run_shape(cfg.parallel, max(r.num_workers, 1))
     readers = shape.data_parallel_size                   # one reader per context-parallel group
@@ -320,20 +392,20 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {readers} data-parallel "
                          f"groups (resources.num_workers={r.num_workers} / parallel.cp={shape.cp}); choose a multiple")
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    storage = cfg.train.storage_path or str(Path(cfg.train.run_dir).resolve().parent / "ray_results")
+    storage, fs = run_storage(cfg)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_path": str(teacher_path), "manifest": vars(manifest),
                            "feature_net": feature_net_card(feature_net_path) if feature_net_path else None,
-                           "parent_run_id": parent_run_id, "stop_on_divergence": stop_on_divergence},
+                           "parent_run_id": parent_run_id, "stop_on_divergence": stop_on_divergence,
+                           "tags": tags or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         datasets={"train": make_ray_dataset(cfg)},
         dataset_config=GroupReaderDataConfig(shape.cp),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-ray", storage_path=_strip_scheme(storage, fs := storage_filesystem(storage)),
-            storage_filesystem=fs,
+            name=f"{cfg.name}-ray", storage_path=storage, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=train_logging_config(),         # Ray Train's console chatter only with --verbose
@@ -379,17 +451,104 @@ def _strip_scheme(storage: str, fs) -> str:
     return storage.split("://", 1)[1] if fs is not None else storage
 
 
-def storage_filesystem(storage: str):
-    """pyarrow's S3 client for s3:// storage, with the endpoint from AWS_ENDPOINT_URL (moto, MinIO…)."""
+def storage_filesystem(storage: str, endpoint: str = ""):
+    """pyarrow's S3 client for s3:// storage, with the endpoint from `endpoint` (the config's data.s3_endpoint),
+    else AWS_ENDPOINT_URL (moto, MinIO…); None for other storage and for AWS itself."""
     if not storage.startswith("s3://"):
         return None
     import pyarrow.fs as pafs
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
     if not endpoint:
         return None                      # real AWS: Ray resolves the filesystem from the URI itself
     scheme, host = endpoint.split("://", 1)
     return pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
                              region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def run_storage(cfg: ExperimentCfg) -> tuple[str, object]:
+    """Where Ray Train keeps the run's checkpoints: (path as Ray wants it, filesystem or None)."""
+    storage = cfg.train.storage_path or str(Path(cfg.train.run_dir).resolve().parent / "ray_results")
+    fs = storage_filesystem(storage, cfg.data.s3_endpoint)
+    return _strip_scheme(storage, fs), fs
+
+
+def check_device(cfg: ExperimentCfg) -> None:
+    """Under Ray the worker's device is the one Ray assigns: a GPU exactly when resources.use_gpu is true. A
+    train.device that says otherwise would be silently ignored, so it is refused."""
+    wants_cuda = cfg.train.device.startswith("cuda")
+    if wants_cuda != cfg.resources.use_gpu:
+        raise ConfigError(f"train.device={cfg.train.device} but resources.use_gpu={str(cfg.resources.use_gpu).lower()}"
+                          f": Ray workers get a GPU only with resources.use_gpu=true, and then train on it. Set both "
+                          f"(train.device=cuda resources.use_gpu=true) or neither (train.device=cpu "
+                          f"resources.use_gpu=false)")
+
+
+RESUMED_TAG, FORCED_TAG = "rcm.resume.changed", "rcm.resume.forced"
+
+
+def latest_ray_checkpoint(cfg: ExperimentCfg):
+    """The newest checkpoint of the Ray Train run `{name}-ray` (what a run of this config resumes from) and the
+    metrics reported with it, or None when there is none yet."""
+    from ray.train.v2.api.result import Result
+
+    path, fs = run_storage(cfg)
+    try:
+        result = Result.from_path(f"{path.rstrip('/')}/{cfg.name}-ray", storage_filesystem=fs)
+    except RuntimeError:                       # no run folder, or no checkpoint written yet
+        return None
+    return None if result.checkpoint is None else (result.checkpoint, result.metrics or {})
+
+
+def latest_run_config(cfg: ExperimentCfg) -> dict | None:
+    """The config saved in the checkpoint a run of `cfg` would resume from, {} for a checkpoint without one
+    (written before configs were saved), None when there is no checkpoint."""
+    from rcm_core.checkpoint import RUN_CONFIG_FILE
+
+    latest = latest_ray_checkpoint(cfg)
+    if latest is None:
+        return None
+    ckpt = latest[0]
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{RUN_CONFIG_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return {}
+
+
+def finished_checkpoint(cfg: ExperimentCfg) -> str | None:
+    """The path of the run's checkpoint if it already reached train.steps (the same command run again): then
+    there is nothing to train, and no worker needs to start."""
+    latest = latest_ray_checkpoint(cfg)
+    if latest is None or latest[1].get("step", -1) < cfg.train.steps:
+        return None
+    return latest[0].path
+
+
+def check_resume(cfg: ExperimentCfg, *, allow_changed: bool = False) -> dict[str, str]:
+    """Before a run resumes its checkpoint, compare the config it was trained with: keys that shape training must
+    be the same (a different λ must not continue a run whose MLflow params say another); steps, logging and
+    evaluation keys may change. Returns the MLflow tags that record what changed; raises ConfigError naming the
+    differing keys unless `allow_changed` (--resume-changed), which is then recorded as a tag too."""
+    from rcm_core.config import resume_changes
+
+    saved = latest_run_config(cfg)
+    if saved is None:
+        return {}
+    unknown = {"config": ("not recorded (a checkpoint from before configs were saved)", "this one")}
+    shaping, free = resume_changes(saved, cfg) if saved else (unknown, {})
+    show = lambda d: "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())   # noqa: E731
+    tags = {RESUMED_TAG: show(free)[:5000]} if free else {}
+    if shaping and not allow_changed:
+        raise ConfigError(f"run '{cfg.name}' has a checkpoint trained with another config ({show(shaping)}), and "
+                          f"running it again continues that run. Either give this run a new name (name=NEW), or "
+                          f"continue the old run anyway with --resume-changed (recorded as the MLflow tag "
+                          f"{FORCED_TAG})")
+    if free:
+        print(f"run '{cfg.name}' resumes with: {show(free)}", flush=True)
+    if shaping:
+        tags[FORCED_TAG] = show(shaping)[:5000]
+        print(f"run '{cfg.name}' resumes despite (--resume-changed): {show(shaping)}", flush=True)
+    return tags
 
 
 def init_ray(address: str | None) -> None:
@@ -447,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="rCM distillation on Ray Train (Ray Data input, MLflow tracking).")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
+    ap.add_argument("--resume-changed", action="store_true",
+                    help="continue the run's checkpoint although keys that shape training differ from the config it "
+                         f"was trained with (recorded as the MLflow tag {FORCED_TAG}); default: refuse and name them")
     ap.add_argument("--full-table", action="store_true", help="print every metric of the step-count table (wide; "
                     "the default table fits 100 columns)")
     ap.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Data's progress bars")
@@ -454,12 +616,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.reg_weight=0.1")
     args = ap.parse_args(argv)
     setup_output(args.verbose)
-    cfg = prepare_data(absolute_paths(load_config(args.config, args.overrides)))
-    teacher_path = driver_teacher(cfg)
-    feature_net_path = driver_feature_net(cfg)
-    init_ray(args.address)
-    result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path).fit()
-    print(summary(cfg, result.checkpoint.path if result.checkpoint else "(none)", full_table=args.full_table))
+    cfg = absolute_paths(load_config(args.config, args.overrides))
+    check_device(cfg)
+    cfg = prepare_data(cfg)                              # before the comparison: it resolves data.url
+    resume_tags = check_resume(cfg, allow_changed=args.resume_changed)
+    checkpoint = finished_checkpoint(cfg)
+    if checkpoint is not None:
+        print(f"run '{cfg.name}' finished its {cfg.train.steps} steps before: nothing to train", flush=True)
+    else:
+        teacher_path = driver_teacher(cfg)
+        feature_net_path = driver_feature_net(cfg)
+        init_ray(args.address)
+        result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+    print(summary(cfg, checkpoint or "(none)", full_table=args.full_table))
     return 0
 
 

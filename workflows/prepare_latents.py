@@ -9,6 +9,8 @@ Sources (`data.source`):
                   fixed patch DCT (rcm_core/datasets/codec.py) into [data.patch², T, S/p, S/p]; label = class.
   gmm             the core toy (rcm_core/toy.py): a class-conditional Gaussian mixture, latents [D, 1, 1, 1].
   precomputed     latents made elsewhere, from `data.precomputed` (or `--from-npz FILE`), see below.
+  videos          a folder or bucket of clips + captions, encoded by the Wan2.1 VAE and umT5 on Ray Data actors
+                  (data.video.*; workflows/encode_videos.py says how, README "Your own videos" gives the commands).
 
 Your own encoder (a video VAE and a text encoder) — two ways in:
   1. Save one .npz and pass `--from-npz FILE` (or data.source=precomputed data.precomputed=FILE). Keys:
@@ -143,10 +145,13 @@ def prepare(d: DataCfg, npz: str | None = None) -> tuple[str, Manifest]:
     source = "precomputed" if npz else d.source
     if source == "dataset":
         raise ConfigError("data.source=dataset reads an existing data set; choose what to write with "
-                          "data.source=moving_fashion|gmm|precomputed")
+                          "data.source=moving_fashion|gmm|precomputed|videos")
     url = d.url or f"runs/data/{source}"
     n = d.num_rows
     with _progress(n, f"prepare {source}") as bar:
+        if source == "videos":                  # Ray Data actors; resumable; its own shard writer
+            from workflows.encode_videos import encode_videos
+            return url, encode_videos(d, url, progress_bar=bar)
         if source == "moving_fashion":
             rows, info = moving_fashion_rows(d, bar)
         elif source == "gmm":

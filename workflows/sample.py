@@ -3,6 +3,14 @@
     python workflows/sample.py --checkpoint runs/demo/ema_student.pt --steps 2 --num-samples 16 --out s.npy
     python workflows/sample.py --checkpoint runs:/<run_id>/student/ema_student.pt --steps 4 ...   # from MLflow
     python workflows/sample.py --checkpoint .cache/teachers/teacher-XXXX.pt --teacher --steps 50 --out t.npy
+    python workflows/sample.py --checkpoint runs/wan/ema_student.pt --steps 4 --num-samples 2 \
+        --prompt "a red kite over the sea" --decode --out kite.npy          # also kite.mp4 and kite.gif
+
+Latents are written in the data set's own coordinates: a student trained on normalised latents (data.normalize,
+the default) carries its data set's per-channel statistics and the normalisation is undone here. `--decode` turns
+them into videos with the VAE the data set was encoded with (recorded in the checkpoint; `--encoders FOLDER` when
+it moved): `<out>.mp4` (all samples in one grid) and `<out>.gif`. `--prompt` encodes the text with that data set's
+umT5, padded as it was.
 
 The checkpoint is a file written by `rcm_core.teacher.save_teacher` (the EMA student logged by every run, or a
 cached teacher): it carries its model config, so no run config is needed. Students use the multistep
@@ -27,6 +35,7 @@ from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
 from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
 from rcm_core.networks import build_network  # noqa: E402
 from rcm_core.samplers import consistency_sample, teacher_sample  # noqa: E402
+from rcm_core.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
 from workflows.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 
 
@@ -43,6 +52,11 @@ def local_path(uri: str) -> Path:
 
 
 def load_model(path: Path, device: torch.device) -> TrigFlowDenoiser:
+    return load_checkpoint(path, device)[0]
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[TrigFlowDenoiser, dict | None]:
+    """The model and its data set's card (None for checkpoints written before students carried one)."""
     try:
         data = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:   # not a torch file at all, truncated, or holding pickled code (refused by weights_only)
@@ -55,16 +69,33 @@ def load_model(path: Path, device: torch.device) -> TrigFlowDenoiser:
     cfg = from_dict({"model": data["model"]}, str(path)).model
     net = build_network(cfg)
     net.load_state_dict(data["net"])
-    return TrigFlowDenoiser(net, data["parametrization"]).to(device).eval()
+    return TrigFlowDenoiser(net, data["parametrization"]).to(device).eval(), data.get("data")
 
 
-def conditions(model: ModelCfg, k: int, label: int | None, cond_file: str | None) -> torch.Tensor:
+def conditions(model: ModelCfg, k: int, label: int | None, cond_file: str | None, prompt: list[str] | None = None,
+               card: dict | None = None, encoders: str = "", endpoint: str = "") -> torch.Tensor:
     if model.num_classes > 0:
         return torch.full((k,), label, dtype=torch.long) if label is not None else torch.arange(k) % model.num_classes
+    if prompt:
+        return encode_prompts(prompt, k, card, encoders, endpoint)
     if cond_file is None:
-        raise UserError("this model is text-conditioned: pass --cond FILE.npy with an embedding [L, D] or [K, L, D]")
+        raise UserError("this model is text-conditioned: pass --prompt TEXT (data sets encoded with umT5) or "
+                         "--cond FILE.npy with an embedding [L, D] or [K, L, D]")
     c = torch.from_numpy(np.load(cond_file)).float()
     return c.expand(k, *c.shape) if c.dim() == 2 else c
+
+
+def encode_prompts(prompts: list[str], k: int, card: dict | None, encoders: str, endpoint: str) -> torch.Tensor:
+    """Prompts → [K, L, D] with the data set's umT5 (prompt i for sample i, cycled), padded to its length."""
+    from rcm_core.encoders import UMT5Text
+
+    enc = (card or {}).get("encoder") or {}
+    if not (encoders or enc.get("name") == "wan2.1"):
+        raise UserError("--prompt needs a checkpoint whose data set was encoded by workflows/encode_videos.py, or "
+                        "--encoders FOLDER (the Wan2.1 *-Diffusers folder)")
+    length = enc.get("text_encoder", {}).get("max_length", 512)
+    text = UMT5Text.load(encoders or enc["path"], device=torch.device("cpu"), max_length=length, endpoint=endpoint)
+    return text.encode([prompts[i % len(prompts)] for i in range(k)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--solver", choices=["euler", "heun"], default="heun")
     ap.add_argument("--label", type=int, default=None)
     ap.add_argument("--cond", default=None, help=".npy text embedding for text-conditioned models")
+    ap.add_argument("--prompt", nargs="+", default=None, help="text prompt(s), encoded with the data set's umT5")
+    ap.add_argument("--decode", action="store_true", help="also write <out>.mp4 and <out>.gif through the data "
+                    "set's VAE decoder")
+    ap.add_argument("--encoders", default="", help="Wan2.1 *-Diffusers folder (local or s3://) when it is not where "
+                    "the data set was encoded from")
+    ap.add_argument("--s3-endpoint", default="", help="S3 endpoint for s3:// encoder folders "
+                    "(default: AWS_ENDPOINT_URL)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
@@ -92,22 +130,34 @@ def main(argv: list[str] | None = None) -> int:
     if not args.teacher and args.steps - 1 > len(args.mid_t):
         ap.error(f"a {args.steps}-step student needs {args.steps - 1} intermediate times; --mid-t has {args.mid_t}")
     device = torch.device(args.device)
-    model = load_model(local_path(args.checkpoint), device)
+    model, card = load_checkpoint(local_path(args.checkpoint), device)
     mcfg = model.net.cfg
-    shape = args.latent_shape or ([mcfg.in_channels, 1, 1, 1] if mcfg.kind == "mlp" else None)
+    shape = args.latent_shape or ([mcfg.in_channels, 1, 1, 1] if mcfg.kind == "mlp" else None) or (
+        card and card["latent_shape"])
     if shape is None:
-        ap.error("--latent-shape C T H W is required for video models")
+        ap.error("--latent-shape C T H W is required for video models whose checkpoint carries no data set card")
+    if args.decode and not (card and (args.encoders or (card.get("encoder") or {}).get("name") == "wan2.1")):
+        ap.error("--decode needs a checkpoint whose data set was encoded by the Wan2.1 VAE "
+                 "(workflows/encode_videos.py), or --encoders FOLDER")
     g = torch.Generator(device=device).manual_seed(args.seed)
     z = torch.randn(args.num_samples, *shape, generator=g, device=device)
-    cond = conditions(mcfg, args.num_samples, args.label, args.cond).to(device)
+    cond = conditions(mcfg, args.num_samples, args.label, args.cond, args.prompt, card, args.encoders,
+                      args.s3_endpoint).to(device)
     if args.teacher:
         x = teacher_sample(model, z, cond, steps=args.steps, guidance=args.guidance, solver=args.solver)
     else:
         x = consistency_sample(model, z, cond, steps=args.steps, sigma_max=args.sigma_max, mid_t=args.mid_t,
                                generator=g)
-    np.save(args.out, x.float().cpu().numpy())
+    x = to_dataset_coordinates(x.float().cpu(), card)          # the data set's own coordinates
+    np.save(args.out, x.numpy())
     print(f"wrote {args.out}: {tuple(x.shape)} float32 ({'teacher' if args.teacher else 'student'}, "
           f"{args.steps} steps)")
+    if args.decode:
+        vae = decoder_for(card, path=args.encoders, endpoint=args.s3_endpoint, device=device)
+        videos = decode(x, vae)
+        for path in write_videos(videos, Path(args.out).with_suffix(""), fps=int(card["encoder"].get("fps", 16))):
+            print(f"wrote {path}: {videos.shape[0]} video(s) of {videos.shape[1]} frames {videos.shape[2]}×"
+                  f"{videos.shape[3]}")
     return 0
 
 

@@ -586,13 +586,15 @@ def finish_parent(uri: str, parent_run_id: str, status: str = "FINISHED") -> str
 def run_sweep(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str], *, resume: bool = False,
               address: str | None = None) -> str:
     """Prepare data and teacher once, start (or restore) the Tuner, finish the parent run. Returns its run id."""
-    from workflows.distill import absolute_paths, driver_feature_net, driver_teacher, init_ray, prepare_data
+    from workflows.distill import (absolute_paths, check_device, driver_feature_net, driver_teacher, init_ray,
+                                   prepare_data)
     from workflows.tracking import tracking_uri
 
     state = _state_path(spec)
     if state.exists() and not resume:
         raise ConfigError(f"sweep folder {state.parent} exists: pass --resume to continue it, or --name NEW "
                           f"(or delete the folder) to start another")
+    check_device(cfg)              # train.device and resources.use_gpu must agree (workflows/distill.py)
     cfg = prepare_data(absolute_paths(cfg))
     if resume:
         if not state.is_file():
