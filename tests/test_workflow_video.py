@@ -128,6 +128,8 @@ def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
     assert f"feature net: {version}" in out and version.startswith("featnet-")
     assert 0.0 <= float(tags["feature_net.heldout_accuracy"]) <= 1.0 and tags["feature_net.steps"] == "60"
 
+    comparison = {a.path for a in client.list_artifacts(run.info.run_id, "comparison")}
+    assert {"comparison/samples.png", "comparison/samples.gif", "comparison/step_counts.csv"} <= comparison, comparison
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     for row in ("nfe_1", "nfe_2", "nfe_4"):
         assert {f"samples/{row}.png", f"samples/{row}.gif"} <= samples, samples
