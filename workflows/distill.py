@@ -257,22 +257,31 @@ def check_model_fits_data(cfg: ExperimentCfg, manifest) -> None:
                           f"its latents are {shape}, so model.kind={cfg.model.kind} needs model.in_channels={need}")
 
 
+def teacher_data_key(cfg: ExperimentCfg) -> str:
+    """The data set's version for the teacher cache (`rcm_core.teacher.teacher_key`): its manifest's content (shards,
+    row counts, channel statistics, generator), not its URL. A different data set rewritten at the same URL gets a
+    new teacher; the same data set copied elsewhere keeps its teacher."""
+    manifest = vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint))
+    return "manifest-" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def driver_teacher(cfg: ExperimentCfg) -> Path:
     """What the workers load as the teacher (`worker_teacher`): teacher.checkpoint as it is, a file or a Wan2.1
     folder, never loaded, copied or written here; without one, a toy teacher trained once on the driver from the
-    run's data set and cached by config hash under .cache/teachers."""
+    run's data set and cached under .cache/teachers by `teacher_key` (config and the data set's manifest)."""
     from rcm_core.teacher import load_or_train_teacher, teacher_key
     from rcm_core.video_samples import data_card
 
     if cfg.teacher.checkpoint:
         return Path(cfg.teacher.checkpoint)
     cache = Path(".cache", "teachers").resolve()
-    path = cache / f"teacher-{teacher_key(cfg, cfg.data.url)}.pt"
+    data_key = teacher_data_key(cfg)
+    path = cache / f"teacher-{teacher_key(cfg, data_key)}.pt"
     if not path.is_file():
         batches = iterate_batches(cfg.data.url, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1,
                                   endpoint=cfg.data.s3_endpoint, do_normalize=cfg.data.normalize)
         card = data_card(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint), normalized=cfg.data.normalize)
-        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url, cache_dir=cache,
+        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=data_key, cache_dir=cache,
                               data=card)          # the card: sample.py --teacher writes the data's coordinates
     return path
 
