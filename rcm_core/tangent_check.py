@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rcm_core.denoiser import TrigFlowDenoiser
+from rcm_core.losses import jvp
 from rcm_core.trigflow import add_noise
 
 TIME_GRID = (0.05, 0.3, 0.7, 1.0, 1.3, 1.5)    # TrigFlow t; covers sCM's p_G (log tan t ~ N(−0.8, 1.6²))
@@ -111,7 +112,7 @@ def time_derivative_check(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch
             tv = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
             x_t = add_noise(x0, eps, tv).to(x0.dtype)
             F = lambda tt: model.F(x_t, tt, cond)  # noqa: E731
-            _, dF = torch.func.jvp(F, (tv,), (torch.ones_like(tv),))
+            _, dF = jvp(F, (tv,), (torch.ones_like(tv),))      # the sCM tangent's own forward-mode AD
             fd = (F(tv + h) - F(tv - h)) / (2 * h)
             cs = math.cos(t) * math.sin(t)
             jvps.append(cs * rms(dF))
