@@ -35,6 +35,7 @@ from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
 from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
 from rcm_core.networks import build_network  # noqa: E402
 from rcm_core.samplers import consistency_sample, teacher_sample  # noqa: E402
+from rcm_core.teacher import checkpoint_model  # noqa: E402
 from rcm_core.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[TrigFlowDenoiser,
     if not {"net", "model", "parametrization"} <= set(data):
         raise ValueError(f"{path} is not a model file from save_teacher (keys {sorted(data)[:6]}); run checkpoints "
                          f"(state.pt) hold the whole training state — use the run's ema_student.pt")
-    cfg = from_dict({"model": data["model"]}, str(path)).model
+    cfg = from_dict({"model": checkpoint_model(data)}, str(path)).model
     net = build_network(cfg)
     net.load_state_dict(data["net"])
     return TrigFlowDenoiser(net, data["parametrization"]).to(device).eval(), data.get("data")
