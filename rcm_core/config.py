@@ -38,6 +38,10 @@ class ModelCfg:
     num_heads: int = 4                      # (1.3B: 12, 14B: 40)
     num_layers: int = 2                     # (1.3B: 30, 14B: 40)
     freq_dim: int = 256                     # sinusoidal time-embedding width
+    time_scale: float = 10.0                # rf_velocity time input k·s to the sinusoid; Wan's released weights
+                                            # expect 1000 (its presets set it), teachers trained here use 10:
+                                            # at 1000 their F(t) keeps ripples that sCM's JVP amplifies (issue 18,
+                                            # experiments/bench/time_scale_study.py)
     text_dim: int = 32                      # width of the conditioning sequence (umT5: 4096)
     num_classes: int = 0                    # >0: integer labels map to a learned conditioning sequence
     label_tokens: int = 4                   # tokens per class label when num_classes > 0
@@ -471,6 +475,7 @@ def validate(cfg: ExperimentCfg) -> None:
     _require(s.teacher_steps >= 1, "sampler.teacher_steps", s.teacher_steps, "must be ≥ 1")
     _require(len(m.patch_size) == 3 and all(p >= 1 for p in m.patch_size), "model.patch_size",
              m.patch_size, "give three positive integers (pt, ph, pw), e.g. [1, 2, 2]")
+    _require(m.time_scale > 0, "model.time_scale", m.time_scale, "must be positive (Wan: 1000, trained here: 10)")
     _require(m.dim % m.num_heads == 0, "model.dim", m.dim,
              f"must be divisible by model.num_heads={m.num_heads}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,

@@ -5,8 +5,11 @@ is cast to the network's dtype. Every method is a pure function of (x_t, t), so 
 the total derivative through the preconditioning as well as through the network.
 
 Parametrizations (`TeacherCfg.parametrization`):
-- rf_velocity  Wan-style rectified flow: x_raw = x_t/(cos t+sin t), timestep 1000·s, v_raw = ε − x0;
+- rf_velocity  Wan-style rectified flow: x_raw = x_t/(cos t+sin t), timestep k·s, v_raw = ε − x0;
                F = ((cos t − sin t)·x_t + v_raw)/(cos t + sin t) (rcm_method.md §1.2, simplified).
+               k = `model.time_scale`: 1000 for Wan's released weights, 10 for teachers trained here (a
+               sinusoid fed 1000·s leaves ripples in F(t) after a short training, which sCM's exact JVP
+               differentiates; issue 18, experiments/bench/time_scale_study.py).
 - edm_eps      EDM ε-predictor with σ_d = 1: input x_t (= c_in·x_σ), c_noise = ¼·ln σ; F = (ε̂ − sin t·x_t)/cos t.
 - edm_x0       EDM-preconditioned denoiser (σ_d = 1): D = c_skip·x_σ + c_out·net(c_in·x_σ, c_noise) with
                c_skip = cos²t, c_out = sin t, c_in = cos t, so x̂0 = cos t·x_t + sin t·net and F = −net.
@@ -27,13 +30,21 @@ Parametrization = Literal["rf_velocity", "edm_eps", "edm_x0", "trigflow"]
 RF_TIMESTEP_SCALE = 1000.0   # Wan's timestep input is 1000·s (rectified_flow_t_scaling_factor)
 
 
+def network_time_scale(net: nn.Module) -> float:
+    """k of the rf_velocity time input k·s: the network's `model.time_scale`, else Wan's 1000 (e.g. the analytic
+    toy teacher, which reads its time input as 1000·s)."""
+    return float(getattr(getattr(net, "cfg", None), "time_scale", RF_TIMESTEP_SCALE))
+
+
 class TrigFlowDenoiser(nn.Module):
     """F_θ(x_t, t, cond) and f_θ(x_t, t, cond) around a raw network `net(x, timestep, cond)`."""
 
-    def __init__(self, net: nn.Module, parametrization: Parametrization = "rf_velocity"):
+    def __init__(self, net: nn.Module, parametrization: Parametrization = "rf_velocity",
+                 time_scale: float | None = None):
         super().__init__()
         self.net = net
         self.parametrization = parametrization
+        self.time_scale = network_time_scale(net) if time_scale is None else float(time_scale)
 
     @property
     def net_dtype(self) -> torch.dtype:
@@ -47,7 +58,7 @@ class TrigFlowDenoiser(nn.Module):
         c, s = torch.cos(t), torch.sin(t)
         if self.parametrization == "rf_velocity":
             x_in = x_t.double() / expand_like(c + s, x_t)
-            timestep = RF_TIMESTEP_SCALE * s / (c + s)
+            timestep = self.time_scale * s / (c + s)
         elif self.parametrization == "edm_eps" or self.parametrization == "edm_x0":
             x_in = x_t.double()                       # c_in·x_σ = cos t·(x_t / cos t) with σ_d = 1
             timestep = 0.25 * torch.log(torch.tan(t))

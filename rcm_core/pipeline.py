@@ -20,6 +20,7 @@ from rcm_core.eval.gmm import GaussianMixture as EvalGMM
 from rcm_core.eval.features import RandomProjection
 from rcm_core.evaluate import EvalBank, StepCountEvaluator, format_table
 from rcm_core.loop import print_reporter, run_training
+from rcm_core.tangent_check import TangentCheck, check_rows, time_derivative_check, warn_if_rough
 from rcm_core.teacher import load_or_train_teacher
 from rcm_core.toy import GaussianMixture, default_gmm, gmm_batches
 
@@ -51,12 +52,24 @@ def toy_teacher(cfg: ExperimentCfg, gmm: GaussianMixture, device: torch.device) 
     return load_or_train_teacher(cfg, batches, device=device, data_key=f"gmm-{gmm.dim}-{gmm.num_classes}")
 
 
+def toy_teacher_check(cfg: ExperimentCfg, teacher: TrigFlowDenoiser, gmm: GaussianMixture,
+                      device: torch.device) -> TangentCheck:
+    """The teacher's JVP-vs-central-difference check (rcm_core.tangent_check) on seeded mixture samples, printed."""
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    x0, labels = gmm.sample(check_rows(gmm.dim), g)
+    check = time_derivative_check(teacher, x0.to(device), labels.to(device),
+                                  generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
+    warn_if_rough(check)
+    return check
+
+
 def run_toy(cfg: ExperimentCfg, *, resume: str | None = None,
             reporter=print_reporter) -> tuple[DistillState, StepCountEvaluator]:
     """Train (or load) the toy teacher, distil it, evaluate every step count. Returns state and evaluator."""
     device = torch.device(cfg.train.device)
     gmm = toy_gmm(cfg)
     teacher = toy_teacher(cfg, gmm, device)
+    toy_teacher_check(cfg, teacher, gmm, device)
     evaluator = toy_evaluator(cfg, teacher, gmm, device)
     state = run_training(cfg, lambda start: gmm_batches(gmm, cfg.data.batch_size, cfg.train.seed, start),
                          reporter, resume, teacher=teacher, evaluator=evaluator, device=device)

@@ -3,12 +3,13 @@
 The teacher is the project's own backbone trained as a rectified-flow velocity model (Wan's convention,
 so the same `rf_velocity` wrapper serves it and a real Wan2.1 checkpoint), with label dropout so
 classifier-free guidance has an unconditional branch, and an EDM2 power-EMA whose weights are the teacher.
-Trained teachers are cached by a hash of everything that shapes them.
+Trained teachers are cached by a hash of everything that shapes them (`teacher_key`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from rcm_core.config import ExperimentCfg, to_dict
 from rcm_core.data import LatentBatch
-from rcm_core.denoiser import TrigFlowDenoiser
+from rcm_core.denoiser import RF_TIMESTEP_SCALE, TrigFlowDenoiser
 from rcm_core.ema import PowerEMA
 from rcm_core.losses import flow_matching_loss
 from rcm_core.networks import build_network
@@ -25,6 +26,8 @@ from rcm_core.trigflow import rf_to_trig
 
 
 RUNTIME_MODEL_FIELDS = {"dtype", "activation_checkpointing"}
+# Bump when the teacher's training code changes what it learns from the same config and data (old caches retire).
+TEACHER_SCHEMA = 3
 
 
 def drop_condition(cond: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -44,7 +47,10 @@ def train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device:
     from rcm_core.distill import batch_condition
 
     t_cfg = cfg.teacher
-    model = TrigFlowDenoiser(build_network(cfg.model), t_cfg.parametrization).to(device)
+    with torch.random.fork_rng(devices=[]):      # the initial weights depend on the seed only, not on what ran before
+        torch.manual_seed(cfg.train.seed + 76)
+        net = build_network(cfg.model)
+    model = TrigFlowDenoiser(net, t_cfg.parametrization).to(device)
     ema = PowerEMA(model, t_cfg.ema_sigma_rel)
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.train_lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator(device=device).manual_seed(cfg.train.seed + 77)
@@ -67,8 +73,14 @@ def train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device:
 
 
 def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
+    """Cache key of a teacher trained here: everything that shapes it. `data_key` names the data's content (a
+    data set's manifest, `workflows.distill.teacher_data_key`; the toy's mixture), never its URL alone.
+
+    model.* (with time_scale), teacher.* (its whole training config), data.normalize (raw or normalised
+    coordinates), the seed and TEACHER_SCHEMA. Flipping any one gives a new key (tests/test_teacher_cache.py)."""
     shaped_by = {"model": to_dict(cfg.model), "teacher": {**to_dict(cfg.teacher), "checkpoint": ""},
-                 "data": data_key, "seed": cfg.train.seed}
+                 "data": data_key, "normalize": cfg.data.normalize, "seed": cfg.train.seed,
+                 "schema": TEACHER_SCHEMA}
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -102,16 +114,27 @@ def load_negative_context(path: str | Path) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else next(iter(value.values()))
 
 
+def checkpoint_model(data: dict) -> dict:
+    """The model config stored in a file of `save_teacher`; files written before `model.time_scale` existed were
+    trained with the time input 1000·s."""
+    return {"time_scale": RF_TIMESTEP_SCALE, **data["model"]}
+
+
 def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
     if is_wan_checkpoint(path):
         from rcm_core.networks.wan_io import load_weights
         net = build_network(cfg.model)
         load_weights(net, path)          # exact key map; lists missing / unexpected / mis-shaped keys on mismatch
+        if cfg.teacher.parametrization == "rf_velocity" and cfg.model.time_scale != RF_TIMESTEP_SCALE:
+            warnings.warn(f"teacher {path} is in Wan's layout but model.time_scale={cfg.model.time_scale:g}; "
+                          f"Wan's released weights read the time input as {RF_TIMESTEP_SCALE:g}·s (set "
+                          f"model.time_scale={RF_TIMESTEP_SCALE:g}, as experiments/wan21_*.yaml do)", stacklevel=2)
         if cfg.teacher.negative_context:
             net.set_negative_context(load_negative_context(cfg.teacher.negative_context))
         return TrigFlowDenoiser(net, cfg.teacher.parametrization).to(device).requires_grad_(False).eval()
     data = torch.load(path, map_location=device, weights_only=True)
     want = to_dict(cfg.model)
+    data["model"] = checkpoint_model(data)
     # Only fields that shape the parameters must agree; dtype and checkpointing are run-time choices.
     diff = {k: (v, want.get(k)) for k, v in data["model"].items()
             if k not in RUNTIME_MODEL_FIELDS and k in want and want[k] != v}

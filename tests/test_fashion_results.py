@@ -98,7 +98,8 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
 
 def test_no_fashion_mnist_and_no_sklearn_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(moving_fashion, "FASHION_DIR", tmp_path / "absent")
-    monkeypatch.setitem(sys.modules, "sklearn", None)                  # `import sklearn…` raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn", None)                  # `import sklearn…` raises ImportError,
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)         # also when an earlier import loaded it
     moving_fashion.load_items.cache_clear()
     try:
         with pytest.raises(FileNotFoundError, match="RCM_FASHION_MNIST_DIR"):

@@ -45,6 +45,9 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, caps
     for name in ("nfe_1", "nfe_2", "nfe_4", "teacher_nfe_39"):
         assert f"eval/{name}/gmm_precision" in metrics and f"eval/{name}/fd_rp2" in metrics
     assert 0.0 <= metrics["train/data_wait_fraction"] <= 1.0
+    # the teacher's time-derivative check (rcm_core.tangent_check), logged beside the tangent norm it explains
+    assert metrics["teacher_check/jvp_fd_ratio_max"] > 0 and "train/scm_g_norm" in metrics
+    assert runs[0].data.tags["teacher_check"] in ("smooth", "ROUGH")
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "samples")}
     assert {"samples/nfe_1.png", "samples/nfe_2.png", "samples/nfe_4.png"} <= arts
     assert runs[0].data.params["distill.mode"] == "rcm" and runs[0].data.tags["config_hash"]

@@ -79,6 +79,7 @@ class RayReporter:
         self.cfg, self.rank, self.extra, self.parent = cfg, rank, extra_state, parent_run_id
         self.stop_when = stop_when      # metrics -> reason to end the run now (sweeps: divergence)
         self.tags = tags or {}          # set on the MLflow run once it is known (e.g. the feature net's version)
+        self.first_metrics: dict[str, float] = {}   # logged at step 0 with the first report (the teacher check)
         self.tracker = None
 
     def ensure_tracker(self):
@@ -94,6 +95,9 @@ class RayReporter:
     def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> str | None:
         import ray.train
 
+        if self.rank == 0 and self.first_metrics:
+            self.ensure_tracker().log_metrics(0, self.first_metrics)
+            self.first_metrics = {}
         if self.rank == 0 and metrics:
             self.ensure_tracker().log_metrics(step, metrics)
             print_eval_line(step, metrics)
@@ -121,8 +125,10 @@ def train_fn_per_worker(config: dict) -> None:
     collective = is_collective(cfg.parallel, world)      # FSDP/CP: every rank joins evaluation forwards
     evaluates = rank == 0 or collective
     feature_net, tags = _worker_feature_net(config.get("feature_net"), device) if evaluates else (None, {})
+    check = _teacher_check(config.get("teacher_probe"), teacher, cfg, device) if rank == 0 else None
     reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"), _stop_rule(config),
-                           tags={**tags, **config.get("tags", {})})
+                           tags={**tags, **config.get("tags", {}), **(check.tags() if check else {})})
+    reporter.first_metrics = check.metrics() if check else {}
     evaluator = _evaluator(cfg, teacher, config["manifest"], device, feature_net) if evaluates else None
     per_group = cfg.data.batch_size // run_shape(cfg.parallel, world).data_parallel_size
     ckpt = ray.train.get_checkpoint()
@@ -142,6 +148,38 @@ def train_fn_per_worker(config: dict) -> None:
         _log_final_artifacts(cfg, tracker, state, evaluator, config["manifest"], ema_weights)
         write_step_count_tables(cfg.train.run_dir, tracker, evaluator.last_report)
         tracker.finish()
+
+
+def _teacher_check(probe: dict | None, teacher, cfg: ExperimentCfg, device: torch.device):
+    """The teacher's JVP-vs-central-difference time-derivative check (rcm_core.tangent_check) on the driver's probe
+    rows, printed (loudly if rough) before distilling; its numbers go to MLflow as `teacher_check/*` metrics at step
+    0 and tags (tags, not params: a resumed run repeats the check, and a GPU may not repeat it to the last bit)."""
+    if probe is None:
+        return None
+    from rcm_core.data import LatentBatch
+    from rcm_core.distill import batch_condition
+    from rcm_core.tangent_check import time_derivative_check, warn_if_rough
+
+    batch = LatentBatch.from_numpy_batch(probe).to(device)
+    check = time_derivative_check(teacher, batch.latent, batch_condition(batch),
+                                  generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
+    warn_if_rough(check)
+    return check
+
+
+def teacher_probe(cfg: ExperimentCfg) -> dict:
+    """The first rows of the data set's first shard, as the workers read them (same normalisation), for the
+    teacher check; as many as `rcm_core.tangent_check.check_rows` asks for the latent's size."""
+    import math
+
+    from rcm_core.data import read_shard
+    from rcm_core.tangent_check import check_rows
+
+    m = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint)
+    arrays, _ = read_shard(cfg.data.url, m.shards[0], m, endpoint=cfg.data.s3_endpoint,
+                           on_bad_row=cfg.data.on_bad_row, do_normalize=cfg.data.normalize)
+    n = check_rows(math.prod(m.latent_shape))
+    return {k: v[:n] for k, v in arrays.items() if k in ("latent", "label", "cond")}
 
 
 def _worker_feature_net(card: dict | None, device: torch.device):
@@ -260,22 +298,31 @@ def check_model_fits_data(cfg: ExperimentCfg, manifest) -> None:
                           f"its latents are {shape}, so model.kind={cfg.model.kind} needs model.in_channels={need}")
 
 
+def teacher_data_key(cfg: ExperimentCfg) -> str:
+    """The data set's version for the teacher cache (`rcm_core.teacher.teacher_key`): its manifest's content (shards,
+    row counts, channel statistics, generator), not its URL. A different data set rewritten at the same URL gets a
+    new teacher; the same data set copied elsewhere keeps its teacher."""
+    manifest = vars(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint))
+    return "manifest-" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def driver_teacher(cfg: ExperimentCfg) -> Path:
     """What the workers load as the teacher (`worker_teacher`): teacher.checkpoint as it is, a file or a Wan2.1
     folder, never loaded, copied or written here; without one, a toy teacher trained once on the driver from the
-    run's data set and cached by config hash under .cache/teachers."""
+    run's data set and cached under .cache/teachers by `teacher_key` (config and the data set's manifest)."""
     from rcm_core.teacher import load_or_train_teacher, teacher_key
     from rcm_core.video_samples import data_card
 
     if cfg.teacher.checkpoint:
         return Path(cfg.teacher.checkpoint)
     cache = Path(".cache", "teachers").resolve()
-    path = cache / f"teacher-{teacher_key(cfg, cfg.data.url)}.pt"
+    data_key = teacher_data_key(cfg)
+    path = cache / f"teacher-{teacher_key(cfg, data_key)}.pt"
     if not path.is_file():
         batches = iterate_batches(cfg.data.url, cfg.teacher.train_batch_size, seed=cfg.train.seed + 1,
                                   endpoint=cfg.data.s3_endpoint, do_normalize=cfg.data.normalize)
         card = data_card(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint), normalized=cfg.data.normalize)
-        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=cfg.data.url, cache_dir=cache,
+        load_or_train_teacher(cfg, batches, device=torch.device("cpu"), data_key=data_key, cache_dir=cache,
                               data=card)          # the card: sample.py --teacher writes the data's coordinates
     return path
 
@@ -398,7 +445,7 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
         train_loop_config={"cfg": to_dict(cfg), "teacher_path": str(teacher_path), "manifest": vars(manifest),
                            "feature_net": feature_net_card(feature_net_path) if feature_net_path else None,
                            "parent_run_id": parent_run_id, "stop_on_divergence": stop_on_divergence,
-                           "tags": tags or {}},
+                           "tags": tags or {}, "teacher_probe": teacher_probe(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),

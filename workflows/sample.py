@@ -35,6 +35,7 @@ from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
 from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
 from rcm_core.networks import build_network  # noqa: E402
 from rcm_core.samplers import consistency_sample, teacher_sample  # noqa: E402
+from rcm_core.teacher import checkpoint_model  # noqa: E402
 from rcm_core.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
 from workflows.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 
@@ -66,7 +67,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[TrigFlowDenoiser,
         keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
         raise UserError(f"{path} is not a model file from save_teacher ({keys}); run checkpoints "
                         f"(state.pt) hold the whole training state — use the run's ema_student.pt")
-    cfg = from_dict({"model": data["model"]}, str(path)).model
+    cfg = from_dict({"model": checkpoint_model(data)}, str(path)).model
     net = build_network(cfg)
     net.load_state_dict(data["net"])
     return TrigFlowDenoiser(net, data["parametrization"]).to(device).eval(), data.get("data")

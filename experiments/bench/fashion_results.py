@@ -290,6 +290,18 @@ def warm_up_samplers(cfg: ExperimentCfg, teacher, bank: EvalBank, device: torch.
                      bank.noise, bank.labels, device, chunk)
 
 
+def teacher_time_check(cfg: ExperimentCfg, teacher, lat: torch.Tensor, lab: torch.Tensor, device: torch.device):
+    """The JVP-vs-central-difference check every distillation runs first (rcm_core.tangent_check, issue 18)."""
+    from rcm_core.tangent_check import check_rows, time_derivative_check, warn_if_rough
+
+    n = check_rows(math.prod(lat.shape[1:]))
+    check = time_derivative_check(teacher, lat[:n].to(device), lab[:n].to(device),
+                                  generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
+    warn_if_rough(check)
+    log(check.table())
+    return check
+
+
 def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teacher_seconds: float = 0.0,
         student_seconds: float = 0.0, classifier_steps: int = 1500, teacher_path: str = "",
         methods: dict[str, list[str]] | None = None, keep_checkpoints: bool = False,
@@ -339,6 +351,7 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
             clock.sync()
             log(f"teacher: {cfg.teacher.train_steps} steps in {time.perf_counter() - t:.1f} s")
             save_teacher(teacher, cfg, out / "teacher.pt")
+        teacher_time_check(cfg, teacher, lat, lab, device)
 
     with clock.phase("teacher samples (reference + floor)"):
         n = cfg.eval.num_samples
