@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from rcm_core.config import ConfigError, ExperimentCfg, from_dict, load_config, redact_url, to_dict  # noqa: E402
 from rcm_core.data import iterate_batches, read_manifest  # noqa: E402
 from rcm_core.parallel import full_state_dict, is_collective, run_shape  # noqa: E402
+from workflows.plan import preflight  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "experiments" / "demo.yaml"
 
@@ -585,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_path = driver_teacher(cfg)
         feature_net_path = driver_feature_net(cfg)
         init_ray(args.address)
+        preflight(cfg)          # a mesh that cannot fit on the GPUs stops here, not in an OOM on the workers
         result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
         checkpoint = result.checkpoint.path if result.checkpoint else None
     table_file = Path(cfg.train.run_dir) / "eval_table.txt"
