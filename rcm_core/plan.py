@@ -233,19 +233,23 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
 
 def seconds_per_iteration(cfg: ExperimentCfg, work: Workload, shape: MeshShape,
                           table: StepTable | None) -> float | None:
-    """The step table's nearest token count, scaled by this run's forward FLOPs per rank and its phase mix."""
+    """This run's forward FLOPs per rank times the table's measured ms per FLOP, interpolated in log(tokens)
+    between its rows (clamped outside them), times the per-rank batch, mixed student : critic as the run is."""
     if table is None:
         return None
     from rcm_core.distill import uses_dmd
 
     n = work.tokens // shape.cp
-    i = min(range(len(table.tokens)), key=lambda k: abs(math.log(table.tokens[k] / n)))
-    ratio = (forward_flops(cfg.model, n, work.tokens, work.text_len)
-             / forward_flops(table.model, table.tokens[i], table.tokens[i], table.text_len))
-    b = work.batch // shape.data_parallel_size
     f = cfg.distill.student_update_freq if uses_dmd(cfg.distill) else 1
-    mean_ms = (table.student_ms[i] + (f - 1) * table.critic_ms[i]) / f
-    return mean_ms / 1000 * ratio * b
+    per_flop = [(s + (f - 1) * c) / f / forward_flops(table.model, k, k, table.text_len)
+                for k, s, c in zip(table.tokens, table.student_ms, table.critic_ms)]
+    x = [math.log(k) for k in table.tokens]
+    ln = min(max(math.log(n), x[0]), x[-1])
+    j = next((j for j in range(1, len(x)) if ln <= x[j]), len(x) - 1)
+    w = 0.0 if len(x) == 1 or x[j] == x[j - 1] else (ln - x[j - 1]) / (x[j] - x[j - 1])
+    ms_per_flop = per_flop[max(j - 1, 0)] * (1 - w) + per_flop[j] * w
+    b = work.batch // shape.data_parallel_size
+    return ms_per_flop * forward_flops(cfg.model, n, work.tokens, work.text_len) * b / 1000
 
 
 def plan_run(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...], text_len: int,
