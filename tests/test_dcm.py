@@ -172,3 +172,16 @@ def test_five_modes_from_one_config(tmp_path, mode, term, dmd):
         seen |= set(distill_step(state, batch, cfg, step_generator(0, 0, i, torch.device("cpu"))))
     assert ("dcm_loss" in seen) == (term == "dcm") and ("scm_loss" in seen) == (term == "scm")
     assert ("dmd_loss" in seen) == dmd and ("critic_loss" in seen) == dmd
+
+
+@pytest.mark.parametrize("name,base", [("consistency", "demo.yaml"), ("consistency_fashion", "fashion_video.yaml")])
+def test_consistency_sweeps_load(name, base):
+    """The shipped sCM-vs-dCM (± DMD) sweeps: four trials, one per mode, on the toy and on moving Fashion-MNIST."""
+    from pathlib import Path
+
+    from workflows.sweep import count_trials, load_sweep
+
+    repo = Path(__file__).resolve().parents[1]
+    spec, cfg = load_sweep(repo / "experiments" / "sweeps" / f"{name}.yaml", ["train.steps=20"])
+    assert spec.base == (repo / "experiments" / base).resolve() and count_trials(spec) == 4
+    assert spec.search_space["distill.mode"] == ("grid", ["scm", "dcm", "rcm", "dcm_dmd"])

@@ -2,9 +2,9 @@
 
     .venv/bin/python experiments/bench/toy_results.py [--steps 600] [--out runs/toy_results]
 
-One teacher (trained once, cached), then sCM, DMD and rCM students, and rCM with λ ∈ {1, 0.1, 0.01, 0.001},
-all with the same seed, data and budget; each evaluated at 1, 2 and 4 steps against the teacher at 50 Heun
-steps (99 NFE), with bootstrap CIs and the teacher-vs-teacher floor.
+One teacher (trained once, cached), then sCM, DMD and rCM students, rCM with λ ∈ {1, 0.1, 0.01, 0.001}, and
+dCM alone and with DMD (`--runs` picks a subset), all with the same seed, data and budget; each evaluated at 1, 2
+and 4 steps against the teacher at 50 Heun steps (99 NFE), with bootstrap CIs and the teacher-vs-teacher floor.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ RUNS = {
     "rCM λ=0.1": ["distill.mode=rcm", "distill.reg_weight=0.1"],
     "rCM λ=0.01": ["distill.mode=rcm", "distill.reg_weight=0.01"],
     "rCM λ=0.001": ["distill.mode=rcm", "distill.reg_weight=0.001"],
+    "dCM": ["distill.mode=dcm"],                                        # issue 21: discrete-time CM
+    "dCM+DMD λ=0.01": ["distill.mode=dcm_dmd", "distill.reg_weight=0.01"],
 }
 
 
@@ -32,9 +34,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--out", default="runs/toy_results")
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: %(default)s")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    for name, extra in RUNS.items():
+    chosen = [n.strip() for n in args.runs.split(",") if n.strip()]
+    if unknown := [n for n in chosen if n not in RUNS]:
+        raise SystemExit(f"--runs: unknown {unknown}; choose from {', '.join(RUNS)}")
+    for name in chosen:
+        extra = RUNS[name]
         slug = name.replace(" ", "_").replace("λ=", "l")
         cfg = load_config(DEFAULT_CONFIG, [f"train.steps={args.steps}", "train.checkpoint_every=0",
                                            f"train.run_dir={args.out}/{slug}", *extra, *args.overrides])
