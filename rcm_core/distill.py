@@ -1,6 +1,6 @@
 """One rCM iteration: `distill_step(state, batch, cfg, generator) -> metrics` (rcm_method.md §3.5–3.6).
 
-Iteration i is a student step if i < H (pure-sCM tangent warm-up) or (i − H) mod F == 0, otherwise a
+Iteration i is a student step if i < H (pure-consistency warm-up) or (i − H) mod F == 0, otherwise a
 critic (fake-score) step. A student step adds the consistency loss (sCM, or dCM for the dcm modes) and,
 after warm-up, λ times the DMD loss, then takes one optimiser step and updates the power-EMA. The five modes
 (rcm, scm, dmd, dcm, dcm_dmd) are the same code with one term swapped or off (`consistency_term`, `uses_dmd`).

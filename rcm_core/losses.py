@@ -1,4 +1,4 @@
-"""The three losses of rCM, each a small function returning `LossOut(loss, metrics)`.
+"""The losses of rCM (and of its dCM variant), each a small function returning `LossOut(loss, metrics)`.
 
 - `scm_loss`: continuous-time consistency (sCM) with the JVP tangent, rcm_method.md §2.
 - `dcm_loss`: discrete-time consistency (dCM, official cm_type=dcm, §3.8): k CFG-teacher Euler steps, no JVP.

@@ -25,8 +25,10 @@ RUNS = {
     "rCM λ=0.1": ["distill.mode=rcm", "distill.reg_weight=0.1"],
     "rCM λ=0.01": ["distill.mode=rcm", "distill.reg_weight=0.01"],
     "rCM λ=0.001": ["distill.mode=rcm", "distill.reg_weight=0.001"],
-    "dCM": ["distill.mode=dcm"],                                        # issue 21: discrete-time CM
+    "dCM": ["distill.mode=dcm"],                                        # issue 21: discrete-time CM, N = 48
+    "dCM N=16": ["distill.mode=dcm", "distill.dcm_total_steps=16"],     # a coarser grid for short runs
     "dCM+DMD λ=0.01": ["distill.mode=dcm_dmd", "distill.reg_weight=0.01"],
+    "dCM+DMD N=16 λ=0.01": ["distill.mode=dcm_dmd", "distill.dcm_total_steps=16", "distill.reg_weight=0.01"],
 }
 
 
