@@ -13,19 +13,21 @@ blocks' bf16 parameters (the one computing and the one prefetched) plus one bloc
 unsharded at a time.
 
 Activations (per rank: b = data.batch_size / (dp_replicate·dp_shard) samples of n = tokens/cp tokens):
-- `BLOCK_SAVED` counts what one Wan block keeps for its backward, per token (bf16 compute, fp32 norms and
+- `block_saved_bytes` counts what one Wan block keeps for its backward, per token (bf16 compute, fp32 norms and
   modulation, flash-style attention that keeps q, k, v, o and the row lse, never the n×n matrix); the test
   counts the same bytes from autograd's saved tensors of the real block. Without activation checkpointing the
-  backward peak is layers × that; with it, every block's bf16 input plus one block recomputed. A student step holds one graph per with-grad forward it
-  backs through at once: rCM/dCM+DMD hold two (the consistency forward and the rollout's last call,
-  `rcm_core.distill._student_step` sums them before one backward), sCM/dCM/DMD one, the critic one.
-- `JVP_LIVE` is the no-grad JVP pass of sCM (forward-mode: primal and tangent of the widest moment of one
+  backward peak is layers × that; with it, every block's bf16 input plus one block recomputed. A student step
+  holds one graph per with-grad forward it backs through at once: rCM/dCM+DMD hold two (the consistency
+  forward and the rollout's last call; `rcm_core.distill._student_step` sums them before one backward),
+  sCM/dCM/DMD one, the critic one.
+- `jvp_live_bytes` is the no-grad JVP pass of sCM (forward-mode: primal and tangent of the widest moment of one
   block, nothing kept across blocks); dCM has no JVP pass and its no-grad forwards are smaller.
 These are estimates to be checked against measured peaks (`activation_estimate` returns them alone).
 
 Time per iteration scales the measured one-GPU step table of docs/BENCHMARKS.md (Wan2.1-1.3B shape, batch 1)
 by the forward FLOPs of this model and per-rank token count, the per-rank batch, and the run's student : critic
-mix. Communication and CP all-to-all are not modelled, so it is a lower bound for sharded meshes.
+mix. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
+communication and CP all-to-all are not modelled, so it is a lower bound for sharded meshes.
 """
 from __future__ import annotations
 
@@ -40,15 +42,14 @@ from pathlib import Path
 import torch
 
 from rcm_core.config import ExperimentCfg, ModelCfg
-from rcm_core.mesh import MeshShape, legal_cp_sizes
+from rcm_core.mesh import MeshShape
 
 GiB = 2 ** 30
 OVERHEAD = 2 * GiB            # CUDA context, NCCL buffers and allocator slack, a fixed allowance per GPU
 MASTER, GRAD, ADAM, EMA, TEACHER, COMPUTE = 4, 4, 8, 4, 2, 2      # bytes per parameter (module docstring)
-PEAK_BF16_FLOPS = 989e12      # H100 SXM dense bf16, the card of the step table
 
 
-def BLOCK_SAVED(dim: int, ffn_dim: int, heads: int) -> int:
+def block_saved_bytes(dim: int, ffn_dim: int, heads: int) -> int:
     """Bytes one Wan block saves for its backward, per token (bf16 compute, `WanTransformerBlock.forward`):
     nine fp32 D-wide tensors (the fp32 norm inputs/outputs, modulated and gated branches: 36·D), fourteen bf16
     D-wide ones (linear inputs, q/k/v/o of both attentions, RMSNorm inputs: 28·D), the GELU input and output
@@ -57,10 +58,11 @@ def BLOCK_SAVED(dim: int, ffn_dim: int, heads: int) -> int:
     return 64 * dim + 4 * ffn_dim + 8 * heads + 36
 
 
-def JVP_LIVE(dim: int, ffn_dim: int, heads: int) -> int:
-    """Bytes live per token at the widest moment of one block's no-grad JVP (primal + tangent, bf16): the
-    residual and its tangent in fp32 (16D) plus either the attention's q, k, v, o and their tangents (16D)
-    with two fp32 lse rows (8·heads), or the FFN hidden, its GELU and both tangents (8F)."""
+def jvp_live_bytes(dim: int, ffn_dim: int, heads: int) -> int:
+    """Bytes live per token at the widest moment of one block's no-grad JVP (primal + tangent, bf16), an
+    estimate not yet checked against a measured peak: the residual stream, its tangent and their fp32 norm and
+    modulation copies (≈16·D), plus either the attention's q, k, v, o and their tangents (16·D) with two fp32
+    lse rows (8·heads), or the FFN hidden, its GELU and both tangents (8·F)."""
     return 16 * dim + max(16 * dim + 8 * heads, 8 * ffn_dim)
 
 
@@ -183,12 +185,12 @@ def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: i
                         graphs: int, jvp: bool) -> tuple[float, float]:
     """(JVP-pass peak, backward peak) in bytes on one rank holding `batch` samples of `tokens` tokens each."""
     D, F, H, L = model.dim, model.ffn_dim, model.num_heads, model.num_layers
-    per_block = BLOCK_SAVED(D, F, H) * batch * tokens
+    per_block = block_saved_bytes(D, F, H) * batch * tokens
     if checkpointing:
         kept = graphs * L * 2 * D * batch * tokens + 2 * per_block      # inputs + one block recomputed, its grads
     else:
         kept = graphs * L * per_block + per_block
-    jvp_peak = JVP_LIVE(D, F, H) * batch * tokens if jvp else 0.0
+    jvp_peak = jvp_live_bytes(D, F, H) * batch * tokens if jvp else 0.0
     return float(jvp_peak), float(kept)
 
 
@@ -347,5 +349,5 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
             f"{why}; {hint} (python workflows/plan.py --config … for the whole table)")
 
 
-__all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend",
-           "format_plan", "check_fits", "read_step_table", "refuse_reason", "legal_cp_sizes", "GiB"]
+__all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
+           "check_fits", "read_step_table", "refuse_reason", "block_saved_bytes", "jvp_live_bytes", "GiB"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rcm_core.config import ModelCfg, load_config
 from rcm_core.mesh import MeshShape
 from rcm_core.networks import build_network, cast_network
-from rcm_core.plan import (BLOCK_SAVED, GiB, activation_estimate, check_fits, count_params, plan_run,
+from rcm_core.plan import (GiB, activation_estimate, block_saved_bytes, check_fits, count_params, plan_run,
                            read_step_table, recommend, refuse_reason, state_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_sixteen_bytes_per_trained_parameter_and_sharding():
 
 @pytest.mark.parametrize("dim,ffn,heads", [(64, 160, 4), (80, 256, 5)])
 def test_block_activation_bytes_match_autograd(dim, ffn, heads):
-    """Bytes autograd saves per token in one bf16 block (flash-style attention: q, k, v, o, lse) = BLOCK_SAVED."""
+    """Bytes autograd saves per token in one bf16 block (flash-style attention keeps q, k, v, o, lse): the formula."""
     cfg = ModelCfg(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=1, text_dim=32)
     net = cast_network(build_network(cfg), torch.bfloat16)
     block = net.blocks[0]
@@ -76,14 +76,14 @@ def test_block_activation_bytes_match_autograd(dim, ffn, heads):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, torch.randn(B, L, dim, dtype=torch.bfloat16), e0, net.rope(grid, torch.device("cpu")), None)
-    assert sum(saved.values()) == BLOCK_SAVED(dim, ffn, heads) * B * N
+    assert sum(saved.values()) == block_saved_bytes(dim, ffn, heads) * B * N
 
 
 def test_checkpointing_keeps_block_inputs_only():
     m = ModelCfg(**SMALL)
     _, off = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=False, graphs=2, jvp=True)
     jvp, on = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=2, jvp=True)
-    per_block = BLOCK_SAVED(64, 160, 4) * 200
+    per_block = block_saved_bytes(64, 160, 4) * 200
     assert off == (2 * 3 + 1) * per_block and on == 2 * 3 * 2 * 64 * 200 + 2 * per_block and jvp > 0
     assert activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=1, jvp=False)[0] == 0
 
@@ -133,3 +133,20 @@ def test_cli_prints_the_table_and_the_recommendation(capsys):
           "data.batch_size=8"])
     out = capsys.readouterr().out
     assert "recommended: parallel.dp_replicate=" in out and "(1, 1, 8): cp=8 does not divide" in out
+
+
+def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):
+    """distill.py's check: the latent shape comes from the data set's manifest, the mesh from parallel.*."""
+    from rcm_core.config import from_dict
+    from workflows.plan import preflight
+    from workflows.prepare_latents import prepare
+
+    cfg = from_dict({"model": {**SMALL, "in_channels": 2, "patch_size": [1, 1, 1], "num_classes": 4},
+                     "data": {"source": "gmm", "url": str(tmp_path / "gmm"), "num_rows": 64, "batch_size": 8},
+                     "resources": {"use_gpu": True, "num_workers": 2}})
+    prepare(cfg.data)
+    assert preflight(cfg, gpu_memory=80 * GiB) is None
+    with pytest.raises(SystemExit, match="will not fit.*GiB"):
+        preflight(cfg, gpu_memory=2 * GiB)          # below the 2 GiB allowance alone
+    cfg.resources.use_gpu = False
+    assert preflight(cfg, gpu_memory=2 * GiB) is None   # CPU runs are not checked

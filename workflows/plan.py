@@ -84,9 +84,10 @@ def gpu_memory_from_ray(timeout_s: float = 120.0) -> float | None:
     return ray.get(ref)
 
 
-def preflight(cfg: ExperimentCfg) -> None:
+def preflight(cfg: ExperimentCfg, gpu_memory: float | None = None) -> None:
     """Stop a GPU run whose mesh cannot fit before any worker loads a teacher (workflows/distill.py, after
-    Ray is up). Runs only for DiT models on GPUs whose memory can be read (this machine's CUDA or a Ray task)."""
+    Ray is up). Runs only for DiT models on GPUs whose memory is known: `gpu_memory`, else this machine's
+    CUDA device, else one Ray task on a cluster GPU."""
     if not cfg.resources.use_gpu or cfg.model.kind != "dit":
         return
     latent, text_len = data_shape(cfg)
@@ -94,8 +95,8 @@ def preflight(cfg: ExperimentCfg) -> None:
         return
     import torch
 
-    memory = (float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available()
-              else gpu_memory_from_ray())
+    memory = gpu_memory or (float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available()
+                            else gpu_memory_from_ray())
     if memory is None:
         print("plan: GPU memory unknown (no GPU task scheduled within 120 s); memory check skipped", flush=True)
         return
