@@ -22,7 +22,9 @@ Activations (per rank: b = data.batch_size / (dp_replicate·dp_shard) samples of
   sCM/dCM/DMD one, the critic one.
 - `jvp_live_bytes` is the no-grad JVP pass of sCM (forward-mode: primal and tangent of the widest moment of one
   block, nothing kept across blocks); dCM has no JVP pass and its no-grad forwards are smaller.
-These are estimates to be checked against measured peaks (`activation_estimate` returns them alone).
+These are estimates (`activation_estimate` returns them alone). Against the FSDP2 peaks of docs/BENCHMARKS.md
+(1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on) the totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs
+where 66.1 / 35.8 / 31.1 were measured.
 
 Time per iteration scales the measured one-GPU step table of docs/BENCHMARKS.md (Wan2.1-1.3B shape, batch 1)
 by the forward FLOPs of this model and per-rank token count, the per-rank batch, and the run's student : critic
