@@ -69,12 +69,14 @@ class TeacherCfg:
 
 @dataclass(kw_only=True)
 class DistillCfg:
-    mode: Literal["rcm", "scm", "dmd"] = "rcm"   # pure sCM / DMD are rCM with one term off
+    # Which terms the student minimises: rcm = sCM + λ·DMD, scm, dmd, dcm (discrete-time CM, no JVP) and
+    # dcm_dmd = dCM + λ·DMD (official cm_type=dcm). Each is the same code with a term swapped or off.
+    mode: Literal["rcm", "scm", "dmd", "dcm", "dcm_dmd"] = "rcm"
     scm_loss_scale: float = 100.0           # official code's loss_scale
     reg_weight: float = 0.01                # λ: DMD weight relative to sCM (code: DMD scale 1 = λ·100)
     tangent: Literal["jvp", "finite_difference"] = "jvp"
     fd_step: float = 1.0e-4                 # h for the semi-continuous tangent (paper §4.2)
-    tangent_warmup: int = 1000              # H: pure-sCM iterations, r = min(1, i/H) (1.3B: 1000)
+    tangent_warmup: int = 1000              # H: pure-consistency iterations before DMD, r = min(1, i/H) (1.3B: 1000)
     warmup_variant: Literal["code", "paper"] = "code"   # code: r scales only the x_t term (issue #18)
     tangent_norm_c: float = 0.1             # ĝ = g / (‖g‖ + c)
     p_G_mean: float = -0.8                  # log tan t ~ N(mean, std²) for sCM times
@@ -85,6 +87,9 @@ class DistillCfg:
     max_rollout_steps: int = 4              # N_max of the student rollout
     rollout_length: Literal["cycle", "uniform"] = "cycle"   # code cycles 1..N_max; paper draws uniformly
     dmd_weight_min: float = 1.0e-5          # clip of the mean-|x̂0 − x0_real| normaliser
+    dcm_total_steps: int = 48               # dCM: N, Δu = 1/N on the shifted RF time grid (official default 48)
+    dcm_skip: int = 1                       # dCM: k teacher Euler steps between the two times (official 1)
+    dcm_shift: float = 5.0                  # dCM: RF time shift of that grid (official 5)
 
 
 @dataclass(kw_only=True)
@@ -466,6 +471,9 @@ def validate(cfg: ExperimentCfg) -> None:
     _require(d.reg_weight >= 0, "distill.reg_weight", d.reg_weight, "λ must be ≥ 0 (paper: 0.01)")
     _require(d.p_G_std > 0, "distill.p_G_std", d.p_G_std, "must be positive (1.6)")
     _require(d.p_D_shift > 0, "distill.p_D_shift", d.p_D_shift, "must be positive (5.0)")
+    _require(1 <= d.dcm_skip < d.dcm_total_steps, "distill.dcm_skip", d.dcm_skip,
+             f"k must lie in [1, distill.dcm_total_steps={d.dcm_total_steps}) (official: 1 of 48)")
+    _require(d.dcm_shift > 0, "distill.dcm_shift", d.dcm_shift, "must be positive (5.0)")
     _require(all(0 < t < 1.5707963 for t in s.mid_t), "sampler.mid_t", s.mid_t,
              "intermediate times must lie in (0, π/2), e.g. [1.3, 1.0, 0.6]")
     _require(all(n >= 1 for n in s.step_counts), "sampler.step_counts", s.step_counts,

@@ -1,8 +1,9 @@
 """One rCM iteration: `distill_step(state, batch, cfg, generator) -> metrics` (rcm_method.md §3.5–3.6).
 
-Iteration i is a student step if i < H (pure-sCM tangent warm-up) or (i − H) mod F == 0, otherwise a
-critic (fake-score) step. A student step adds the sCM loss and, after warm-up, λ times the DMD loss, then
-takes one optimiser step and updates the power-EMA. Pure sCM and pure DMD are the same code with one term off.
+Iteration i is a student step if i < H (pure-consistency warm-up) or (i − H) mod F == 0, otherwise a
+critic (fake-score) step. A student step adds the consistency loss (sCM, or dCM for the dcm modes) and,
+after warm-up, λ times the DMD loss, then takes one optimiser step and updates the power-EMA. The five modes
+(rcm, scm, dmd, dcm, dcm_dmd) are the same code with one term swapped or off (`consistency_term`, `uses_dmd`).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from rcm_core.config import DistillCfg, ExperimentCfg, OptimCfg
 from rcm_core.data import LatentBatch
 from rcm_core.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.ema import PowerEMA
-from rcm_core.losses import dmd_loss, fake_score_loss, scm_loss, student_rollout
+from rcm_core.losses import dcm_loss, dmd_loss, fake_score_loss, scm_loss, student_rollout
 from rcm_core.parallel import sync_gradients
 from rcm_core.precision import master_parameters, with_master_weights
-from rcm_core.timesteps import sample_p_D, sample_p_G
+from rcm_core.timesteps import sample_dcm_times, sample_p_D, sample_p_G
 
 
 @dataclass
@@ -45,12 +46,21 @@ def make_optimizer(params, lr: float, cfg: OptimCfg):
         ps, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps))
 
 
+def consistency_term(cfg: DistillCfg) -> str | None:
+    """"scm", "dcm" or None: the consistency objective `distill.mode` asks for."""
+    return {"rcm": "scm", "scm": "scm", "dcm": "dcm", "dcm_dmd": "dcm"}.get(cfg.mode)
+
+
+def uses_dmd(cfg: DistillCfg) -> bool:
+    """True when the mode adds the DMD term, so a fake score (critic) is trained beside the student."""
+    return cfg.mode in ("rcm", "dmd", "dcm_dmd")
+
+
 def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
     """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher)."""
     teacher.requires_grad_(False).eval()
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    uses_dmd = cfg.distill.mode != "scm"
-    fake = copy.deepcopy(teacher).requires_grad_(True).train() if uses_dmd else None
+    fake = copy.deepcopy(teacher).requires_grad_(True).train() if uses_dmd(cfg.distill) else None
     return DistillState(
         teacher=teacher, student=student, fake=fake, ema=PowerEMA(student, cfg.ema.sigma_rel),
         opt_student=make_optimizer(student.parameters(), cfg.optim.lr, cfg.optim),
@@ -58,9 +68,9 @@ def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
 
 
 def is_student_phase(i: int, cfg: DistillCfg) -> bool:
-    if cfg.mode == "scm":
+    if not uses_dmd(cfg):
         return True
-    warmup = cfg.tangent_warmup if cfg.mode == "rcm" else 0
+    warmup = cfg.tangent_warmup if consistency_term(cfg) else 0
     return i < warmup or (i - warmup) % cfg.student_update_freq == 0
 
 
@@ -104,12 +114,20 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
                   grad_student: TrigFlowDenoiser) -> dict[str, float]:
     d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
     B, frames = x0.shape[0], x0.shape[2]
-    in_warmup = d.mode == "rcm" and state.iteration < d.tangent_warmup
+    consistency = consistency_term(d)
+    in_warmup = uses_dmd(d) and consistency is not None and state.iteration < d.tangent_warmup
     r = min(1.0, state.iteration / d.tangent_warmup) if d.tangent_warmup > 0 else 1.0
     metrics: dict[str, float] = {"tangent_warmup_r": r}
     state.opt_student.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=x0.device)
-    if d.mode in ("rcm", "scm"):
+    if consistency == "dcm":
+        times = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
+                                 generator=g, device=x0.device)
+        out = dcm_loss(state.student, state.teacher, x0, cond, times=times, eps=_noise_like(x0, g),
+                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student)
+        total = total + out.loss
+        metrics.update(out.metrics)
+    if consistency == "scm":
         t = sample_p_G(B, mean=d.p_G_mean, std=d.p_G_std, frames=frames, frame_shift=d.p_G_frame_shift,
                        generator=g, device=x0.device)
         out = scm_loss(state.student, state.teacher, x0, cond, t=t, eps=_noise_like(x0, g),
@@ -118,7 +136,7 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
                        student_grad=grad_student)
         total = total + out.loss
         metrics.update(out.metrics)
-    if d.mode in ("rcm", "dmd") and not in_warmup:
+    if uses_dmd(d) and not in_warmup:
         steps = rollout_steps(state, d, g)
         x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
                                  times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
@@ -138,7 +156,7 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     state.ema.update(state.student, master_parameters(state.student, state.opt_student))
     state.student_iter += 1
     state.counters["nonfinite_grads"] += bad
-    state.counters["nan_samples"] += metrics.get("scm_nan_samples", 0.0) + metrics.get("dmd_nan_samples", 0.0)
+    state.counters["nan_samples"] += sum(metrics.get(f"{k}_nan_samples", 0.0) for k in ("scm", "dcm", "dmd"))
     metrics.update(loss=total.item(), nonfinite_grads=float(bad), phase_student=1.0)
     return metrics
 

@@ -1,6 +1,7 @@
-"""The three losses of rCM, each a small function returning `LossOut(loss, metrics)`.
+"""The losses of rCM (and of its dCM variant), each a small function returning `LossOut(loss, metrics)`.
 
 - `scm_loss`: continuous-time consistency (sCM) with the JVP tangent, rcm_method.md §2.
+- `dcm_loss`: discrete-time consistency (dCM, official cm_type=dcm, §3.8): k CFG-teacher Euler steps, no JVP.
 - `dmd_loss`: the score-regularising DMD reverse-divergence term on a student rollout, §3.1–3.2.
 - `fake_score_loss`: the critic's TrigFlow flow-matching loss on student samples, §3.4.
 
@@ -148,6 +149,44 @@ def scm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------
+# dCM
+
+def teacher_euler(teacher: TrigFlowDenoiser, x: torch.Tensor, times: torch.Tensor, cond: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+    """Euler steps of the CFG teacher's PF-ODE dx/dt = F_T along `times` [k+1, B] (decreasing), in float64:
+    x ← x − (t_j − t_{j+1})·F_T(x, t_j)."""
+    x = x.double()
+    for j in range(times.shape[0] - 1):
+        x = x - expand_like(times[j] - times[j + 1], x) * teacher.F_guided(x, times[j], cond, guidance)
+    return x
+
+
+def dcm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *,
+             times: torch.Tensor, eps: torch.Tensor, guidance: float, scale: float,
+             student_grad: TrigFlowDenoiser | None = None) -> LossOut:
+    """L_dCM = scale·Σ(f_θ(x_t₀, t₀) − sg f_θ(x̂_t_k, t_k))², x̂_t_k from k CFG-teacher Euler steps (§3.8).
+
+    `times` [k+1, B] from `timesteps.sample_dcm_times`. The target is the student's own x̂0 at the cleaner
+    time, computed without gradient with the online weights (not the EMA; rCM issue #30). Forward passes only,
+    so any attention kernel works; `student_grad` is the module to differentiate (a data-parallel wrapper).
+    """
+    t0, tk = times[0], times[-1]
+    x_t = add_noise(x0, eps, t0).to(x0.dtype)
+    finite_in = _finite_rows(x_t)
+    x_t = torch.where(expand_like(finite_in, x_t), x_t, torch.zeros_like(x_t))
+    with torch.no_grad():
+        x_k = teacher_euler(teacher, x_t, times, cond, guidance).to(x0.dtype)
+        target = student.f(x_k, tk, cond)
+    x0_pred = (student_grad or student).f(x_t, t0, cond)
+    ok = finite_in & _finite_rows(target, x0_pred)            # NaN guard as in sCM: zero the sample's loss
+    x0_pred = torch.where(expand_like(ok, x0_pred), x0_pred, torch.zeros_like(x0_pred))
+    target = torch.where(expand_like(ok, target), target, torch.zeros_like(target))
+    loss = scale * _per_sample_sum((x0_pred.double() - target.double()) ** 2).mean()
+    return LossOut(loss, {"dcm_loss": loss.item(), "dcm_nan_samples": float((~ok).sum().item()),
+                          "dcm_dt": (t0 - tk).mean().item()})
+
+
+# ----------------------------------------------------------------------------------------------------------
 # DMD: rollout, generator loss, critic loss
 
 def student_rollout(student: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, *, steps: int,
@@ -220,6 +259,7 @@ def flow_matching_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Te
 __all__ = [
     "LossOut",
     "consistency_fn",
+    "dcm_loss",
     "dmd_loss",
     "fake_score_loss",
     "flow_matching_loss",
@@ -229,4 +269,5 @@ __all__ = [
     "scm_tangent_g",
     "scm_tangent_jvp",
     "student_rollout",
+    "teacher_euler",
 ]

@@ -39,6 +39,7 @@ from rcm_core.parallel import full_state_dict, is_collective, run_shape  # noqa:
 from workflows.cli import add_debug_flag, run_cli  # noqa: E402
 from workflows.console import (log_comparison_figure, print_eval_line, quiet_worker_logs,  # noqa: E402
                                setup_output, write_step_count_tables)
+from workflows.plan import preflight  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "experiments" / "demo.yaml"
 
@@ -674,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_path = driver_teacher(cfg)
         feature_net_path = driver_feature_net(cfg)
         init_ray(args.address)
+        preflight(cfg)          # a mesh that cannot fit on the GPUs stops here, not in an OOM on the workers
         result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
         checkpoint = result.checkpoint.path if result.checkpoint else None
     print(summary(cfg, checkpoint or "(none)", full_table=args.full_table))

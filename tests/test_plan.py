@@ -1,0 +1,152 @@
+"""The run planner (rcm_core/plan.py, workflows/plan.py): its arithmetic against real modules, on the CPU.
+
+- parameter counts from the meta device equal the real modules' and Wan2.1's published sizes;
+- 16 bytes per trained parameter is what an fp32 AdamW student really holds after a step;
+- the per-token activation bytes of a block equal what autograd saves for the real block;
+- illegal meshes are refused with the reason, and the configured mesh is checked before a run.
+
+    pytest tests/test_plan.py
+"""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcm_core.config import ModelCfg, load_config
+from rcm_core.mesh import MeshShape
+from rcm_core.networks import build_network, cast_network
+from rcm_core.plan import (GiB, activation_estimate, block_saved_bytes, check_fits, count_params, plan_run,
+                           read_step_table, recommend, refuse_reason, state_bytes)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(dim=64, ffn_dim=160, num_heads=4, num_layers=3, text_dim=32)
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_classes": 5, "label_tokens": 2}, {"patch_size": [1, 1, 1]}])
+def test_meta_counts_equal_the_real_modules(extra):
+    cfg = ModelCfg(**SMALL, **extra)
+    counts = count_params(cfg)
+    net = build_network(cfg)
+    assert counts.total == sum(p.numel() for p in net.parameters())
+    assert counts.block == sum(p.numel() for p in net.blocks[0].parameters()) and counts.layers == 3
+
+
+@pytest.mark.parametrize("name,params", [("wan21_t2v_1p3b_rcm", 1_418_996_800), ("wan21_t2v_14b_rcm", 14_288_491_584)])
+def test_wan_sizes_are_the_published_ones(name, params):
+    """diffusers' WanTransformer3DModel sizes, counted on the meta device (no memory)."""
+    assert count_params(load_config(ROOT / "experiments" / f"{name}.yaml").model).total == params
+
+
+def test_sixteen_bytes_per_trained_parameter_and_sharding():
+    """An fp32 student with AdamW after one step holds weights, gradients and two moments: the plan's 16 B/param."""
+    cfg = ModelCfg(**SMALL)
+    net = build_network(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    net(torch.randn(2, 16, 2, 4, 4), torch.rand(2), torch.randn(2, 3, 32)).square().mean().backward()
+    opt.step()
+    held = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size() for p in net.parameters())
+    held += sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
+    states = state_bytes(count_params(cfg), shard=1, uses_fake=True)
+    assert states["student"] == held == states["fake"]
+    assert states["ema"] == held / 4 and states["teacher"] == held / 8 and states["fsdp"] == 0
+    sharded = state_bytes(count_params(cfg), shard=4, uses_fake=False)
+    assert sharded["student"] == held / 4 and sharded["fake"] == 0 and sharded["fsdp"] > 0
+
+
+@pytest.mark.parametrize("dim,ffn,heads", [(64, 160, 4), (80, 256, 5)])
+def test_block_activation_bytes_match_autograd(dim, ffn, heads):
+    """Bytes autograd saves per token in one bf16 block (flash-style attention keeps q, k, v, o, lse): the formula."""
+    cfg = ModelCfg(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=1, text_dim=32)
+    net = cast_network(build_network(cfg), torch.bfloat16)
+    block = net.blocks[0]
+    for attn in (block.attn1, block.attn2):
+        attn.attention_fn = lambda q, k, v, key_padding_mask=None: F.scaled_dot_product_attention(q, k, v)
+    B, grid, L = 2, (2, 4, 6), 8              # N = 48, B·N = 96: no other dimension of the block has these sizes
+    N = grid[0] * grid[1] * grid[2]
+    x = torch.randn(B, N, dim, dtype=torch.bfloat16, requires_grad=True)
+    e0 = torch.randn(B, 6, dim, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights and t.dim() and t.shape[0] in (B, B * N) and (N in t.shape or B * N in t.shape):
+            saved[s.data_ptr()] = s.nbytes()          # per-token tensors; one storage counted once
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, torch.randn(B, L, dim, dtype=torch.bfloat16), e0, net.rope(grid, torch.device("cpu")), None)
+    assert sum(saved.values()) == block_saved_bytes(dim, ffn, heads) * B * N
+
+
+def test_checkpointing_keeps_block_inputs_only():
+    m = ModelCfg(**SMALL)
+    _, off = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=False, graphs=2, jvp=True)
+    jvp, on = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=2, jvp=True)
+    per_block = block_saved_bytes(64, 160, 4) * 200
+    assert off == (2 * 3 + 1) * per_block and on == 2 * 3 * 2 * 64 * 200 + 2 * per_block and jvp > 0
+    assert activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=1, jvp=False)[0] == 0
+
+
+def test_illegal_meshes_are_refused_with_the_reason():
+    assert "does not divide the 12 attention heads" in refuse_reason(MeshShape(1, 1, 8), gpus=8, heads=12,
+                                                                     tokens=32760, batch=8)
+    assert "not the 8 GPUs" in refuse_reason(MeshShape(1, 2, 2), gpus=8, heads=12, tokens=32760, batch=8)
+    assert "latent tokens" in refuse_reason(MeshShape(1, 2, 4), gpus=8, heads=12, tokens=31202, batch=8)
+    assert "data-parallel groups" in refuse_reason(MeshShape(8, 1, 1), gpus=8, heads=12, tokens=32760, batch=4)
+    assert refuse_reason(MeshShape(2, 2, 2), gpus=8, heads=12, tokens=32760, batch=8) is None
+
+
+def test_plan_of_the_wan_configs_on_eight_80gb_gpus():
+    """1.3B at one sample per GPU fits with FSDP over 8 and checkpointing; the 14B states alone need shard 8,
+    and cp 8 is refused for 1.3B (12 heads). Only fitting meshes are recommended."""
+    small = load_config(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml", ["data.batch_size=8"])
+    plans = plan_run(small, gpus=8, gpu_memory=80 * GiB, latent=(16, 21, 60, 104), text_len=512,
+                     table=read_step_table(ROOT / "docs" / "BENCHMARKS.md"))
+    assert len(plans) == 2 * 10 and all(p.refused for p in plans if p.shape.cp == 8)
+    best = recommend(plans)
+    assert best.fits and best.checkpointing and best.seconds > 0
+    big = load_config(ROOT / "experiments" / "wan21_t2v_14b_rcm.yaml", ["data.batch_size=8"])
+    assert recommend(plan_run(big, gpus=8, gpu_memory=80 * GiB, latent=(16, 21, 60, 104), text_len=512)) is None
+
+
+def test_check_fits_names_the_mesh_and_a_fix():
+    cfg = load_config(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml",
+                      ["data.batch_size=8", "parallel.dp_replicate=1", "parallel.dp_shard=8"])
+    assert check_fits(cfg, gpus=8, gpu_memory=80 * GiB, latent=(16, 21, 60, 104), text_len=512) is not None
+    cfg.model.activation_checkpointing = True
+    assert check_fits(cfg, gpus=8, gpu_memory=80 * GiB, latent=(16, 21, 60, 104), text_len=512) is None
+    msg = check_fits(cfg, gpus=8, gpu_memory=16 * GiB, latent=(16, 21, 60, 104), text_len=512)
+    assert "will not fit" in msg and "16.0 GiB" in msg
+
+
+def test_step_table_is_read_from_benchmarks():
+    table = read_step_table(ROOT / "docs" / "BENCHMARKS.md")
+    assert table.tokens == (8190, 32760) and len(table.student_ms) == 2 and all(v > 0 for v in table.critic_ms)
+
+
+def test_cli_prints_the_table_and_the_recommendation(capsys):
+    from workflows.plan import main, parse_memory
+
+    assert parse_memory("80GiB") == 80 * GiB and parse_memory("141GB") == 141e9
+    main(["--config", str(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml"), "--gpus", "8", "--gpu-memory", "80GiB",
+          "data.batch_size=8"])
+    out = capsys.readouterr().out
+    assert "recommended: parallel.dp_replicate=" in out and "(1, 1, 8): cp=8 does not divide" in out
+
+
+def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):
+    """distill.py's check: the latent shape comes from the data set's manifest, the mesh from parallel.*."""
+    from rcm_core.config import from_dict
+    from workflows.plan import preflight
+    from workflows.prepare_latents import prepare
+
+    cfg = from_dict({"model": {**SMALL, "in_channels": 2, "patch_size": [1, 1, 1], "num_classes": 4},
+                     "data": {"source": "gmm", "url": str(tmp_path / "gmm"), "num_rows": 64, "batch_size": 8},
+                     "resources": {"use_gpu": True, "num_workers": 2}})
+    prepare(cfg.data)
+    assert preflight(cfg, gpu_memory=80 * GiB) is None
+    with pytest.raises(SystemExit, match="will not fit.*GiB"):
+        preflight(cfg, gpu_memory=2 * GiB)          # below the 2 GiB allowance alone
+    cfg.resources.use_gpu = False
+    assert preflight(cfg, gpu_memory=2 * GiB) is None   # CPU runs are not checked
