@@ -159,11 +159,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", choices=["8k", "32k"], help="run one of the two shapes")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     shapes = ([("tiny", TINY, (16, 2, 8, 8), 8)] if args.tiny else
               [("1.3B, 21×30×52 latent (8,190 tokens)", WAN_1P3B, (16, 21, 30, 52), 512),
                ("1.3B, 21×60×104 latent (32,760 tokens, 480p×81)", WAN_1P3B, (16, 21, 60, 104), 512)])
+    if args.only and not args.tiny:
+        shapes = shapes[:1] if args.only == "8k" else shapes[1:]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}")
     for title, model, latent, L_text in shapes:
