@@ -8,7 +8,7 @@ Parameter counts come from the real network built on the meta device (`count_par
 GPU assume the mixed precision of the sharded runs (issue 16): the trained nets (student, fake score) keep fp32
 master weights, fp32 gradients and two fp32 AdamW moments (16 B/param); the EMA is fp32 (4 B/param); the frozen
 teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. FSDP2 shards every net over dp_shard·cp
-ranks (rcm_core.parallel; nothing is sharded when dp_shard = 1), so those bytes divide by that size, and two
+ranks (rcm_core.parallel; a bf16 run with CP alone shards over its CP ranks), so those bytes divide by that size, and two
 blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
 unsharded at a time.
 
@@ -148,7 +148,8 @@ def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int)
     """FLOPs of one forward of one sample whose rank holds `q_tokens` of `kv_tokens` (2 per MAC): block linear
     layers, self-attention over all keys, cross-attention over the text."""
     D, F = model.dim, model.ffn_dim
-    linear = 2 * q_tokens * (8 * D * D + 2 * D * F) + 2 * text_len * 2 * D * D   # q,k,v,o ×2 attns, ffn; text k,v
+    # self q,k,v,o + cross q,o (6·D²) and the FFN per latent token; cross k,v (2·D²) per text token
+    linear = 2 * q_tokens * (6 * D * D + 2 * D * F) + 2 * text_len * 2 * D * D
     attention = 4 * q_tokens * (kv_tokens + text_len) * D
     return model.num_layers * (linear + attention)
 
@@ -171,7 +172,9 @@ class MeshPlan:
 
     @property
     def shard(self) -> int:
-        return self.shape.dp_shard * self.shape.cp if self.shape.dp_shard > 1 else 1
+        # FSDP2 over dp_shard·cp ranks; a bf16 run (what these bytes assume) with CP alone shards over its CP
+        # ranks too (rcm_core.parallel.shard_mesh)
+        return self.shape.dp_shard * self.shape.cp
 
 
 def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool) -> dict[str, float]:

@@ -29,6 +29,7 @@ from rcm_core.denoiser import TrigFlowDenoiser
 from rcm_core.distill import build_state, distill_step, make_optimizer
 from rcm_core.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
+from rcm_core.plan import forward_flops
 from rcm_core.trigflow import add_noise
 
 PEAK = 989e12
@@ -36,14 +37,6 @@ WAN_1P3B = dict(kind="dit", in_channels=16, dim=1536, ffn_dim=8960, num_heads=12
                 text_dim=4096, dtype="bfloat16", activation_checkpointing=True)
 TINY = dict(kind="dit", in_channels=16, dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32,
             dtype="float32", activation_checkpointing=True)
-
-
-def forward_flops(m: ModelCfg, L: int, L_text: int) -> float:
-    """Model FLOPs of one forward: linear layers 2·MACs, self- and cross-attention 4·L·L_k·dim each."""
-    d, f = m.dim, m.ffn_dim
-    per_block = 2 * L * (4 * d * d + 2 * d * f + 2 * d * d) + 2 * L_text * 2 * d * d   # qkvo, ffn, cross q,o; k,v
-    attn = 4 * L * L * d + 4 * L * L_text * d
-    return m.num_layers * (per_block + attn)
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
@@ -107,7 +100,7 @@ def run_shape(model: dict, latent: tuple, L_text: int, device: torch.device, rep
     g = torch.Generator(device=device).manual_seed(0)
     F_T = torch.randn_like(x0).double()
     L = math.prod(s // p for s, p in zip(latent[1:], cfg.model.patch_size))
-    fwd = forward_flops(cfg.model, L, L_text) * B
+    fwd = forward_flops(cfg.model, L, L, L_text) * B
     rows: list[tuple] = []
 
     def add(name, sec, flops):
