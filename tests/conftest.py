@@ -115,3 +115,16 @@ def ray_connected(ray_address):
     ray.init(address=ray_address, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: float sums happen in one order (the same metrics on every run and
+    machine), and no OpenMP oversubscription on the 2-core CI machine. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

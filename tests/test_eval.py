@@ -22,13 +22,7 @@ from rcm_core.eval import video as V
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The sets here are small: one thread avoids OpenMP oversubscription on a busy 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest: one torch thread
 
 
 def gen(seed: int) -> torch.Generator:

@@ -39,14 +39,7 @@ def _cfg(tmp_path, *extra):
                        [*FAST, f"train.run_dir={tmp_path}/run", *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: float sums then happen in one order, so the metrics are the same on every run and on
-    every machine (the toy's matrices are too small for threads to pay)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")
