@@ -10,7 +10,8 @@ Marked `gpu` (skipped by the default `-m "not gpu"`). Budgets:
 - bf16 compute with fp32 masters (the product's mixed precision): the gathered bf16 values are the one-GPU
   module's, but other shapes may take other cuBLAS kernels and the gradients are reduced in another order, so
   the budget is one bf16 rounding: ‖Δ‖ ≤ 1e-2·‖ref‖ (2⁻⁷ = 7.8e-3).
-Where and when it ran: docs/BENCHMARKS.md, "Sharded rCM on GPUs".
+Ran on 2× NVIDIA H200 (torch 2.11.0+cu130) on 2026-11-28: 4 passed, the 4-GPU cases skipped; details and what was
+not re-run in docs/BENCHMARKS.md, "Sharded rCM on GPUs".
 """
 from __future__ import annotations
 
