@@ -12,9 +12,9 @@ configuration equals the one-GPU run's: its first losses are compared with it (b
 
 Per configuration: seconds per rCM iteration (the mean over one cycle of 1 student : 4 critic iterations after
 a warm-up student+critic pair), samples/s, weak-scaling efficiency t(1 GPU)/t(N GPUs) for FSDP, the CP speed-up
-of one sample, peak memory per GPU, and the share of the cycle's wall time spent in NCCL all-gather /
-reduce-scatter / all-to-all / all-reduce kernels (torch.profiler, CUDA activity; they overlap compute, so the
-shares are upper bounds on what communication costs). Every loss is checked to be finite before any time is
+of one sample, peak memory per GPU, and NCCL all-gather / reduce-scatter / all-to-all / all-reduce kernel time as a
+share of the cycle (torch.profiler, CUDA activity, over one student and one critic iteration weighted 1 : 4; the
+kernels overlap compute, so the shares are upper bounds on what communication costs). Every loss is checked to be finite before any time is
 reported.
 """
 from __future__ import annotations
