@@ -147,7 +147,7 @@ class DataCfg:
     num_rows: int = 4096                    # rows the built-in sources generate
     shuffle_seed: int = 0
     on_bad_row: Literal["error", "skip"] = "error"
-    # --- added by the data layer (rcm_core/data.py, workflows/prepare_latents.py) ---
+    # --- added by the data layer (rcm_core/data/latents.py, workflows/prepare_latents.py) ---
     normalize: bool = True                  # readers hand out (x − channel_mean) / channel_std from the manifest
     rows_per_shard: int = 256               # prepare_latents: rows per Parquet shard (many small shards stream, P5)
     frames: int = 8                         # moving_fashion: T frames per video
@@ -199,7 +199,7 @@ class ResourcesCfg:                         # read only by workflows/
 
 
 @dataclass(kw_only=True)
-class ParallelCfg:                          # the device mesh inside a run (rcm_core.mesh, rcm_core.parallel)
+class ParallelCfg:                          # the device mesh inside a run (rcm_core.parallel.mesh, rcm_core.parallel.sharding)
     dp_replicate: int = -1                  # full replicas, gradients all-reduced (HSDP outer dim); -1 = the rest
     dp_shard: int = 1                       # FSDP2 shard size (>1 shards over dp_shard·cp ranks); -1 = the rest
     cp: int = 1                             # Ulysses context parallelism: must divide model.num_heads and the
@@ -395,7 +395,7 @@ def config_hash(cfg: ExperimentCfg) -> str:
 
 # Keys a resumed run may change: how long it runs, how often it logs, evaluates and checkpoints, how it is
 # evaluated (eval.*, sampler.*: neither touches training) and where its local files go. Every other key shapes the
-# trajectory, so a run continues only with the values it started with (workflows/distill.py check_resume).
+# trajectory, so a run continues only with the values it started with (workflows/storage.py check_resume).
 RESUME_FREE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.run_dir",
                     "eval.", "sampler.")
 
@@ -506,7 +506,7 @@ def validate(cfg: ExperimentCfg) -> None:
 
 
 def _validate_parallel(cfg: ExperimentCfg) -> None:
-    """Static mesh checks; rcm_core.mesh.check_shape repeats them at run time with the latent token count."""
+    """Static mesh checks; rcm_core.parallel.mesh.check_shape repeats them at run time with the latent token count."""
     p, heads = cfg.parallel, cfg.model.num_heads
     legal_cp = [c for c in range(1, heads + 1) if heads % c == 0] if cfg.model.kind == "dit" else [1]
     for key in ("dp_replicate", "dp_shard"):

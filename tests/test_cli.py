@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workflows import distill, prepare_latents, report, sample, sweep
+from workflows import distill, prepare_latents, ray_session, report, sample, sweep
 from workflows.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,8 @@ def no_ray(monkeypatch):
     """A tripwire: starting Ray fails the test (the bad input must be refused before)."""
     def started(*args, **kwargs):
         raise AssertionError("Ray was started for an input that should have been refused first")
-    monkeypatch.setattr(distill, "init_ray", started)
+    monkeypatch.setattr(distill, "init_ray", started)           # distill binds the name at import
+    monkeypatch.setattr(ray_session, "init_ray", started)       # sweep and encode_videos import it when they start Ray
 
 
 def _one_line_error(capsys) -> str:
@@ -120,7 +121,7 @@ def test_eval_line_and_ui_hint():
 def test_comparison_figure_has_a_column_per_sampler(tmp_path):
     from PIL import Image
 
-    from rcm_core.samples import save_comparison_figure
+    from rcm_core.eval.samples import save_comparison_figure
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(12) % 3
     videos = {k: torch.rand(12, 1, 4, 8, 8, generator=g) for k in ("nfe_2", "teacher_reference", "nfe_1")}
@@ -142,6 +143,6 @@ def test_job_env_vars_are_left_to_the_submitted_job(monkeypatch):
     import json
     job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
-    assert distill.job_env_vars() == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    assert ray_session.job_env_vars() == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    assert distill.job_env_vars() == {}
+    assert ray_session.job_env_vars() == {}

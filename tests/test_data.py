@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from rcm_core.config import load_config
-from rcm_core.data import BadRowError, DatasetError, LatentDataset, iterate_batches, read_manifest, write_shards
-from rcm_core.datasets.codec import PatchDCT, decode_latents
-from rcm_core.datasets.moving_fashion import generate
-from rcm_core.visualize import save_gif, save_grid_png
+from rcm_core.data.latents import BadRowError, DatasetError, LatentDataset, iterate_batches, read_manifest, write_shards
+from rcm_core.data.codec import PatchDCT, decode_latents
+from rcm_core.data.moving_fashion import generate
+from rcm_core.eval.visualize import save_gif, save_grid_png
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflows"))
@@ -310,7 +310,7 @@ def test_check_storage_fails_fast_naming_the_url(s3_url, s3_endpoint, monkeypatc
 def consume_concurrently(shards, epoch_count: int) -> tuple[list[list[list[int]]], list[torch.Tensor]]:
     """Each consumer iterates its streaming-split shard like a Train worker would; returns ids[epoch][consumer]
     and the latent of row id 0 each time it was seen."""
-    from rcm_core.data import LatentBatch
+    from rcm_core.data.latents import LatentBatch
 
     out = [[[] for _ in shards] for _ in range(epoch_count)]
     errors, first_row = [], []

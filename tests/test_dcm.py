@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from rcm_core.config import load_config
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.distill import build_state, consistency_term, distill_step, is_student_phase, uses_dmd
-from rcm_core.losses import dcm_loss, teacher_euler
-from rcm_core.timesteps import T_MAX, T_MIN, dcm_times, sample_dcm_times
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.distill import build_state, consistency_term, distill_step, is_student_phase, uses_dmd
+from rcm_core.method.losses import dcm_loss, teacher_euler
+from rcm_core.method.timesteps import T_MAX, T_MIN, dcm_times, sample_dcm_times
 
 A_COND, A_NULL = 0.5, 1.5
 
@@ -160,8 +160,8 @@ def test_five_modes_from_one_config(tmp_path, mode, term, dmd):
     assert [is_student_phase(i, cfg.distill) for i in range(3)] == (
         [True, True, True] if not dmd else [True, True, False] if term else [True, False, True])
     from rcm_core.networks import build_network
-    from rcm_core.loop import step_generator
-    from rcm_core.data import LatentBatch
+    from rcm_core.run.loop import step_generator
+    from rcm_core.data.latents import LatentBatch
 
     torch.manual_seed(0)
     state = build_state(cfg, TrigFlowDenoiser(build_network(cfg.model), "rf_velocity"))

@@ -21,10 +21,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import rcm_core.evaluate as E
+import rcm_core.eval.evaluate as E
 from rcm_core.config import load_config
-from rcm_core.data import read_manifest
-from rcm_core.datasets import moving_fashion
+from rcm_core.data.latents import read_manifest
+from rcm_core.data import moving_fashion
 
 
 def _script():

@@ -6,7 +6,7 @@
      checkpoint step, in the same MLflow run.
 
 One uninterrupted run with the same seed is the reference for the loss trajectory, which must match bit for bit:
-the same data order (Ray Data's preserve_order, kept through Ray Train by workflows.distill.GroupReaderDataConfig),
+the same data order (Ray Data's preserve_order, kept through Ray Train by workflows.trainer.GroupReaderDataConfig),
 the same noise (seeded per step and rank) and the data stream replayed to the checkpoint's step on resume
 (workflows.data.resumable_batches). All invocations share one module fixture (about 4 minutes on 2 cores). Numbers measured here are in docs/RELIABILITY.md.
 """

@@ -200,7 +200,7 @@ def test_s3_restart_while_streaming_loses_and_doubles_no_row(ray_connected, tmp_
     import numpy as np
 
     from rcm_core.config import load_config
-    from rcm_core.data import write_shards
+    from rcm_core.data.latents import write_shards
     from workflows.data import make_ray_dataset
 
     n_rows, folder = 1024, tmp_path / "ds"
@@ -256,7 +256,7 @@ def test_ray_data_stream_resumes_at_the_saved_step(ray_connected, tmp_path):
     import numpy as np
 
     from rcm_core.config import load_config
-    from rcm_core.data import write_shards
+    from rcm_core.data.latents import write_shards
     from workflows.data import make_ray_dataset, resumable_batches
 
     rng = np.random.default_rng(1)

@@ -294,8 +294,8 @@ def test_jvp_through_two_block_dit_matches_twin(monkeypatch):
     """`torch.func.jvp` through rcm_core's DiT (self- and cross-attention via kernels.attention): the Triton
     kernel under the interpreter gives the same primal and tangent as the PyTorch twin."""
     from rcm_core.config import ModelCfg
-    from rcm_core.denoiser import TrigFlowDenoiser
-    from rcm_core.losses import jvp
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.losses import jvp
     from rcm_core.networks import build_network
 
     torch.manual_seed(0)
@@ -312,7 +312,7 @@ def test_jvp_through_two_block_dit_matches_twin(monkeypatch):
     def run():
         return torch.func.jvp(lambda a, b: den.F(a, b, cond), (x, t), (x_dot, t_dot))
 
-    def run_dual():      # the training path: rcm_core.losses.jvp, dual tensors, the fused attention pass
+    def run_dual():      # the training path: rcm_core.method.losses.jvp, dual tensors, the fused attention pass
         return jvp(lambda a, b: den.F(a, b, cond), (x, t), (x_dot, t_dot))
 
     # Kernel first, then the twin by switching dispatch off: triton 3.6's interpreter cannot be entered after

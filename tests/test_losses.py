@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.losses import (consistency_objective, dmd_loss, normalize_tangent, scm_loss, scm_tangent_fd,
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.losses import (consistency_objective, dmd_loss, normalize_tangent, scm_loss, scm_tangent_fd,
                              scm_tangent_g, scm_tangent_jvp, student_rollout)
-from rcm_core.trigflow import add_noise
+from rcm_core.method.trigflow import add_noise
 from test_trigflow import mlp
 
 B = 4

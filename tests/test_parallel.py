@@ -23,13 +23,13 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from rcm_core.config import ConfigError, ExperimentCfg, ModelCfg, from_dict, validate
-from rcm_core.data import LatentBatch
-from rcm_core.dcp import load_distributed, save_distributed
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.distill import build_state, distill_step, lr_factor
-from rcm_core.loop import step_generator
-from rcm_core.losses import scm_loss, scm_tangent_jvp
-from rcm_core.mesh import (
+from rcm_core.data.latents import LatentBatch
+from rcm_core.parallel.dcp import load_distributed, save_distributed
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.distill import build_state, distill_step, lr_factor
+from rcm_core.run.loop import step_generator
+from rcm_core.method.losses import scm_loss, scm_tangent_jvp
+from rcm_core.parallel.mesh import (
     MeshShape,
     build_mesh,
     check_shape,
@@ -37,8 +37,8 @@ from rcm_core.mesh import (
     shape_from_config,
 )
 from rcm_core.networks import build_network
-from rcm_core.parallel import parallelize_network, parallelize_state, sync_gradients
-from rcm_core.timesteps import sample_p_G
+from rcm_core.parallel.sharding import parallelize_network, parallelize_state, sync_gradients
+from rcm_core.method.timesteps import sample_p_G
 
 TINY = {"kind": "dit", "in_channels": 4, "patch_size": [1, 2, 2], "dim": 64, "ffn_dim": 128, "num_heads": 2,
         "num_layers": 2, "freq_dim": 32, "text_dim": 16, "num_classes": 4, "label_tokens": 2, "dtype": "float64"}

@@ -29,14 +29,14 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rcm_core.config import ModelCfg, from_dict
-from rcm_core.dcp import load_distributed, save_distributed
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.distill import build_state, distill_step
-from rcm_core.loop import step_generator
-from rcm_core.losses import scm_loss, scm_tangent_jvp
-from rcm_core.mesh import MeshShape, build_mesh
+from rcm_core.parallel.dcp import load_distributed, save_distributed
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.distill import build_state, distill_step
+from rcm_core.run.loop import step_generator
+from rcm_core.method.losses import scm_loss, scm_tangent_jvp
+from rcm_core.parallel.mesh import MeshShape, build_mesh
 from rcm_core.networks import build_network
-from rcm_core.parallel import parallelize_network, parallelize_state, sync_gradients
+from rcm_core.parallel.sharding import parallelize_network, parallelize_state, sync_gradients
 
 pytestmark = pytest.mark.gpu
 
@@ -139,7 +139,7 @@ def _cfg():
 
 
 def _batch(dev: torch.device, seed: int):
-    from rcm_core.data import LatentBatch
+    from rcm_core.data.latents import LatentBatch
     g = torch.Generator(device=dev).manual_seed(seed)
     return LatentBatch(latent=torch.randn(1, *LATENT, generator=g, device=dev), label=torch.tensor([seed % 4], device=dev))
 

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from test_parallel import LATENT, TINY, full, sample_batch, spawn, tiny_denoiser
 
 from rcm_core.config import from_dict
-from rcm_core.loop import run_training
-from rcm_core.mesh import MeshShape
+from rcm_core.run.loop import run_training
+from rcm_core.parallel.mesh import MeshShape
 
 STEPS = 4
 

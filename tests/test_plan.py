@@ -1,4 +1,4 @@
-"""The run planner (rcm_core/plan.py, workflows/plan.py): its arithmetic against real modules, on the CPU.
+"""The run planner (rcm_core/run/plan.py, workflows/plan.py): its arithmetic against real modules, on the CPU.
 
 - parameter counts from the meta device equal the real modules' and Wan2.1's published sizes;
 - 16 bytes per trained parameter is what an fp32 AdamW student really holds after a step;
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from rcm_core.config import ModelCfg, load_config
-from rcm_core.mesh import MeshShape
+from rcm_core.parallel.mesh import MeshShape
 from rcm_core.networks import build_network, cast_network
-from rcm_core.plan import (GiB, activation_estimate, block_saved_bytes, check_fits, count_params, plan_run,
+from rcm_core.run.plan import (GiB, activation_estimate, block_saved_bytes, check_fits, count_params, plan_run,
                            read_step_table, recommend, refuse_reason, state_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]

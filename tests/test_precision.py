@@ -1,4 +1,4 @@
-"""fp32 master weights for bf16 networks without FSDP (rcm_core.precision): the same arithmetic as an fp32
+"""fp32 master weights for bf16 networks without FSDP (rcm_core.parallel.precision): the same arithmetic as an fp32
 AdamW fed the bf16 gradients, updates below bf16's resolution kept, and an exact resume."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from rcm_core.precision import (
+from rcm_core.parallel.precision import (
     MasterWeightOptimizer,
     master_parameters,
     with_master_weights,
@@ -97,9 +97,9 @@ def test_sharded_checkpoint_into_bf16_without_fsdp_says_how(tmp_path):
     import pytest
 
     from rcm_core.config import from_dict
-    from rcm_core.dcp import load_distributed
-    from rcm_core.denoiser import TrigFlowDenoiser
-    from rcm_core.distill import build_state
+    from rcm_core.parallel.dcp import load_distributed
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.distill import build_state
     from rcm_core.networks import build_network
 
     cfg = from_dict({"model": {"kind": "mlp", "in_channels": 2, "hidden": 8, "depth": 1, "freq_dim": 8,

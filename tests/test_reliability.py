@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rcm_core.checkpoint import CKPT_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from rcm_core.run.checkpoint import CKPT_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from rcm_core.config import ConfigError, flatten, load_config
 
 
@@ -66,8 +66,8 @@ def test_any_override_either_loads_or_fails_with_config_error(key, value):
 # A checkpoint from another model shape
 
 def _tiny_state(hidden: int):
-    from rcm_core.denoiser import TrigFlowDenoiser
-    from rcm_core.distill import build_state
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.distill import build_state
     from rcm_core.networks import build_network
 
     cfg = load_config("experiments/debug_cpu.yaml", [f"model.hidden={hidden}", "model.depth=2"])
@@ -76,7 +76,7 @@ def _tiny_state(hidden: int):
 
 
 def test_checkpoint_of_another_model_shape_names_the_file_and_keys(tmp_path):
-    from rcm_core.checkpoint import load_into_state, state_to_dict
+    from rcm_core.run.checkpoint import load_into_state, state_to_dict
 
     path = save_checkpoint(state_to_dict(_tiny_state(32)), tmp_path / "step_7")
     with pytest.raises(ValueError) as err:

@@ -64,7 +64,7 @@ def check_mlflow(env: dict, postgres_uri: str) -> None:
 def check_ray_job(env: dict, tmp: Path) -> None:
     """`ray job submit --working-dir` of a trivial entrypoint that runs a Ray task and imports the project."""
     (tmp / "job.py").write_text(
-        "import ray, rcm_core.data\n"
+        "import ray, rcm_core.data.latents\n"
         "ray.init()\n"
         "print('RESULT', ray.get(ray.remote(lambda: 6 * 7).remote()))\n")
     r = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(tmp),

@@ -1,4 +1,4 @@
-"""The teacher's JVP-vs-central-difference time-derivative check (rcm_core.tangent_check, issue 18), and the time
+"""The teacher's JVP-vs-central-difference time-derivative check (rcm_core.method.tangent_check, issue 18), and the time
 input k·s it guards (model.time_scale).
 
 A smooth teacher (the analytic mixture) scores ratio ≈ 1; the same teacher with a small fast ripple in its time
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from rcm_core.config import load_config
-from rcm_core.denoiser import RF_TIMESTEP_SCALE, TrigFlowDenoiser
+from rcm_core.method.denoiser import RF_TIMESTEP_SCALE, TrigFlowDenoiser
 from rcm_core.networks import build_network
-from rcm_core.tangent_check import RATIO_WARN, check_rows, time_derivative_check, warn_if_rough
-from rcm_core.toy import ExactGMMVelocity, default_gmm
+from rcm_core.method.tangent_check import RATIO_WARN, check_rows, time_derivative_check, warn_if_rough
+from rcm_core.data.toy import ExactGMMVelocity, default_gmm
 
 GMM = default_gmm(dim=2, classes=4)
 

@@ -1,7 +1,7 @@
 """The teacher cache cannot go stale (issue 18): its key changes with everything that shapes the teacher.
 
-`rcm_core.teacher.teacher_key` hashes model.* (time_scale included), the whole teacher.* training config,
-data.normalize, the seed and the data's content; `workflows.distill.teacher_data_key` names a data set by its
+`rcm_core.run.teacher.teacher_key` hashes model.* (time_scale included), the whole teacher.* training config,
+data.normalize, the seed and the data's content; `workflows.driver.teacher_data_key` names a data set by its
 manifest (shards, row counts, channel statistics, generator), not by its URL.
 """
 import shutil
@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from rcm_core.config import load_config
-from rcm_core.teacher import teacher_key
-from workflows.distill import driver_teacher, teacher_data_key
+from rcm_core.run.teacher import teacher_key
+from workflows.driver import driver_teacher, teacher_data_key
 from workflows.prepare_latents import prepare
 
 SHAPES_THE_TEACHER = ["data.normalize=false", "model.time_scale=1000", "model.hidden=32", "model.dtype=float64",
@@ -65,9 +65,9 @@ def test_stored_teacher_remembers_its_time_scale(tmp_path, scale):
     """A file written before model.time_scale existed was trained at 1000·s; loading it under another scale fails."""
     import torch
 
-    from rcm_core.denoiser import TrigFlowDenoiser
+    from rcm_core.method.denoiser import TrigFlowDenoiser
     from rcm_core.networks import build_network
-    from rcm_core.teacher import load_teacher, save_teacher
+    from rcm_core.run.teacher import load_teacher, save_teacher
 
     cfg = load_config(None, TINY)
     net = build_network(cfg.model)

@@ -6,7 +6,7 @@ import torch
 from rcm_core.config import load_config
 from rcm_core.networks import build_network
 from rcm_core.networks.wan_io import export
-from rcm_core.teacher import load_teacher
+from rcm_core.run.teacher import load_teacher
 
 TINY = ["model.kind=dit", "model.in_channels=4", "model.dim=64", "model.ffn_dim=128", "model.num_heads=2",
         "model.num_layers=2", "model.text_dim=16"]

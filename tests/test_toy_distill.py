@@ -18,9 +18,9 @@ import torch
 
 from rcm_core.config import load_config
 from rcm_core.eval.gmm import gmm_metrics
-from rcm_core.pipeline import eval_gmm, run_toy, toy_gmm, toy_teacher, toy_teacher_check
-from rcm_core.samplers import consistency_sample
-from rcm_core.toy import gmm_batches
+from rcm_core.run.pipeline import eval_gmm, run_toy, toy_gmm, toy_teacher, toy_teacher_check
+from rcm_core.method.samplers import consistency_sample
+from rcm_core.data.toy import gmm_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "assets" / "losses" / "debug_cpu.txt"
@@ -93,9 +93,9 @@ def test_golden_loss_curve(tmp_path, monkeypatch):
     Regenerate (and review the diff) with `UPDATE_GOLDEN=1 pytest tests/test_toy_distill.py -k golden`."""
     import os
 
-    from rcm_core.distill import build_state, distill_step
-    from rcm_core.denoiser import TrigFlowDenoiser
-    from rcm_core.loop import step_generator
+    from rcm_core.method.distill import build_state, distill_step
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.run.loop import step_generator
     from rcm_core.networks import build_network
 
     cfg = _cfg(tmp_path, "distill.tangent_warmup=10", "distill.student_update_freq=3", "data.batch_size=64")

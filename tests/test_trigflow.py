@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from rcm_core.config import ModelCfg
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.ema import PowerEMA, sigma_rel_to_gamma
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.ema import PowerEMA, sigma_rel_to_gamma
 from rcm_core.networks import build_network
-from rcm_core.samplers import consistency_sample, teacher_sample
-from rcm_core.timesteps import sample_p_D, sample_p_G, student_time_grid
-from rcm_core.toy import ExactGMMVelocity, default_gmm
-from rcm_core.trigflow import (add_noise, consistency_fn, rf_to_trig, sigma_to_trig, trig_to_rf, trig_to_sigma,
+from rcm_core.method.samplers import consistency_sample, teacher_sample
+from rcm_core.method.timesteps import sample_p_D, sample_p_G, student_time_grid
+from rcm_core.data.toy import ExactGMMVelocity, default_gmm
+from rcm_core.method.trigflow import (add_noise, consistency_fn, rf_to_trig, sigma_to_trig, trig_to_rf, trig_to_sigma,
                                velocity_target, x0_to_F)
 
 

@@ -70,7 +70,7 @@ def encoders(tmp_path_factory) -> Path:
 # The pieces, without Ray.
 
 def test_mp4_round_trip_and_fit_clip(tmp_path):
-    from rcm_core.datasets.clips import ClipError, decode_frames, fit_clip, write_mp4
+    from rcm_core.data.clips import ClipError, decode_frames, fit_clip, write_mp4
 
     video = moving_square(12, 40, 56, seed=1)
     path = write_mp4(video, tmp_path / "a.mp4", fps=8)
@@ -92,7 +92,7 @@ def test_mp4_round_trip_and_fit_clip(tmp_path):
 
 
 def test_encoders_load_from_released_layout_and_pad_text_like_wan(encoders):
-    from rcm_core.encoders import UMT5Text, WanVAE, read_configs, vae_latent_shape
+    from rcm_core.data.encoders import UMT5Text, WanVAE, read_configs, vae_latent_shape
 
     cpu = torch.device("cpu")
     vae = WanVAE.load(str(encoders), device=cpu)
@@ -118,8 +118,8 @@ def test_encoders_load_from_released_layout_and_pad_text_like_wan(encoders):
 
 
 def test_student_card_restores_data_set_coordinates():
-    from rcm_core.data import Manifest, normalize
-    from rcm_core.video_samples import data_card, to_dataset_coordinates
+    from rcm_core.data.latents import Manifest, normalize
+    from rcm_core.eval.video_samples import data_card, to_dataset_coordinates
 
     m = Manifest(latent_shape=[2, 1, 2, 2], channel_mean=[3.0, -1.0], channel_std=[2.0, 0.5], num_classes=1)
     raw = np.random.default_rng(0).normal(size=(3, 2, 1, 2, 2)).astype(np.float32) * 2 + 1
@@ -131,7 +131,7 @@ def test_student_card_restores_data_set_coordinates():
 def test_decode_task_skips_bad_clips_but_raises_on_storage_errors(tmp_path, monkeypatch):
     """A clip's own fault (corrupt, too short, no caption) is a skipped row; a read error of the storage is not:
     it stops the task, naming the clip, so a bucket's bad moment never drops a clip for good."""
-    from rcm_core.datasets.clips import write_mp4
+    from rcm_core.data.clips import write_mp4
     from workflows import encode_videos
 
     write_mp4(moving_square(12, 40, 40, 1), tmp_path / "good.mp4")
@@ -184,7 +184,7 @@ def test_actors_share_a_single_gpu():
 def test_manifest_statistics_vae_or_measured():
     import fsspec
 
-    from rcm_core.data import Manifest
+    from rcm_core.data.latents import Manifest
     from rcm_core.config import VideoCfg
     from workflows.encode_videos import _write_manifest
 
@@ -206,7 +206,7 @@ def test_manifest_statistics_vae_or_measured():
 
 def _upload_clips(fs, prefix: str, tmp: Path) -> list[str]:
     """Five clips: three good, one too short, one corrupt; one good clip has no caption. Returns the good ones."""
-    from rcm_core.datasets.clips import write_mp4
+    from rcm_core.data.clips import write_mp4
 
     clips = {"a/one.mp4": moving_square(12, 40, 56, 1), "a/two.mp4": moving_square(10, 36, 36, 2),
              "b/three.mp4": moving_square(9, 48, 40, 3), "b/short.mp4": moving_square(5, 40, 40, 4),
@@ -229,7 +229,7 @@ def test_clips_in_s3_to_mp4_of_the_student(s3_endpoint, encoders, tmp_path, monk
     import ray
     import s3fs
 
-    from rcm_core.data import read_manifest
+    from rcm_core.data.latents import read_manifest
     from workflows import distill, prepare_latents, sample
 
     monkeypatch.chdir(tmp_path)                        # .cache (encoder copies, teacher), Ray results
@@ -261,9 +261,9 @@ def test_clips_in_s3_to_mp4_of_the_student(s3_endpoint, encoders, tmp_path, monk
         assert enc["text_encoder"]["max_length"] == TEXT_LEN
 
         # The rows are the clips: a stored latent is the VAE's encoding of the fitted clip, read back from S3.
-        from rcm_core.data import LatentDataset
-        from rcm_core.datasets.clips import decode_frames, fit_clip
-        from rcm_core.encoders import WanVAE
+        from rcm_core.data.latents import LatentDataset
+        from rcm_core.data.clips import decode_frames, fit_clip
+        from rcm_core.data.encoders import WanVAE
         ds = LatentDataset(data_url, endpoint=s3_endpoint, do_normalize=False)
         order = ["a/one.mp4", "a/two.mp4", "b/broken.mp4", "b/short.mp4", "b/three.mp4", "c/uncaptioned.mp4"]
         assert ds.arrays["id"].tolist() == [order.index(f) for f in good]

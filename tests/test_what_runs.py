@@ -61,7 +61,7 @@ def test_wan_configs_mesh_fits_their_workers():
     for name, shard, cp in (("wan21_t2v_1p3b_rcm", 4, 1), ("wan21_t2v_14b_rcm", 2, 4)):
         cfg = load_config(REPO / "experiments" / f"{name}.yaml")
         p, n = cfg.parallel, cfg.resources.num_workers
-        assert (p.dp_shard, p.cp) == (shard, cp) and p.dp_shard > 1       # > 1: FSDP shards (rcm_core.mesh)
+        assert (p.dp_shard, p.cp) == (shard, cp) and p.dp_shard > 1       # > 1: FSDP shards (rcm_core.parallel.mesh)
         assert max(p.dp_replicate, 1) * p.dp_shard * p.cp == n or p.dp_replicate == -1
         assert cfg.resources.use_gpu and cfg.train.device == "cuda"
 
@@ -76,7 +76,7 @@ WAN_TINY = ["model.kind=dit", "model.in_channels=4", "model.dim=64", "model.ffn_
 def test_wan_folder_is_loaded_where_it_lies_on_the_worker(tmp_path):
     from rcm_core.networks import build_network
     from rcm_core.networks.wan_io import export
-    from workflows.distill import driver_teacher
+    from workflows.driver import driver_teacher
 
     cfg = load_config(None, WAN_TINY)
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def test_wan_folder_is_loaded_where_it_lies_on_the_worker(tmp_path):
     cfg.teacher.checkpoint = str(tmp_path / "models" / "Wan2.1-tiny")
     path = driver_teacher(cfg)
     assert path == Path(cfg.teacher.checkpoint)
-    from workflows.distill import worker_teacher
+    from workflows.trainer import worker_teacher
     teacher = worker_teacher(path, cfg, torch.device("cpu"))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written beside it
     x, ctx, t = torch.randn(2, 4, 1, 4, 4), torch.randn(2, 3, 16), torch.tensor([300.0, 700.0])
@@ -94,7 +94,8 @@ def test_wan_folder_is_loaded_where_it_lies_on_the_worker(tmp_path):
 
 
 def test_missing_teacher_checkpoint_is_never_trained_into(tmp_path, monkeypatch):
-    from workflows.distill import driver_teacher, worker_teacher
+    from workflows.driver import driver_teacher
+    from workflows.trainer import worker_teacher
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, [*WAN_TINY, f"teacher.checkpoint={tmp_path}/absent"])
@@ -108,7 +109,7 @@ def test_missing_teacher_checkpoint_is_never_trained_into(tmp_path, monkeypatch)
 # Item 3: data.s3_endpoint reaches Ray Train's checkpoint storage
 
 def test_checkpoint_storage_takes_the_configs_s3_endpoint(monkeypatch):
-    from workflows.distill import run_storage, storage_filesystem
+    from workflows.storage import run_storage, storage_filesystem
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     cfg = load_config(None, ["train.storage_path=s3://ckpts/run", "data.s3_endpoint=http://127.0.0.1:9"])
@@ -129,7 +130,7 @@ def _gmm_cfg(url: Path, *extra: str) -> ExperimentCfg:
 
 
 def test_a_request_that_disagrees_with_the_data_there_names_both(tmp_path):
-    from workflows.distill import prepare_data
+    from workflows.driver import prepare_data
 
     url = tmp_path / "gmm"
     prepare_data(_gmm_cfg(url))                                    # written once
@@ -142,10 +143,11 @@ def test_a_request_that_disagrees_with_the_data_there_names_both(tmp_path):
 
 
 def test_toy_evaluator_reads_the_mixture_from_the_data_set(tmp_path):
-    from rcm_core.data import read_manifest
-    from rcm_core.denoiser import TrigFlowDenoiser
+    from rcm_core.data.latents import read_manifest
+    from rcm_core.method.denoiser import TrigFlowDenoiser
     from rcm_core.networks import build_network
-    from workflows.distill import _evaluator, check_model_fits_data, prepare_data
+    from workflows.driver import check_model_fits_data, prepare_data
+    from workflows.trainer import _evaluator
 
     cfg = prepare_data(_gmm_cfg(tmp_path / "gmm3", "data.gmm_dim=3", "model.in_channels=3", "data.normalize=false",
                                 "eval.num_samples=8"))
@@ -163,7 +165,7 @@ def test_toy_evaluator_reads_the_mixture_from_the_data_set(tmp_path):
 
 @pytest.mark.parametrize("overrides", [["train.device=cuda"], ["resources.use_gpu=true"]])
 def test_train_device_and_use_gpu_must_agree(overrides):
-    from workflows.distill import check_device
+    from workflows.driver import check_device
 
     with pytest.raises(ConfigError, match="train.device=.* but resources.use_gpu="):
         check_device(load_config(None, overrides))
@@ -190,12 +192,12 @@ def test_a_resumed_runs_checkpoints_record_their_own_step_and_config(tmp_path):
     resume, where the loaded checkpoint's older entries used to overwrite them."""
     import json
 
-    from rcm_core.checkpoint import load_checkpoint
+    from rcm_core.run.checkpoint import load_checkpoint
     from rcm_core.config import config_hash
-    from rcm_core.denoiser import TrigFlowDenoiser
-    from rcm_core.loop import run_training
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.run.loop import run_training
     from rcm_core.networks import build_network
-    from rcm_core.toy import default_gmm, gmm_batches
+    from rcm_core.data.toy import default_gmm, gmm_batches
 
     cfg = load_config(None, ["model.kind=mlp", "model.in_channels=2", "model.num_classes=4", "model.hidden=16",
                              "model.depth=1", "data.batch_size=8", "train.steps=2", "train.checkpoint_every=2",
@@ -212,6 +214,6 @@ def test_a_resumed_runs_checkpoints_record_their_own_step_and_config(tmp_path):
     last = tmp_path / "checkpoints" / "step_4"
     data = load_checkpoint(last)
     assert data["data_position"] == 4 and data["config_hash"] == config_hash(cfg)
-    from rcm_core.checkpoint import RUN_CONFIG_FILE
+    from rcm_core.run.checkpoint import RUN_CONFIG_FILE
     from rcm_core.config import run_config_dict
     assert json.loads((last / RUN_CONFIG_FILE).read_text()) == run_config_dict(cfg)

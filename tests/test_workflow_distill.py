@@ -45,7 +45,7 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, caps
     for name in ("nfe_1", "nfe_2", "nfe_4", "teacher_nfe_39"):
         assert f"eval/{name}/gmm_precision" in metrics and f"eval/{name}/fd_rp2" in metrics
     assert 0.0 <= metrics["train/data_wait_fraction"] <= 1.0
-    # the teacher's time-derivative check (rcm_core.tangent_check), logged beside the tangent norm it explains
+    # the teacher's time-derivative check (rcm_core.method.tangent_check), logged beside the tangent norm it explains
     assert metrics["teacher_check/jvp_fd_ratio_max"] > 0 and "train/scm_g_norm" in metrics
     assert runs[0].data.tags["teacher_check"] in ("smooth", "ROUGH")
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "samples")}
@@ -56,7 +56,9 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, caps
     # Another λ under the same name would continue this run (whose params say λ = 0.01): refused, naming the key.
     with pytest.raises(ConfigError, match=r"distill.reg_weight: 0.01 -> 0.1\).*name=NEW.*--resume-changed"):
         main(["train.steps=30", "distill.reg_weight=0.1", *common])
-    from workflows.distill import DEFAULT_CONFIG, FORCED_TAG, RESUMED_TAG, absolute_paths, check_resume, prepare_data
+    from workflows.distill import DEFAULT_CONFIG
+    from workflows.driver import absolute_paths, prepare_data
+    from workflows.storage import FORCED_TAG, RESUMED_TAG, check_resume
     changed = absolute_paths(load_config(DEFAULT_CONFIG, ["train.steps=30", "distill.reg_weight=0.1", *common]))
     assert check_resume(prepare_data(changed), allow_changed=True) == {
         FORCED_TAG: "distill.reg_weight: 0.01 -> 0.1", RESUMED_TAG: "train.steps: 20 -> 30"}

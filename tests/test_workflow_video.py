@@ -4,7 +4,7 @@ And, without Ray, the classifier step itself: trained once per data set, then re
 
     .venv/bin/python -m pytest tests/test_workflow_video.py -q    # about 1.5 min on an idle 2-core box
 
-Without Debian's dataset-fashion-mnist the data set is written from scikit-learn's digits instead (rcm_core.datasets.
+Without Debian's dataset-fashion-mnist the data set is written from scikit-learn's digits instead (rcm_core.data.
 moving_fashion); the run test still runs, says so in pytest's warnings summary, and the manifest records which
 images were used.
 """
@@ -33,14 +33,14 @@ def _tiny_data_set(root: Path, seed: int):
 
 
 def _manifest(cfg) -> dict:
-    from rcm_core.data import read_manifest
+    from rcm_core.data.latents import read_manifest
     return vars(read_manifest(cfg.data.url))
 
 
 def test_feature_net_trained_once_per_data_set(tmp_path, monkeypatch, capsys):
     from rcm_core.config import load_config
     from rcm_core.eval.features import load_feature_net
-    from workflows.distill import driver_feature_net
+    from workflows.driver import driver_feature_net
 
     monkeypatch.chdir(tmp_path)
     cfg = _tiny_data_set(tmp_path, seed=0)
@@ -70,7 +70,7 @@ def test_feature_net_trained_once_per_data_set(tmp_path, monkeypatch, capsys):
 
 def test_toy_mixture_gets_no_feature_net(tmp_path, monkeypatch):
     from rcm_core.config import load_config
-    from workflows.distill import driver_feature_net
+    from workflows.driver import driver_feature_net
     from workflows.prepare_latents import prepare
 
     monkeypatch.chdir(tmp_path)
@@ -89,7 +89,7 @@ def _runs(uri: str, experiment: str):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
-    from rcm_core.data import read_manifest
+    from rcm_core.data.latents import read_manifest
     from workflows.distill import main
 
     monkeypatch.chdir(tmp_path)                # data, teacher and classifier caches, Ray results: all under tmp

@@ -29,7 +29,7 @@ from rcm_core.config import load_config
 @ray.remote(num_cpus=0.5)
 class Consumer:
     def run(self, it, epochs: int, batch_size: int) -> list[tuple[int, float]]:
-        from rcm_core.data import LatentBatch
+        from rcm_core.data.latents import LatentBatch
 
         out = []
         for _ in range(epochs):

@@ -4,7 +4,7 @@
         sys.exit(run_cli(main))          # main(argv) -> int builds its parser with add_debug_flag(ap)
 
 A mistyped config key, a missing data folder, a `--config` that is not YAML or a file that is not a checkpoint
-raise one of the project's user-error exceptions (`rcm_core.config.ConfigError`, `rcm_core.data.DatasetError` and
+raise one of the project's user-error exceptions (`rcm_core.config.ConfigError`, `rcm_core.data.latents.DatasetError` and
 its `StorageError`/`BadRowError`, `WanCheckpointError`, or `UserError` here); `run_cli` prints `error: <message>`
 and exits 2 for usage and config errors (argparse's own code for a bad command line) or 1 for the others.
 `--debug` (or RCM_DEBUG=1) lets the exception through with its traceback. Anything else is a bug and keeps its
@@ -32,7 +32,7 @@ class UsageError(UserError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from rcm_core.config import ConfigError
-    from rcm_core.data import DatasetError
+    from rcm_core.data.latents import DatasetError
     from rcm_core.networks.wan_io import WanCheckpointError
     return ConfigError, DatasetError, WanCheckpointError, UserError
 

@@ -194,7 +194,7 @@ def run_description(report, run_id: str, figure: bool) -> str:
 def log_comparison_figure(cfg, tracker, evaluator, manifest: dict, labels) -> list[Path]:
     """<run_dir>/comparison/samples.png (+ .gif for video): the teacher and every student step count side by side
     on the evaluation bank's noise and labels, logged to MLflow under comparison/."""
-    from rcm_core.samples import save_comparison_figure
+    from rcm_core.eval.samples import save_comparison_figure
 
     if not evaluator.last_samples:
         return []

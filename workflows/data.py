@@ -15,12 +15,12 @@ Worker side (inside `train_fn`):
         batch = LatentBatch.from_numpy_batch(batch)                    # core type from the worker's first lines
 
 Resuming (a restarted worker, a re-run driver): `resumable_batches(shard, per_worker_batch)` is a callable
-`start_step -> iterator` that `rcm_core.loop.run_training` asks for the stream from the checkpoint's step, so a
+`start_step -> iterator` that `rcm_core.run.loop.run_training` asks for the stream from the checkpoint's step, so a
 resumed run sees the batches the uninterrupted one would have seen. That holds because the order is
 reproducible: the dataset keeps Ray Data's `preserve_order` on (without it two executions of the same seeded
 shuffle differ, measured) and a fresh execution of the dataset replays epoch 0, 1, … with the same seeds. Ray
 Train rebuilds a dataset's execution options when it splits it, so its DataConfig must keep the flag too
-(`workflows.distill.GroupReaderDataConfig`).
+(`workflows.trainer.GroupReaderDataConfig`).
 
 S3 reads go through pyarrow's S3 client, wrapped by Ray Data in its retry layer: "AWS Error NETWORK_CONNECTION"
 (a refused or dropped connection) and the other transient errors in `DataContext.retried_io_errors` are retried
@@ -28,7 +28,7 @@ S3 reads go through pyarrow's S3 client, wrapped by Ray Data in its retry layer:
 same errors raised in any other operator of the dataset (file listing, decoding) re-run that task up to
 `MAP_RETRIES` times; Ray skips the blocks a retried task had already produced, so no row is read twice.
 
-Decoding uses `rcm_core.data.decode_batch`, the same function as the local iterator, so a bad shard fails (or is
+Decoding uses `rcm_core.data.latents.decode_batch`, the same function as the local iterator, so a bad shard fails (or is
 skipped) identically on both paths. Each epoch (each execution of the dataset) is reshuffled from
 `data.shuffle_seed`. Skipped rows (`data.on_bad_row=skip`) are logged by the workers and counted in a
 `BadRowCounter` actor when one is passed in.
@@ -45,7 +45,7 @@ from typing import Any
 import ray
 
 from rcm_core.config import DataCfg, ExperimentCfg
-from rcm_core.data import (MANIFEST, DatasetError, LatentBatch, Manifest, decode_batch, filesystem, read_manifest,
+from rcm_core.data.latents import (MANIFEST, DatasetError, LatentBatch, Manifest, decode_batch, filesystem, read_manifest,
                            storage_options)
 
 log = logging.getLogger(__name__)

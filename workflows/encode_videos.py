@@ -11,7 +11,7 @@ The pipeline (one Ray Data dataset, streaming, blocks of one clip):
   row id = position in that list. Captions: `captions.jsonl` ({"file": ..., "caption": ...} per line) or
   `captions.csv` (columns file, caption) beside the clips (or `data.video.captions`), else `<clip stem>.txt`.
 - Decoding reads the clip straight from storage with PyAV, stops at `data.video.frames` frames, scales to cover
-  `height × width` and centre-crops (rcm_core/datasets/clips.py). Pixels travel as uint8.
+  `height × width` and centre-crops (rcm_core/data/clips.py). Pixels travel as uint8.
 - The VAE and umT5 actors take one GPU each when the cluster has enough, share them when it has fewer (one GPU
   holds a VAE and an umT5 actor), and run on CPU on a cluster without GPUs (`data.video.gpus_per_actor` sets it by
   hand); `data.video.vae_actors` / `text_actors` set the pool sizes. Each loads its model once. Without GPUs Ray
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from rcm_core.config import ConfigError, DataCfg, VideoCfg
-from rcm_core.data import MANIFEST, Manifest, _ChannelStats, _join, _shard_table, filesystem
+from rcm_core.data.latents import MANIFEST, Manifest, _ChannelStats, _join, _shard_table, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _read_captions(fs: Any, root: str, v: VideoCfg) -> dict[str, str] | None:
 
 def list_clips(v: VideoCfg, endpoint: str = "") -> list[dict]:
     """Every clip under `v.clips`, sorted: [{"id", "file" (relative), "caption" (None if it has none)}]."""
-    from rcm_core.datasets.clips import CLIP_EXTENSIONS
+    from rcm_core.data.clips import CLIP_EXTENSIONS
 
     if not v.clips:
         raise ConfigError("data.source=videos needs data.video.clips (a folder or s3://bucket/prefix of clips)")
@@ -134,7 +134,7 @@ class StorageFile:
 def decode_clips(batch: dict, *, clips: str, endpoint: str, frames: int, height: int, width: int) -> dict:
     """map_batches task: read, decode and fit each clip; a bad clip gets zero pixels and its reason in `error`.
     A storage error (not the clip's fault) is raised, naming the clip: the job stops and a re-run resumes."""
-    from rcm_core.datasets.clips import ClipError, decode_frames, fit_clip
+    from rcm_core.data.clips import ClipError, decode_frames, fit_clip
 
     fs, root = filesystem(clips, endpoint)
     n = len(batch["id"])
@@ -169,7 +169,7 @@ class VAEStage:
     """Actor: the Wan VAE, loaded once; replaces `video` by `latent` (zeros for skipped clips)."""
 
     def __init__(self, encoders: str, dtype: str, endpoint: str, cache: str, latent_shape: list[int]):
-        from rcm_core.encoders import WanVAE, resolve_dtype
+        from rcm_core.data.encoders import WanVAE, resolve_dtype
 
         device = _device()
         self.vae = WanVAE.load(encoders, device=device, dtype=resolve_dtype(dtype, device), endpoint=endpoint,
@@ -189,7 +189,7 @@ class TextStage:
     """Actor: umT5 + tokenizer, loaded once; adds `cond` [B, L, D] (zeros for skipped clips)."""
 
     def __init__(self, encoders: str, dtype: str, endpoint: str, cache: str, cond_shape: list[int]):
-        from rcm_core.encoders import UMT5Text, resolve_dtype
+        from rcm_core.data.encoders import UMT5Text, resolve_dtype
 
         device = _device()
         self.text = UMT5Text.load(encoders, device=device, dtype=resolve_dtype(dtype, device),
@@ -235,7 +235,7 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
     import ray
     from ray.data import ActorPoolStrategy
 
-    from rcm_core.encoders import CACHE, describe_encoders, read_configs, vae_latent_shape
+    from rcm_core.data.encoders import CACHE, describe_encoders, read_configs, vae_latent_shape
 
     v = d.video
     if not v.encoders:
@@ -317,7 +317,7 @@ def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        from workflows.distill import init_ray
+        from workflows.ray_session import init_ray
         init_ray(None)
 
 

@@ -10,7 +10,7 @@ on, prints parameter + gradient + optimiser bytes per GPU of student, fake score
 activation peaks of the JVP pass and of the backward, the total against the card, the seconds per iteration
 scaled from the measured step table (docs/BENCHMARKS.md), and the recommended mesh; meshes that cannot run
 (cp not dividing the heads or tokens, a batch the data-parallel groups cannot split) are listed with the
-reason. The arithmetic is `rcm_core.plan`. `workflows/distill.py` runs the same check (`preflight`) before
+reason. The arithmetic is `rcm_core.run.plan`. `workflows/distill.py` runs the same check (`preflight`) before
 its workers start and stops with the plan's message when the configured mesh cannot fit.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from rcm_core.config import ExperimentCfg, load_config  # noqa: E402
-from rcm_core.plan import GiB, check_fits, format_plan, plan_run, read_step_table  # noqa: E402
+from rcm_core.run.plan import GiB, check_fits, format_plan, plan_run, read_step_table  # noqa: E402
 
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 WAN_480P = (16, 21, 60, 104)     # Wan2.1 VAE latent of 832×480×81 frames: 21·30·52 = 32,760 tokens
@@ -47,7 +47,7 @@ def data_shape(cfg: ExperimentCfg) -> tuple[tuple[int, ...] | None, int]:
     if not cfg.data.url:
         return None, text_len
     try:
-        from rcm_core.data import read_manifest
+        from rcm_core.data.latents import read_manifest
 
         m = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint, check_shards=False)
     except Exception:                     # no data yet (planning before preparing it): the caller decides

@@ -6,8 +6,8 @@
 
 Sources (`data.source`):
   moving_fashion  Fashion-MNIST items moving over `data.frames` frames of a `data.canvas`² canvas, encoded by the
-                  fixed patch DCT (rcm_core/datasets/codec.py) into [data.patch², T, S/p, S/p]; label = class.
-  gmm             the core toy (rcm_core/toy.py): a class-conditional Gaussian mixture, latents [D, 1, 1, 1].
+                  fixed patch DCT (rcm_core/data/codec.py) into [data.patch², T, S/p, S/p]; label = class.
+  gmm             the core toy (rcm_core/data/toy.py): a class-conditional Gaussian mixture, latents [D, 1, 1, 1].
   precomputed     latents made elsewhere, from `data.precomputed` (or `--from-npz FILE`), see below.
   videos          a folder or bucket of clips + captions, encoded by the Wan2.1 VAE and umT5 on Ray Data actors
                   (data.video.*; workflows/encode_videos.py says how, README "Your own videos" gives the commands).
@@ -22,7 +22,7 @@ Your own encoder (a video VAE and a text encoder) — two ways in:
        ids       [N] int64                            optional (default 0..N-1), unique
        captions  [N] str                              optional, kept in the `caption` column
        encoder   () str                               optional JSON describing the encoder (recorded in the manifest)
-  2. For data sets bigger than memory, stream rows from your own loop into `rcm_core.data.write_shards(rows, url,
+  2. For data sets bigger than memory, stream rows from your own loop into `rcm_core.data.latents.write_shards(rows, url,
      rows_per_shard=..., latent_shape=[C, T, H, W], num_classes=... | cond_shape=[L, D], encoder={...})`, where
      `rows` yields dicts {id, latent, label | cond, caption?}.
 The last line printed says where the data set went, its row count and latent shape.
@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run as a script from anywhere in the checkout
 
 from rcm_core.config import ConfigError, DataCfg, load_config
-from rcm_core.data import Manifest, write_shards
+from rcm_core.data.latents import Manifest, write_shards
 from workflows.cli import add_debug_flag, run_cli
 
 _CHUNK = 128    # videos generated and encoded at a time: bounded memory for any num_rows
@@ -54,8 +54,8 @@ def _progress(total: int, desc: str):
 
 
 def moving_fashion_rows(d: DataCfg, bar) -> tuple[Iterator[dict], dict]:
-    from rcm_core.datasets.codec import PatchDCT
-    from rcm_core.datasets.moving_fashion import generate, load_items
+    from rcm_core.data.codec import PatchDCT
+    from rcm_core.data.moving_fashion import generate, load_items
 
     if d.canvas % d.patch:
         raise ConfigError(f"data.canvas={d.canvas} must be divisible by data.patch={d.patch}")
@@ -83,11 +83,11 @@ def moving_fashion_rows(d: DataCfg, bar) -> tuple[Iterator[dict], dict]:
 def gmm_rows(d: DataCfg, bar) -> tuple[Iterator[dict], dict]:
     import torch
 
-    from rcm_core.toy import default_gmm  # the lead's toy; imported lazily so other sources never need it
+    from rcm_core.data.toy import default_gmm  # the lead's toy; imported lazily so other sources never need it
 
     gmm = default_gmm(dim=d.gmm_dim)
     info = {"latent_shape": [gmm.dim, 1, 1, 1], "num_classes": gmm.num_classes, "encoder": {"name": "identity"},
-            "source": {"name": "gmm", "seed": d.seed, "dim": gmm.dim, "builder": "rcm_core.toy.default_gmm"}}
+            "source": {"name": "gmm", "seed": d.seed, "dim": gmm.dim, "builder": "rcm_core.data.toy.default_gmm"}}
 
     def rows() -> Iterator[dict]:
         g = torch.Generator().manual_seed(d.seed)

@@ -12,7 +12,7 @@ them into videos with the VAE the data set was encoded with (recorded in the che
 it moved): `<out>.mp4` (all samples in one grid) and `<out>.gif`. `--prompt` encodes the text with that data set's
 umT5, padded as it was.
 
-The checkpoint is a file written by `rcm_core.teacher.save_teacher` (the EMA student logged by every run, or a
+The checkpoint is a file written by `rcm_core.run.teacher.save_teacher` (the EMA student logged by every run, or a
 cached teacher): it carries its model config, so no run config is needed. Students use the multistep
 consistency sampler at `arctan σ_max` and the intermediate times `--mid-t`; `--teacher` solves the PF-ODE with
 `--steps` Euler/Heun steps and `--guidance`. Class-conditional models sample labels 0, 1, 2, … in turn
@@ -32,11 +32,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
-from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
+from rcm_core.method.denoiser import TrigFlowDenoiser  # noqa: E402
 from rcm_core.networks import build_network  # noqa: E402
-from rcm_core.samplers import consistency_sample, teacher_sample  # noqa: E402
-from rcm_core.teacher import checkpoint_model  # noqa: E402
-from rcm_core.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
+from rcm_core.method.samplers import consistency_sample, teacher_sample  # noqa: E402
+from rcm_core.run.teacher import checkpoint_model  # noqa: E402
+from rcm_core.eval.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
 from workflows.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def conditions(model: ModelCfg, k: int, label: int | None, cond_file: str | None
 
 def encode_prompts(prompts: list[str], k: int, card: dict | None, encoders: str, endpoint: str) -> torch.Tensor:
     """Prompts → [K, L, D] with the data set's umT5 (prompt i for sample i, cycled), padded to its length."""
-    from rcm_core.encoders import UMT5Text
+    from rcm_core.data.encoders import UMT5Text
 
     enc = (card or {}).get("encoder") or {}
     if not (encoders or enc.get("name") == "wan2.1"):

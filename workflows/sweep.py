@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import warnings
@@ -49,6 +48,7 @@ from rcm_core.config import (ConfigError, ExperimentCfg, apply_overrides, flatte
                              read_yaml, redact_url, to_dict)
 from workflows.cli import add_debug_flag, run_cli  # noqa: E402
 from workflows.console import setup_output  # noqa: E402
+from workflows.trainer import divergence  # noqa: E402,F401  (sweeps stop diverged trials by it)
 
 TOP_KEYS = ("name", "base", "metric", "search_space", "num_samples", "search", "scheduler", "resources",
             "max_concurrent", "overrides", "storage", "seed")
@@ -59,10 +59,6 @@ SCHEDULER_KEYS = ("type", "grace_period", "max_t", "reduction_factor")
 # tracking and resources are set by the sweep itself (resources go in the `resources:` section).
 FIXED_PREFIXES = ("name", "tracking.", "train.run_dir", "train.storage_path", "resources.", "parallel.", "data.")
 VARIABLE_DATA_KEYS = ("data.batch_size", "data.shuffle_seed")
-# rCM masks non-finite samples out of its losses (rcm_core/losses.py), so a blown-up student shows a loss of 0
-# rather than NaN: divergence is a non-finite loss or a window where most samples of a batch were non-finite.
-NAN_SAMPLE_KEYS = ("train/scm_nan_samples", "train/dmd_nan_samples", "train/critic_nan_samples")
-NAN_SAMPLE_RATE = 0.5
 TRIAL_DRIVER_CPU = 0.01     # the trial function only waits on its trainer; {"CPU": 0} is refused (reference P8)
 DATA_CPU_PER_TRIAL = 1.0    # Ray Data read/decode tasks need a free CPU slot beside the workers, or it hangs (P6)
 STATE_FILE = "rcm_sweep.json"
@@ -291,19 +287,8 @@ def count_trials(spec: SweepSpec) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Divergence and concurrency (pure: tested without Ray)
+# Concurrency (pure: tested without Ray); divergence lives in workflows/trainer.py
 
-def divergence(metrics: dict[str, Any], per_worker_batch: int) -> str | None:
-    """Why this training report counts as diverged, or None."""
-    loss = metrics.get("train/loss")
-    if isinstance(loss, (int, float)) and not math.isfinite(loss):
-        return f"train/loss={loss}"
-    for key in NAN_SAMPLE_KEYS:
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and (not math.isfinite(value)
-                                                or value >= NAN_SAMPLE_RATE * max(per_worker_batch, 1)):
-            return f"{key}={value:.3g} of a per-worker batch of {per_worker_batch}"
-    return None
 
 
 def default_concurrency(cluster: dict[str, float], cfg: ExperimentCfg) -> int:
@@ -372,7 +357,8 @@ def run_trial(params: dict, const: dict) -> None:
     `params` is what Tune sampled (dotted key -> value); `const` the sweep's fixed part (base config, parent run)."""
     from ray import tune
 
-    from workflows.distill import build_trainer, driver_feature_net, driver_teacher
+    from workflows.driver import driver_feature_net, driver_teacher
+    from workflows.trainer import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(const, params, trial_id)
@@ -586,15 +572,15 @@ def finish_parent(uri: str, parent_run_id: str, status: str = "FINISHED") -> str
 def run_sweep(spec: SweepSpec, cfg: ExperimentCfg, cli: list[str], *, resume: bool = False,
               address: str | None = None) -> str:
     """Prepare data and teacher once, start (or restore) the Tuner, finish the parent run. Returns its run id."""
-    from workflows.distill import (absolute_paths, check_device, driver_feature_net, driver_teacher, init_ray,
-                                   prepare_data)
+    from workflows.driver import absolute_paths, check_device, driver_feature_net, driver_teacher, prepare_data
+    from workflows.ray_session import init_ray
     from workflows.tracking import tracking_uri
 
     state = _state_path(spec)
     if state.exists() and not resume:
         raise ConfigError(f"sweep folder {state.parent} exists: pass --resume to continue it, or --name NEW "
                           f"(or delete the folder) to start another")
-    check_device(cfg)              # train.device and resources.use_gpu must agree (workflows/distill.py)
+    check_device(cfg)              # train.device and resources.use_gpu must agree (workflows/driver.py)
     cfg = prepare_data(absolute_paths(cfg))
     if resume:
         if not state.is_file():

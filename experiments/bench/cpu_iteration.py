@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import load_config  # noqa: E402
-from rcm_core.data import LatentBatch  # noqa: E402
-from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
-from rcm_core.distill import build_state, distill_step, is_student_phase  # noqa: E402
-from rcm_core.loop import step_generator  # noqa: E402
+from rcm_core.data.latents import LatentBatch  # noqa: E402
+from rcm_core.method.denoiser import TrigFlowDenoiser  # noqa: E402
+from rcm_core.method.distill import build_state, distill_step, is_student_phase  # noqa: E402
+from rcm_core.run.loop import step_generator  # noqa: E402
 from rcm_core.networks import build_network  # noqa: E402
 
 CASES = {

@@ -124,7 +124,7 @@ def bench_vae(args: argparse.Namespace, pixels: np.ndarray, device: torch.device
     """The Wan2.1 VAE (diffusers defaults = the released config) encoding one fitted clip per call."""
     from diffusers import AutoencoderKLWan
 
-    from rcm_core.datasets.clips import to_unit_range
+    from rcm_core.data.clips import to_unit_range
 
     with device:
         vae = AutoencoderKLWan(**(VAE_TINY if args.tiny else {})).to(dtype).eval().requires_grad_(False)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from rcm_core.datasets.clips import decode_frames, fit_clip, write_mp4
+    from rcm_core.data.clips import decode_frames, fit_clip, write_mp4
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sampler = GpuSampler(device)

@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from rcm_core.config import ExperimentCfg, load_config, save_resolved
-from rcm_core.data import MANIFEST, LatentBatch, LatentDataset, Manifest, write_shards
+from rcm_core.data.latents import MANIFEST, LatentBatch, LatentDataset, Manifest, write_shards
 from rcm_core.eval.features import (
     FeatureNet,
     RandomProjection,
@@ -54,8 +54,8 @@ from rcm_core.eval.features import (
 )
 from rcm_core.eval.metrics import Estimate
 from rcm_core.eval.report import StepCountReport, format_table
-from rcm_core.evaluate import EvalBank, StepCountEvaluator
-from rcm_core.samplers import consistency_sample, teacher_sample
+from rcm_core.eval.evaluate import EvalBank, StepCountEvaluator
+from rcm_core.method.samplers import consistency_sample, teacher_sample
 
 DEFAULT_CONFIG = ROOT / "experiments" / "fashion_video.yaml"
 METHODS = {"sCM": ["distill.mode=scm"], "DMD": ["distill.mode=dmd"], "rCM": ["distill.mode=rcm"]}
@@ -165,7 +165,7 @@ def _per_step(run: Callable[[int], None], warmup: int, timed: int, device: torch
 
 
 def teacher_step_time(cfg: ExperimentCfg, batches: DeviceBatches, device: torch.device, timed: int) -> float:
-    from rcm_core.teacher import train_teacher
+    from rcm_core.run.teacher import train_teacher
 
     probe = copy.deepcopy(cfg)
 
@@ -177,7 +177,7 @@ def teacher_step_time(cfg: ExperimentCfg, batches: DeviceBatches, device: torch.
 
 def student_iter_time(cfg: ExperimentCfg, teacher, batches: DeviceBatches, device: torch.device, timed: int) -> float:
     """Seconds per iteration of this mode after warm-up (rCM probed past its tangent warm-up: the dearer mix)."""
-    from rcm_core.distill import build_state, distill_step, uses_dmd
+    from rcm_core.method.distill import build_state, distill_step, uses_dmd
 
     probe = copy.deepcopy(cfg)
     probe.distill.tangent_warmup = 0
@@ -275,7 +275,7 @@ def summary_table(reports: dict[str, StepCountReport]) -> str:
 
 
 def pictures_of(samples: dict[str, torch.Tensor], m: Manifest, out_dir: Path, labels=None) -> list[Path]:
-    from rcm_core.samples import save_sample_pictures
+    from rcm_core.eval.samples import save_sample_pictures
     try:
         return save_sample_pictures(samples, m, out_dir, labels=labels)
     except ImportError as e:                     # Pillow missing: keep the numbers, say what is missing
@@ -285,7 +285,7 @@ def pictures_of(samples: dict[str, torch.Tensor], m: Manifest, out_dir: Path, la
 
 def warm_up_samplers(cfg: ExperimentCfg, teacher, bank: EvalBank, device: torch.device, chunk: int = 512) -> None:
     """One pass of each sampler at the evaluation chunk sizes, so Triton compilation is not in sec_per_sample."""
-    from rcm_core.evaluate import sample_in_chunks
+    from rcm_core.eval.evaluate import sample_in_chunks
 
     s = cfg.sampler
     sample_in_chunks(lambda z, c: teacher_sample(teacher, z, c, steps=1, guidance=cfg.teacher.guidance,
@@ -296,8 +296,8 @@ def warm_up_samplers(cfg: ExperimentCfg, teacher, bank: EvalBank, device: torch.
 
 
 def teacher_time_check(cfg: ExperimentCfg, teacher, lat: torch.Tensor, lab: torch.Tensor, device: torch.device):
-    """The JVP-vs-central-difference check every distillation runs first (rcm_core.tangent_check, issue 18)."""
-    from rcm_core.tangent_check import check_rows, time_derivative_check, warn_if_rough
+    """The JVP-vs-central-difference check every distillation runs first (rcm_core.method.tangent_check, issue 18)."""
+    from rcm_core.method.tangent_check import check_rows, time_derivative_check, warn_if_rough
 
     n = check_rows(math.prod(lat.shape[1:]))
     check = time_derivative_check(teacher, lat[:n].to(device), lab[:n].to(device),
@@ -311,8 +311,8 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         student_seconds: float = 0.0, classifier_steps: int = 1500, teacher_path: str = "",
         methods: dict[str, list[str]] | None = None, keep_checkpoints: bool = False,
         probe_iters: int = 20, archive: str = "") -> Result:
-    from rcm_core.loop import run_training
-    from rcm_core.teacher import load_teacher, save_teacher, train_teacher
+    from rcm_core.run.loop import run_training
+    from rcm_core.run.teacher import load_teacher, save_teacher, train_teacher
 
     methods = methods or METHODS
     out.mkdir(parents=True, exist_ok=True)

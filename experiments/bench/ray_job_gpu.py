@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from rcm_core.config import load_config
-from rcm_core.denoiser import TrigFlowDenoiser
+from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.networks import build_network
-from rcm_core.teacher import save_teacher
+from rcm_core.run.teacher import save_teacher
 
 CONFIG = "experiments/wan21_t2v_1p3b_rcm.yaml"
 

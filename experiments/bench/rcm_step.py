@@ -4,7 +4,7 @@
     python experiments/bench/rcm_step.py --tiny          # CPU smoke run of the same code path
 
 Random weights (width 1536, 30 blocks, 12 heads, text 512×4096) built on the meta device and materialised on the
-GPU, bf16 compute with an fp32 time path, fp32 master weights and AdamW state (rcm_core.precision), per-block
+GPU, bf16 compute with an fp32 time path, fp32 master weights and AdamW state (rcm_core.parallel.precision), per-block
 activation checkpointing for the with-grad passes. Every timed part's output is checked to be finite first. Parts are timed separately (CUDA events via do_bench-style
 medians) and as whole student / critic iterations; a plain flow-matching step on the same model and batch is the
 unit of cost. The JVP pass is also run with the PyTorch twin attention (materialises L×L: what a user gets
@@ -24,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kernels.flash_jvp as katt
 from rcm_core.config import ExperimentCfg, ModelCfg
-from rcm_core.data import LatentBatch
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.distill import build_state, distill_step, make_optimizer
-from rcm_core.losses import flow_matching_loss, scm_tangent_jvp
+from rcm_core.data.latents import LatentBatch
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.distill import build_state, distill_step, make_optimizer
+from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
-from rcm_core.plan import forward_flops
-from rcm_core.trigflow import add_noise
+from rcm_core.run.plan import forward_flops
+from rcm_core.method.trigflow import add_noise
 
 PEAK = 989e12
 WAN_1P3B = dict(kind="dit", in_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256,

@@ -34,12 +34,12 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import ExperimentCfg, ModelCfg
-from rcm_core.data import LatentBatch
-from rcm_core.denoiser import TrigFlowDenoiser
-from rcm_core.distill import build_state, distill_step
-from rcm_core.mesh import MeshShape, build_mesh, latent_tokens
+from rcm_core.data.latents import LatentBatch
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.distill import build_state, distill_step
+from rcm_core.parallel.mesh import MeshShape, build_mesh, latent_tokens
 from rcm_core.networks import build_network
-from rcm_core.parallel import parallelize_state
+from rcm_core.parallel.sharding import parallelize_state
 
 WAN_1P3B = dict(kind="dit", in_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256,
                 text_dim=4096, dtype="bfloat16", activation_checkpointing=True)

@@ -3,7 +3,7 @@
     .venv/bin/python experiments/bench/time_scale_study.py [--scales 1000 100 10 1] [--steps 400] [--lrs 1e-3]
 
 For each k: the debug_cpu toy teacher is retrained with `model.time_scale=k` (cached under .cache/teachers,
-so toy_results.py reuses the k=10 one), its JVP-vs-central-difference ratio (rcm_core.tangent_check) is measured,
+so toy_results.py reuses the k=10 one), its JVP-vs-central-difference ratio (rcm_core.method.tangent_check) is measured,
 and a pure-sCM student is distilled from it at each learning rate. Columns: the teacher's own precision (50 Heun
 steps, from the report's floor row), the worst JVP/central-difference ratio over the grid, the EMA student's
 1/2/4-step precision and 2-step coverage, and the tangent norm ‖g‖ (train/scm_g_norm) over the first and the
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import load_config  # noqa: E402
-from rcm_core.pipeline import DEFAULT_CONFIG, run_toy, toy_gmm, toy_teacher, toy_teacher_check  # noqa: E402
+from rcm_core.run.pipeline import DEFAULT_CONFIG, run_toy, toy_gmm, toy_teacher, toy_teacher_check  # noqa: E402
 
 
 def teacher_ratio(cfg) -> float:

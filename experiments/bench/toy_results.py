@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import load_config  # noqa: E402
 from rcm_core.eval.report import format_table  # noqa: E402
-from rcm_core.pipeline import DEFAULT_CONFIG, run_toy  # noqa: E402
+from rcm_core.run.pipeline import DEFAULT_CONFIG, run_toy  # noqa: E402
 
 COLUMNS = ["gmm_precision", "gmm_coverage", "gmm_mode_kl", "gmm_nll", "recall_rp2", "div_ratio_rp2", "fd_rp2"]
 RUNS = {

@@ -98,7 +98,7 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
-        # Optional replacement for `kernels.attention` with the same signature; rcm_core.context_parallel
+        # Optional replacement for `kernels.attention` with the same signature; rcm_core.parallel.context
         # installs Ulysses attention here. The model itself never shards.
         self.attention_fn = None
 
@@ -183,7 +183,7 @@ class WanDiT(nn.Module):
         # One zero token: with no mask, Wan attends to zero-padded text, and any number of identical zero
         # tokens gives the same attention output, so one token stands for Wan's 512 zero tokens.
         self.register_buffer("negative_context", torch.zeros(1, cfg.text_dim))
-        # Optional context-parallel hook (rcm_core.context_parallel.SequenceShard): `shard(tokens, rope)` keeps
+        # Optional context-parallel hook (rcm_core.parallel.context.SequenceShard): `shard(tokens, rope)` keeps
         # this rank's token slice, `gather(out)` rebuilds all tokens. None = the whole sequence here.
         self.sequence_parallel = None
         self.reset_parameters()
@@ -291,7 +291,7 @@ class WanDiT(nn.Module):
         B = x.shape[0]
         grid = patch_grid(tuple(x.shape), self.patch_size)
         # Under FSDP2 with fp32 masters the stored weight is fp32 and the gathered one bf16: the compute dtype
-        # is recorded by rcm_core.parallel.shard_network (the stored dtype can be read before the all-gather).
+        # is recorded by rcm_core.parallel.sharding.shard_network (the stored dtype can be read before the all-gather).
         dtype = getattr(self, "compute_dtype", None) or self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)      # [B, L, dim]
         temb, e0 = self.condition_embedder.time(timestep)

@@ -1,0 +1,115 @@
+"""Step-count evaluation of a distillation run: student at 1/2/4 steps against the teacher at N steps.
+
+A fixed evaluation bank (noises, per-step noises, labels, all from `eval.seed`) is shared by every sampler, so
+paired MSE is defined; the teacher is sampled twice, from the bank's noise (the reference) and from a disjoint
+seed set (the teacher-vs-teacher noise floor). Metrics come from `rcm_core.eval` and are keyed
+`eval/nfe_<N>/<metric>` and `eval/teacher_nfe_<N>/<metric>`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from rcm_core.config import ExperimentCfg
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.eval.features import FeatureExtractor, FeatureNet
+from rcm_core.eval.report import EvalConfig, StepCountReport, evaluate_step_counts, format_table, mlflow_metrics
+from rcm_core.method.samplers import consistency_sample, teacher_nfe, teacher_sample
+
+
+@dataclass
+class EvalBank:
+    noise: torch.Tensor          # [N, C, T, H, W]
+    labels: torch.Tensor         # [N] conditions (int labels) or [N, L, D] context
+    noise_floor: torch.Tensor    # disjoint seeds for the teacher-vs-teacher floor
+    seed: int
+
+    @classmethod
+    def make(cls, shape: Sequence[int], conds: torch.Tensor, seed: int) -> "EvalBank":
+        g = torch.Generator().manual_seed(seed)
+        n = conds.shape[0]
+        noise = torch.randn(n, *shape, generator=g)
+        return cls(noise=noise, labels=conds, noise_floor=torch.randn(n, *shape, generator=g), seed=seed)
+
+
+def _timed(fn) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def sample_in_chunks(fn, noise: torch.Tensor, conds: torch.Tensor, device: torch.device,
+                     chunk: int = 512) -> torch.Tensor:
+    outs = []
+    for i in range(0, noise.shape[0], chunk):
+        outs.append(fn(noise[i:i + chunk].to(device), conds[i:i + chunk].to(device)).float().cpu())
+    return torch.cat(outs)
+
+
+def teacher_samples(teacher: TrigFlowDenoiser, bank: EvalBank, cfg: ExperimentCfg,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    s = cfg.sampler
+    run = lambda z, c: teacher_sample(teacher, z, c, steps=s.teacher_steps, guidance=cfg.teacher.guidance,  # noqa
+                                      shift=s.teacher_shift, solver=s.teacher_solver)
+    ref, sec = _timed(lambda: sample_in_chunks(run, bank.noise, bank.labels, device))
+    floor = sample_in_chunks(run, bank.noise_floor, bank.labels, device)
+    return ref, floor, sec / bank.noise.shape[0]
+
+
+def student_samples(student: TrigFlowDenoiser, bank: EvalBank, cfg: ExperimentCfg,
+                    device: torch.device) -> dict[str, tuple[torch.Tensor, float]]:
+    out = {}
+    for steps in cfg.sampler.step_counts:
+        g = torch.Generator(device=device).manual_seed(bank.seed + 1000 * steps)   # fixed per-step noises
+        run = lambda z, c: consistency_sample(student, z, c, steps=steps, sigma_max=cfg.sampler.sigma_max,  # noqa
+                                              mid_t=cfg.sampler.mid_t, generator=g)
+        x, sec = _timed(lambda: sample_in_chunks(run, bank.noise, bank.labels, device))
+        out[f"nfe_{steps}"] = (x, sec / bank.noise.shape[0])
+    return out
+
+
+@dataclass
+class StepCountEvaluator:
+    """`evaluator(state, step) -> metrics` for `run_training`; keeps the last report and samples for pictures."""
+    cfg: ExperimentCfg
+    teacher: TrigFlowDenoiser
+    bank: EvalBank
+    device: torch.device
+    extractors: Sequence[FeatureExtractor] = ()
+    classifier: FeatureNet | None = None
+    gmm: object | None = None
+    last_report: StepCountReport | None = None
+    last_samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    _teacher_cache: tuple | None = None
+
+    def teacher_sets(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if self._teacher_cache is None:          # the teacher is frozen: sample it once per run
+            self._teacher_cache = teacher_samples(self.teacher, self.bank, self.cfg, self.device)
+        return self._teacher_cache
+
+    def evaluate(self, student: TrigFlowDenoiser) -> StepCountReport:
+        ref, floor, t_sec = self.teacher_sets()
+        s = self.cfg.sampler
+        t_name = f"teacher_nfe_{teacher_nfe(s.teacher_steps, s.teacher_solver, self.cfg.teacher.guidance)}"
+        students = student_samples(student, self.bank, self.cfg, self.device)
+        samples = {name: x for name, (x, _) in students.items()}
+        costs = {name: {"nfe": float(name.split("_")[1]), "sec_per_sample": sec} for name, (_, sec) in students.items()}
+        costs[t_name] = {"nfe": float(t_name.split("_")[-1]), "sec_per_sample": t_sec}   # fills the floor row
+        labels = self.bank.labels if self.bank.labels.dim() == 1 else None
+        # Metrics and their bootstrap run where the samples are (report.py): on the run's device, not the CPU.
+        dev = lambda x: None if x is None else x.to(self.device)
+        report = evaluate_step_counts({k: dev(v) for k, v in samples.items()}, dev(ref), reference_2=dev(floor),
+                                      labels=dev(labels), extractors=self.extractors, classifier=self.classifier,
+                                      gmm=self.gmm, costs=costs, floor_name=t_name,
+                                      cfg=EvalConfig(num_resamples=self.cfg.eval.bootstrap))
+        self.last_report, self.last_samples = report, {**samples, "teacher_reference": ref}
+        return report
+
+    def __call__(self, state, step: int) -> dict[str, float]:
+        return mlflow_metrics(self.evaluate(state.ema.module))
+
+
+__all__ = ["EvalBank", "StepCountEvaluator", "format_table"]

@@ -1,0 +1,50 @@
+"""EDM2 power-function EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics"), §3.
+
+β_i = (1 − 1/i)^(γ+1) at update i = 1, 2, …; then the average is exactly
+ema_n = Σ_i w_i θ_i with w_i = (i^(γ+1) − (i−1)^(γ+1)) / n^(γ+1), a weight profile ∝ i^γ.
+γ comes from the relative width σ_rel: the largest real root of γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²).
+rCM updates it on student steps only and evaluates with it (rcm_method.md §6).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    inv = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+class PowerEMA:
+    """An fp32 shadow copy of a module, updated with power-function weights."""
+
+    def __init__(self, module: nn.Module, sigma_rel: float):
+        self.gamma = sigma_rel_to_gamma(sigma_rel)
+        self.module = copy.deepcopy(module).float().requires_grad_(False).eval()
+        self.num_updates = 0
+
+    def beta(self, i: int) -> float:
+        return (1.0 - 1.0 / i) ** (self.gamma + 1)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, params: list[torch.Tensor] | None = None) -> None:
+        """Average `params` (default: module's parameters; pass the fp32 masters when the module computes in
+        bf16, rcm_core.parallel.precision) into the shadow; buffers are copied from `module`."""
+        self.num_updates += 1
+        beta = self.beta(self.num_updates)
+        for p_ema, p in zip(self.module.parameters(), module.parameters() if params is None else params):
+            p_ema.lerp_(p.detach().float(), 1.0 - beta)
+        for b_ema, b in zip(self.module.buffers(), module.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = int(state["num_updates"])

@@ -1,0 +1,109 @@
+"""fp32 master weights for networks that compute in bf16, without FSDP (one process, replicated data parallel).
+
+    .venv/bin/python -m pytest tests/test_precision.py -q
+
+What users of FSDP expect (and what FSDP2's MixedPrecisionPolicy gives under `rcm_core.parallel.sharding`): parameters
+and optimiser state in fp32, compute in bf16, gradients reduced in fp32. Without FSDP the module keeps its bf16
+working copy (the forward reads it directly, nothing is cast per call) and `MasterWeightOptimizer` holds an fp32
+master of every narrow parameter:
+
+    grad (bf16, from backward) → master.grad (fp32) → AdamW on the masters → working copy = bf16(master)
+
+That is the same arithmetic as FSDP2 with fp32 storage and `param_dtype=bf16` on one rank: its all-gather casts
+the fp32 shard to bf16 for compute, autograd produces bf16 gradients, and the reduce-scatter upcasts them to
+fp32 for the fp32 optimiser. Without masters, an update smaller than half a bf16 ulp of the weight (about 2⁻⁸ of
+it) is rounded away: with lr 2e-6 (rCM's 14B rate), AdamW's steps of about lr are lost on every weight larger
+than ~5e-4 in magnitude, i.e. on nearly all of them.
+Parameters already in ≥ fp32 (Wan's time path and modulation tables, `networks.dit.KEEP_FP32`) are their own
+masters.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def is_narrow(p: torch.Tensor) -> bool:
+    return p.is_floating_point() and torch.finfo(p.dtype).bits < 32
+
+
+class MasterWeightOptimizer:
+    """Wraps an optimiser built by `build(masters)`; steps fp32 masters and refreshes the module's narrow params.
+
+    Exposes what the training loop touches on an optimiser: `param_groups` (the learning rate), `state`,
+    `zero_grad`, `step`, `state_dict` / `load_state_dict` (the masters travel with the moments, so a resumed
+    run continues bit-exactly from fp32, not from the rounded working copy)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+        self.params = list(params)
+        self.masters = [p.detach().float().clone().requires_grad_(True) if is_narrow(p) else p for p in self.params]
+        self.inner = build(self.masters)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, m in zip(self.params, self.masters):
+            if set_to_none:
+                p.grad = None
+                m.grad = None
+            else:
+                for t in (p, m):
+                    if t.grad is not None:
+                        t.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        self._refresh()
+
+    @torch.no_grad()
+    def _refresh(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+    def master_parameters(self) -> list[torch.Tensor]:
+        """The fp32 values, in the module's parameter order (what the EMA should average)."""
+        return list(self.masters)
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(),
+                "masters": [m.detach().clone() for p, m in zip(self.params, self.masters) if m is not p]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        narrow = [m for p, m in zip(self.params, self.masters) if m is not p]
+        if len(state["masters"]) != len(narrow):
+            raise ValueError(f"checkpoint holds {len(state['masters'])} fp32 masters, this model has {len(narrow)} "
+                             "narrow parameters: it was written by another model or precision")
+        for m, saved in zip(narrow, state["masters"]):
+            m.copy_(saved)
+        self.inner.load_state_dict(state["inner"])
+        self._refresh()
+
+
+def with_master_weights(params: Iterable[nn.Parameter],
+                        build: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+    """`build(params)` when every parameter is ≥ fp32, else a `MasterWeightOptimizer` around it."""
+    params = list(params)
+    if not any(is_narrow(p) for p in params):
+        return build(params)
+    return MasterWeightOptimizer(params, build)
+
+
+def master_parameters(module: nn.Module, opt) -> list[torch.Tensor]:
+    """The parameters the EMA should average: the fp32 masters when `opt` keeps them, else the module's own."""
+    if isinstance(opt, MasterWeightOptimizer):
+        return opt.master_parameters()
+    return list(module.parameters())

@@ -1,0 +1,133 @@
+"""Checkpoints of the whole distillation state: student, EMA, fake score, both optimisers, counters, RNG,
+data position. Written atomically (temporary folder, then rename), so a crash mid-write leaves the previous
+checkpoint intact and a resumed run never sees a partial one. Loaded with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CKPT_FILE = "state.pt"
+RUN_CONFIG_FILE = "config.json"   # the run's config beside the state, readable without loading the weights
+DCP_METADATA = ".metadata"     # what torch.distributed.checkpoint writes last, on rank 0
+# What state_to_dict writes for the distillation state itself; every other entry is caller "extra" state.
+STATE_KEYS = {"student", "ema", "fake", "opt_student", "opt_fake", "iteration", "student_iter", "critic_iter",
+              "counters", "torch_rng"}
+
+
+def state_to_dict(state, *, extra: dict | None = None) -> dict:
+    out = {
+        "student": state.student.state_dict(),
+        "ema": state.ema.state_dict(),
+        "fake": state.fake.state_dict() if state.fake is not None else None,
+        "opt_student": state.opt_student.state_dict(),
+        "opt_fake": state.opt_fake.state_dict() if state.opt_fake is not None else None,
+        "iteration": state.iteration, "student_iter": state.student_iter, "critic_iter": state.critic_iter,
+        "counters": dict(state.counters),
+        "torch_rng": torch.get_rng_state(),
+    }
+    out.update(extra or {})
+    return out
+
+
+class CheckpointData(dict):
+    """The loaded checkpoint dict, remembering the file it came from (for error messages)."""
+
+    path: Path | None = None
+
+
+def load_into_state(state, data: dict) -> dict:
+    """Restore `state` in place; returns the checkpoint's extra entries (data position, run ids…).
+    A checkpoint of another model shape raises ValueError naming the file and the mismatching keys."""
+    where = getattr(data, "path", None) or "checkpoint"
+    missing = sorted(STATE_KEYS - {"fake", "opt_fake"} - set(data))
+    if missing:
+        raise ValueError(f"{where}: not a distillation checkpoint (missing {missing})")
+    _load_module(state.student, data["student"], "student", where)
+    state.ema.load_state_dict(data["ema"])
+    if state.fake is not None:
+        if data.get("fake") is None:
+            raise ValueError(f"{where} has no fake score, but distill.mode needs one; resume with the mode it "
+                             "was trained with")
+        _load_module(state.fake, data["fake"], "fake score", where)
+        state.opt_fake.load_state_dict(data["opt_fake"])
+    state.opt_student.load_state_dict(data["opt_student"])
+    state.iteration, state.student_iter = int(data["iteration"]), int(data["student_iter"])
+    state.critic_iter = int(data["critic_iter"])
+    state.counters.update(data["counters"])
+    torch.set_rng_state(data["torch_rng"])
+    return {k: v for k, v in data.items() if k not in STATE_KEYS}
+
+
+def _load_module(module: torch.nn.Module, sd: dict, name: str, where: str | Path = "checkpoint") -> None:
+    own = module.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if bad or missing or unexpected:
+        raise ValueError(f"{where}: the {name} weights do not match this model (another model shape?): "
+                         f"shape mismatches {bad[:5]}, missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    module.load_state_dict(sd)
+
+
+def save_checkpoint(data: dict, directory: str | Path) -> Path:
+    """Write `directory/state.pt` atomically: into `directory.tmp-<pid>`, fsync, then rename."""
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / CKPT_FILE, "wb") as fh:
+        torch.save(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def write_run_config(config: dict, directory: str | Path) -> Path:
+    """Record the config a checkpoint was trained with (`rcm_core.config.run_config_dict`), so that whoever resumes
+    it can compare configs first (workflows/storage.py check_resume) without loading the weights."""
+    path = Path(directory) / RUN_CONFIG_FILE
+    tmp = path.with_name(f"{RUN_CONFIG_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(directory) / CKPT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a folder written by save_checkpoint)")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or holding pickled code (refused by weights_only)
+        raise ValueError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, not a state dict")
+    out = CheckpointData(data)
+    out.path = path
+    return out
+
+
+def is_distributed(directory: str | Path) -> bool:
+    """A torch.distributed.checkpoint folder (rcm_core.parallel.dcp, written by sharded runs) rather than state.pt."""
+    return (Path(directory) / DCP_METADATA).is_file()
+
+
+def is_complete(directory: str | Path) -> bool:
+    return (Path(directory) / CKPT_FILE).is_file() or is_distributed(directory)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """Newest complete `step_<N>` folder under root; temporary (partial) folders are never picked."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step_*") if p.is_dir() and ".tmp" not in p.name and is_complete(p)]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)

@@ -1,0 +1,358 @@
+"""Will it fit, and how fast? Memory and time per GPU of a distillation run, for every mesh, before launch.
+
+    python workflows/plan.py --config experiments/wan21_t2v_14b_rcm.yaml --gpus 8 --gpu-memory 80GiB
+
+Pure arithmetic (no GPU, no Ray); the command line and the Ray query live in workflows/plan.py.
+
+Parameter counts come from the real network built on the meta device (`count_params`: no memory). Bytes per
+GPU assume the mixed precision of the sharded runs (issue 16): the trained nets (student, fake score) keep fp32
+master weights, fp32 gradients and two fp32 AdamW moments (16 B/param); the EMA is fp32 (4 B/param); the frozen
+teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. FSDP2 shards every net over dp_shard·cp
+ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP ranks), so those bytes divide by that size, and two
+blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
+unsharded at a time.
+
+Activations (per rank: b = data.batch_size / (dp_replicate·dp_shard) samples of n = tokens/cp tokens):
+- `block_saved_bytes` counts what one Wan block keeps for its backward, per token (bf16 compute, fp32 norms and
+  modulation, flash-style attention that keeps q, k, v, o and the row lse, never the n×n matrix); the test
+  counts the same bytes from autograd's saved tensors of the real block. Without activation checkpointing the
+  backward peak is layers × that; with it, every block's bf16 input plus one block recomputed. A student step
+  holds one graph per with-grad forward it backs through at once: rCM/dCM+DMD hold two (the consistency
+  forward and the rollout's last call; `rcm_core.method.distill._student_step` sums them before one backward),
+  sCM/dCM/DMD one, the critic one.
+- `jvp_live_bytes` is the no-grad JVP pass of sCM (forward-mode: primal and tangent of the widest moment of one
+  block, nothing kept across blocks); dCM has no JVP pass and its no-grad forwards are smaller.
+These are estimates (`activation_estimate` returns them alone). Against the FSDP2 peaks of docs/BENCHMARKS.md
+(1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on) the totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs
+where 66.1 / 35.8 / 31.1 were measured.
+
+Time per iteration scales the measured one-GPU step table of docs/BENCHMARKS.md (Wan2.1-1.3B shape, batch 1)
+by the forward FLOPs of this model and per-rank token count, the per-rank batch, and the run's student : critic
+mix. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
+communication and CP all-to-all are not modelled, so it is a lower bound for sharded meshes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcm_core.config import ExperimentCfg, ModelCfg
+from rcm_core.parallel.mesh import MeshShape
+
+GiB = 2 ** 30
+OVERHEAD = 2 * GiB            # CUDA context, NCCL buffers and allocator slack, a fixed allowance per GPU
+MASTER, GRAD, ADAM, EMA, TEACHER, COMPUTE = 4, 4, 8, 4, 2, 2      # bytes per parameter (module docstring)
+
+
+def block_saved_bytes(dim: int, ffn_dim: int, heads: int) -> int:
+    """Bytes one Wan block saves for its backward, per token (bf16 compute, `WanTransformerBlock.forward`):
+    nine fp32 D-wide tensors (the fp32 norm inputs/outputs, modulated and gated branches: 36·D), fourteen bf16
+    D-wide ones (linear inputs, q/k/v/o of both attentions, RMSNorm inputs: 28·D), the GELU input and output
+    (4·F), the fp32 row lse of both attentions (8·heads) and the norms' fp32 mean/rstd (36). Counted from the
+    tensors autograd saves (`tests/test_plan.py` re-counts them with saved-tensor hooks)."""
+    return 64 * dim + 4 * ffn_dim + 8 * heads + 36
+
+
+def jvp_live_bytes(dim: int, ffn_dim: int, heads: int) -> int:
+    """Bytes live per token at the widest moment of one block's no-grad JVP (primal + tangent, bf16), an
+    estimate not yet checked against a measured peak: the residual stream, its tangent and their fp32 norm and
+    modulation copies (≈16·D), plus either the attention's q, k, v, o and their tangents (16·D) with two fp32
+    lse rows (8·heads), or the FFN hidden, its GELU and both tangents (8·F)."""
+    return 16 * dim + max(16 * dim + 8 * heads, 8 * ffn_dim)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int              # parameters of one network
+    block: int              # of one transformer block (the FSDP unit)
+    layers: int
+
+
+def count_params(model: ModelCfg) -> ParamCounts:
+    """Parameter counts of the real network, built on the meta device (no memory, no CUDA)."""
+    return _count_params(json.dumps(dataclasses.asdict(model), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _count_params(model_json: str) -> ParamCounts:
+    from rcm_core.networks import build_network
+
+    with torch.device("meta"):
+        net = build_network(ModelCfg(**json.loads(model_json)))
+    total = sum(p.numel() for p in net.parameters())
+    blocks = getattr(net, "blocks", None)
+    block = sum(p.numel() for p in blocks[0].parameters()) if blocks else total
+    return ParamCounts(total, block, len(blocks) if blocks else 1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one iteration processes: the latent [C, T, H, W], its tokens, the text length, the global batch."""
+    latent: tuple[int, int, int, int]
+    tokens: int
+    text_len: int
+    batch: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentCfg, latent: tuple[int, ...], text_len: int) -> Workload:
+        C, T, H, W = latent
+        pt, ph, pw = cfg.model.patch_size
+        return cls(tuple(latent), (T // pt) * (H // ph) * (W // pw), text_len, cfg.data.batch_size)
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """The measured one-GPU iteration of docs/BENCHMARKS.md: ms per student / critic iteration by tokens."""
+    model: ModelCfg
+    text_len: int
+    tokens: tuple[int, ...]
+    student_ms: tuple[float, ...]
+    critic_ms: tuple[float, ...]
+    card: str
+
+
+def read_step_table(path: str | Path) -> StepTable | None:
+    """Parse the "One rCM iteration at Wan2.1-1.3B shape" table; None if the file or the rows are missing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    start = text.find("## One rCM iteration at Wan2.1-1.3B shape")
+    if start < 0:
+        return None
+    section = text[start:text.find("\n## ", start + 1)]
+    header = next((ln for ln in section.splitlines() if ln.startswith("| part |")), "")
+    tokens = [int(m.replace(",", "")) for m in re.findall(r"([\d,]+) tokens", header)]
+
+    def row(name: str) -> list[float]:
+        line = next((ln for ln in section.splitlines() if ln.startswith(f"| {name} |")), None)
+        cells = [c.strip() for c in line.strip("|").split("|")][1:] if line else []
+        return [float(c) for c in cells[0::2]]          # ms columns; MFU columns between them
+    student, critic = row("rCM student iteration (sCM + DMD)"), row("rCM critic iteration")
+    card = re.search(r"\*\*Card\*\*: ([^,(]+)", section)
+    if not tokens or len(student) != len(tokens) or len(critic) != len(tokens):
+        return None
+    wan13 = ModelCfg(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096)
+    return StepTable(wan13, 512, tuple(tokens), tuple(student), tuple(critic),
+                     card.group(1).strip() if card else "the benchmark card")
+
+
+def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> float:
+    """FLOPs of one forward of one sample whose rank holds `q_tokens` of `kv_tokens` (2 per MAC): block linear
+    layers, self-attention over all keys, cross-attention over the text."""
+    D, F = model.dim, model.ffn_dim
+    # self q,k,v,o + cross q,o (6·D²) and the FFN per latent token; cross k,v (2·D²) per text token
+    linear = 2 * q_tokens * (6 * D * D + 2 * D * F) + 2 * text_len * 2 * D * D
+    attention = 4 * q_tokens * (kv_tokens + text_len) * D
+    return model.num_layers * (linear + attention)
+
+
+@dataclass
+class MeshPlan:
+    shape: MeshShape
+    checkpointing: bool
+    states: dict[str, float] = field(default_factory=dict)     # bytes per GPU: student, fake, ema, teacher, fsdp
+    jvp_peak: float = 0.0
+    backward_peak: float = 0.0
+    total: float = 0.0
+    memory: float = 0.0
+    seconds: float | None = None
+    refused: str | None = None          # why this mesh cannot run at all
+
+    @property
+    def fits(self) -> bool:
+        return self.refused is None and self.total <= self.memory
+
+    @property
+    def shard(self) -> int:
+        # FSDP2 over dp_shard·cp ranks; a bf16 run (what these bytes assume) with CP alone shards over its CP
+        # ranks too (rcm_core.parallel.sharding.shard_mesh)
+        return self.shape.dp_shard * self.shape.cp
+
+
+def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool) -> dict[str, float]:
+    """Parameter + gradient + optimiser bytes per GPU for each net, and the unsharded FSDP working set."""
+    trained = counts.total * (MASTER + GRAD + ADAM) / shard
+    out = {"student": trained, "fake": trained if uses_fake else 0.0, "ema": counts.total * EMA / shard,
+           "teacher": counts.total * TEACHER / shard}
+    out["fsdp"] = float(counts.block * (2 * COMPUTE + GRAD)) if shard > 1 else 0.0
+    return out
+
+
+def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: int, checkpointing: bool,
+                        graphs: int, jvp: bool) -> tuple[float, float]:
+    """(JVP-pass peak, backward peak) in bytes on one rank holding `batch` samples of `tokens` tokens each."""
+    D, F, H, L = model.dim, model.ffn_dim, model.num_heads, model.num_layers
+    per_block = block_saved_bytes(D, F, H) * batch * tokens
+    if checkpointing:
+        kept = graphs * L * 2 * D * batch * tokens + 2 * per_block      # inputs + one block recomputed, its grads
+    else:
+        kept = graphs * L * per_block + per_block
+    jvp_peak = jvp_live_bytes(D, F, H) * batch * tokens if jvp else 0.0
+    return float(jvp_peak), float(kept)
+
+
+def refuse_reason(shape: MeshShape, *, gpus: int, heads: int, tokens: int, batch: int) -> str | None:
+    """Why `shape` cannot run this model and data on `gpus` GPUs, or None. CP here splits the flattened token
+    sequence (rcm_core.parallel.context), so it must divide the token count, not the latent frames as in the
+    official code (rCM issue 12)."""
+    if min(shape.dp_replicate, shape.dp_shard, shape.cp) < 1:
+        return "every size must be ≥ 1"
+    if shape.world_size != gpus:
+        return f"dp_replicate·dp_shard·cp = {shape.world_size}, not the {gpus} GPUs"
+    if heads % shape.cp:
+        return f"cp={shape.cp} does not divide the {heads} attention heads (Ulysses splits heads)"
+    if tokens % shape.cp:
+        return f"cp={shape.cp} does not divide the {tokens} latent tokens"
+    if batch % shape.data_parallel_size:
+        return (f"data.batch_size={batch} is not divisible by the {shape.data_parallel_size} data-parallel "
+                f"groups (dp_replicate·dp_shard)")
+    return None
+
+
+def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: float, work: Workload,
+              counts: ParamCounts, checkpointing: bool, table: StepTable | None) -> MeshPlan:
+    from rcm_core.method.distill import consistency_term, uses_dmd
+
+    m, d = cfg.model, cfg.distill
+    plan = MeshPlan(shape, checkpointing, memory=gpu_memory)
+    plan.refused = refuse_reason(shape, gpus=gpus, heads=m.num_heads, tokens=work.tokens, batch=work.batch)
+    if plan.refused:
+        return plan
+    dmd, term = uses_dmd(d), consistency_term(d)
+    plan.states = state_bytes(counts, plan.shard, dmd)
+    b, n = work.batch // shape.data_parallel_size, work.tokens // shape.cp
+    graphs = max(1, (term is not None) + dmd)
+    plan.jvp_peak, plan.backward_peak = activation_estimate(
+        m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=graphs,
+        jvp=term == "scm" and d.tangent == "jvp")
+    plan.total = sum(plan.states.values()) + max(plan.jvp_peak, plan.backward_peak) + OVERHEAD
+    plan.seconds = seconds_per_iteration(cfg, work, shape, table)
+    return plan
+
+
+def seconds_per_iteration(cfg: ExperimentCfg, work: Workload, shape: MeshShape,
+                          table: StepTable | None) -> float | None:
+    """This run's forward FLOPs per rank times the table's measured ms per FLOP, interpolated in log(tokens)
+    between its rows (clamped outside them), times the per-rank batch, mixed student : critic as the run is."""
+    if table is None:
+        return None
+    from rcm_core.method.distill import uses_dmd
+
+    n = work.tokens // shape.cp
+    f = cfg.distill.student_update_freq if uses_dmd(cfg.distill) else 1
+    per_flop = [(s + (f - 1) * c) / f / forward_flops(table.model, k, k, table.text_len)
+                for k, s, c in zip(table.tokens, table.student_ms, table.critic_ms)]
+    x = [math.log(k) for k in table.tokens]
+    ln = min(max(math.log(n), x[0]), x[-1])
+    j = next((j for j in range(1, len(x)) if ln <= x[j]), len(x) - 1)
+    w = 0.0 if len(x) == 1 or x[j] == x[j - 1] else (ln - x[j - 1]) / (x[j] - x[j - 1])
+    ms_per_flop = per_flop[max(j - 1, 0)] * (1 - w) + per_flop[j] * w
+    b = work.batch // shape.data_parallel_size
+    return ms_per_flop * forward_flops(cfg.model, n, work.tokens, work.text_len) * b / 1000
+
+
+def plan_run(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...], text_len: int,
+             table: StepTable | None = None) -> list[MeshPlan]:
+    """Every (dp_replicate, dp_shard, cp) whose product is `gpus`, with activation checkpointing off and on;
+    refused meshes carry their reason. Only DiT models are planned (the MLP toys fit anywhere)."""
+    if cfg.model.kind != "dit":
+        raise ValueError(f"plans cover model.kind=dit; model.kind={cfg.model.kind} is a CPU toy")
+    work = Workload.from_config(cfg, latent, text_len)
+    counts = count_params(cfg.model)
+    shapes = [MeshShape(r, gpus // (r * c), c) for c in _divisors(gpus) for r in _divisors(gpus // c)]
+    return [plan_mesh(cfg, s, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=counts, checkpointing=ac,
+                      table=table) for s in shapes for ac in (False, True)]
+
+
+def recommend(plans: list[MeshPlan]) -> MeshPlan | None:
+    """The fastest mesh that fits (no checkpointing preferred on ties, then more memory to spare)."""
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda p: (round(p.seconds, 3) if p.seconds is not None else 0.0,
+                                       p.checkpointing, p.total))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_memory: float,
+                latent: tuple[int, ...], text_len: int, table: StepTable | None) -> str:
+    counts = count_params(cfg.model)
+    work = Workload.from_config(cfg, latent, text_len)
+    head = (f"plan: {cfg.name} ({cfg.distill.mode}), {counts.total / 1e9:.3f}B parameters per net, latent "
+            f"{list(latent)} = {work.tokens} tokens, text {text_len}, global batch {work.batch}, on {gpus} GPUs × "
+            f"{_gib(gpu_memory)} GiB")
+    cols = ["repl", "shard", "cp", "AC", "b/GPU", "student", "fake", "ema", "teacher", "fsdp", "JVP act",
+            "bwd act", "total GiB", "fits", "s/iter"]
+    rows = []
+    for p in plans:
+        if p.refused:
+            continue
+        s = p.states
+        rows.append([p.shape.dp_replicate, p.shape.dp_shard, p.shape.cp, "on" if p.checkpointing else "off",
+                     work.batch // p.shape.data_parallel_size, _gib(s["student"]), _gib(s["fake"]), _gib(s["ema"]),
+                     _gib(s["teacher"]), _gib(s["fsdp"]), _gib(p.jvp_peak), _gib(p.backward_peak), _gib(p.total),
+                     "yes" if p.fits else "NO", f"{p.seconds:.2f}" if p.seconds is not None else "-"])
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c)) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))     # noqa: E731
+    lines = [head, "", fmt(cols), *(fmt(r) for r in rows)]
+    refused = list(dict.fromkeys((p.shape.dp_replicate, p.shape.dp_shard, p.shape.cp, p.refused)
+                                 for p in plans if p.refused))
+    if refused:
+        lines += ["", "refused (repl, shard, cp):"] + [f"  ({r}, {s}, {c}): {why}" for r, s, c, why in refused]
+    best = recommend(plans)
+    lines.append("")
+    if best is None:
+        lines.append(f"recommended: none fits {_gib(gpu_memory)} GiB; lower data.batch_size (per-GPU batch), "
+                     f"turn on model.activation_checkpointing, or add GPUs")
+    else:
+        lines.append(f"recommended: parallel.dp_replicate={best.shape.dp_replicate} parallel.dp_shard="
+                     f"{best.shape.dp_shard} parallel.cp={best.shape.cp} model.activation_checkpointing="
+                     f"{str(best.checkpointing).lower()}  ({_gib(best.total)} of {_gib(gpu_memory)} GiB"
+                     + (f", ~{best.seconds:.2f} s/iteration" if best.seconds is not None else "") + ")")
+    timing = f"scaled from the {table.card} step table (docs/BENCHMARKS.md), compute only" if table else (
+        "no step table found")
+    lines.append(f"time: {timing}; memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
+    return "\n".join(lines)
+
+
+def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...],
+               text_len: int) -> str | None:
+    """None if the run's own mesh (cfg.parallel) fits; otherwise the reason, with the plan's recommendation."""
+    from rcm_core.parallel.mesh import shape_from_config
+
+    try:
+        shape = shape_from_config(cfg.parallel, gpus)
+    except ValueError as e:
+        return f"parallel.* cannot run on {gpus} GPUs: {e}"
+    work = Workload.from_config(cfg, latent, text_len)
+    p = plan_mesh(cfg, shape, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=count_params(cfg.model),
+                  checkpointing=cfg.model.activation_checkpointing, table=None)
+    if p.fits:
+        return None
+    why = p.refused or (f"needs ~{_gib(p.total)} GiB per GPU (states {_gib(sum(p.states.values()))}, activations "
+                        f"{_gib(max(p.jvp_peak, p.backward_peak))}) but the GPUs have {_gib(gpu_memory)} GiB")
+    best = recommend(plan_run(cfg, gpus=gpus, gpu_memory=gpu_memory, latent=latent, text_len=text_len))
+    hint = ("no mesh fits: lower data.batch_size or add GPUs" if best is None else
+            f"try parallel.dp_replicate={best.shape.dp_replicate} parallel.dp_shard={best.shape.dp_shard} "
+            f"parallel.cp={best.shape.cp} model.activation_checkpointing={str(best.checkpointing).lower()}")
+    return (f"mesh (dp_replicate={shape.dp_replicate}, dp_shard={shape.dp_shard}, cp={shape.cp}) will not fit: "
+            f"{why}; {hint} (python workflows/plan.py --config … for the whole table)")
+
+
+__all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
+           "check_fits", "read_step_table", "refuse_reason", "block_saved_bytes", "jvp_live_bytes", "GiB"]

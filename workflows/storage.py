@@ -1,0 +1,96 @@
+"""Where a run keeps its checkpoints (Ray Train storage: a local folder or s3://), and resuming: the latest
+checkpoint of a run, the config it was trained with, and whether the same command may continue it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rcm_core.config import ConfigError, ExperimentCfg
+
+
+def _strip_scheme(storage: str, fs) -> str:
+    """With an explicit filesystem Ray wants `bucket/path`, not `s3://bucket/path`."""
+    return storage.split("://", 1)[1] if fs is not None else storage
+
+def storage_filesystem(storage: str, endpoint: str = ""):
+    """pyarrow's S3 client for s3:// storage, with the endpoint from `endpoint` (the config's data.s3_endpoint),
+    else AWS_ENDPOINT_URL (moto, MinIO…); None for other storage and for AWS itself."""
+    if not storage.startswith("s3://"):
+        return None
+    import pyarrow.fs as pafs
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    if not endpoint:
+        return None                      # real AWS: Ray resolves the filesystem from the URI itself
+    scheme, host = endpoint.split("://", 1)
+    return pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+def run_storage(cfg: ExperimentCfg) -> tuple[str, object]:
+    """Where Ray Train keeps the run's checkpoints: (path as Ray wants it, filesystem or None)."""
+    storage = cfg.train.storage_path or str(Path(cfg.train.run_dir).resolve().parent / "ray_results")
+    fs = storage_filesystem(storage, cfg.data.s3_endpoint)
+    return _strip_scheme(storage, fs), fs
+
+RESUMED_TAG, FORCED_TAG = "rcm.resume.changed", "rcm.resume.forced"
+
+def latest_ray_checkpoint(cfg: ExperimentCfg):
+    """The newest checkpoint of the Ray Train run `{name}-ray` (what a run of this config resumes from) and the
+    metrics reported with it, or None when there is none yet."""
+    from ray.train.v2.api.result import Result
+
+    path, fs = run_storage(cfg)
+    try:
+        result = Result.from_path(f"{path.rstrip('/')}/{cfg.name}-ray", storage_filesystem=fs)
+    except RuntimeError:                       # no run folder, or no checkpoint written yet
+        return None
+    return None if result.checkpoint is None else (result.checkpoint, result.metrics or {})
+
+def latest_run_config(cfg: ExperimentCfg) -> dict | None:
+    """The config saved in the checkpoint a run of `cfg` would resume from, {} for a checkpoint without one
+    (written before configs were saved), None when there is no checkpoint."""
+    from rcm_core.run.checkpoint import RUN_CONFIG_FILE
+
+    latest = latest_ray_checkpoint(cfg)
+    if latest is None:
+        return None
+    ckpt = latest[0]
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{RUN_CONFIG_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return {}
+
+def finished_checkpoint(cfg: ExperimentCfg) -> str | None:
+    """The path of the run's checkpoint if it already reached train.steps (the same command run again): then
+    there is nothing to train, and no worker needs to start."""
+    latest = latest_ray_checkpoint(cfg)
+    if latest is None or latest[1].get("step", -1) < cfg.train.steps:
+        return None
+    return latest[0].path
+
+def check_resume(cfg: ExperimentCfg, *, allow_changed: bool = False) -> dict[str, str]:
+    """Before a run resumes its checkpoint, compare the config it was trained with: keys that shape training must
+    be the same (a different λ must not continue a run whose MLflow params say another); steps, logging and
+    evaluation keys may change. Returns the MLflow tags that record what changed; raises ConfigError naming the
+    differing keys unless `allow_changed` (--resume-changed), which is then recorded as a tag too."""
+    from rcm_core.config import resume_changes
+
+    saved = latest_run_config(cfg)
+    if saved is None:
+        return {}
+    unknown = {"config": ("not recorded (a checkpoint from before configs were saved)", "this one")}
+    shaping, free = resume_changes(saved, cfg) if saved else (unknown, {})
+    show = lambda d: "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())   # noqa: E731
+    tags = {RESUMED_TAG: show(free)[:5000]} if free else {}
+    if shaping and not allow_changed:
+        raise ConfigError(f"run '{cfg.name}' has a checkpoint trained with another config ({show(shaping)}), and "
+                          f"running it again continues that run. Either give this run a new name (name=NEW), or "
+                          f"continue the old run anyway with --resume-changed (recorded as the MLflow tag "
+                          f"{FORCED_TAG})")
+    if free:
+        print(f"run '{cfg.name}' resumes with: {show(free)}", flush=True)
+    if shaping:
+        tags[FORCED_TAG] = show(shaping)[:5000]
+        print(f"run '{cfg.name}' resumes despite (--resume-changed): {show(shaping)}", flush=True)
+    return tags
