@@ -143,7 +143,11 @@ class DataCfg:
     source: Literal["gmm", "moving_fashion", "dataset", "precomputed", "videos"] = "gmm"   # videos: data.video
     url: str = ""                           # dataset: local folder or s3://bucket/prefix with manifest.json
     s3_endpoint: str = ""                   # "" = take AWS_ENDPOINT_URL / standard AWS variables
-    batch_size: int = 64                    # global batch per iteration
+    batch_size: int = 64                    # global batch per optimiser update (the paper's batch)
+    micro_batch_size: int = 0               # samples per GPU per forward/backward; the per-GPU batch
+                                            # (batch_size / data-parallel groups) is accumulated over
+                                            # per-GPU batch / micro_batch_size passes. 0 = the whole per-GPU
+                                            # batch at once (no accumulation)
     num_rows: int = 4096                    # rows the built-in sources generate
     shuffle_seed: int = 0
     on_bad_row: Literal["error", "skip"] = "error"
@@ -490,6 +494,11 @@ def validate(cfg: ExperimentCfg) -> None:
              "give two values in [0, 1), e.g. [0.0, 0.999]")
     _require(o.lr > 0 and o.fake_lr > 0, "optim.lr", o.lr, "learning rates must be positive")
     _require(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be ≥ 1")
+    _require(cfg.data.micro_batch_size >= 0, "data.micro_batch_size", cfg.data.micro_batch_size,
+             "must be ≥ 0 (0 = no gradient accumulation)")
+    _require(cfg.data.micro_batch_size == 0 or cfg.data.batch_size % cfg.data.micro_batch_size == 0,
+             "data.micro_batch_size", cfg.data.micro_batch_size,
+             f"must divide data.batch_size={cfg.data.batch_size} (and the per-GPU batch it gives)")
     _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be ≥ 0")
     _require(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps,
              "the evaluation classifier needs at least 1 training step (default 300)")

@@ -17,7 +17,7 @@ from rcm_core.config import DistillCfg, ExperimentCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
 from rcm_core.method.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.method.ema import PowerEMA
-from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, scm_loss, student_rollout
+from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, rollout_draws, scm_loss, student_rollout
 from rcm_core.parallel.sharding import sync_gradients
 from rcm_core.parallel.precision import master_parameters, with_master_weights
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
@@ -110,77 +110,172 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
-                  grad_student: TrigFlowDenoiser) -> dict[str, float]:
+# ----------------------------------------------------------------------------------------------------------
+# Gradient accumulation: one update over micro-batches equals the update over the whole batch. Every random
+# draw of an iteration is made first, for the whole batch and in one fixed order; each micro-batch then takes
+# its rows of the batch and of the draws, and its loss is weighted by its share of the rows, so the summed
+# gradient is the big batch's mean-loss gradient (tests/test_grad_accum.py checks it in float64).
+
+def micro_batches(rows: int, micro_batch_size: int) -> list[slice]:
+    """Row slices of one GPU's batch: `micro_batch_size` rows each (0 = all rows at once)."""
+    if micro_batch_size <= 0 or micro_batch_size >= rows:
+        return [slice(0, rows)]
+    if rows % micro_batch_size:
+        raise ValueError(f"data.micro_batch_size={micro_batch_size} does not divide this GPU's batch of {rows} "
+                         f"rows (data.batch_size / data-parallel groups); choose a divisor of {rows}")
+    return [slice(i, i + micro_batch_size) for i in range(0, rows, micro_batch_size)]
+
+
+def batch_line(batch_size: int, groups: int, micro_batch_size: int) -> str:
+    """How the global batch is made, for the run's log: groups × micro-batches × micro-batch size."""
+    per_group = batch_size // groups
+    micro = micro_batch_size if 0 < micro_batch_size < per_group else per_group
+    return (f"batch: {batch_size} per update = {groups} data-parallel group(s) × {per_group // micro} micro-batch(es) "
+            f"× {micro} sample(s) (data.batch_size={batch_size}, data.micro_batch_size={micro_batch_size})")
+
+
+def _draw_rows(draws: dict, index: slice) -> dict:
+    """Rows `index` of every draw: the batch is dim 0, except dCM's time grid [k+1, B] and the rollout's list."""
+    out = {}
+    for key, value in draws.items():
+        if key == "dcm_times":
+            out[key] = value[:, index]
+        elif key == "renoise":
+            out[key] = [(t[index], eps[index]) for t, eps in value]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value[index]
+        else:
+            out[key] = value
+    return out
+
+
+def _combine(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """Micro-batch metrics as the whole batch's: counts (`*_nan_samples`) add up, the rest are row-weighted means."""
+    keys = dict.fromkeys(k for m in parts for k in m)
+    return {k: sum(m[k] for m in parts if k in m) if k.endswith("_nan_samples")
+            else sum(w * m[k] for m, w in zip(parts, weights) if k in m) for k in keys}
+
+
+def _rollout_draws(state: DistillState, x0: torch.Tensor, d: DistillCfg, g: torch.Generator) -> dict:
+    """The DMD rollout's draws (N, its start noise and re-noisings), then the time and noise of the DMD / critic
+    target, in the order the big-batch iteration always drew them."""
+    steps = rollout_steps(state, d, g)
+    out = {"steps": steps, "noise": _noise_like(x0, g)}
+    out["renoise"] = rollout_draws(x0.shape, steps, times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
+                                                                                  device=x0.device),
+                                   generator=g, device=x0.device, dtype=x0.dtype)
+    out["t_D"] = sample_p_D(x0.shape[0], shift=d.p_D_shift, generator=g, device=x0.device)
+    out["eps_D"] = _noise_like(x0, g)
+    return out
+
+
+def _student_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator,
+                   with_dmd: bool) -> dict:
+    d, B, frames = cfg.distill, x0.shape[0], x0.shape[2]
+    draws: dict = {}
+    if consistency_term(d) == "dcm":
+        draws["dcm_times"] = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
+                                              generator=g, device=x0.device)
+        draws["eps"] = _noise_like(x0, g)
+    if consistency_term(d) == "scm":
+        draws["t"] = sample_p_G(B, mean=d.p_G_mean, std=d.p_G_std, frames=frames, frame_shift=d.p_G_frame_shift,
+                                generator=g, device=x0.device)
+        draws["eps"] = _noise_like(x0, g)
+    if with_dmd:
+        draws.update(_rollout_draws(state, x0, d, g))
+    return draws
+
+
+def _student_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg, r: float,
+                  grad_student: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's loss on one (micro-)batch with its draws: consistency term + λ·DMD when drawn."""
     d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
-    B, frames = x0.shape[0], x0.shape[2]
-    consistency = consistency_term(d)
-    in_warmup = uses_dmd(d) and consistency is not None and state.iteration < d.tangent_warmup
-    r = min(1.0, state.iteration / d.tangent_warmup) if d.tangent_warmup > 0 else 1.0
-    metrics: dict[str, float] = {"tangent_warmup_r": r}
-    state.opt_student.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=x0.device)
-    if consistency == "dcm":
-        times = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
-                                 generator=g, device=x0.device)
-        out = dcm_loss(state.student, state.teacher, x0, cond, times=times, eps=_noise_like(x0, g),
+    metrics: dict[str, float] = {}
+    if "dcm_times" in draws:
+        out = dcm_loss(state.student, state.teacher, x0, cond, times=draws["dcm_times"], eps=draws["eps"],
                        guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student)
         total = total + out.loss
         metrics.update(out.metrics)
-    if consistency == "scm":
-        t = sample_p_G(B, mean=d.p_G_mean, std=d.p_G_std, frames=frames, frame_shift=d.p_G_frame_shift,
-                       generator=g, device=x0.device)
-        out = scm_loss(state.student, state.teacher, x0, cond, t=t, eps=_noise_like(x0, g),
+    if "t" in draws:
+        out = scm_loss(state.student, state.teacher, x0, cond, t=draws["t"], eps=draws["eps"],
                        guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
                        fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
                        student_grad=grad_student)
         total = total + out.loss
         metrics.update(out.metrics)
-    if uses_dmd(d) and not in_warmup:
-        steps = rollout_steps(state, d, g)
-        x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
-                                 times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
-                                                               device=x0.device),
+    if "renoise" in draws:
+        x0_hat = student_rollout(state.student, draws["noise"], cond, renoise=draws["renoise"],
                                  grad_module=grad_student)
-        t_D = sample_p_D(B, shift=d.p_D_shift, generator=g, device=x0.device)
-        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=_noise_like(x0, g),
+        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=draws["t_D"], eps=draws["eps_D"],
                        guidance=cfg.teacher.guidance, weight_min=d.dmd_weight_min,
                        scale=d.reg_weight * d.scm_loss_scale)
         total = total + out.loss
-        metrics.update(out.metrics, rollout_steps=float(steps))
-    total.backward()
+        metrics.update(out.metrics, rollout_steps=float(draws["steps"]))
+    return total, metrics
+
+
+def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
+                  grad_student: TrigFlowDenoiser) -> dict[str, float]:
+    d = cfg.distill
+    in_warmup = uses_dmd(d) and consistency_term(d) is not None and state.iteration < d.tangent_warmup
+    r = min(1.0, state.iteration / d.tangent_warmup) if d.tangent_warmup > 0 else 1.0
+    draws = _student_draws(state, batch.latent, cfg, g, with_dmd=uses_dmd(d) and not in_warmup)
+    state.opt_student.zero_grad(set_to_none=True)
+    # Under FSDP2 each micro-batch's backward reduce-scatters into the sharded gradients (they accumulate there);
+    # skipping it would hold a whole unsharded gradient per GPU (56 GB at 14B). Replicated data parallelism
+    # all-reduces once, after the last micro-batch (sync_gradients).
+    parts, losses, weights = [], 0.0, []
+    for index in micro_batches(len(batch), cfg.data.micro_batch_size):
+        w = (index.stop - index.start) / len(batch)
+        loss, m = _student_loss(state, batch.rows(index), _draw_rows(draws, index), cfg, r, grad_student)
+        (w * loss).backward()
+        parts.append(m)
+        weights.append(w)
+        losses += w * loss.item()
     sync_gradients(state.student)
     bad = zero_nonfinite_grads(state.student)
     _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
     state.opt_student.step()
     state.ema.update(state.student, master_parameters(state.student, state.opt_student))
     state.student_iter += 1
+    metrics = {"tangent_warmup_r": r, **_combine(parts, weights)}
     state.counters["nonfinite_grads"] += bad
     state.counters["nan_samples"] += sum(metrics.get(f"{k}_nan_samples", 0.0) for k in ("scm", "dcm", "dmd"))
-    metrics.update(loss=total.item(), nonfinite_grads=float(bad), phase_student=1.0)
+    metrics.update(loss=losses, nonfinite_grads=float(bad), phase_student=1.0)
     return metrics
+
+
+def _critic_loss(state: DistillState, batch: LatentBatch, draws: dict,
+                 grad_fake: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
+    cond = batch_condition(batch)
+    with torch.no_grad():
+        x0_hat = student_rollout(state.student, draws["noise"], cond, renoise=draws["renoise"])
+    out = fake_score_loss(grad_fake, x0_hat, cond, t=draws["t_D"], eps=draws["eps_D"])
+    return out.loss, out.metrics
 
 
 def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
                  grad_fake: TrigFlowDenoiser) -> dict[str, float]:
-    d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
-    steps = rollout_steps(state, d, g)
-    with torch.no_grad():
-        x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
-                                 times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
-                                                               device=x0.device))
-    t_D = sample_p_D(x0.shape[0], shift=d.p_D_shift, generator=g, device=x0.device)
+    draws = _rollout_draws(state, batch.latent, cfg.distill, g)
     state.opt_fake.zero_grad(set_to_none=True)
-    out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=_noise_like(x0, g))
-    out.loss.backward()
+    parts, losses, weights = [], 0.0, []
+    for index in micro_batches(len(batch), cfg.data.micro_batch_size):
+        w = (index.stop - index.start) / len(batch)
+        loss, m = _critic_loss(state, batch.rows(index), _draw_rows(draws, index), grad_fake)
+        (w * loss).backward()
+        parts.append(m)
+        weights.append(w)
+        losses += w * loss.item()
     sync_gradients(state.fake)
     bad = zero_nonfinite_grads(state.fake)
     _set_lr(state.opt_fake, cfg.optim.fake_lr * lr_factor(state.critic_iter, cfg.optim.lr_warmup))
     state.opt_fake.step()
     state.critic_iter += 1
+    metrics = _combine(parts, weights)
     state.counters["nonfinite_grads"] += bad
-    state.counters["nan_samples"] += out.metrics["critic_nan_samples"]
-    return {**out.metrics, "loss": out.loss.item(), "nonfinite_grads": float(bad), "phase_student": 0.0}
+    state.counters["nan_samples"] += metrics["critic_nan_samples"]
+    return {**metrics, "loss": losses, "nonfinite_grads": float(bad), "phase_student": 0.0}
 
 
 def distill_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, generator: torch.Generator,
