@@ -124,8 +124,8 @@ def test_dit_attention_switch_keeps_outputs_grads_and_tangent():
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_keep_the_tangent():
     """Inductor on CPU at a tiny shape: output, every parameter gradient and the JVP pass's tangent with
-    `model.compile=blocks` equal eager; the two blocks and a deep copy share one compiled graph. ~30–60 s on a
-    loaded 2-core box (inductor compiles C++ for the forward and the backward)."""
+    `model.compile=blocks` equal eager; the two blocks, a deep copy and another token count share one compiled
+    graph. ~1–2 min on a loaded 2-core box (inductor compiles C++ for the forward and the backward)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -137,7 +137,10 @@ def test_compiled_blocks_match_eager_and_keep_the_tangent():
     print("compiled vs eager, max relative difference:", max(errs), "graphs:", dict(counters["stats"]))
     assert max(errs) < BAR
     graphs = counters["stats"]["unique_graphs"]
-    copy.deepcopy(net)(*_inputs()[:3], cond_mask=_inputs()[3])        # a copy (student from teacher) reuses it
+    x, t, ctx, mask = _inputs()[:4]
+    copy.deepcopy(net)(x, t, ctx, cond_mask=mask)                     # a copy (student from teacher) reuses it
+    longer = torch.cat([x, x], dim=2)                                 # twice the tokens: the same graph
+    assert torch.isfinite(net(longer, t, ctx, cond_mask=mask)).all()
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -158,6 +158,10 @@ class WanTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None) -> torch.Tensor:
         if self.compile_mode == "blocks" and not kernels.has_tangent(x, context, e0):
+            # The token count varies between runs (8,190 / 32,760 at 1.3B): one graph symbolic in it, not one
+            # compilation per length. A hint (maybe_): a graph that must specialise still compiles.
+            for t, dim in ((x, 1), (rope[0], 0), (rope[1], 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
             return _compiled_block()(self, x, context, e0, rope, context_mask)
         return self._forward(x, context, e0, rope, context_mask)
 
@@ -178,9 +182,9 @@ class WanTransformerBlock(nn.Module):
 def _compiled_block():
     """One compiled `WanTransformerBlock._forward` for every block of every network: the block is an argument,
     so its parameters are graph inputs and all blocks, and the deep copies that make student and fake score,
-    share one graph per (shape, grad mode, attention switch); a compiled bound method would instead hold on to
-    the block it was made from through a deepcopy. Static shapes: each token count compiles once."""
-    return torch.compile(WanTransformerBlock._forward, dynamic=False)
+    share one graph per (batch, grad mode, attention switch); a compiled bound method would instead hold on to
+    the block it was made from through a deepcopy. The token dimension is marked dynamic at each call."""
+    return torch.compile(WanTransformerBlock._forward)
 
 
 def set_attention(net: nn.Module, primal: str) -> nn.Module:
