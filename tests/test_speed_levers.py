@@ -178,3 +178,48 @@ def test_peer_kernel_loader(tmp_path, capsys):
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(SystemExit, match="no callable `attention"):
         load_peer(str(tmp_path / "bad.py"))
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+def test_gpu_bf16_levers_stay_within_the_fused_paths_error():
+    """On CUDA in bf16 (the training precision) through a 2-block DiT at head dim 128: output, parameter
+    gradients and JVP tangent of `sdpa_grad`, `sdpa` and `sdpa_grad` + compiled blocks, each measured against the
+    same network in float64, err at most 2× the baseline's (fused kernel, eager) error plus a 1e-3 floor: the
+    flash-attention rule the kernel tests use. The bar: a CPU dry run of this test in bf16 (the PyTorch twin in
+    the fused path's place, no compile) gave baseline errors of 3e-3–3e-2 and SDPA errors within 0.7–1.4× of
+    them (worst at 0.76 of the budget). `pytest -m gpu tests/test_speed_levers.py` (~1 min with the compile)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    cfg = dict(kind="dit", in_channels=16, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64,
+               activation_checkpointing=True)
+    ref_net = build_network(ModelCfg(**cfg, dtype="float64")).cuda()
+    for p in ref_net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    net = build_network(ModelCfg(**cfg, dtype="bfloat16")).cuda()
+    net.load_state_dict(ref_net.state_dict())
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 4, 16, 16, device="cuda", generator=gen)
+    x_dot = torch.randn(x.shape, device="cuda", generator=gen)
+    t, t_dot = torch.tensor([400.0], device="cuda"), torch.tensor([0.5], device="cuda")
+    ctx = torch.randn(1, 32, 64, device="cuda", generator=gen)
+
+    def run(m, dt):
+        out = m(x.to(dt), t.to(dt), ctx.to(dt))
+        grads = torch.autograd.grad(out.double().square().sum(), list(m.parameters()))
+        with torch.no_grad(), fwAD.dual_level():
+            y = m(fwAD.make_dual(x.to(dt), x_dot.to(dt)), fwAD.make_dual(t.to(dt), t_dot.to(dt)), ctx.to(dt))
+            tangent = fwAD.unpack_dual(y).tangent
+        return [out.detach().double(), *(g.double() for g in grads), tangent.double()]
+
+    ref = run(ref_net, torch.float64)
+    base = [_rel(a, b) for a, b in zip(run(net, torch.float32), ref)]
+    for attention, compile_mode in (("sdpa_grad", "none"), ("sdpa", "none"), ("sdpa_grad", "blocks")):
+        set_attention(net, attention)
+        set_compile(net, compile_mode)
+        errs = [_rel(a, b) for a, b in zip(run(net, torch.float32), ref)]
+        worst = max(e / (2 * b + 1e-3) for e, b in zip(errs, base))
+        print(attention, compile_mode, "worst error / budget:", worst)
+        assert worst <= 1.0, (attention, compile_mode, errs, base)
