@@ -384,12 +384,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     tangent_free = torch.compiler.is_compiling() or not has_tangent(q, k, v)
     if primal != "fused" and (primal == "sdpa" or torch.is_grad_enabled()) and tangent_free:
         return _sdpa(q, k, v, scale, key_padding_mask)
+    if torch.compiler.is_compiling():
+        return _fused_opaque()(q, k, v, scale, key_padding_mask)
     return _fused_attention(q, k, v, scale, key_padding_mask)
 
 
-# Never traced by torch.compile: the Triton launch, its autotuner, the dual-tensor path and the Function stay
-# eager (a compiled DiT block graph-breaks around this call), while SDPA above is traced natively.
-@torch.compiler.disable
+_OPAQUE: list = []
+
+
+def _fused_opaque():
+    """`_fused_attention` hidden from torch.compile: the Triton launch, its autotuner and the Function stay eager
+    (a compiled DiT block graph-breaks around the call) while SDPA is traced natively. Made on first use, so
+    importing `kernels` does not import torch._dynamo (seconds on a small machine); a list, not functools.cache,
+    which dynamo would trace through with a warning."""
+    if not _OPAQUE:
+        _OPAQUE.append(torch.compiler.disable(_fused_attention))
+    return _OPAQUE[0]
+
+
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                      key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     if not use_triton(q):

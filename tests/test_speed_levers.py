@@ -77,6 +77,21 @@ def test_sdpa_dispatch_rules(monkeypatch):
         kernels.attention(q, k, v, primal="flash")
 
 
+def test_fused_path_is_opaque_to_torch_compile():
+    """Under torch.compile the fused path is a graph break (its Triton launch and autotuner stay eager) and
+    gives the eager result; SDPA is traced into the graph. The eager backend: no inductor compile needed here."""
+    from torch._dynamo.utils import counters
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (x.detach() for x in _qkv(gen))
+    for primal, breaks in (("fused", True), ("sdpa", False)):
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(lambda a, b, c: kernels.attention(a, b, c, primal=primal) * 2, backend="eager")
+        with torch.no_grad():
+            assert torch.equal(fn(q, k, v), kernels.attention(q, k, v, primal=primal) * 2)
+        assert bool(counters["graph_break"]) == breaks, dict(counters["graph_break"])
+
+
 def _dit(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
     net = build_network(ModelCfg(kind="dit", in_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
