@@ -50,6 +50,13 @@ class ModelCfg:
     depth: int = 4                          # mlp only: residual blocks
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"   # parameter / compute dtype
     activation_checkpointing: bool = False  # dit: recompute each block in backward (long video latents)
+    # dit, issue 28: which kernel runs attention calls that carry no tangent. fused = our Triton kernel for
+    # every pass; sdpa_grad = PyTorch SDPA (cuDNN / flash on CUDA) for the with-grad passes; sdpa = SDPA for every
+    # tangent-free pass, no-grad forwards too. The JVP pass always runs the fused forward+JVP kernel.
+    attention: Literal["fused", "sdpa_grad", "sdpa"] = "fused"
+    # dit: "blocks" = regional torch.compile of the transformer block (one graph shared by every block and copy);
+    # passes with a forward-mode tangent stay eager (inductor drops dual tensors' tangents, torch 2.13).
+    compile: Literal["none", "blocks"] = "none"
 
 
 @dataclass(kw_only=True)

@@ -7,6 +7,7 @@
 
     pytest tests/test_plan.py
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from rcm_core.run.plan import (GiB, activation_estimate, block_saved_bytes, chec
                            read_step_table, recommend, refuse_reason, state_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
+STEP_TABLE = ROOT / "docs" / "results" / "gpu" / "step_table.json"
 SMALL = dict(dim=64, ffn_dim=160, num_heads=4, num_layers=3, text_dim=32)
 
 
@@ -61,7 +63,7 @@ def test_block_activation_bytes_match_autograd(dim, ffn, heads):
     net = cast_network(build_network(cfg), torch.bfloat16)
     block = net.blocks[0]
     for attn in (block.attn1, block.attn2):
-        attn.attention_fn = lambda q, k, v, key_padding_mask=None: F.scaled_dot_product_attention(q, k, v)
+        attn.attention_fn = lambda q, k, v, key_padding_mask=None, primal="fused": F.scaled_dot_product_attention(q, k, v)
     B, grid, L = 2, (2, 4, 6), 8              # N = 48, B·N = 96: no other dimension of the block has these sizes
     N = grid[0] * grid[1] * grid[2]
     x = torch.randn(B, N, dim, dtype=torch.bfloat16, requires_grad=True)
@@ -103,7 +105,7 @@ def test_plan_of_the_wan_configs_on_eight_80gb_gpus():
     micro-batch that fits."""
     small = load_config(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml", ["data.batch_size=8"])
     plans = plan_run(small, gpus=8, gpu_memory=80 * GiB, latent=(16, 21, 60, 104), text_len=512,
-                     table=read_step_table(ROOT / "docs" / "BENCHMARKS.md"))
+                     table=read_step_table(STEP_TABLE))
     assert len(plans) == 2 * 10 and all(p.refused for p in plans if p.shape.cp == 8)
     best = recommend(plans)
     assert best.fits and best.checkpointing and best.seconds > 0
@@ -126,9 +128,22 @@ def test_check_fits_names_the_mesh_and_a_fix():
     assert "will not fit" in msg and "16.0 GiB" in msg
 
 
-def test_step_table_is_read_from_benchmarks():
-    table = read_step_table(ROOT / "docs" / "BENCHMARKS.md")
+def test_step_table_is_read_from_its_data_file(tmp_path):
+    """The planner's ms/FLOP come from docs/results/gpu/step_table.json, the format rcm_step.py writes; a file
+    the bench wrote (two rows, any order) is read the same way, and a malformed one is refused by name."""
+    table = read_step_table(STEP_TABLE)
     assert table.tokens == (8190, 32760) and len(table.student_ms) == 2 and all(v > 0 for v in table.critic_ms)
+    assert table.model.dim == 1536 and table.text_len == 512 and "H200" in table.card
+    bench = json.loads(STEP_TABLE.read_text())
+    bench["rows"] = [{"tokens": 32760, "student_ms": 10.0, "critic_ms": 5.0},
+                     {"tokens": 8190, "student_ms": 2.0, "critic_ms": 1.0}]
+    (tmp_path / "t.json").write_text(json.dumps(bench))
+    assert read_step_table(tmp_path / "t.json").student_ms == (2.0, 10.0)
+    assert read_step_table(tmp_path / "none.json") is None
+    del bench["rows"][0]["critic_ms"]
+    (tmp_path / "t.json").write_text(json.dumps(bench))
+    with pytest.raises(ValueError, match="t.json.*critic_ms"):
+        read_step_table(tmp_path / "t.json")
 
 
 def test_cli_prints_the_table_and_the_recommendation(capsys):

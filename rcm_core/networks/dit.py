@@ -15,6 +15,11 @@ Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a p
   with autocast off, because sCM differentiates through time (rCM paper §4.2).
 - All attention goes through `kernels.attention` ([B, heads, L, head_dim]) so the Triton JVP kernel is used
   on GPU; nothing here is data-dependent, so `torch.func.jvp` works through the whole network.
+- Two speed switches, both off by default and both leaving this one definition in charge (issue 28):
+  `model.attention` (`set_attention`) sends attention calls without a tangent to PyTorch SDPA, and
+  `model.compile: blocks` (`set_compile`) runs each block through one shared `torch.compile` graph, except
+  when a forward-mode tangent is present: inductor returns dual tensors' primals without their tangents
+  (measured on torch 2.13 CPU), so the JVP pass runs the blocks eager.
 
 Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
 bias (Wan), N(0, 0.02²) for the time/text embedders (Wan), and adaLN-zero (DiT): `time_proj` and every
@@ -24,6 +29,8 @@ and the network outputs 0 at step 0; gradients reach every parameter from the se
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -101,6 +108,7 @@ class WanAttention(nn.Module):
         # Optional replacement for `kernels.attention` with the same signature; rcm_core.parallel.context
         # installs Ulysses attention here. The model itself never shards.
         self.attention_fn = None
+        self.primal = "fused"        # kernels.attention's `primal`: model.attention, set by `set_attention`
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)      # [B, L, D] → [B, heads, L, hd]
@@ -115,7 +123,7 @@ class WanAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attention = kernels.attention if self.attention_fn is None else self.attention_fn
-        o = attention(q, k, v, key_padding_mask=key_padding_mask)
+        o = attention(q, k, v, key_padding_mask=key_padding_mask, primal=self.primal)
         return self.to_out[0](o.transpose(1, 2).flatten(2).to(x.dtype))
 
 
@@ -145,9 +153,20 @@ class WanTransformerBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
+        self.compile_mode = "none"   # model.compile, set by `set_compile`
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.compile_mode == "blocks" and not kernels.has_tangent(x, context, e0):
+            # The token count varies between runs (8,190 / 32,760 at 1.3B): one graph symbolic in it, not one
+            # compilation per length. A hint (maybe_): a graph that must specialise still compiles.
+            for t, dim in ((x, 1), (rope[0], 0), (rope[1], 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+            return _compiled_block()(self, x, context, e0, rope, context_mask)
+        return self._forward(x, context, e0, rope, context_mask)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None) -> torch.Tensor:
         dt = e0.dtype                                                       # ≥ fp32
         with no_autocast(x.device):
             shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.to(dt) + e0).chunk(6, dim=1)
@@ -157,6 +176,41 @@ class WanTransformerBlock(nn.Module):
         with no_autocast(x.device):
             h = (self.norm3(x.to(dt)) * (1 + c_scale) + c_shift).to(x.dtype)
         return (x.to(dt) + self.ffn(h).to(dt) * c_gate).to(x.dtype)
+
+
+@functools.cache
+def _compiled_block():
+    """One compiled `WanTransformerBlock._forward` for every block of every network: the block is an argument,
+    so its parameters are graph inputs and all blocks, and the deep copies that make student and fake score,
+    share one graph per (batch, grad mode, attention switch); a compiled bound method would instead hold on to
+    the block it was made from through a deepcopy. The token dimension is marked dynamic at each call."""
+    return torch.compile(WanTransformerBlock._forward)
+
+
+def set_attention(net: nn.Module, primal: str) -> nn.Module:
+    """`model.attention` on a built network, in place: every `WanAttention` in it sends its tangent-free calls
+    to `primal` (kernels.PRIMAL_BACKENDS); the bench flips it to time both paths on one state."""
+    if primal not in kernels.PRIMAL_BACKENDS:
+        raise ValueError(f"model.attention={primal!r}: use one of {kernels.PRIMAL_BACKENDS}")
+    for m in net.modules():
+        if isinstance(m, WanAttention):
+            m.primal = primal
+    if isinstance(getattr(net, "cfg", None), ModelCfg):
+        net.cfg = dataclasses.replace(net.cfg, attention=primal)
+    return net
+
+
+def set_compile(net: nn.Module, mode: str) -> nn.Module:
+    """`model.compile` on a built network, in place: "blocks" compiles each transformer block on its first
+    tangent-free call, "none" runs them eager."""
+    if mode not in ("none", "blocks"):
+        raise ValueError(f"model.compile={mode!r}: use none or blocks")
+    for m in net.modules():
+        if isinstance(m, WanTransformerBlock):
+            m.compile_mode = mode
+    if isinstance(getattr(net, "cfg", None), ModelCfg):
+        net.cfg = dataclasses.replace(net.cfg, compile=mode)
+    return net
 
 
 class WanDiT(nn.Module):
@@ -186,6 +240,8 @@ class WanDiT(nn.Module):
         # Optional context-parallel hook (rcm_core.parallel.context.SequenceShard): `shard(tokens, rope)` keeps
         # this rank's token slice, `gather(out)` rebuilds all tokens. None = the whole sequence here.
         self.sequence_parallel = None
+        set_attention(self, cfg.attention)
+        set_compile(self, cfg.compile)
         self.reset_parameters()
 
     # -- initialisation ---------------------------------------------------------------------------------

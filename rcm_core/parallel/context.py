@@ -125,12 +125,12 @@ class UlyssesAttention(_SharedHook):
         self.group = group
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 key_padding_mask: torch.Tensor | None = None, primal: str = "fused") -> torch.Tensor:
         if key_padding_mask is not None:
             raise ValueError("Ulysses self-attention takes no key padding mask (video tokens are never padded)")
         # One all-to-all for q, k and v together (and one for their three tangents under JVP).
         qkv = all_to_all(torch.stack([q, k, v]), self.group, scatter_dim=2, gather_dim=3)   # [3, B, H/cp, L, D]
-        o = kernels.attention(qkv[0], qkv[1], qkv[2], scale=scale)
+        o = kernels.attention(qkv[0], qkv[1], qkv[2], scale=scale, primal=primal)
         return all_to_all(o, self.group, scatter_dim=2, gather_dim=1)                      # [B, H, L/cp, D]
 
 

@@ -27,9 +27,10 @@ These are estimates (`activation_estimate` returns them alone). Against the FSDP
 (1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on) the totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs
 where 66.1 / 35.8 / 31.1 were measured.
 
-Time per iteration scales the measured one-GPU step table of docs/BENCHMARKS.md (Wan2.1-1.3B shape, batch 1)
-by the forward FLOPs of this model and per-rank token count, the per-rank batch, and the run's student : critic
-mix. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
+Time per iteration scales the measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
+this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The table is one
+data file, docs/results/gpu/step_table.json (`read_step_table`), in the format experiments/bench/rcm_step.py writes
+to $OUT as step_table_<variant>.json: re-measuring means copying the adopted variant's file over it. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
 communication and CP all-to-all are not modelled, so it is a lower bound for sharded meshes.
 """
 from __future__ import annotations
@@ -38,7 +39,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,39 +110,37 @@ class Workload:
 
 @dataclass(frozen=True)
 class StepTable:
-    """The measured one-GPU iteration of docs/BENCHMARKS.md: ms per student / critic iteration by tokens."""
+    """A measured one-GPU iteration: ms per student / critic iteration by token count (docs/results/gpu/)."""
     model: ModelCfg
     text_len: int
     tokens: tuple[int, ...]
     student_ms: tuple[float, ...]
     critic_ms: tuple[float, ...]
     card: str
+    source: str = ""             # the file it was read from, for the plan's footer
 
 
 def read_step_table(path: str | Path) -> StepTable | None:
-    """Parse the "One rCM iteration at Wan2.1-1.3B shape" table; None if the file or the rows are missing."""
+    """The step table in `path` (JSON: card, model, text_len, rows of tokens / student_ms / critic_ms, as
+    experiments/bench/rcm_step.py writes it); None if there is no such file, ValueError naming the file and the
+    field if it is malformed."""
     path = Path(path)
     if not path.is_file():
         return None
-    text = path.read_text()
-    start = text.find("## One rCM iteration at Wan2.1-1.3B shape")
-    if start < 0:
-        return None
-    section = text[start:text.find("\n## ", start + 1)]
-    header = next((ln for ln in section.splitlines() if ln.startswith("| part |")), "")
-    tokens = [int(m.replace(",", "")) for m in re.findall(r"([\d,]+) tokens", header)]
-
-    def row(name: str) -> list[float]:
-        line = next((ln for ln in section.splitlines() if ln.startswith(f"| {name} |")), None)
-        cells = [c.strip() for c in line.strip("|").split("|")][1:] if line else []
-        return [float(c) for c in cells[0::2]]          # ms columns; MFU columns between them
-    student, critic = row("rCM student iteration (sCM + DMD)"), row("rCM critic iteration")
-    card = re.search(r"\*\*Card\*\*: ([^,(]+)", section)
-    if not tokens or len(student) != len(tokens) or len(critic) != len(tokens):
-        return None
-    wan13 = ModelCfg(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096)
-    return StepTable(wan13, 512, tuple(tokens), tuple(student), tuple(critic),
-                     card.group(1).strip() if card else "the benchmark card")
+    try:
+        data = json.loads(path.read_text())
+        rows = sorted(data["rows"], key=lambda r: r["tokens"])
+        table = StepTable(model=ModelCfg(**data["model"]), text_len=int(data["text_len"]),
+                          tokens=tuple(int(r["tokens"]) for r in rows),
+                          student_ms=tuple(float(r["student_ms"]) for r in rows),
+                          critic_ms=tuple(float(r["critic_ms"]) for r in rows),
+                          card=str(data["card"]), source=str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"step table {path}: {e!r}; expected the JSON experiments/bench/rcm_step.py writes "
+                         "(card, model, text_len, rows of tokens / student_ms / critic_ms)") from None
+    if not rows or min(table.student_ms + table.critic_ms) <= 0:
+        raise ValueError(f"step table {path}: needs at least one row with positive student_ms and critic_ms")
+    return table
 
 
 def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> float:
@@ -350,7 +348,7 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
                      f"{str(best.checkpointing).lower()} data.micro_batch_size={best.micro}  "
                      f"({_gib(best.total)} of {_gib(gpu_memory)} GiB"
                      + (f", ~{best.seconds:.2f} s/iteration" if best.seconds is not None else "") + ")")
-    timing = f"scaled from the {table.card} step table (docs/BENCHMARKS.md), compute only" if table else (
+    timing = f"scaled from the {table.card} step table ({table.source}), compute only" if table else (
         "no step table found")
     lines.append(f"time: {timing}; memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
     return "\n".join(lines)
