@@ -49,6 +49,7 @@ CONFIG = "experiments/wan21_t2v_1p3b_rcm.yaml"
 TINY_MODEL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "model.freq_dim=16",
               "model.text_dim=32"]      # the tiny umT5 of encode_throughput.py has d_model 32
 GIB = 2 ** 30
+ADDRESS = "http://127.0.0.1:8265"          # the head's job API; `start_head` picks free ports and sets it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,13 +253,13 @@ def job_command(args, work: Path, teacher: Path, data: Path) -> list[str]:
 
 
 def submit(env: dict, cmd: list[str], out: Path, name: str) -> str:
-    text, _ = run([ray_exe(), "job", "submit", "--no-wait", "--address", "http://127.0.0.1:8265", "--working-dir",
+    text, _ = run([ray_exe(), "job", "submit", "--no-wait", "--address", ADDRESS, "--working-dir",
                    ".", *cmd], env=env, log=out / f"{name}_submit.log")
     return next(w.strip("'") for w in text.split() if w.strip("'").startswith("raysubmit_"))
 
 
 def job_status(env: dict, job: str) -> str:
-    text, _ = run([ray_exe(), "job", "status", "--address", "http://127.0.0.1:8265", job], env=env)
+    text, _ = run([ray_exe(), "job", "status", "--address", ADDRESS, job], env=env)
     for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
         if status in text:
             return status
@@ -266,7 +267,7 @@ def job_status(env: dict, job: str) -> str:
 
 
 def save_logs(env: dict, job: str, path: Path) -> str:
-    r = subprocess.run([ray_exe(), "job", "logs", "--address", "http://127.0.0.1:8265", job], cwd=ROOT, env=env,
+    r = subprocess.run([ray_exe(), "job", "logs", "--address", ADDRESS, job], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     path.write_text(r.stdout + r.stderr)
     return r.stdout
@@ -285,6 +286,46 @@ def wait_for(env: dict, job: str, out: Path, name: str, until, timeout: float) -
 
 def checkpoints(home: Path) -> list[Path]:
     return sorted((home / "runs").glob("**/front_door-ray/checkpoint_*"))
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(env: dict, tiny: bool) -> subprocess.Popen:
+    """`ray start --head --block` as a child process on free ports: stopping it stops this head only (`ray stop`
+    would end every Ray instance on the machine, other users' too)."""
+    global ADDRESS
+    dash = free_port()
+    ADDRESS = f"http://127.0.0.1:{dash}"
+    cmd = [ray_exe(), "start", "--head", "--block", "--disable-usage-stats", f"--port={free_port()}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+    cmd += ["--num-cpus=4"] if tiny else ["--num-gpus=1"]
+    print("$", " ".join(cmd), flush=True)
+    head = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 300:          # the job API answers once the dashboard is up
+        r = subprocess.run([ray_exe(), "job", "list", "--address", ADDRESS], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode == 0:
+            return head
+        if head.poll() is not None:
+            raise SystemExit(f"ray start exited {head.returncode}")
+        time.sleep(2)
+    stop_head(head)
+    raise SystemExit("the Ray head's job API did not answer within 300 s")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    head.send_signal(signal.SIGTERM)          # `ray start --block` stops its own processes on SIGTERM
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def stage_train(args, work: Path, out: Path) -> dict:
@@ -306,11 +347,7 @@ def stage_train(args, work: Path, out: Path) -> dict:
     home = work / "home"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NCCL_NVLS_ENABLE": "0", "RCM_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
-    run([ray_exe(), "stop", "--force"], env=env)
-    head = [ray_exe(), "start", "--head", "--disable-usage-stats", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", "--dashboard-port=8265"]
-    head += ["--num-cpus=4"] if args.tiny else ["--num-gpus=1"]
-    run(head, env=env)
+    head = start_head(env, args.tiny)
     try:
         cmd = job_command(args, work, teacher, data)
         (out / "job_command.txt").write_text("ray job submit --working-dir . " + " ".join(cmd) + "\n")
@@ -320,7 +357,7 @@ def stage_train(args, work: Path, out: Path) -> dict:
         res["job 1: submit → first checkpoint (s)"] = time.perf_counter() - t0
         if status != "RUNNING":
             raise SystemExit(f"job 1 ended {status} before its first checkpoint; see job1.log")
-        run([ray_exe(), "job", "stop", "--address", "http://127.0.0.1:8265", first], env=env)
+        run([ray_exe(), "job", "stop", "--address", ADDRESS, first], env=env)
         status = wait_for(env, first, out, "job1", lambda: False, timeout=120)
         res["job 1 status after `ray job stop`"] = status
         t0 = time.perf_counter()
@@ -331,7 +368,7 @@ def stage_train(args, work: Path, out: Path) -> dict:
         log2 = (out / "job2.log").read_text()
         print(log2[-3000:], flush=True)
     finally:
-        run([ray_exe(), "stop", "--force"], env=env)
+        stop_head(head)
     res.update(read_run(home, out, args))
     cfg = load_config(ROOT / CONFIG, ["resources.num_workers=1", f"data.batch_size={args.batch}"])
     memory = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 141 * PLAN_GIB
@@ -390,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=420)
     ap.add_argument("--tiny", action="store_true", help="tiny models and clips on the CPU: proves the script here")
     args = ap.parse_args(argv)
-    if args.tiny:
-        args.clips = min(args.clips, 4)
+    if args.tiny:       # tiny iterations take a second: more of them, so `ray job stop` lands mid-run
+        args.clips, args.steps = min(args.clips, 4), max(args.steps, 12)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out or work / "out")
