@@ -238,6 +238,12 @@ def test_old_class_conditional_checkpoint_fails_with_one_clear_error():
     with pytest.raises(ValueError, match="issue 32.*retrain"):
         net.load_state_dict(old)
     net.load_state_dict(net.state_dict())                                  # today's checkpoints load
+    from rcm_core.networks import check_label_path
+    for prefix in ("net.", "student.net.", "ema.module.net."):       # a run's state.pt, a DCP folder's keys
+        check_label_path([prefix + k for k in net.state_dict()], "run")
+        with pytest.raises(ValueError, match=f"run: .*no {prefix}condition_embedder.class_embedder.weight"):
+            check_label_path([prefix + k for k in old], "run")
+    check_label_path(["label_embedding.weight", "blocks.0.fc1.weight"], "mlp")    # the MLP's table is not this
 
 
 def test_negative_context_is_the_text_null_cond_and_survives_state_dict():
