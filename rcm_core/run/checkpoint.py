@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from rcm_core.networks import check_label_path
 
 CKPT_FILE = "state.pt"
 RUN_CONFIG_FILE = "config.json"   # the run's config beside the state, readable without loading the weights
