@@ -76,6 +76,8 @@ def main() -> int:
     ap.add_argument("--teacher-steps", type=int, default=2000)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ray-address", default=None, help="distill.py --address (e.g. 'local': a new Ray even when "
+                    "other Ray instances run on this machine)")
     ap.add_argument("overrides", nargs="*", help="more distill.py overrides")
     a = ap.parse_args()
     out = Path(a.out).resolve()
@@ -86,7 +88,8 @@ def main() -> int:
     py = sys.executable
     run([py, str(ROOT / "workflows/prepare_latents.py"), "--from-npz", str(out / "blobs.npz"),
          f"data.url={out / 'data'}"], out)
-    run([py, str(ROOT / "workflows/distill.py"), "--config", str(ROOT / "experiments/video_cpu.yaml"),
+    address = ["--address", a.ray_address] if a.ray_address else []
+    run([py, str(ROOT / "workflows/distill.py"), *address, "--config", str(ROOT / "experiments/video_cpu.yaml"),
          "data.source=dataset", f"data.url={out / 'data'}", "model.in_channels=4", "model.num_classes=4",
          f"teacher.train_steps={a.teacher_steps}", f"train.run_dir={out / 'run'}",
          f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", *a.overrides], out)
