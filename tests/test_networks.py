@@ -101,6 +101,8 @@ def test_bf16_network_keeps_time_path_in_fp32():
     assert dtypes["condition_embedder.time_proj.weight"] == torch.float32
     assert dtypes["blocks.0.scale_shift_table"] == torch.float32 and dtypes["scale_shift_table"] == torch.float32
     assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    labelled = build_network(tiny_cfg(dtype="bfloat16", num_classes=3))
+    assert labelled.condition_embedder.class_embedder.weight.dtype == torch.float32    # it joins temb (fp32)
     temb, e0 = net.condition_embedder.time(torch.tensor([500.0, 500.001]))
     assert e0.dtype == torch.float32
     # fp32 resolves a 1e-3 change of the raw time that bf16 (8 bits of mantissa at 500) could not even represent.
@@ -211,6 +213,37 @@ def test_null_label_differs_from_real_label():
     with torch.no_grad():
         out_null, out_label = net(x, t, null), net(x, t, torch.tensor([2, 2]))
     assert (out_null - out_label).abs().max() > 1e-3
+
+
+def test_label_drives_the_adaln_modulation_and_text_models_have_no_class_path():
+    """Issue 32: a class label (the CFG null label included) reaches every block's shift/scale/gate through the
+    time embedding, as in the DiT paper; text-conditioned (Wan) networks build no class embedding at all."""
+    net = dit(num_classes=3)
+    t = torch.tensor([400.0, 400.0, 400.0, 400.0])
+    with torch.no_grad():
+        temb, e0 = net.condition_embedder.time(t, torch.tensor([0, 1, 2, 3]))    # 3 = the null label
+        plain, _ = net.condition_embedder.time(t)
+    emb = net.condition_embedder.class_embedder.weight
+    assert emb.shape == (4, 48) and torch.allclose(temb - plain, emb, atol=1e-6)
+    assert all((e0[i] - e0[j]).abs().max() > 1e-3 for i in range(4) for j in range(i))
+    text = build_network(tiny_cfg())
+    assert not hasattr(text.condition_embedder, "class_embedder")
+    assert not any("class_embedder" in k or "label_embedding" in k for k in text.state_dict())
+
+
+def test_old_class_conditional_checkpoint_fails_with_one_clear_error():
+    """A class-conditional DiT saved before issue 32 (no adaLN class embedding) cannot be loaded."""
+    net = dit(num_classes=3)
+    old = {k: v for k, v in net.state_dict().items() if k != "condition_embedder.class_embedder.weight"}
+    with pytest.raises(ValueError, match="issue 32.*retrain"):
+        net.load_state_dict(old)
+    net.load_state_dict(net.state_dict())                                  # today's checkpoints load
+    from rcm_core.networks import check_label_path
+    for prefix in ("net.", "student.net.", "ema.module.net."):       # a run's state.pt, a DCP folder's keys
+        check_label_path([prefix + k for k in net.state_dict()], "run")
+        with pytest.raises(ValueError, match=f"run: .*no {prefix}condition_embedder.class_embedder.weight"):
+            check_label_path([prefix + k for k in old], "run")
+    check_label_path(["label_embedding.weight", "blocks.0.fc1.weight"], "mlp")    # the MLP's table is not this
 
 
 def test_negative_context_is_the_text_null_cond_and_survives_state_dict():

@@ -88,6 +88,24 @@ def test_checkpoint_of_another_model_shape_names_the_file_and_keys(tmp_path):
         load_into_state(_tiny_state(32), load_checkpoint(path))
 
 
+def test_resuming_a_class_conditional_dit_from_before_issue_32_fails_clearly(tmp_path):
+    """Same model.* keys, but the run's state.pt has no adaLN class embedding: one error naming the file and the fix."""
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.distill import build_state
+    from rcm_core.networks import build_network
+    from rcm_core.run.checkpoint import load_into_state, state_to_dict
+
+    cfg = load_config(None, ["model.kind=dit", "model.in_channels=4", "model.num_classes=3", "model.dim=16",
+                             "model.ffn_dim=32", "model.num_heads=2", "model.num_layers=1", "model.text_dim=8"])
+    state = build_state(cfg, TrigFlowDenoiser(build_network(cfg.model)).requires_grad_(False))
+    data = state_to_dict(state)
+    for part in ("student", "fake"):
+        del data[part]["net.condition_embedder.class_embedder.weight"]
+    path = save_checkpoint(data, tmp_path / "step_3")
+    with pytest.raises(ValueError, match=r"step_3/state.pt \(student\): a class-conditional DiT saved before .*retrain"):
+        load_into_state(state, load_checkpoint(path))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fuzzed sweep YAML: every bad file ends in one ConfigError that names the file
 

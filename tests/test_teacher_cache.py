@@ -81,3 +81,32 @@ def test_stored_teacher_remembers_its_time_scale(tmp_path, scale):
     else:
         with pytest.raises(ValueError, match="time_scale"):
             load_teacher(tmp_path / "t.pt", want, torch.device("cpu"))
+
+
+# A class-conditional DiT (the CPU video recipe's kind of teacher) and the cache key the code before issue 32 gave it
+# for data "data-a" (computed at commit 0da3cd4, TEACHER_SCHEMA 3).
+DIT_LABELS = ["model.kind=dit", "model.in_channels=4", "model.num_classes=4", "model.dim=32", "model.ffn_dim=64",
+              "model.num_heads=2", "model.num_layers=1", "model.text_dim=16", "model.label_tokens=2"]
+KEY_BEFORE_ISSUE_32 = "cb9c11ce06c94c07"
+
+
+def test_class_conditional_dit_teachers_from_before_the_adaln_label_path_are_never_served(tmp_path):
+    """Issue 32 changed what a class-conditional DiT is (a class embedding in adaLN) for the same model.* keys: the
+    cache key moved, and a stale file put under the new key (or passed as teacher.checkpoint) fails clearly."""
+    import torch
+
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.networks import build_network
+    from rcm_core.run.teacher import load_teacher, save_teacher
+
+    cfg = load_config(None, DIT_LABELS)
+    assert teacher_key(cfg, "data-a") != KEY_BEFORE_ISSUE_32
+    net = build_network(cfg.model)
+    save_teacher(TrigFlowDenoiser(net), cfg, tmp_path / "t.pt")
+    assert torch.equal(load_teacher(tmp_path / "t.pt", cfg, torch.device("cpu")).net.condition_embedder
+                       .class_embedder.weight, net.condition_embedder.class_embedder.weight)
+    stale = torch.load(tmp_path / "t.pt", weights_only=True)
+    del stale["net"]["condition_embedder.class_embedder.weight"]        # what such a teacher held before
+    torch.save(stale, tmp_path / "t.pt")
+    with pytest.raises(ValueError, match=r"t\.pt: a class-conditional DiT saved before .*issue 32.*retrain"):
+        load_teacher(tmp_path / "t.pt", cfg, torch.device("cpu"))

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
 from rcm_core.method.denoiser import TrigFlowDenoiser  # noqa: E402
-from rcm_core.networks import build_network  # noqa: E402
+from rcm_core.networks import build_network, check_label_path  # noqa: E402
 from rcm_core.method.samplers import consistency_sample, teacher_sample  # noqa: E402
 from rcm_core.run.teacher import checkpoint_model  # noqa: E402
 from rcm_core.eval.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
@@ -67,6 +67,10 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[TrigFlowDenoiser,
         keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
         raise UserError(f"{path} is not a model file from save_teacher ({keys}); run checkpoints "
                         f"(state.pt) hold the whole training state — use the run's ema_student.pt")
+    try:
+        check_label_path(data["net"], str(path))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     cfg = from_dict({"model": checkpoint_model(data)}, str(path)).model
     net = build_network(cfg)
     net.load_state_dict(data["net"])

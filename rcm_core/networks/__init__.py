@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rcm_core.config import ModelCfg
-from rcm_core.networks.dit import KEEP_FP32, WanDiT
+from rcm_core.networks.dit import KEEP_FP32, WanDiT, check_label_path
 from rcm_core.networks.mlp import ResidualMLP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -50,4 +50,4 @@ def build_network(cfg: ModelCfg) -> nn.Module:
     return cast_network(net, DTYPES[cfg.dtype])
 
 
-__all__ = ["DTYPES", "ResidualMLP", "WanDiT", "build_network", "cast_network"]
+__all__ = ["DTYPES", "ResidualMLP", "WanDiT", "build_network", "cast_network", "check_label_path"]

@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from rcm_core.config import ModelCfg
+from rcm_core.networks.dit import CLASS_EMBEDDER_KEY
 
 Layout = Literal["original", "diffusers"]
 WEIGHTS_NAME = "diffusion_pytorch_model"      # both Wan releases and diffusers use this file stem
-# Our-only state: not network weights in either Wan layout, so never required when loading.
-OUR_EXTRAS = ("negative_context", "label_embedding")
+# Our-only state: not network weights in either Wan layout, so never required when loading (class-conditional
+# networks' label tokens and adaLN class embedding included: Wan2.1 is text-conditioned).
+OUR_EXTRAS = ("negative_context", "label_embedding", CLASS_EMBEDDER_KEY)
 
 
 class WanCheckpointError(ValueError):
@@ -122,9 +124,9 @@ def convert_to_ours(state_dict: dict[str, torch.Tensor],
 def convert_from_ours(state_dict: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """Our keys → the given Wan layout; our-only state (negative context) is dropped."""
     weights = {k: v for k, v in state_dict.items() if k not in OUR_EXTRAS}
-    if "label_embedding" in state_dict:
+    if "label_embedding" in state_dict or CLASS_EMBEDDER_KEY in state_dict:
         raise ValueError("a class-conditional network (model.num_classes > 0) has no Wan2.1 layout: its "
-                         "label_embedding would be lost; export text-conditioned networks only")
+                         "label embeddings would be lost; export text-conditioned networks only")
     if layout == "diffusers":
         return weights
     out = {}
@@ -258,7 +260,7 @@ def _shape_hint(state_dict: dict[str, torch.Tensor], net: nn.Module) -> str:
 def check_state_dict(net: nn.Module, state_dict: dict[str, torch.Tensor], unmapped: list[str] = ()) -> None:
     """Raise WanCheckpointError listing every missing, unexpected and mis-shaped key (our naming)."""
     ours = net.state_dict()
-    missing = [k for k in ours if k not in state_dict and k.split(".")[0] not in OUR_EXTRAS]
+    missing = [k for k in ours if k not in state_dict and k not in OUR_EXTRAS and k.split(".")[0] not in OUR_EXTRAS]
     unexpected = list(unmapped) + [k for k in state_dict if k not in ours]
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(ours[k].shape)}"
               for k, v in state_dict.items() if k in ours and v.shape != ours[k].shape]

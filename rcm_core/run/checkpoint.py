@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rcm_core.networks import check_label_path
+
 CKPT_FILE = "state.pt"
 RUN_CONFIG_FILE = "config.json"   # the run's config beside the state, readable without loading the weights
 DCP_METADATA = ".metadata"     # what torch.distributed.checkpoint writes last, on rank 0
@@ -64,6 +66,7 @@ def load_into_state(state, data: dict) -> dict:
 
 
 def _load_module(module: torch.nn.Module, sd: dict, name: str, where: str | Path = "checkpoint") -> None:
+    check_label_path(sd, f"{where} ({name})")
     own = module.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in sd.items() if k in own and own[k].shape != v.shape]

@@ -32,6 +32,7 @@ from rcm_core.data.latents import LatentBatch
 from rcm_core.parallel.dcp import load_distributed, save_distributed
 from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.method.distill import DistillState, build_state, distill_step
+from rcm_core.networks import check_label_path
 from rcm_core.parallel.mesh import Mesh
 from rcm_core.parallel.sharding import mesh_for_run, parallelize_state, share_batch
 from rcm_core.parallel.sharding import rank as dist_rank
@@ -163,6 +164,9 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
 def _resume(state: DistillState, directory: Path, mesh: Mesh | None, device: torch.device) -> dict:
     """Load a checkpoint of either kind into the (already parallelised) state; returns its extra entries."""
     if is_distributed(directory):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        check_label_path(FileSystemReader(str(directory)).read_metadata().state_dict_metadata, str(directory))
         return load_distributed(state, directory)
     if mesh is not None and mesh.fsdp_mesh is not None:
         raise ValueError(f"{directory} holds an unsharded checkpoint (state.pt) but parallel.dp_shard > 1 shards "

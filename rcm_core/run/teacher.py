@@ -21,13 +21,14 @@ from rcm_core.data.latents import LatentBatch
 from rcm_core.method.denoiser import RF_TIMESTEP_SCALE, TrigFlowDenoiser
 from rcm_core.method.ema import PowerEMA
 from rcm_core.method.losses import flow_matching_loss
-from rcm_core.networks import build_network
+from rcm_core.networks import build_network, check_label_path
 from rcm_core.method.trigflow import rf_to_trig
 
 
 RUNTIME_MODEL_FIELDS = {"dtype", "activation_checkpointing"}
 # Bump when the teacher's training code changes what it learns from the same config and data (old caches retire).
-TEACHER_SCHEMA = 3
+# 4: class-conditional DiTs take their label through adaLN too (issue 32): same model.*, new weights.
+TEACHER_SCHEMA = 4
 
 
 def drop_condition(cond: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -133,6 +134,7 @@ def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> 
             net.set_negative_context(load_negative_context(cfg.teacher.negative_context))
         return TrigFlowDenoiser(net, cfg.teacher.parametrization).to(device).requires_grad_(False).eval()
     data = torch.load(path, map_location=device, weights_only=True)
+    check_label_path(data["net"], f"teacher checkpoint {path}")
     want = to_dict(cfg.model)
     data["model"] = checkpoint_model(data)
     # Only fields that shape the parameters must agree; dtype and checkpointing are run-time choices.
