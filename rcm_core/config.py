@@ -50,6 +50,10 @@ class ModelCfg:
     depth: int = 4                          # mlp only: residual blocks
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"   # parameter / compute dtype
     activation_checkpointing: bool = False  # dit: recompute each block in backward (long video latents)
+    causal: bool = False                    # dit: block-causal student over chunks of latent frames (Causal rCM);
+                                            # no extra weights, so the same (Wan) checkpoints load
+    first_chunk_t: int = 1                  # latent frames of the first chunk (official presets 1-1, 3-3, 1-4)
+    chunk_t: int = 1                        # latent frames of every later chunk
 
 
 @dataclass(kw_only=True)
@@ -486,6 +490,11 @@ def validate(cfg: ExperimentCfg) -> None:
     _require(m.time_scale > 0, "model.time_scale", m.time_scale, "must be positive (Wan: 1000, trained here: 10)")
     _require(m.dim % m.num_heads == 0, "model.dim", m.dim,
              f"must be divisible by model.num_heads={m.num_heads}")
+    _require(m.first_chunk_t >= 1 and m.chunk_t >= 1, "model.chunk_t", [m.first_chunk_t, m.chunk_t],
+             "model.first_chunk_t and model.chunk_t count latent frames and must be ≥ 1 (official: 1 and 1)")
+    _require(not m.causal or (m.kind == "dit" and m.patch_size[0] == 1), "model.causal", m.causal,
+             "a block-causal network is the DiT with one latent frame per token frame: model.kind=dit, "
+             "model.patch_size=[1, ph, pw]")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "give two values in [0, 1), e.g. [0.0, 0.999]")
     _require(o.lr > 0 and o.fake_lr > 0, "optim.lr", o.lr, "learning rates must be positive")
