@@ -1,4 +1,4 @@
-"""Causal rCM on CPU: the block-causal DiT, its KV cache and teacher-forcing packing.
+"""Causal rCM on CPU: the block-causal DiT, its KV cache and teacher-forcing packing, the streaming sampler.
 
     .venv/bin/python -m pytest tests/test_causal.py -q
 
@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from rcm_core.config import ModelCfg
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.streaming import DEFAULT_MID_T, stream_sample
+from rcm_core.method.trigflow import add_noise
 from rcm_core.networks import build_network
 from rcm_core.networks.causal import ChunkPattern, KVCache
 
@@ -134,3 +137,67 @@ def test_causal_forms_refuse_misuse():
     with pytest.raises(ValueError, match="block-causal network"):
         net(x, t, cond, cache=KVCache())
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 4: the streaming sampler
+
+def reference_stream(student, noise, cond, *, steps_per_chunk, mid_t_per_chunk, sigma_max, context, generator):
+    """The streaming sampler without a cache: every forward is a full block-causal forward over [the context
+    chunks so far | the current chunk] with per-frame times, keeping the current chunk's prediction."""
+    from rcm_core.method.streaming import chunk_time_grids
+    B = noise.shape[0]
+    spans = student.net.chunks.chunk_spans(noise.shape[2])
+    grids = chunk_time_grids(len(spans), steps_per_chunk, mid_t_per_chunk, sigma_max)
+    ctx_x, ctx_t, out = [], [], []
+    for (a, b), times in zip(spans, grids):
+        x = torch.sin(times[0]) * noise[:, :, a:b]
+        for n in range(times.shape[0] - 1):
+            t_now = times[n].expand(B, b - a)
+            x0 = student.f(torch.cat([*ctx_x, x], 2), torch.cat([*ctx_t, t_now], 1), cond)[:, :, a:]
+            if n == times.shape[0] - 2:
+                if context == "last_step":
+                    ctx_x.append(x), ctx_t.append(t_now)
+                break
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = add_noise(x0, eps, times[n + 1].expand(B))
+        if context == "clean":
+            ctx_x.append(x0), ctx_t.append(torch.zeros(B, b - a, dtype=torch.float64))
+        out.append(x0)
+    return torch.cat(out, 2)
+
+
+@pytest.mark.parametrize("context", ["clean", "last_step"])
+@torch.no_grad()
+def test_streaming_sampler_equals_full_block_causal_forwards(context):
+    """Chunk by chunk with the cache (4 steps for the first chunk, 2 after; the official 4-step times) = the
+    cache-free reference above, in float64. Measured over 20 seeds, both context modes: max relative error
+    9.3e-16; bar 1e-13."""
+    student = TrigFlowDenoiser(causal_dit(3))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cond = torch.tensor([2, 0])
+    kw = {"steps_per_chunk": [4, 2], "mid_t_per_chunk": [DEFAULT_MID_T, DEFAULT_MID_T[1:]], "sigma_max": 80.0,
+          "context": context}
+    got = stream_sample(student, noise, cond, generator=torch.Generator().manual_seed(9), **kw)
+    want = reference_stream(student, noise, cond, generator=torch.Generator().manual_seed(9), **kw)
+    assert got.shape == SHAPE and rel_err(got, want) < 1e-13
+
+
+def test_sample_cli_streams_a_causal_student(tmp_path, capsys):
+    """`workflows/sample.py --causal`: a saved causal student streams 2× the frames it was built for (extrapolation:
+    more chunks of the same pattern) and prints the time to the first chunk and every chunk's latency."""
+    from rcm_core.config import load_config
+    from rcm_core.run.teacher import save_teacher
+    from workflows.sample import main
+
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in {**TINY, "dtype": "float32", "causal": "true",
+                                                             "chunk_t": 2}.items()])
+    path = save_teacher(TrigFlowDenoiser(causal_dit(0, dtype="float32")), cfg, tmp_path / "student.pt")
+    out = tmp_path / "s.npy"
+    assert main(["--checkpoint", str(path), "--causal", "--steps", "1", "--steps-per-chunk", "2", "1",
+                 "--mid-s", "5/6;", "--context", "last_step", "--num-samples", "3", "--latent-shape", "4", "9", "4",
+                 "6", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "time to first chunk" in printed and "(5 chunks, context=last_step)" in printed
+    import numpy as np
+    x = np.load(out)
+    assert x.shape == (3, 4, 9, 4, 6) and np.isfinite(x).all()

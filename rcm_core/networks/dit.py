@@ -15,6 +15,10 @@ Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a p
   with autocast off, because sCM differentiates through time (rCM paper §4.2).
 - All attention goes through `kernels.attention` ([B, heads, L, head_dim]) so the Triton JVP kernel is used
   on GPU; nothing here is data-dependent, so `torch.func.jvp` works through the whole network.
+- Causal rCM (`model.causal`, `net.causal`): block-causal self-attention over chunks of latent frames
+  [first_chunk_t | chunk_t | …], teacher-forcing packing (`tf_context=`), a KV cache for chunk-by-chunk inference
+  (`cache=`, `append=`) and per-frame timesteps [B, T] (rcm_core.networks.causal). No weights are added, so one
+  checkpoint runs either way.
 
 Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
 bias (Wan), N(0, 0.02²) for the time/text embedders (Wan), and adaLN-zero (DiT): `time_proj` and every
