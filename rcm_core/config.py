@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import types
@@ -75,7 +76,10 @@ class TeacherCfg:
 class DistillCfg:
     # Which terms the student minimises: rcm = sCM + λ·DMD, scm, dmd, dcm (discrete-time CM, no JVP) and
     # dcm_dmd = dCM + λ·DMD (official cm_type=dcm). Each is the same code with a term swapped or off.
-    mode: Literal["rcm", "scm", "dmd", "dcm", "dcm_dmd"] = "rcm"
+    # Causal rCM (model.causal=true; official training_type): tf (teacher-forcing diffusion fine-tune with the
+    # clean context), df (diffusion forcing: one time per chunk), tf_dcm / tf_scm (teacher-forcing consistency
+    # from a causal teacher), sf_dmd (self-forcing DMD: bidirectional teacher + fake score on student rollouts).
+    mode: Literal["rcm", "scm", "dmd", "dcm", "dcm_dmd", "tf", "df", "tf_dcm", "tf_scm", "sf_dmd"] = "rcm"
     scm_loss_scale: float = 100.0           # official code's loss_scale
     reg_weight: float = 0.01                # λ: DMD weight relative to sCM (code: DMD scale 1 = λ·100)
     tangent: Literal["jvp", "finite_difference"] = "jvp"
@@ -94,6 +98,10 @@ class DistillCfg:
     dcm_total_steps: int = 48               # dCM: N, Δu = 1/N on the shifted RF time grid (official default 48)
     dcm_skip: int = 1                       # dCM: k teacher Euler steps between the two times (official 1)
     dcm_shift: float = 5.0                  # dCM: RF time shift of that grid (official 5)
+    sf_steps_per_chunk: list[int] = field(default_factory=list)   # sf_dmd: most rollout steps per chunk, last
+                                            # repeating, non-increasing (official [4, 2]); [] = max_rollout_steps
+    sf_mid_t: list[list[float]] = field(default_factory=list)     # sf_dmd: intermediate TrigFlow times per chunk
+                                            # entry (official RF [[15/16, 5/6, 5/8], [5/6]]); [] = sampler.mid_t
 
 
 @dataclass(kw_only=True)
@@ -508,10 +516,30 @@ def validate(cfg: ExperimentCfg) -> None:
              "must lie in [0, 1)")
     _require(cfg.ema.sigma_rel > 0 and cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", cfg.ema.sigma_rel,
              "must lie in (0, 0.28) (EDM2 power-EMA; paper 0.05)")
+    _validate_causal(cfg)
     _validate_parallel(cfg)
     if cfg.data.source == "dataset":
         _require(cfg.data.url != "", "data.url", cfg.data.url,
                  "data.source=dataset needs data.url (a folder or s3://bucket/prefix with manifest.json)")
+
+
+CAUSAL_MODES = ("tf", "df", "tf_dcm", "tf_scm", "sf_dmd")
+
+
+def _validate_causal(cfg: ExperimentCfg) -> None:
+    """Causal modes train a block-causal network (the bidirectional modes refuse one in build_state: a config
+    holding only a causal student's model section, as sample.py builds, stays valid)."""
+    m, d = cfg.model, cfg.distill
+    _require(m.causal or d.mode not in CAUSAL_MODES, "model.causal", m.causal,
+             f"distill.mode={d.mode} trains a block-causal network: set model.causal=true")
+    s = d.sf_steps_per_chunk
+    _require(all(n >= 1 for n in s) and all(a >= b for a, b in itertools.pairwise(s)), "distill.sf_steps_per_chunk", s,
+             "give positive, non-increasing step counts, e.g. [4, 2] (4 for the first chunk, 2 after)")
+    mids = d.sf_mid_t or [cfg.sampler.mid_t]
+    for i, n in enumerate(s or [d.max_rollout_steps]):
+        mid = mids[min(i, len(mids) - 1)]
+        _require(len(mid) >= n - 1, "distill.sf_mid_t", d.sf_mid_t,
+                 f"a {n}-step chunk needs {n - 1} intermediate times, entry {min(i, len(mids) - 1)} has {len(mid)}")
 
 
 def _validate_parallel(cfg: ExperimentCfg) -> None:

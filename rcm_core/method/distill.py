@@ -4,6 +4,12 @@ Iteration i is a student step if i < H (pure-consistency warm-up) or (i − H) m
 critic (fake-score) step. A student step adds the consistency loss (sCM, or dCM for the dcm modes) and,
 after warm-up, λ times the DMD loss, then takes one optimiser step and updates the power-EMA. The five modes
 (rcm, scm, dmd, dcm, dcm_dmd) are the same code with one term swapped or off (`consistency_term`, `uses_dmd`).
+
+Causal rCM's five (rcm_core.method.causal) run through the same step: `tf` / `df` swap the consistency term for
+a causal diffusion loss, `tf_scm` / `tf_dcm` are sCM / dCM with the clean video as teacher-forcing context for
+teacher and student, and `sf_dmd` is DMD on a chunk-by-chunk student rollout. `build_state` sets each network's
+attention pattern: the student is block-causal, the teacher too for the teacher-forcing consistency modes (a
+`tf`/`df` run's student), the fake score and the `sf_dmd` teacher bidirectional.
 """
 from __future__ import annotations
 
@@ -13,14 +19,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rcm_core.config import DistillCfg, ExperimentCfg, OptimCfg
+from rcm_core.config import CAUSAL_MODES, DistillCfg, ExperimentCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
+from rcm_core.method.causal import (
+    diffusion_forcing_loss,
+    self_forcing_rollout,
+    self_forcing_steps,
+    teacher_forcing_loss,
+)
 from rcm_core.method.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.method.ema import PowerEMA
-from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, scm_loss, student_rollout
-from rcm_core.parallel.sharding import sync_gradients
-from rcm_core.parallel.precision import master_parameters, with_master_weights
+from rcm_core.method.losses import (
+    dcm_loss,
+    dmd_loss,
+    fake_score_loss,
+    scm_loss,
+    student_rollout,
+)
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
+from rcm_core.parallel.precision import master_parameters, with_master_weights
+from rcm_core.parallel.sharding import sync_gradients
 
 
 @dataclass
@@ -48,19 +66,33 @@ def make_optimizer(params, lr: float, cfg: OptimCfg):
 
 def consistency_term(cfg: DistillCfg) -> str | None:
     """"scm", "dcm" or None: the consistency objective `distill.mode` asks for."""
-    return {"rcm": "scm", "scm": "scm", "dcm": "dcm", "dcm_dmd": "dcm"}.get(cfg.mode)
+    return {"rcm": "scm", "scm": "scm", "dcm": "dcm", "dcm_dmd": "dcm", "tf_scm": "scm", "tf_dcm": "dcm"}.get(cfg.mode)
 
 
 def uses_dmd(cfg: DistillCfg) -> bool:
     """True when the mode adds the DMD term, so a fake score (critic) is trained beside the student."""
-    return cfg.mode in ("rcm", "dmd", "dcm_dmd")
+    return cfg.mode in ("rcm", "dmd", "dcm_dmd", "sf_dmd")
+
+
+def causal_roles(mode: str) -> dict[str, bool]:
+    """Which networks attend block-causally: the student of every causal mode, the teacher in the teacher-forcing
+    consistency modes (it is a `tf`/`df` run's causal student); the fake score and sf_dmd's teacher never."""
+    causal = mode in CAUSAL_MODES
+    return {"student": causal, "teacher": mode in ("tf_scm", "tf_dcm"), "fake": False}
 
 
 def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
     """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher)."""
+    if cfg.model.causal and cfg.distill.mode not in CAUSAL_MODES:
+        raise ValueError(f"model.causal=true but distill.mode={cfg.distill.mode} trains a bidirectional student; "
+                         f"use a causal mode ({', '.join(CAUSAL_MODES)}) or model.causal=false")
     teacher.requires_grad_(False).eval()
+    roles = causal_roles(cfg.distill.mode)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train() if uses_dmd(cfg.distill) else None
+    for role, model in (("teacher", teacher), ("student", student), ("fake", fake)):
+        if model is not None and hasattr(model.net, "causal"):
+            model.net.causal = roles[role]
     return DistillState(
         teacher=teacher, student=student, fake=fake, ema=PowerEMA(student, cfg.ema.sigma_rel),
         opt_student=make_optimizer(student.parameters(), cfg.optim.lr, cfg.optim),
@@ -100,10 +132,40 @@ def zero_nonfinite_grads(module: nn.Module) -> int:
 
 
 def rollout_steps(state: DistillState, cfg: DistillCfg, generator: torch.Generator) -> int:
-    """N ∈ 1..N_max: cycled by the student iteration (official code) or uniform (paper)."""
+    """N ∈ 1..N_max: cycled by the student iteration (official code) or uniform (paper). N_max is the first chunk's
+    maximum for sf_dmd (distill.sf_steps_per_chunk), distill.max_rollout_steps otherwise."""
+    n_max = (cfg.sf_steps_per_chunk or [cfg.max_rollout_steps])[0] if cfg.mode == "sf_dmd" else cfg.max_rollout_steps
     if cfg.rollout_length == "cycle":
-        return state.student_iter % cfg.max_rollout_steps + 1
-    return int(torch.randint(1, cfg.max_rollout_steps + 1, (1,), generator=generator))
+        return state.student_iter % n_max + 1
+    return int(torch.randint(1, n_max + 1, (1,), generator=generator))
+
+
+def _rollout(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator,
+             steps: int, grad_module: TrigFlowDenoiser | None) -> torch.Tensor:
+    """The student's x̂0 for DMD and the critic: an N-step rollout with decreasing random times (rCM), or for
+    sf_dmd a chunk-by-chunk rollout with the KV cache on the per-chunk schedule (self forcing)."""
+    d = cfg.distill
+    if d.mode != "sf_dmd":
+        return student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
+                               times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g, device=x0.device),
+                               grad_module=grad_module)
+    n_chunks = len(state.student.net.chunks.chunk_frames(x0.shape[2]))
+    per_chunk = self_forcing_steps(steps, d.sf_steps_per_chunk or [d.max_rollout_steps], n_chunks)
+    return self_forcing_rollout(state.student, _noise_like(x0, g), cond, steps=per_chunk,
+                                mid_t=d.sf_mid_t or [cfg.sampler.mid_t], generator=g, grad_module=grad_module)
+
+
+def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
+                           g: torch.Generator, grad_student: TrigFlowDenoiser):
+    """tf: one p_G time for the noisy video, clean context; df: one p_G time per chunk, no context."""
+    d, B = cfg.distill, x0.shape[0]
+    draw = lambda n: sample_p_G(n, mean=d.p_G_mean, std=d.p_G_std, frames=x0.shape[2],
+                                frame_shift=d.p_G_frame_shift, generator=g, device=x0.device)
+    if d.mode == "tf":
+        return teacher_forcing_loss(grad_student, x0, cond, t=draw(B), eps=_noise_like(x0, g))
+    spans = state.student.net.chunks.chunk_spans(x0.shape[2])
+    return diffusion_forcing_loss(grad_student, x0, cond, t_chunks=draw(B * len(spans)).reshape(B, len(spans)),
+                                  spans=spans, eps=_noise_like(x0, g))
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -120,11 +182,18 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     metrics: dict[str, float] = {"tangent_warmup_r": r}
     state.opt_student.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=x0.device)
+    # Teacher-forcing consistency (tf_scm, tf_dcm): the clean video at t = 0 is the context of every call.
+    ctx = (x0, torch.zeros(B, dtype=torch.float64, device=x0.device)) if d.mode in ("tf_scm", "tf_dcm") else None
+    if d.mode in ("tf", "df"):
+        out = _causal_diffusion_loss(state, x0, cond, cfg, g, grad_student)
+        total = total + out.loss
+        metrics.update(out.metrics)
     if consistency == "dcm":
         times = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
                                  generator=g, device=x0.device)
         out = dcm_loss(state.student, state.teacher, x0, cond, times=times, eps=_noise_like(x0, g),
-                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student)
+                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student,
+                       tf_context=ctx)
         total = total + out.loss
         metrics.update(out.metrics)
     if consistency == "scm":
@@ -133,15 +202,12 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
         out = scm_loss(state.student, state.teacher, x0, cond, t=t, eps=_noise_like(x0, g),
                        guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
                        fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
-                       student_grad=grad_student)
+                       student_grad=grad_student, tf_context=ctx)
         total = total + out.loss
         metrics.update(out.metrics)
     if uses_dmd(d) and not in_warmup:
         steps = rollout_steps(state, d, g)
-        x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
-                                 times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
-                                                               device=x0.device),
-                                 grad_module=grad_student)
+        x0_hat = _rollout(state, x0, cond, cfg, g, steps, grad_student)
         t_D = sample_p_D(B, shift=d.p_D_shift, generator=g, device=x0.device)
         out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=_noise_like(x0, g),
                        guidance=cfg.teacher.guidance, weight_min=d.dmd_weight_min,
@@ -166,9 +232,7 @@ def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g:
     d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
     steps = rollout_steps(state, d, g)
     with torch.no_grad():
-        x0_hat = student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
-                                 times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
-                                                               device=x0.device))
+        x0_hat = _rollout(state, x0, cond, cfg, g, steps, None)
     t_D = sample_p_D(x0.shape[0], shift=d.p_D_shift, generator=g, device=x0.device)
     state.opt_fake.zero_grad(set_to_none=True)
     out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=_noise_like(x0, g))

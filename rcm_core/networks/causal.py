@@ -60,14 +60,16 @@ class KVCache:
     the attention sees them ([B, heads, L, head_dim]; under Ulysses context parallelism each rank keeps its heads).
 
     Entries hold no autograd history: a cached chunk is context, never differentiated through (the official
-    self-forcing rollout detaches its cache too). `frames` counts the latent-token frames cached, which is where
-    the next chunk's RoPE positions start.
+    self-forcing rollout detaches its cache too); `differentiable=True` keeps it (a teacher-forcing loss computed
+    chunk by chunk then has the packed forward's gradient, which flows into the context's keys and values).
+    `frames` counts the latent-token frames cached, which is where the next chunk's RoPE positions start.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, differentiable: bool = False) -> None:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.frames = 0
+        self.differentiable = differentiable
 
     def __len__(self) -> int:
         return 0 if not self.keys else next(iter(self.keys.values())).shape[2]
@@ -79,7 +81,20 @@ class KVCache:
         return torch.cat([self.keys[layer].to(k.dtype), k], dim=2), torch.cat([self.values[layer].to(v.dtype), v], dim=2)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys[layer], self.values[layer] = k.detach(), v.detach()
+        keep = (lambda t: t) if self.differentiable else torch.Tensor.detach
+        self.keys[layer], self.values[layer] = keep(k), keep(v)
+
+    def prefix(self, frames: int) -> KVCache:
+        """A read-only view of the first `frames` cached frames (a self-forcing replay of chunk i reads the context
+        of chunks < i from the cache of the whole rollout)."""
+        if frames > self.frames:
+            raise ValueError(f"the cache holds {self.frames} frames; cannot take a prefix of {frames}")
+        view = KVCache()
+        view.frames = frames
+        n = len(self) * frames // max(self.frames, 1)                   # every frame has the same token count
+        view.keys = {i: k[:, :, :n] for i, k in self.keys.items()}
+        view.values = {i: v[:, :, :n] for i, v in self.values.items()}
+        return view
 
 
 @dataclass(frozen=True)
