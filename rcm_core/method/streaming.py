@@ -90,3 +90,28 @@ def _denoise_chunk(student: TrigFlowDenoiser, z: torch.Tensor, cond: torch.Tenso
 def stream_sample(student: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, **kw) -> torch.Tensor:
     """The whole video [B, C, T, H, W] from `stream_chunks` (same arguments)."""
     return torch.cat(list(stream_chunks(student, noise, cond, **kw)), dim=2)
+
+
+@torch.no_grad()
+def stream_teacher_sample(teacher: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, *, steps: int,
+                          guidance: float, shift: float = 5.0) -> torch.Tensor:
+    """A causal teacher (a `tf`/`df` run's network) solved chunk by chunk: each chunk's guided PF-ODE from π/2 to
+    0 on the teacher's shifted grid (first-order trigonometric steps, samplers.teacher_sample's Euler) against the
+    cache, then the chunk re-encoded at t = 0. With guidance the cache holds the conditional and unconditional
+    rows together (F_guided batches them)."""
+    from rcm_core.method.samplers import _trig_step
+    from rcm_core.method.timesteps import teacher_time_grid
+
+    B, times = noise.shape[0], teacher_time_grid(steps, shift=shift, device=noise.device)
+    cache, chunks = KVCache(), []
+    for a, b in teacher.net.chunks.chunk_spans(noise.shape[2]):
+        x = noise[:, :, a:b].double()
+        for i in range(steps):
+            t, t_next = times[i].expand(B), times[i + 1].expand(B)
+            F = teacher.F_guided(x.to(noise.dtype), t, cond, guidance, cache=cache)
+            x = _trig_step(x, F, t, t_next)
+        x0 = x.to(noise.dtype)
+        teacher.F_guided(x0, torch.zeros(B, dtype=torch.float64, device=noise.device), cond, guidance,
+                         cache=cache, append=True)
+        chunks.append(x0)
+    return torch.cat(chunks, dim=2)

@@ -1,0 +1,121 @@
+"""Each Causal rCM mode through the training loop on toy video, and under Ulysses context parallelism.
+
+    .venv/bin/python -m pytest tests/test_causal_loop.py -q
+
+`run_training` (what every Ray Train worker runs, workflows/distill.py) trains tf, df, tf_dcm, tf_scm and sf_dmd
+for a few iterations on moving Fashion-MNIST latents (4 frames of 8×8 pixels, 2×2 DCT patches → [4, 4, 4, 4],
+chunks of one latent frame), and the EMA student then streams a video chunk by chunk. Under cp = 2 (two gloo
+processes forming one Ulysses group) tf_scm (teacher-forcing packing + JVP through the all-to-all) and sf_dmd (the
+KV cache of the rollout, kept per rank for its heads) give the parameters of one process: float64, tolerance as
+tests/test_parallel_loop.py (observed ~1e-15).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_parallel import full, spawn
+
+from rcm_core.config import CAUSAL_MODES, from_dict
+from rcm_core.data.codec import PatchDCT
+from rcm_core.data.latents import LatentBatch
+from rcm_core.data.moving_fashion import generate
+from rcm_core.eval.evaluate import EvalBank, student_samples, teacher_samples
+from rcm_core.method.denoiser import TrigFlowDenoiser
+from rcm_core.method.streaming import DEFAULT_MID_T, stream_sample
+from rcm_core.networks import build_network
+from rcm_core.parallel.sharding import causal_cp_sizes
+from rcm_core.run.loop import run_training
+
+MODEL = {"kind": "dit", "in_channels": 4, "patch_size": [1, 2, 2], "dim": 32, "ffn_dim": 64, "num_heads": 2,
+         "num_layers": 2, "freq_dim": 32, "text_dim": 16, "num_classes": 10, "label_tokens": 2, "dtype": "float64",
+         "causal": True, "first_chunk_t": 1, "chunk_t": 1}
+LATENT = (4, 4, 4, 4)                # C = 2² DCT coefficients, T = 4 frames, 8×8 pixels → 4×4; 4 tokens per frame
+
+
+def toy_video(n: int = 16) -> LatentBatch:
+    videos = generate(n, frames=4, size=8, item=4, seed=3)
+    latents = torch.from_numpy(PatchDCT(2).encode(videos.videos)).double()
+    return LatentBatch(latent=latents, label=torch.from_numpy(videos.labels))
+
+
+def teacher(seed: int = 1) -> TrigFlowDenoiser:
+    torch.manual_seed(seed)
+    net = build_network(from_dict({"model": MODEL, "distill": {"mode": "tf"}}).model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return TrigFlowDenoiser(net)
+
+
+def _cfg(mode: str, run_dir: Path, cp: int = 1):
+    return from_dict({"model": MODEL, "teacher": {"guidance": 2.0},
+                      "parallel": {"cp": cp, "dp_replicate": 1} if cp > 1 else {},
+                      "distill": {"mode": mode, "tangent_warmup": 1, "student_update_freq": 2, "max_rollout_steps": 2,
+                                  "sf_steps_per_chunk": [2, 1], "dcm_total_steps": 8, "p_G_frame_shift": False},
+                      "sampler": {"mid_t": DEFAULT_MID_T, "teacher_steps": 4, "step_counts": [1, 2]},
+                      "optim": {"lr": 1e-3, "fake_lr": 1e-3, "lr_warmup": 0},
+                      "train": {"steps": 3, "checkpoint_every": 100, "log_every": 1, "run_dir": str(run_dir),
+                                "device": "cpu"},
+                      "resources": {"num_workers": cp}})
+
+
+def _batches(start: int):
+    data = toy_video()
+    return (LatentBatch(latent=data.latent[2 * (i % 8):2 * (i % 8) + 2], label=data.label[2 * (i % 8):2 * (i % 8) + 2])
+            for i in range(start, 10 ** 6))
+
+
+@pytest.mark.parametrize("mode", CAUSAL_MODES)
+def test_each_causal_mode_trains_on_toy_video_and_streams(mode, tmp_path):
+    losses: list[float] = []
+    state = run_training(_cfg(mode, tmp_path), _batches, lambda s, m, c: losses.append(m["train/loss"]),
+                         teacher=teacher(), latent_shape=LATENT)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert state.student.net.causal and state.ema.module.net.causal
+    assert state.teacher.net.causal == (mode in ("tf_dcm", "tf_scm"))
+    assert state.fake is None or not state.fake.net.causal
+    moved = max((p - q).abs().max().item() for p, q in zip(state.student.parameters(), teacher().parameters()))
+    assert moved > 1e-4
+    video = stream_sample(state.ema.module, torch.randn(2, *LATENT, dtype=torch.float64), torch.tensor([1, 7]),
+                          steps_per_chunk=[2, 1], mid_t_per_chunk=[DEFAULT_MID_T], sigma_max=80.0)
+    assert video.shape == (2, *LATENT) and torch.isfinite(video).all()
+    # the evaluator streams causal networks (the teacher too, when it is causal)
+    cfg, bank = _cfg(mode, tmp_path), EvalBank.make(LATENT, torch.tensor([1, 7]), seed=5)
+    ref, floor, _ = teacher_samples(state.teacher, bank, cfg, torch.device("cpu"))
+    students = student_samples(state.ema.module, bank, cfg, torch.device("cpu"))
+    assert sorted(students) == ["nfe_1", "nfe_2"]
+    assert all(torch.isfinite(x).all() and x.shape == (2, *LATENT) for x in (ref, floor, *(v for v, _ in students.values())))
+
+
+def _train(directory: str, mode: str, cp: int) -> None:
+    cfg = _cfg(mode, Path(directory) / f"{mode}-{cp}", cp)
+    state = run_training(cfg, _batches, lambda s, m, c: None, teacher=teacher(), latent_shape=LATENT)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({n: full(p).detach().clone() for n, p in state.student.named_parameters()},
+                   Path(directory) / f"{mode}-{cp}.pt")
+
+
+@pytest.mark.parametrize("mode", ["tf_scm", "sf_dmd"])
+def test_context_parallel_equals_one_process(mode, tmp_path):
+    spawn(_train, 2, str(tmp_path), mode, 2)
+    _train(str(tmp_path), mode, 1)
+    cp, one = (torch.load(tmp_path / f"{mode}-{n}.pt", weights_only=True) for n in (2, 1))
+    for k, v in one.items():
+        torch.testing.assert_close(cp[k], v, atol=1e-9, rtol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_illegal_cp_is_refused_in_one_line():
+    """cp must divide the heads, the tokens of one chunk and, for packed teacher forcing, its 2T frames."""
+    cfg = _cfg("tf_scm", Path("unused"))
+    assert causal_cp_sizes(cfg, (4, 3, 4, 4)) == [1, 2]            # 2·3 = 6 packed frames, 4 tokens per chunk
+    cfg = from_dict({"model": {**MODEL, "num_heads": 4, "dim": 32}, "distill": {"mode": "df"}})
+    assert causal_cp_sizes(cfg, (4, 3, 4, 4)) == [1]               # df: 3 frames
+    from rcm_core.parallel.sharding import check_causal_cp
+    with pytest.raises(ValueError, match="legal cp: \\[1\\]") as e:
+        check_causal_cp(cfg, (4, 3, 4, 4), 2)
+    assert "\n" not in str(e.value)
