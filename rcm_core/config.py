@@ -98,6 +98,9 @@ class DistillCfg:
     dcm_total_steps: int = 48               # dCM: N, Δu = 1/N on the shifted RF time grid (official default 48)
     dcm_skip: int = 1                       # dCM: k teacher Euler steps between the two times (official 1)
     dcm_shift: float = 5.0                  # dCM: RF time shift of that grid (official 5)
+    student_checkpoint: str = ""            # the student's starting weights (a file of save_teacher, e.g. a tf_dcm
+                                            # run's ema_student.pt, or Wan weights); "" = a copy of the teacher.
+                                            # Causal recipe: sf_dmd starts from the tf_dcm/tf_scm student
     sf_steps_per_chunk: list[int] = field(default_factory=list)   # sf_dmd: most rollout steps per chunk, last
                                             # repeating, non-increasing (official [4, 2]); [] = max_rollout_steps
     sf_mid_t: list[list[float]] = field(default_factory=list)     # sf_dmd: intermediate TrigFlow times per chunk

@@ -119,3 +119,26 @@ def test_illegal_cp_is_refused_in_one_line():
     with pytest.raises(ValueError, match="legal cp: \\[1\\]") as e:
         check_causal_cp(cfg, (4, 3, 4, 4), 2)
     assert "\n" not in str(e.value)
+
+
+def test_recipe_tf_then_tf_dcm_then_sf_dmd_through_checkpoint_files(tmp_path):
+    """The official recipe as three runs: tf fine-tunes the bidirectional teacher into a causal one; tf_dcm distils
+    it (teacher.checkpoint = the tf run's EMA); sf_dmd starts its student from the tf_dcm EMA
+    (distill.student_checkpoint) with the bidirectional teacher and fake score."""
+    from rcm_core.run.teacher import load_teacher, save_teacher
+
+    tf = run_training(_cfg("tf", tmp_path / "tf"), _batches, lambda *a: None, teacher=teacher(), latent_shape=LATENT)
+    save_teacher(tf.ema.module, _cfg("tf", tmp_path), tmp_path / "causal_teacher.pt")
+    cfg = _cfg("tf_dcm", tmp_path / "dcm")
+    causal_teacher = load_teacher(tmp_path / "causal_teacher.pt", cfg, torch.device("cpu"))
+    dcm = run_training(cfg, _batches, lambda *a: None, teacher=causal_teacher, latent_shape=LATENT)
+    assert dcm.teacher.net.causal and all(torch.equal(p, q) for p, q in zip(dcm.teacher.parameters(),
+                                                                             tf.ema.module.parameters()))
+    save_teacher(dcm.ema.module, cfg, tmp_path / "dcm_student.pt")
+    sf_cfg = from_dict({
+        "model": MODEL, "distill": {"mode": "sf_dmd", "student_checkpoint": str(tmp_path / "dcm_student.pt")},
+        "train": {"steps": 0, "run_dir": str(tmp_path / "sf"), "device": "cpu"}})
+    sf = run_training(sf_cfg, _batches, lambda *a: None, teacher=teacher(), latent_shape=LATENT)
+    assert sf.student.net.causal and not sf.teacher.net.causal and not sf.fake.net.causal
+    assert all(torch.equal(p, q) for p, q in zip(sf.student.parameters(), dcm.ema.module.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(sf.fake.parameters(), teacher().parameters()))

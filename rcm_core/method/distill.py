@@ -81,14 +81,17 @@ def causal_roles(mode: str) -> dict[str, bool]:
     return {"student": causal, "teacher": mode in ("tf_scm", "tf_dcm"), "fake": False}
 
 
-def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
-    """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher)."""
+def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser,
+                student_init: TrigFlowDenoiser | None = None) -> DistillState:
+    """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher);
+    `student_init` (distill.student_checkpoint) replaces the teacher as the student's start (Causal rCM's sf_dmd
+    starts from the teacher-forcing CM student, its teacher and fake score from the bidirectional teacher)."""
     if cfg.model.causal and cfg.distill.mode not in CAUSAL_MODES:
         raise ValueError(f"model.causal=true but distill.mode={cfg.distill.mode} trains a bidirectional student; "
                          f"use a causal mode ({', '.join(CAUSAL_MODES)}) or model.causal=false")
     teacher.requires_grad_(False).eval()
     roles = causal_roles(cfg.distill.mode)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    student = copy.deepcopy(student_init or teacher).requires_grad_(True).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train() if uses_dmd(cfg.distill) else None
     for role, model in (("teacher", teacher), ("student", student), ("fake", fake)):
         if model is not None and hasattr(model.net, "causal"):
