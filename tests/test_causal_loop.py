@@ -142,3 +142,21 @@ def test_recipe_tf_then_tf_dcm_then_sf_dmd_through_checkpoint_files(tmp_path):
     assert sf.student.net.causal and not sf.teacher.net.causal and not sf.fake.net.causal
     assert all(torch.equal(p, q) for p, q in zip(sf.student.parameters(), dcm.ema.module.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(sf.fake.parameters(), teacher().parameters()))
+
+
+def test_planner_refuses_causal_cp_and_counts_the_packed_sequence():
+    """workflows/plan.py's arithmetic: a cp that cannot split the block-causal run is refused with the legal sizes,
+    and teacher forcing's activations are those of the packed [clean | noisy] sequence (2× the tokens)."""
+    from rcm_core.config import load_config
+    from rcm_core.run.plan import plan_run
+
+    wan = ["model.dim=1536", "model.ffn_dim=8960", "model.num_heads=12", "model.num_layers=30", "model.text_dim=4096",
+           "model.causal=true"]
+    latent = (16, 21, 60, 104)
+    plans = {mode: {(p.shape.cp, p.checkpointing): p for p in plan_run(
+        load_config(None, [*wan, f"distill.mode={mode}"]), gpus=4, gpu_memory=80 * 2**30, latent=latent,
+        text_len=512)} for mode in ("tf_scm", "sf_dmd", "tf", "df")}
+    assert "legal cp: [1, 2, 3, 6]" in plans["tf_scm"][(4, False)].refused
+    assert plans["sf_dmd"][(4, False)].refused is None and "legal cp: [1, 3]" in plans["df"][(2, False)].refused
+    tf, df = plans["tf"][(1, True)], plans["df"][(1, True)]      # the same losses but tf's packed sequence
+    assert 1.9 < tf.backward_peak / df.backward_peak <= 2.0

@@ -224,11 +224,17 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
     m, d = cfg.model, cfg.distill
     plan = MeshPlan(shape, checkpointing, memory=gpu_memory)
     plan.refused = refuse_reason(shape, gpus=gpus, heads=m.num_heads, tokens=work.tokens, batch=work.batch)
+    if not plan.refused and m.causal:
+        from rcm_core.parallel.sharding import causal_cp_sizes
+        legal = causal_cp_sizes(cfg, work.latent)
+        if shape.cp not in legal:
+            plan.refused = f"cp={shape.cp} cannot split block-causal {d.mode} (legal cp: {legal}; README: Causal rCM)"
     if plan.refused:
         return plan
     dmd, term = uses_dmd(d), consistency_term(d)
     plan.states = state_bytes(counts, plan.shard, dmd)
-    b, n = work.batch // shape.data_parallel_size, work.tokens // shape.cp
+    packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
+    b, n = work.batch // shape.data_parallel_size, packed * work.tokens // shape.cp
     graphs = max(1, (term is not None) + dmd)
     plan.jvp_peak, plan.backward_peak = activation_estimate(
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=graphs,
