@@ -479,6 +479,45 @@ def test_block_causal_kernels_never_read_skipped_tiles(triton_mode):
         "dK/dV of chunk 1 read queries of chunk 0"
 
 
+@pytest.mark.parametrize("chunks", [(64, 37, 1, 98), (156,) * 21, (500, 156, 1, 1000, 77)], ids=len)
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (64, 128)])
+def test_block_causal_tile_plan_is_minimal(chunks, block_m, block_n):
+    """The kernels' loop bounds (mirrored by kernels.bench.tile_counts) load exactly the key tiles that hold at
+    least one attended pair for the query tile, and run unmasked exactly on the tiles every row sees whole
+    (the ragged last key tile always takes the masked path). Counted on the [L, L] mask, exact."""
+    from kernels.bench import attended_pairs, tile_counts
+    mask = kernels.block_causal_mask(chunks)
+    L = mask.shape[0]
+    assert attended_pairs(chunks) == int(mask.sum())
+    nm, nn = -(-L // block_m), -(-L // block_n)
+    # Pad keys with "not attended" (a ragged key tile is then never whole) and rows with copies of the last row
+    # (it sees a superset of every row's keys, so a tile's any/all over rows is unchanged).
+    padded = torch.cat([mask, mask[-1:].expand(nm * block_m - L, L)], 0)
+    padded = torch.nn.functional.pad(padded, (0, nn * block_n - L), value=False)
+    tiles = padded.view(nm, block_m, nn, block_n)
+    loaded, full = int(tiles.any(3).any(1).sum()), int(tiles.all(3).all(1).sum())
+    n_full, n_partial, n_all = tile_counts(chunks, block_m, block_n)
+    assert (n_full, n_full + n_partial, n_all) == (full, loaded, nm * nn)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_block_causal_bench_runs_under_the_interpreter(monkeypatch, tmp_path, capsys):
+    """`python -m kernels.bench --block-causal` end to end at a tiny shape on CPU: the table, its check (the
+    first chunk and the last equal the unmasked kernel there: bitwise in the interpreter's fp32) and the CSV."""
+    from kernels import bench
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--block-causal", "--chunks", "2x20,1x8", "--dim", "16",
+                                     "--heads", "16:1", "--dtype", "fp32"])
+    monkeypatch.setattr(bench, "_timer", lambda device: (lambda fn: (fn(), 1.0)[1]))   # one call, no timing
+    bench.main()
+    out = capsys.readouterr().out
+    assert "| fwd+JVP | 48 (3) | 1×16 |" in out and "not judged: interpreter timings" in out
+    assert "max |Δ| = 0" in out
+    rows = (tmp_path / "block_causal_bench.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("pass,device,L,chunks")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunks", [(1560,) * 3, (500, 156, 1, 1000, 77)], ids=["3x1560", "ragged"])
