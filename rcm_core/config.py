@@ -105,6 +105,12 @@ class DistillCfg:
                                             # repeating, non-increasing (official [4, 2]); [] = max_rollout_steps
     sf_mid_t: list[list[float]] = field(default_factory=list)     # sf_dmd: intermediate TrigFlow times per chunk
                                             # entry (official RF [[15/16, 5/6, 5/8], [5/6]]); [] = sampler.mid_t
+    chunk_context: Literal["clean", "last_step"] = "clean"   # causal: the context a chunk leaves (official
+                                            # context_from_last_step): re-encoded at t = 0, or its last step's keys/
+                                            # values at its longest schedule's last time (teacher forcing then
+                                            # trains with the context noised to that time; evaluation streams so)
+    last_step_from_chunk: int = 0           # chunk_context=last_step from this chunk on; earlier ones clean (official
+                                            # context_from_last_step_start_chunk; its 2-step preset uses 1)
 
 
 @dataclass(kw_only=True)
@@ -535,6 +541,8 @@ def _validate_causal(cfg: ExperimentCfg) -> None:
     m, d = cfg.model, cfg.distill
     _require(m.causal or d.mode not in CAUSAL_MODES, "model.causal", m.causal,
              f"distill.mode={d.mode} trains a block-causal network: set model.causal=true")
+    _require(d.last_step_from_chunk >= 0, "distill.last_step_from_chunk", d.last_step_from_chunk,
+             "a chunk index, ≥ 0 (0: every chunk leaves its last step's context)")
     s = d.sf_steps_per_chunk
     _require(all(n >= 1 for n in s) and all(a >= b for a, b in itertools.pairwise(s)), "distill.sf_steps_per_chunk", s,
              "give positive, non-increasing step counts, e.g. [4, 2] (4 for the first chunk, 2 after)")

@@ -160,3 +160,24 @@ def test_planner_refuses_causal_cp_and_counts_the_packed_sequence():
     assert plans["sf_dmd"][(4, False)].refused is None and "legal cp: [1, 3]" in plans["df"][(2, False)].refused
     tf, df = plans["tf"][(1, True)], plans["df"][(1, True)]      # the same losses but tf's packed sequence
     assert 1.9 < tf.backward_peak / df.backward_peak <= 2.0
+
+
+@pytest.mark.parametrize("mode", ["tf_scm", "sf_dmd"])
+def test_last_step_context_trains_and_evaluates(mode, tmp_path):
+    """distill.chunk_context=last_step (official context_from_last_step, from chunk 1 as its 2-step preset): the
+    teacher-forcing context is noised to the cached time, the rollout caches last steps, evaluation streams so."""
+    from rcm_core.config import load_config
+    cfg = load_config(None, ["distill.chunk_context=last_step", "distill.last_step_from_chunk=1"],
+                      base=_as_dict(_cfg(mode, tmp_path)))
+    losses: list[float] = []
+    state = run_training(cfg, _batches, lambda s, m, c: losses.append(m["train/loss"]), teacher=teacher(),
+                         latent_shape=LATENT)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    bank = EvalBank.make(LATENT, torch.tensor([1, 7]), seed=5)
+    students = student_samples(state.ema.module, bank, cfg, torch.device("cpu"))
+    assert all(torch.isfinite(x).all() for x, _ in students.values())
+
+
+def _as_dict(cfg):
+    from rcm_core.config import to_dict
+    return to_dict(cfg)

@@ -142,7 +142,8 @@ def stream(model, z, cond, args, device, generator) -> torch.Tensor:
     sync()
     start = time.perf_counter()
     for chunk in stream_chunks(model, z, cond, steps_per_chunk=steps, mid_t_per_chunk=mid,
-                               sigma_max=args.sigma_max, context=args.context, generator=generator):
+                               sigma_max=args.sigma_max, context=args.context, last_step_from=args.last_step_from,
+                               generator=generator):
         sync()
         latency.append(time.perf_counter() - start - sum(latency))
         chunks.append(chunk)
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     "last repeating (default: the official 4-step times 15/16,5/6,5/8)")
     ap.add_argument("--context", choices=["clean", "last_step"], default="clean",
                     help="--causal: context cached after each chunk (clean = re-encoded at t = 0, one more forward)")
+    ap.add_argument("--last-step-from", type=int, default=0, help="--causal --context last_step: from this chunk on "
+                    "(earlier chunks clean; the official 2-step noisy-context preset uses 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_debug_flag(ap)
     args = ap.parse_args(argv)

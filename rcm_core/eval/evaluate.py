@@ -70,9 +70,11 @@ def student_samples(student: TrigFlowDenoiser, bank: EvalBank, cfg: ExperimentCf
         g = torch.Generator(device=device).manual_seed(bank.seed + 1000 * steps)   # fixed per-step noises
         run = lambda z, c: consistency_sample(student, z, c, steps=steps, sigma_max=cfg.sampler.sigma_max,  # noqa
                                               mid_t=cfg.sampler.mid_t, generator=g)
-        if is_causal(student):  # streamed chunk by chunk, `steps` per chunk, clean context
+        if is_causal(student):  # streamed chunk by chunk, `steps` per chunk, the context it was trained for
             run = lambda z, c: stream_sample(student, z, c, steps_per_chunk=[steps], generator=g,  # noqa
-                                             mid_t_per_chunk=[cfg.sampler.mid_t], sigma_max=cfg.sampler.sigma_max)
+                                             mid_t_per_chunk=[cfg.sampler.mid_t], sigma_max=cfg.sampler.sigma_max,
+                                             context=cfg.distill.chunk_context,
+                                             last_step_from=cfg.distill.last_step_from_chunk)
         x, sec = _timed(lambda: sample_in_chunks(run, bank.noise, bank.labels, device))
         out[f"nfe_{steps}"] = (x, sec / bank.noise.shape[0])
     return out

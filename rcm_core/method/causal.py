@@ -13,6 +13,9 @@ below). Every network call of the student is block-causal over chunks of latent 
 - `self_forcing_rollout` (`sf_dmd`): the student generates the video chunk by chunk with the KV cache and no
   gradient, then recomputes each chunk's last denoising step with gradient against the cache of the chunks before
   it (official replayed self-forcing: the cache is context, never differentiated through).
+- `context_times` (`distill.chunk_context`, official `context_from_last_step`): the time of the context each chunk
+  leaves for the chunks after it: 0 (re-encoded clean) or the last time of its step schedule (the last step's keys
+  and values, one forward fewer per chunk at inference), which teacher forcing then trains with.
 """
 from __future__ import annotations
 
@@ -33,10 +36,11 @@ def frame_times(t_chunks: torch.Tensor, spans: list[tuple[int, int]]) -> torch.T
 
 
 def teacher_forcing_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *, t: torch.Tensor,
-                         eps: torch.Tensor) -> LossOut:
-    """Σ‖F(x_t, t | clean context x0 at t = 0) − (cos t·ε − sin t·x0)‖² (official `tf`)."""
-    zero = torch.zeros_like(t, dtype=torch.float64)
-    out = flow_matching_loss(model, x0, cond, t=t, eps=eps, tf_context=(x0, zero))
+                         eps: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOut:
+    """Σ‖F(x_t, t | context) − (cos t·ε − sin t·x0)‖² (official `tf`); the context is the clean video x0 at t = 0
+    unless given (`noisy_context`)."""
+    context = context or (x0, torch.zeros_like(t, dtype=torch.float64))
+    out = flow_matching_loss(model, x0, cond, t=t, eps=eps, tf_context=context)
     return LossOut(out.loss, {"tf_loss": out.metrics["fm_loss"]})
 
 
@@ -47,6 +51,31 @@ def diffusion_forcing_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torc
     t = frame_times(t_chunks, spans)
     out = flow_matching_loss(model, x0, cond, t=t, eps=eps)
     return LossOut(out.loss, {"df_loss": out.metrics["fm_loss"]})
+
+
+def context_times(n_chunks: int, *, context: str, last_step_from: int, max_steps: list[int],
+                  mid_t: list[list[float]]) -> list[float]:
+    """TrigFlow time of each chunk's context: 0 for context="clean" and for chunks before `last_step_from`, else
+    the last time of the chunk's longest schedule (its last intermediate time; π/2 for a 1-step chunk, whose
+    only forward sees pure noise). Official `_context_from_last_step_time`."""
+    if context not in ("clean", "last_step"):
+        raise ValueError(f"chunk context {context!r}: use 'clean' or 'last_step'")
+    steps = per_chunk(max_steps, n_chunks, "steps per chunk")
+    mids = per_chunk(mid_t, n_chunks, "intermediate times per chunk")
+    return [0.0 if context == "clean" or i < last_step_from else ([HALF_PI, *m[:n - 1]][-1])
+            for i, (n, m) in enumerate(zip(steps, mids))]
+
+
+def noisy_context(x0: torch.Tensor, t_chunks: list[float], spans: list[tuple[int, int]],
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher-forcing context (x_ctx, t_ctx [B, T]): x0 noised to each chunk's context time (exactly x0 where
+    the time is 0), so training sees the context the sampler will cache (official `_noisy_ctx`)."""
+    B = x0.shape[0]
+    t = frame_times(torch.tensor([t_chunks], dtype=torch.float64, device=x0.device).expand(B, -1), spans)
+    if not any(t_chunks):
+        return x0, t
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return add_noise(x0, eps, t).to(x0.dtype), t
 
 
 def self_forcing_steps(global_steps: int, max_per_chunk: list[int], n_chunks: int) -> list[int]:
@@ -60,36 +89,49 @@ def self_forcing_steps(global_steps: int, max_per_chunk: list[int], n_chunks: in
 
 def self_forcing_rollout(student: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, *,
                          steps: list[int], mid_t: list[list[float]], generator: torch.Generator | None,
-                         grad_module: TrigFlowDenoiser | None = None) -> torch.Tensor:
+                         grad_module: TrigFlowDenoiser | None = None,
+                         context_t: list[float] | None = None) -> torch.Tensor:
     """x̂0 [B, C, T, H, W] of a chunk-by-chunk rollout: chunk i starts from pure noise at t = π/2, takes steps[i]
-    consistency steps through the first steps[i] − 1 of mid_t[i] (fresh noise at each re-noising) and is then
-    re-encoded at t = 0 into the cache. With grad enabled, each chunk's last step is recomputed with gradient
-    (through `grad_module`) against the cache prefix of the chunks before it; the values equal the rollout's."""
+    consistency steps through the first steps[i] − 1 of mid_t[i] (fresh noise at each re-noising) and leaves its
+    context in the cache: re-encoded at t = 0, or (context_t[i] > 0, `context_times`) its last step's keys and
+    values when that step ran at context_t[i], else x̂0 re-noised to context_t[i] and encoded. With grad enabled,
+    each chunk's last step is recomputed with gradient (through `grad_module`) against the cache prefix of the
+    chunks before it; the values equal the rollout's."""
     B = noise.shape[0]
     spans = student.net.chunks.chunk_spans(noise.shape[2])
     mids = per_chunk(mid_t, len(spans), "rollout intermediate times")
+    context_t = context_t or [0.0] * len(spans)
     cache, x0_chunks, replays = KVCache(), [], []
     with torch.no_grad():
-        for (a, b), n, mid in zip(spans, steps, mids):
+        for (a, b), n, mid, t_ctx in zip(spans, steps, mids, context_t):
             times = torch.tensor([HALF_PI, *mid[:n - 1]], dtype=torch.float64, device=noise.device)
             if times.shape[0] != n:
                 raise ValueError(f"a {n}-step chunk needs {n - 1} intermediate times, got {mid}")
-            x0_hat, x_last = _rollout_chunk(student, noise[:, :, a:b], cond, times, cache, generator)
+            keep_last = t_ctx > 0 and float(times[-1]) == t_ctx      # the last step ran at the context's time
+            frames = cache.frames
+            x0_hat, x_last = _rollout_chunk(student, noise[:, :, a:b], cond, times, cache, generator, keep_last)
             x0_chunks.append(x0_hat)
-            replays.append((x_last, times[-1].expand(B), cache.frames))
-            student.F(x0_hat, torch.zeros(B, dtype=torch.float64, device=noise.device), cond, cache=cache, append=True)
+            replays.append((x_last, times[-1].expand(B), frames))
+            if not keep_last:
+                x_ctx, t = x0_hat, torch.full((B,), t_ctx, dtype=torch.float64, device=noise.device)
+                if t_ctx > 0:
+                    eps = torch.randn(x0_hat.shape, generator=generator, device=noise.device, dtype=x0_hat.dtype)
+                    x_ctx = add_noise(x0_hat, eps, t).to(x0_hat.dtype)
+                student.F(x_ctx, t, cond, cache=cache, append=True)
     if not torch.is_grad_enabled():                   # the critic's samples: nothing to differentiate
         return torch.cat(x0_chunks, dim=2)
     module = grad_module or student
     return torch.cat([module.f(x, t, cond, cache=cache.prefix(frames)) for x, t, frames in replays], dim=2)
 
 
-def _rollout_chunk(student, z, cond, times, cache, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂0, the input of the last step) of one chunk's consistency steps against the cache."""
+def _rollout_chunk(student, z, cond, times, cache, generator, keep_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂0, the input of the last step) of one chunk's consistency steps against the cache; keep_last appends
+    the last step's keys and values."""
     B, x = z.shape[0], z
     for n in range(times.shape[0]):
-        x0_hat = student.f(x, times[n].expand(B), cond, cache=cache).to(z.dtype)
-        if n == times.shape[0] - 1:
+        last = n == times.shape[0] - 1
+        x0_hat = student.f(x, times[n].expand(B), cond, cache=cache, append=last and keep_last).to(z.dtype)
+        if last:
             return x0_hat, x
         eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         x = add_noise(x0_hat, eps, times[n + 1].expand(B)).to(z.dtype)

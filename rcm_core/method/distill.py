@@ -22,7 +22,9 @@ from torch import nn
 from rcm_core.config import CAUSAL_MODES, DistillCfg, ExperimentCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
 from rcm_core.method.causal import (
+    context_times,
     diffusion_forcing_loss,
+    noisy_context,
     self_forcing_rollout,
     self_forcing_steps,
     teacher_forcing_loss,
@@ -155,7 +157,26 @@ def _rollout(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: Exp
     n_chunks = len(state.student.net.chunks.chunk_frames(x0.shape[2]))
     per_chunk = self_forcing_steps(steps, d.sf_steps_per_chunk or [d.max_rollout_steps], n_chunks)
     return self_forcing_rollout(state.student, _noise_like(x0, g), cond, steps=per_chunk,
-                                mid_t=d.sf_mid_t or [cfg.sampler.mid_t], generator=g, grad_module=grad_module)
+                                mid_t=d.sf_mid_t or [cfg.sampler.mid_t], generator=g, grad_module=grad_module,
+                                context_t=chunk_context_times(cfg, n_chunks))
+
+
+def chunk_context_times(cfg: ExperimentCfg, n_chunks: int) -> list[float]:
+    """The context time each chunk leaves (0 = clean), from distill.chunk_context and the rollout schedule."""
+    d = cfg.distill
+    return context_times(n_chunks, context=d.chunk_context, last_step_from=d.last_step_from_chunk,
+                         max_steps=d.sf_steps_per_chunk or [d.max_rollout_steps],
+                         mid_t=d.sf_mid_t or [cfg.sampler.mid_t])
+
+
+def teacher_forcing_contexts(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator):
+    """(the student's context, the teacher's): both the clean video at t = 0, or with distill.chunk_context=
+    last_step the student's noised to the time the sampler will cache (official `_noisy_ctx`; the causal teacher
+    keeps the clean context it was trained with)."""
+    clean = (x0, torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device))
+    spans = state.student.net.chunks.chunk_spans(x0.shape[2])
+    t_chunks = chunk_context_times(cfg, len(spans))
+    return (noisy_context(x0, t_chunks, spans, g) if any(t_chunks) else clean), clean
 
 
 def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
@@ -165,7 +186,8 @@ def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Te
     draw = lambda n: sample_p_G(n, mean=d.p_G_mean, std=d.p_G_std, frames=x0.shape[2],
                                 frame_shift=d.p_G_frame_shift, generator=g, device=x0.device)
     if d.mode == "tf":
-        return teacher_forcing_loss(grad_student, x0, cond, t=draw(B), eps=_noise_like(x0, g))
+        context, _ = teacher_forcing_contexts(state, x0, cfg, g)
+        return teacher_forcing_loss(grad_student, x0, cond, t=draw(B), eps=_noise_like(x0, g), context=context)
     spans = state.student.net.chunks.chunk_spans(x0.shape[2])
     return diffusion_forcing_loss(grad_student, x0, cond, t_chunks=draw(B * len(spans)).reshape(B, len(spans)),
                                   spans=spans, eps=_noise_like(x0, g))
@@ -185,8 +207,8 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     metrics: dict[str, float] = {"tangent_warmup_r": r}
     state.opt_student.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=x0.device)
-    # Teacher-forcing consistency (tf_scm, tf_dcm): the clean video at t = 0 is the context of every call.
-    ctx = (x0, torch.zeros(B, dtype=torch.float64, device=x0.device)) if d.mode in ("tf_scm", "tf_dcm") else None
+    # Teacher-forcing consistency (tf_scm, tf_dcm): the video is the context (clean for the teacher).
+    ctx, teacher_ctx = teacher_forcing_contexts(state, x0, cfg, g) if d.mode in ("tf_scm", "tf_dcm") else (None, None)
     if d.mode in ("tf", "df"):
         out = _causal_diffusion_loss(state, x0, cond, cfg, g, grad_student)
         total = total + out.loss
@@ -196,7 +218,7 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
                                  generator=g, device=x0.device)
         out = dcm_loss(state.student, state.teacher, x0, cond, times=times, eps=_noise_like(x0, g),
                        guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student,
-                       tf_context=ctx)
+                       tf_context=ctx, teacher_context=teacher_ctx)
         total = total + out.loss
         metrics.update(out.metrics)
     if consistency == "scm":
@@ -205,7 +227,7 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
         out = scm_loss(state.student, state.teacher, x0, cond, t=t, eps=_noise_like(x0, g),
                        guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
                        fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
-                       student_grad=grad_student, tf_context=ctx)
+                       student_grad=grad_student, tf_context=ctx, teacher_context=teacher_ctx)
         total = total + out.loss
         metrics.update(out.metrics)
     if uses_dmd(d) and not in_warmup:

@@ -128,19 +128,21 @@ def scm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
              t: torch.Tensor, eps: torch.Tensor, guidance: float, r: float, scale: float,
              tangent: Literal["jvp", "finite_difference"] = "jvp", fd_step: float = 1e-4,
              variant: Literal["code", "paper"] = "code", norm_c: float = 0.1,
-             student_grad: TrigFlowDenoiser | None = None, tf_context=None) -> LossOut:
+             student_grad: TrigFlowDenoiser | None = None, tf_context=None, teacher_context=None) -> LossOut:
     """L_sCM = scale·Σ(F_θ − sg(F_θ) − ĝ)², its gradient pushes F_θ toward +ĝ (rCM §2.1).
 
     `student_grad` is the module to differentiate (e.g. a data-parallel wrapper); the JVP always runs on
     the plain `student` under no_grad, since PyTorch cannot JVP through DDP/FSDP wrappers. `tf_context`
-    (x_ctx, t_ctx): teacher-forcing sCM of Causal rCM (`tf_scm`): teacher and student see the same context.
+    (x_ctx, t_ctx): teacher-forcing sCM of Causal rCM (`tf_scm`), the student's context; the teacher sees
+    `teacher_context` (default the same; the clean video when the student trains with a noisy context).
     """
     ctx = _ctx(tf_context)
+    teacher_ctx = _ctx(tf_context if teacher_context is None else teacher_context)
     x_t = add_noise(x0, eps, t).to(x0.dtype)
     finite_in = _finite_rows(x_t)                 # a non-finite input must not poison the batch's gradient
     x_t = torch.where(expand_like(finite_in, x_t), x_t, torch.zeros_like(x_t))
     with torch.no_grad():
-        F_T = teacher.F_guided(x_t, t, cond, guidance, **ctx)
+        F_T = teacher.F_guided(x_t, t, cond, guidance, **teacher_ctx)
     if tangent == "jvp":
         F_minus, T = scm_tangent_jvp(student, x_t, t, cond, F_T, tf_context)
     else:
@@ -173,13 +175,14 @@ def teacher_euler(teacher: TrigFlowDenoiser, x: torch.Tensor, times: torch.Tenso
 
 def dcm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *,
              times: torch.Tensor, eps: torch.Tensor, guidance: float, scale: float,
-             student_grad: TrigFlowDenoiser | None = None, tf_context=None) -> LossOut:
+             student_grad: TrigFlowDenoiser | None = None, tf_context=None, teacher_context=None) -> LossOut:
     """L_dCM = scale·Σ(f_θ(x_t₀, t₀) − sg f_θ(x̂_t_k, t_k))², x̂_t_k from k CFG-teacher Euler steps (§3.8).
 
     `times` [k+1, B] from `timesteps.sample_dcm_times`. The target is the student's own x̂0 at the cleaner
     time, computed without gradient with the online weights (not the EMA; rCM issue #30). Forward passes only,
     so any attention kernel works; `student_grad` is the module to differentiate (a data-parallel wrapper).
-    `tf_context`: teacher-forcing dCM of Causal rCM (`tf_dcm`), every network call sees the same context.
+    `tf_context`: teacher-forcing dCM of Causal rCM (`tf_dcm`), the context of the student's two calls; the
+    teacher's Euler steps see `teacher_context` (default the same).
     """
     ctx = _ctx(tf_context)
     t0, tk = times[0], times[-1]
@@ -187,7 +190,8 @@ def dcm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
     finite_in = _finite_rows(x_t)
     x_t = torch.where(expand_like(finite_in, x_t), x_t, torch.zeros_like(x_t))
     with torch.no_grad():
-        x_k = teacher_euler(teacher, x_t, times, cond, guidance, tf_context).to(x0.dtype)
+        x_k = teacher_euler(teacher, x_t, times, cond, guidance,
+                            tf_context if teacher_context is None else teacher_context).to(x0.dtype)
         target = student.f(x_k, tk, cond, **ctx)
     x0_pred = (student_grad or student).f(x_t, t0, cond, **ctx)
     ok = finite_in & _finite_rows(target, x0_pred)            # NaN guard as in sCM: zero the sample's loss
