@@ -47,7 +47,9 @@ def teacher_forcing_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.
 def diffusion_forcing_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *,
                            t_chunks: torch.Tensor, spans: list[tuple[int, int]], eps: torch.Tensor) -> LossOut:
     """Flow matching with an independent time per chunk, t_chunks [B, n_chunks] over the chunks `spans` (official
-    `df`, strategy random), the whole noisy video in one block-causal forward."""
+    `df`, strategy random), the whole noisy video in one block-causal forward. (The official tf/df losses also
+    offer a per-time weighting, off for df; not here: the TrigFlow F-target already weighs times differently from
+    the RF velocity, by (cos t + sin t)².)"""
     t = frame_times(t_chunks, spans)
     out = flow_matching_loss(model, x0, cond, t=t, eps=eps)
     return LossOut(out.loss, {"df_loss": out.metrics["fm_loss"]})

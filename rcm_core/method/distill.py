@@ -181,10 +181,10 @@ def teacher_forcing_contexts(state: DistillState, x0: torch.Tensor, cfg: Experim
 
 def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
                            g: torch.Generator, grad_student: TrigFlowDenoiser):
-    """tf: one p_G time for the noisy video, clean context; df: one p_G time per chunk, no context."""
+    """tf: one time for the noisy video, the video as context; df: one time per chunk, no context. Times from the
+    shift-s RF schedule p_D (the official tf/df configs draw UniformShift(5), i.e. p_D at distill.p_D_shift = 5)."""
     d, B = cfg.distill, x0.shape[0]
-    draw = lambda n: sample_p_G(n, mean=d.p_G_mean, std=d.p_G_std, frames=x0.shape[2],
-                                frame_shift=d.p_G_frame_shift, generator=g, device=x0.device)
+    draw = lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g, device=x0.device)
     if d.mode == "tf":
         context, _ = teacher_forcing_contexts(state, x0, cfg, g)
         return teacher_forcing_loss(grad_student, x0, cond, t=draw(B), eps=_noise_like(x0, g), context=context)
