@@ -74,10 +74,14 @@ def _key_valid(MASK, offs_n, LK, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _tile_valid(MASK_base, offs_n, LK, row_end, HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr,
+def _tile_valid(MASK_base, offs_n, LK, CHUNK_END, offs_m, LQ, HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr,
                 CHUNK_MASK: tl.constexpr):
     # [rows, keys] (or [1, keys]) validity of a score tile: the padding mask / ragged end (KEY_MASK) and the
-    # block-causal prefix offs_n < row_end (CHUNK_MASK). Only called on tiles that need one of them.
+    # block-causal prefix offs_n < CHUNK_END[row] (CHUNK_MASK). Only called on tiles that need one of them. The
+    # rows' chunk ends are loaded here, per masked tile, rather than kept in registers through the unmasked loop
+    # (which spilled more on sm_90 when they were).
+    if CHUNK_MASK:
+        row_end = tl.load(CHUNK_END + offs_m, mask=offs_m < LQ, other=0)
     if KEY_MASK:
         valid = _key_valid(MASK_base, offs_n, LK, HAS_MASK)[None, :]
         if CHUNK_MASK:
@@ -88,22 +92,15 @@ def _tile_valid(MASK_base, offs_n, LK, row_end, HAS_MASK: tl.constexpr, KEY_MASK
 
 
 @triton.jit
-def _chunk_rows(CHUNK, offs_r, n_rows, first, default, HAS_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
-    # Per-row chunk bound and the tile's first/last row's bound (the arrays are non-decreasing, so these are the
-    # tile's min and max). Without chunks every bound is `default` (the whole other sequence).
-    if HAS_CHUNKS:
-        bound = tl.load(CHUNK + offs_r, mask=offs_r < n_rows, other=0)
-        lo = tl.load(CHUNK + first)
-        hi = tl.load(CHUNK + tl.minimum(first + BLOCK, n_rows) - 1)
-    else:
-        bound = offs_r
-        lo = default
-        hi = default
-    return bound, lo, hi
+def _tile_bounds(CHUNK, n_rows, first, BLOCK: tl.constexpr):
+    # The chunk bound of a tile's first and last row: the arrays are non-decreasing, so the tile's min and max.
+    lo = tl.load(CHUNK + first)
+    hi = tl.load(CHUNK + tl.minimum(first + BLOCK, n_rows) - 1)
+    return lo, hi
 
 
 @triton.jit
-def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, start_n, offs_n, offs_d, row_end,
+def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
               m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
               HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
               IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
@@ -114,7 +111,7 @@ def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, start_n, offs_
     v = _load_rows(V_base, offs_kn, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
     if KEY_MASK or CHUNK_MASK:
-        valid = _tile_valid(MASK_base, offs_kn, LK, row_end, HAS_MASK, KEY_MASK, CHUNK_MASK)
+        valid = _tile_valid(MASK_base, offs_kn, LK, CHUNK_END, offs_m, LQ, HAS_MASK, KEY_MASK, CHUNK_MASK)
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
@@ -175,22 +172,27 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_end, lo_end, hi_end = _chunk_rows(CHUNK_END, offs_m, LQ, pid_m * BLOCK_M, LK, HAS_CHUNKS, BLOCK_M)
+    if HAS_CHUNKS:
+        lo_end, hi_end = _tile_bounds(CHUNK_END, LQ, pid_m * BLOCK_M, BLOCK_M)
+    else:
+        lo_end = LK                                        # every row sees every key
+        hi_end = LK
     # Key tiles [0, n_full) are visible to every row of this tile; [n_full, hi_end) only in part.
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, r_i, acc, acc_t = _fwd_tile(
-            q, qt, K_base, V_base, KT_base, VT_base, MASK_base, start_n, offs_n, offs_d, row_end,
+            q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
             m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
             HAS_TANGENT, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False, BLOCK_M, BLOCK_N)
-    # Without chunks this is the ragged last tile (if any); with chunks the tiles a chunk boundary crosses,
-    # whose block-causal mask also covers keys past LK (row_end <= LK).
-    for start_n in range(n_full, hi_end, BLOCK_N):
-        m_i, l_i, r_i, acc, acc_t = _fwd_tile(
-            q, qt, K_base, V_base, KT_base, VT_base, MASK_base, start_n, offs_n, offs_d, row_end,
-            m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
-            HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
+    # Without chunks this is the ragged last tile (none when EVEN_N: then not even compiled); with chunks the
+    # tiles a chunk boundary crosses, whose block-causal mask also covers keys past LK (chunk ends are <= LK).
+    if HAS_CHUNKS or not EVEN_N:
+        for start_n in range(n_full, hi_end, BLOCK_N):
+            m_i, l_i, r_i, acc, acc_t = _fwd_tile(
+                q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+                m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
+                HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
     # Fully masked rows (l = 0) give o = ȯ = 0 and lse = -inf (the right weight for merging partials).
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o = acc * inv_l[:, None]
@@ -273,25 +275,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    _, first_start, last_start = _chunk_rows(CHUNK_START, offs_n, LK, pid_n * BLOCK_N, 0, HAS_CHUNKS, BLOCK_N)
     # Query tiles [m_lo, m_full) see these keys in part (masked); [m_full, LQ) see them all.
-    m_lo = (first_start // BLOCK_M) * BLOCK_M
-    m_full = ((last_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    for start_m in range(m_lo, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
-                            offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
-                            BLOCK_M, BLOCK_N)
+    if HAS_CHUNKS:
+        first_start, last_start = _tile_bounds(CHUNK_START, LK, pid_n * BLOCK_N, BLOCK_N)
+        m_lo = (first_start // BLOCK_M) * BLOCK_M
+        m_full = ((last_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_full = 0
+    # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
     for start_m in range(m_full, LQ, BLOCK_M):
         dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                             offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, EVEN_M, EVEN_D, False,
                             BLOCK_M, BLOCK_N)
+    if HAS_CHUNKS:
+        for start_m in range(m_lo, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                                offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
+                                BLOCK_M, BLOCK_N)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
 
 
 @triton.jit
-def _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, start_n, offs_n0, offs_d, row_end, dq,
+def _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d, dq,
              s_kn, s_vn, LK, D, qk_scale,
              HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
              EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
@@ -303,7 +311,7 @@ def _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, start_n, offs_n0, off
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if KEY_MASK or CHUNK_MASK:
-        p = tl.where(_tile_valid(MASK_base, offs_n, LK, row_end, HAS_MASK, KEY_MASK, CHUNK_MASK), p, 0.0)
+        p = tl.where(_tile_valid(MASK_base, offs_n, LK, CHUNK_END, offs_m, LQ, HAS_MASK, KEY_MASK, CHUNK_MASK), p, 0.0)
     dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
     ds = p * (dp - delta[:, None])
     return _dot(ds.to(q.dtype), k, dq, UPCAST, PREC)
@@ -335,16 +343,21 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     MASK_base = MASK + b * s_mb
     qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_end, lo_end, hi_end = _chunk_rows(CHUNK_END, offs_m, LQ, pid_m * BLOCK_M, LK, HAS_CHUNKS, BLOCK_M)
+    if HAS_CHUNKS:
+        lo_end, hi_end = _tile_bounds(CHUNK_END, LQ, pid_m * BLOCK_M, BLOCK_M)
+    else:
+        lo_end = LK
+        hi_end = LK
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, start_n, offs_n0, offs_d, row_end, dq,
-                      s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
+        dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
+                      dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
                       BLOCK_M, BLOCK_N)
-    for start_n in range(n_full, hi_end, BLOCK_N):
-        dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, start_n, offs_n0, offs_d, row_end, dq,
-                      s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK,
-                      HAS_CHUNKS, BLOCK_M, BLOCK_N)
+    if HAS_CHUNKS or not EVEN_N:
+        for start_n in range(n_full, hi_end, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
+                          offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,
+                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
     dq = dq * scale
     _store_rows(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
