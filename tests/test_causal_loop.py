@@ -52,16 +52,16 @@ def teacher(seed: int = 1) -> TrigFlowDenoiser:
     return TrigFlowDenoiser(net)
 
 
-def _cfg(mode: str, run_dir: Path, cp: int = 1):
-    return from_dict({"model": MODEL, "teacher": {"guidance": 2.0},
-                      "parallel": {"cp": cp, "dp_replicate": 1} if cp > 1 else {},
+def _cfg(mode: str, run_dir: Path, cp: int = 1, dp_shard: int = 1, world: int | None = None):
+    parallel = {"cp": cp, "dp_replicate": 1, "dp_shard": dp_shard} if cp * dp_shard > 1 else {}
+    return from_dict({"model": MODEL, "teacher": {"guidance": 2.0}, "parallel": parallel,
                       "distill": {"mode": mode, "tangent_warmup": 1, "student_update_freq": 2, "max_rollout_steps": 2,
                                   "sf_steps_per_chunk": [2, 1], "dcm_total_steps": 8, "p_G_frame_shift": False},
                       "sampler": {"mid_t": DEFAULT_MID_T, "teacher_steps": 4, "step_counts": [1, 2]},
                       "optim": {"lr": 1e-3, "fake_lr": 1e-3, "lr_warmup": 0},
                       "train": {"steps": 3, "checkpoint_every": 100, "log_every": 1, "run_dir": str(run_dir),
                                 "device": "cpu"},
-                      "resources": {"num_workers": cp}})
+                      "resources": {"num_workers": world or cp * dp_shard}})
 
 
 def _batches(start: int):
@@ -92,21 +92,34 @@ def test_each_causal_mode_trains_on_toy_video_and_streams(mode, tmp_path):
     assert all(torch.isfinite(x).all() and x.shape == (2, *LATENT) for x in (ref, floor, *(v for v, _ in students.values())))
 
 
-def _train(directory: str, mode: str, cp: int) -> None:
-    cfg = _cfg(mode, Path(directory) / f"{mode}-{cp}", cp)
+def _train(directory: str, mode: str, cp: int, dp_shard: int = 1, world: int | None = None) -> None:
+    name = f"{mode}-cp{cp}-shard{dp_shard}-world{world}"
+    cfg = _cfg(mode, Path(directory) / name, cp, dp_shard, world)
     state = run_training(cfg, _batches, lambda s, m, c: None, teacher=teacher(), latent_shape=LATENT)
+    params = {n: full(p).detach().clone() for n, p in state.student.named_parameters()}   # collective when sharded
     if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({n: full(p).detach().clone() for n, p in state.student.named_parameters()},
-                   Path(directory) / f"{mode}-{cp}.pt")
+        torch.save(params, Path(directory) / f"{name}.pt")
+
+
+def _same(directory: Path, a: str, b: str) -> None:
+    x, y = (torch.load(directory / f"{n}.pt", weights_only=True) for n in (a, b))
+    for k, v in y.items():
+        torch.testing.assert_close(x[k], v, atol=1e-9, rtol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["tf_scm", "sf_dmd"])
 def test_context_parallel_equals_one_process(mode, tmp_path):
     spawn(_train, 2, str(tmp_path), mode, 2)
     _train(str(tmp_path), mode, 1)
-    cp, one = (torch.load(tmp_path / f"{mode}-{n}.pt", weights_only=True) for n in (2, 1))
-    for k, v in one.items():
-        torch.testing.assert_close(cp[k], v, atol=1e-9, rtol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    _same(tmp_path, f"{mode}-cp2-shard1-worldNone", f"{mode}-cp1-shard1-worldNone")
+
+
+def test_fsdp2_equals_replicated_for_self_forcing(tmp_path):
+    """sf_dmd under FSDP2 (dp_shard = 2: the rollout's cached forwards and the replay through sharded blocks)
+    gives the parameters of plain data parallelism on the same 2 ranks, as tests/test_parallel_loop.py checks rCM."""
+    spawn(_train, 2, str(tmp_path), "sf_dmd", 1, 2)
+    spawn(_train, 2, str(tmp_path), "sf_dmd", 1, 1, 2)
+    _same(tmp_path, "sf_dmd-cp1-shard2-worldNone", "sf_dmd-cp1-shard1-world2")
 
 
 def test_illegal_cp_is_refused_in_one_line():
