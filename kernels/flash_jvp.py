@@ -1,9 +1,13 @@
 """Fused attention forward + JVP on Triton: launchers, autotuning, autograd, dispatch and partial merging.
 
 Public entry points (re-exported by `kernels`):
-  attention(q, k, v, *, scale=None, key_padding_mask=None, chunk_sizes=None) -> o
+  attention(q, k, v, *, scale=None, key_padding_mask=None, chunk_sizes=None, primal="fused") -> o
       reverse-mode (Triton FA2-style backward) and forward-mode (its `jvp` runs the fused pass) differentiable,
-      so `torch.func.jvp`, `torch.autograd.forward_ad` and plain training all work through it.
+      so `torch.func.jvp`, `torch.autograd.forward_ad` and plain training all work through it. `primal` picks
+      what runs when no tangent is present (`PRIMAL_BACKENDS`): "fused" = our kernel everywhere; "sdpa_grad" =
+      PyTorch SDPA (cuDNN / flash on CUDA) for calls that record a gradient; "sdpa" = SDPA for every call
+      without a tangent. A call carrying a tangent always runs the fused forward+JVP pass, and so does every
+      block-causal call (chunk_sizes set), whatever `primal` says.
   attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, key_padding_mask=None, chunk_sizes=None, return_lse=False)
       -> (o, o_t) or (o, o_t, lse, lse_t): the fused single pass, no L×L tensor.
   chunk_sizes (q, k one sequence): block-causal, query chunk i attends key chunks 0..i; the kernels skip the key
@@ -26,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref, check_chunk_sizes
 
@@ -69,13 +74,32 @@ def _kernels(interpret: bool) -> ModuleType:
 
 # --------------------------------------------------------------------------------------------- launchers
 
-def _fwd_configs():
+_FWD_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
+              (64, 128, 4, 2), (128, 64, 4, 3), (64, 32, 4, 2)]
+# Extra (BLOCK_M, BLOCK_N, warps, stages) tried at head dim 64 only, with RCM_KERNELS_D64_SPACE=wide (issue 28,
+# lever 5: D=64 runs at 0.96x the official kernel, whose space has 4-warp and deeper-pipelined tiles). Shared
+# memory per stage at D=64 with tangents is 4·BLOCK_N·64·2 B (K, K̇, V, V̇), so 5 stages of BLOCK_N=64 or 3 of
+# 128 still fit an H100/H200's 228 KB. Untuned until a GPU run picks from them.
+_WIDE_D64_TILES = [(128, 64, 4, 4), (128, 64, 8, 5), (128, 32, 4, 4), (128, 32, 8, 4), (128, 128, 8, 3),
+                   (128, 128, 4, 3), (64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 4, 3), (128, 64, 4, 2)]
+
+
+def d64_space() -> str:
+    """"narrow" (default) or "wide": the autotune space of the fused forward at head dim 64."""
+    space = os.environ.get("RCM_KERNELS_D64_SPACE", "narrow")
+    if space not in ("narrow", "wide"):
+        raise ValueError(f"RCM_KERNELS_D64_SPACE={space!r}: use narrow or wide")
+    return space
+
+
+def _fwd_configs(space: str = "narrow"):
     import triton
-    cfgs = []
-    for bm, bn, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
-                         (64, 128, 4, 2), (128, 64, 4, 3), (64, 32, 4, 2)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return cfgs
+    tiles = _FWD_TILES + (_WIDE_D64_TILES if space == "wide" else [])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
+
+def _tile(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -84,6 +108,8 @@ def _prune_fwd(configs, named_args, **kwargs):
     tangent = kwargs["HAS_TANGENT"]
     def ok(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if _tile(c) not in _FWD_TILES:                    # a wide-space tile: head dim 64 only
+            return d == 64
         if d >= 256:
             return bm == 64 and bn <= 64
         if d >= 128 and tangent:
@@ -139,8 +165,8 @@ def _fixed_config(name: str, block_d: int, fp32: bool) -> dict:
     return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-@functools.lru_cache(maxsize=16)
-def _launcher(name: str, interpret: bool, autotune: bool):
+@functools.lru_cache(maxsize=32)
+def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
     """The kernel wrapped for launch: EVEN_* heuristics always; autotune only on the GPU (the interpreter
     cannot benchmark: "0 active drivers"), keyed on head dim, flags and power-of-two length buckets."""
     import triton
@@ -148,7 +174,7 @@ def _launcher(name: str, interpret: bool, autotune: bool):
     if interpret or not autotune:
         return fn
     if name == "_attn_fwd_jvp":
-        tuner = triton.autotune(_fwd_configs(), key=_TUNE_KEY + ["HAS_TANGENT"],
+        tuner = triton.autotune(_fwd_configs(d64), key=_TUNE_KEY + ["HAS_TANGENT"],
                                 prune_configs_by={"early_config_prune": _prune_fwd})
     else:
         tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY,
@@ -159,7 +185,7 @@ def _launcher(name: str, interpret: bool, autotune: bool):
 def _run(name: str, grid, *args, **kwargs):
     fp32 = kwargs["PREC"] == "ieee"
     interpret, autotune = _interpret(), _autotune() and not fp32
-    launcher = _launcher(name, interpret, autotune)
+    launcher = _launcher(name, interpret, autotune, d64_space() if name == "_attn_fwd_jvp" else "narrow")
     if interpret or not autotune:
         kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
     return launcher[grid](*args, **kwargs)
@@ -366,12 +392,48 @@ class _AttentionJVP(torch.autograd.Function):
 
 # -------------------------------------------------------------------------------------------- public API
 
+PRIMAL_BACKENDS = ("fused", "sdpa_grad", "sdpa")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              key_padding_mask: torch.Tensor | None = None,
-              chunk_sizes: Sequence[int] | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, chunk_sizes: Sequence[int] | None = None,
+              primal: str = "fused") -> torch.Tensor:
     """softmax(scale·q kᵀ) v over [B, H, L, D]; differentiable in reverse and forward mode. chunk_sizes: token
-    counts of consecutive chunks of the one sequence q and k share (block-causal: chunk i sees chunks 0..i)."""
+    counts of consecutive chunks of the one sequence q and k share (block-causal: chunk i sees chunks 0..i).
+    `primal` (module docstring) sends tangent-free calls to SDPA; tangents always take the fused kernel, since
+    SDPA's fused backends have no forward-mode rule (and its MATH backend materialises L×L)."""
+    if primal not in PRIMAL_BACKENDS:
+        raise ValueError(f"attention primal={primal!r}: use one of {PRIMAL_BACKENDS}")
     chunks = check_chunk_sizes(chunk_sizes, q.shape[-2], k.shape[-2])
+    # Inside torch.compile the tangent check is skipped: a compiled DiT block only runs tangent-free calls
+    # (rcm_core's blocks run eager when a tangent is present, since inductor drops forward-AD tangents).
+    # Block-causal calls (chunks set) keep the fused kernel whatever `primal` says: SDPA would need a dense
+    # [L, L] mask (1 GiB of bool at 32,760 tokens) that also shuts out its flash backend, while our kernel
+    # skips the key tiles a query tile cannot see. The simplest correct choice; one code path for the mask.
+    tangent_free = torch.compiler.is_compiling() or not has_tangent(q, k, v)
+    if (chunks is None and primal != "fused" and (primal == "sdpa" or torch.is_grad_enabled())
+            and tangent_free):
+        return _sdpa(q, k, v, scale, key_padding_mask)
+    if torch.compiler.is_compiling():
+        return _fused_opaque()(q, k, v, scale, key_padding_mask, chunks)
+    return _fused_attention(q, k, v, scale, key_padding_mask, chunks)
+
+
+_OPAQUE: list = []
+
+
+def _fused_opaque():
+    """`_fused_attention` hidden from torch.compile: the Triton launch, its autotuner and the Function stay eager
+    (a compiled DiT block graph-breaks around the call) while SDPA is traced natively. Made on first use, so
+    importing `kernels` does not import torch._dynamo (seconds on a small machine); a list, not functools.cache,
+    which dynamo would trace through with a warning."""
+    if not _OPAQUE:
+        _OPAQUE.append(torch.compiler.disable(_fused_attention))
+    return _OPAQUE[0]
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                     key_padding_mask: torch.Tensor | None, chunks: tuple[int, ...] | None) -> torch.Tensor:
     if not use_triton(q):
         return attention_ref(q, k, v, scale=scale, key_padding_mask=key_padding_mask, chunk_sizes=chunks)
     duals = _forward_ad_inputs(q, k, v)
@@ -381,6 +443,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
                                chunk_sizes=chunks)
         return fwAD.make_dual(o, o_t)
     o, _ = _Attention.apply(q, k, v, scale, key_padding_mask, chunks)
+    return o
+
+
+def has_tangent(*xs: torch.Tensor) -> bool:
+    """True when some x carries a forward-mode tangent: a `forward_ad` dual tensor, or a tensor wrapped by a
+    functorch transform (torch.func.jvp; vmap/grad wrappers count too: the fused path handles them all)."""
+    for x in xs:
+        if torch._C._functorch.is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None:
+            return True
+    return False
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+          key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` with our mask convention (bool [B, Lk], True = attend) and our
+    fully-masked-row rule (output 0, as the kernel and the twin give; SDPA's backends differ on such rows)."""
+    mask = None if key_padding_mask is None else key_padding_mask.to(q.device, torch.bool)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :],
+                                       scale=scale)
+    if mask is not None:
+        o = torch.where(mask.any(-1)[:, None, None, None], o, torch.zeros_like(o))
     return o
 
 

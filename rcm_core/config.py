@@ -55,6 +55,13 @@ class ModelCfg:
                                             # no extra weights, so the same (Wan) checkpoints load
     first_chunk_t: int = 1                  # latent frames of the first chunk (official presets 1-1, 3-3, 1-4)
     chunk_t: int = 1                        # latent frames of every later chunk
+    # dit, issue 28: which kernel runs attention calls that carry no tangent. fused = our Triton kernel for
+    # every pass; sdpa_grad = PyTorch SDPA (cuDNN / flash on CUDA) for the with-grad passes; sdpa = SDPA for every
+    # tangent-free pass, no-grad forwards too. The JVP pass always runs the fused forward+JVP kernel.
+    attention: Literal["fused", "sdpa_grad", "sdpa"] = "fused"
+    # dit: "blocks" = regional torch.compile of the transformer block (one graph shared by every block and copy);
+    # passes with a forward-mode tangent stay eager (inductor drops dual tensors' tangents, torch 2.13).
+    compile: Literal["none", "blocks"] = "none"
 
 
 @dataclass(kw_only=True)
@@ -164,7 +171,11 @@ class DataCfg:
     source: Literal["gmm", "moving_fashion", "dataset", "precomputed", "videos"] = "gmm"   # videos: data.video
     url: str = ""                           # dataset: local folder or s3://bucket/prefix with manifest.json
     s3_endpoint: str = ""                   # "" = take AWS_ENDPOINT_URL / standard AWS variables
-    batch_size: int = 64                    # global batch per iteration
+    batch_size: int = 64                    # global batch per optimiser update (the paper's batch)
+    micro_batch_size: int = 0               # samples per GPU per forward/backward; the per-GPU batch
+                                            # (batch_size / data-parallel groups) is accumulated over
+                                            # per-GPU batch / micro_batch_size passes. 0 = the whole per-GPU
+                                            # batch at once (no accumulation)
     num_rows: int = 4096                    # rows the built-in sources generate
     shuffle_seed: int = 0
     on_bad_row: Literal["error", "skip"] = "error"
@@ -516,6 +527,11 @@ def validate(cfg: ExperimentCfg) -> None:
              "give two values in [0, 1), e.g. [0.0, 0.999]")
     _require(o.lr > 0 and o.fake_lr > 0, "optim.lr", o.lr, "learning rates must be positive")
     _require(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be ≥ 1")
+    _require(cfg.data.micro_batch_size >= 0, "data.micro_batch_size", cfg.data.micro_batch_size,
+             "must be ≥ 0 (0 = no gradient accumulation)")
+    _require(cfg.data.micro_batch_size == 0 or cfg.data.batch_size % cfg.data.micro_batch_size == 0,
+             "data.micro_batch_size", cfg.data.micro_batch_size,
+             f"must divide data.batch_size={cfg.data.batch_size} (and the per-GPU batch it gives)")
     _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be ≥ 0")
     _require(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps,
              "the evaluation classifier needs at least 1 training step (default 300)")
@@ -541,6 +557,11 @@ def _validate_causal(cfg: ExperimentCfg) -> None:
     m, d = cfg.model, cfg.distill
     _require(m.causal or d.mode not in CAUSAL_MODES, "model.causal", m.causal,
              f"distill.mode={d.mode} trains a block-causal network: set model.causal=true")
+    # sf_dmd's self-forcing rollout draws its re-noisings between the chunks' forwards, not up front for the whole
+    # batch, so gradient accumulation could not split it into micro-batches with the whole batch's draws
+    # (rcm_core.method.distill); tf, df, tf_scm and tf_dcm accumulate like the bidirectional modes.
+    _require(d.mode != "sf_dmd" or cfg.data.micro_batch_size == 0, "data.micro_batch_size", cfg.data.micro_batch_size,
+             "distill.mode=sf_dmd does not accumulate gradients (its rollout draws per chunk): use 0")
     _require(d.last_step_from_chunk >= 0, "distill.last_step_from_chunk", d.last_step_from_chunk,
              "a chunk index, ≥ 0 (0: every chunk leaves its last step's context)")
     s = d.sf_steps_per_chunk

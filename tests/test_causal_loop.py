@@ -171,7 +171,13 @@ def test_planner_refuses_causal_cp_and_counts_the_packed_sequence():
         text_len=512)} for mode in ("tf_scm", "sf_dmd", "tf", "df")}
     assert "legal cp: [1, 2, 3, 6]" in plans["tf_scm"][(4, False)].refused
     assert plans["sf_dmd"][(4, False)].refused is None and "legal cp: [1, 3]" in plans["df"][(2, False)].refused
-    tf, df = plans["tf"][(1, True)], plans["df"][(1, True)]      # the same losses but tf's packed sequence
+    # The same losses but tf's packed sequence, compared at one micro-batch size (plan_run picks the largest that
+    # fits, which differs between the two: the packed sequence fits fewer samples per pass).
+    from rcm_core.run.plan import MeshShape, Workload, count_params, plan_mesh
+    tf, df = (plan_mesh(cfg, MeshShape(4, 1, 1), gpus=4, gpu_memory=80 * 2**30, checkpointing=True, table=None,
+                        work=Workload.from_config(cfg, latent, 512), counts=count_params(cfg.model), micro=1)
+              for cfg in (load_config(None, [*wan, f"distill.mode={mode}"]) for mode in ("tf", "df")))
+    assert tf.micro == df.micro == 1
     assert 1.9 < tf.backward_peak / df.backward_peak <= 2.0
 
 

@@ -146,3 +146,24 @@ def test_job_env_vars_are_left_to_the_submitted_job(monkeypatch):
     assert ray_session.job_env_vars() == {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert ray_session.job_env_vars() == {}
+
+
+def test_outputs_of_a_submitted_job_land_outside_rays_temporary_working_dir(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in .../runtime_resources/working_dir_files/_ray_pkg_<hash>,
+    which Ray deletes: the run folder and the default MLflow file go under RCM_HOME instead, inputs stay relative
+    to the job's folder (they were shipped with it)."""
+    from rcm_core.config import load_config
+    from workflows.driver import absolute_paths
+
+    job = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job)
+    monkeypatch.setenv("RCM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = absolute_paths(load_config(REPO / "experiments" / "smoke.yaml", ["data.url=data/x", "train.run_dir=runs/s"]))
+    assert cfg.train.run_dir == str(tmp_path / "home" / "runs" / "s")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'home' / 'runs' / 'mlflow.db'}"
+    assert cfg.data.url == str(job / "data" / "x")
+    monkeypatch.chdir(tmp_path)                       # an ordinary folder: everything relative to it
+    cfg = absolute_paths(load_config(REPO / "experiments" / "smoke.yaml", ["train.run_dir=runs/s"]))
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "s")

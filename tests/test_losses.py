@@ -5,7 +5,7 @@ import torch
 
 from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.method.losses import (consistency_objective, dmd_loss, normalize_tangent, scm_loss, scm_tangent_fd,
-                             scm_tangent_g, scm_tangent_jvp, student_rollout)
+                             rollout_draws, scm_tangent_g, scm_tangent_jvp, student_rollout)
 from rcm_core.method.trigflow import add_noise
 from test_trigflow import mlp
 
@@ -108,7 +108,8 @@ def test_rollout_only_last_step_has_gradient_and_times_decrease(setup):
         t = torch.rand(n, dtype=torch.float64) * 1.5
         seen.append(t)
         return t
-    x0_hat = student_rollout(student, torch.randn_like(x0), COND, steps=3, times_fn=times_fn, generator=None)
+    renoise = rollout_draws(x0.shape, 3, times_fn=times_fn, generator=None, device=x0.device, dtype=x0.dtype)
+    x0_hat = student_rollout(student, torch.randn_like(x0), COND, renoise=renoise)
     assert x0_hat.requires_grad and len(seen) == 2
     # the graph holds exactly one student call: one MLP input projection in the backward graph
     calls = sum(1 for _ in _walk(x0_hat.grad_fn) if type(_).__name__ == "AddmmBackward0")

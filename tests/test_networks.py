@@ -82,9 +82,9 @@ def test_every_attention_goes_through_kernels(monkeypatch):
     calls = []
     real = kernels.attention
 
-    def spy(q, k, v, *, scale=None, key_padding_mask=None):
+    def spy(q, k, v, *, scale=None, key_padding_mask=None, primal="fused"):
         calls.append((q.shape, k.shape, key_padding_mask is not None))
-        return real(q, k, v, scale=scale, key_padding_mask=key_padding_mask)
+        return real(q, k, v, scale=scale, key_padding_mask=key_padding_mask, primal=primal)
 
     monkeypatch.setattr(kernels, "attention", spy)
     net = dit()

@@ -108,3 +108,29 @@ def test_sharded_checkpoint_into_bf16_without_fsdp_says_how(tmp_path):
     (tmp_path / ".metadata").write_bytes(b"")
     with pytest.raises(ValueError, match="dp_shard > 1"):
         load_distributed(state, tmp_path)
+
+
+def test_evaluation_samples_the_ema_in_the_students_compute_dtypes():
+    """The EMA shadow is fp32; evaluation runs a copy in the student's layout (bf16 trunk, fp32 islands), with
+    each weight the bf16 rounding of the average, and leaves the shadow itself untouched."""
+    from rcm_core.config import ModelCfg
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.ema import PowerEMA
+    from rcm_core.networks import build_network
+
+    torch.manual_seed(0)
+    cfg = ModelCfg(kind="dit", in_channels=4, patch_size=[1, 2, 2], dim=32, ffn_dim=64, num_heads=2, num_layers=1,
+                   freq_dim=16, text_dim=8, num_classes=3, dtype="bfloat16")
+    student = TrigFlowDenoiser(build_network(cfg))
+    ema = PowerEMA(student, 0.05)
+    layout = [p.dtype for p in student.parameters()]
+    assert torch.bfloat16 in layout and torch.float32 in layout, "the test needs a net with fp32 islands"
+    assert all(p.dtype == torch.float32 for p in ema.module.parameters())
+    work = ema.compute_copy(student)
+    assert [p.dtype for p in work.parameters()] == layout
+    for p, shadow in zip(work.parameters(), ema.module.parameters()):
+        assert torch.equal(p, shadow.to(p.dtype))
+    assert all(p.dtype == torch.float32 for p in ema.module.parameters())       # the shadow stays fp32
+    fp32_student = TrigFlowDenoiser(build_network(ModelCfg(**{**vars(cfg), "dtype": "float32"})))
+    ema32 = PowerEMA(fp32_student, 0.05)
+    assert ema32.compute_copy(fp32_student) is ema32.module          # nothing to cast: no second copy in memory

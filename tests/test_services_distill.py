@@ -22,12 +22,13 @@ def submit(local_stack, env_vars: dict, *args: str) -> subprocess.CompletedProce
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_job_submit_tracks_checkpoints_in_s3_and_resumes(local_stack, s3_endpoint, mlflow_uri, ray_address):
+def test_job_submit_tracks_checkpoints_in_s3_and_resumes(local_stack, s3_endpoint, mlflow_uri, ray_address, tmp_path):
     import s3fs
     from mlflow.tracking import MlflowClient
 
     env_vars = {k: v for k, v in local_stack.env().items()
                 if k.startswith(("AWS_", "MLFLOW_")) or k == "RAY_AUTH_MODE"}
+    env_vars["RCM_HOME"] = str(tmp_path)             # the job's run folder (workflows.storage.output_root), not ~/rcm
     first = submit(local_stack, env_vars, "train.steps=20")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "nfe_2" in first.stdout                       # the step-count table printed at the end

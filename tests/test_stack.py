@@ -122,6 +122,8 @@ def check_smoke_job(env: dict) -> None:
     # everything else of the cluster's runtime_env is used as it is.
     runtime_env.pop("pip")
     runtime_env.pop("working_dir")          # "." relative to the caller; --working-dir names the checkout instead
+    home = Path(tempfile.mkdtemp(prefix="rcm-job-home-"))   # where the job's outputs go (workflows.storage.output_root)
+    runtime_env.setdefault("env_vars", {})["RCM_HOME"] = str(home)
     steps = 10
     r = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(REPO),
                         "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -131,6 +133,9 @@ def check_smoke_job(env: dict) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert f"MLflow:        {env['MLFLOW_TRACKING_URI']}" in r.stdout, r.stdout[-2000:]   # the server, not SQLite
     assert f"MLflow UI:     open {env['MLFLOW_TRACKING_URI']}/#/experiments/" in r.stdout    # its page, not `mlflow ui`
+    # the printed run folder outlives the job: not inside Ray's temporary working dir, which it deletes
+    run_folder = Path(next(line for line in r.stdout.splitlines() if line.startswith("run folder:")).split(":", 1)[1].strip())
+    assert run_folder.is_relative_to(home) and (run_folder / "eval_table.txt").is_file(), run_folder
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("rcm-smoke")

@@ -12,6 +12,7 @@ import torch
 
 from rcm_core.config import ConfigError, ExperimentCfg
 from rcm_core.data.latents import iterate_batches, read_manifest
+from workflows.storage import output_root
 
 
 def teacher_probe(cfg: ExperimentCfg) -> dict:
@@ -29,14 +30,18 @@ def teacher_probe(cfg: ExperimentCfg) -> dict:
     return {k: v[:n] for k, v in arrays.items() if k in ("latent", "label", "cond")}
 
 def absolute_paths(cfg: ExperimentCfg) -> ExperimentCfg:
-    """Ray workers run in their own working directory: resolve local paths on the driver first."""
+    """Ray workers run in their own working directory: resolve local paths on the driver first. Inputs
+    (data.url, teacher.checkpoint) resolve against the current folder; the run's outputs (train.run_dir and the
+    default MLflow file) against `output_root()`, which under `ray job submit` lies outside Ray's temporary copy."""
     from workflows.tracking import tracking_uri
 
+    base = output_root()
     for section, key in (("train", "run_dir"), ("data", "url"), ("teacher", "checkpoint")):
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not Path(value).is_absolute():
-            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
-    cfg.tracking.tracking_uri = tracking_uri(cfg)
+            root = base if (section, key) == ("train", "run_dir") else Path.cwd()
+            setattr(getattr(cfg, section), key, str((root / value).resolve()))
+    cfg.tracking.tracking_uri = tracking_uri(cfg, base)
     return cfg
 
 def prepare_data(cfg: ExperimentCfg) -> ExperimentCfg:
@@ -46,7 +51,7 @@ def prepare_data(cfg: ExperimentCfg) -> ExperimentCfg:
     from workflows.prepare_latents import prepare
 
     if cfg.data.source in ("gmm", "moving_fashion"):
-        url = cfg.data.url or str(Path("runs", "data", f"{cfg.name}-{cfg.data.source}").resolve())
+        url = cfg.data.url or str(output_root() / "runs" / "data" / f"{cfg.name}-{cfg.data.source}")
         try:
             there = check_storage(url, cfg.data.s3_endpoint)
         except Exception:

@@ -8,7 +8,7 @@
 For each (dp_replicate, dp_shard, cp) whose product is the GPU count, with activation checkpointing off and
 on, prints parameter + gradient + optimiser bytes per GPU of student, fake score, EMA and teacher, the
 activation peaks of the JVP pass and of the backward, the total against the card, the seconds per iteration
-scaled from the measured step table (docs/BENCHMARKS.md), and the recommended mesh; meshes that cannot run
+scaled from the measured step table (docs/results/gpu/step_table.json, `--step-table`), and the recommended mesh; meshes that cannot run
 (cp not dividing the heads or tokens, a batch the data-parallel groups cannot split) are listed with the
 reason. The arithmetic is `rcm_core.run.plan`. `workflows/distill.py` runs the same check (`preflight`) before
 its workers start and stops with the plan's message when the configured mesh cannot fit.
@@ -16,6 +16,7 @@ its workers start and stops with the plan's message when the configured mesh can
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ if str(ROOT) not in sys.path:
 from rcm_core.config import ExperimentCfg, load_config  # noqa: E402
 from rcm_core.run.plan import GiB, check_fits, format_plan, plan_run, read_step_table  # noqa: E402
 
-BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+# The one file the planner's s/iteration comes from: experiments/bench/rcm_step.py writes it to $OUT as
+# step_table_<variant>.json; copy the variant the configs use over this one after a re-measurement.
+STEP_TABLE = ROOT / "docs" / "results" / "gpu" / "step_table.json"
 WAN_480P = (16, 21, 60, 104)     # Wan2.1 VAE latent of 832×480×81 frames: 21·30·52 = 32,760 tokens
 WAN_TEXT = 512                   # umT5 context length Wan zero-pads to
 
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latent", default=None,
                     help="latent C,T,H,W (default: the data set's manifest, else Wan 480p×81: 16,21,60,104)")
     ap.add_argument("--text-len", type=int, default=None, help="text tokens (default: manifest, else 512)")
-    ap.add_argument("--benchmarks", default=str(BENCHMARKS), help="step table for s/iteration (%(default)s)")
+    ap.add_argument("--step-table", default=None,
+                    help="step table for s/iteration (default: docs/results/gpu/step_table.json)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=8")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--latent {args.latent!r}: give C,T,H,W, e.g. 16,21,60,104")
     latent = latent or WAN_480P
     text_len = args.text_len or text_len
-    table = read_step_table(args.benchmarks)
+    table = read_step_table(args.step_table or STEP_TABLE)
+    if table is not None:                          # the footer names the file as the user would type it
+        table = dataclasses.replace(table, source=args.step_table or str(STEP_TABLE.relative_to(ROOT)))
     try:
         plans = plan_run(cfg, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len, table=table)
     except ValueError as e:

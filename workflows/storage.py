@@ -9,6 +9,17 @@ from pathlib import Path
 from rcm_core.config import ConfigError, ExperimentCfg
 
 
+def output_root() -> Path:
+    """Where relative output paths (train.run_dir, the default MLflow file, built-in data sets) resolve: the
+    current folder, except under `ray job submit --working-dir`, whose driver runs in a temporary copy of the
+    working dir that Ray deletes when the job ends. There they resolve under RCM_HOME (default ~/rcm), so the run
+    folder, checkpoints and MLflow file the job prints still exist afterwards, and a resubmitted job resumes."""
+    cwd = Path.cwd()
+    if "working_dir_files" in cwd.parts or any(part.startswith("_ray_pkg_") for part in cwd.parts):
+        return Path(os.environ.get("RCM_HOME", "~/rcm")).expanduser().resolve()
+    return cwd
+
+
 def _strip_scheme(storage: str, fs) -> str:
     """With an explicit filesystem Ray wants `bucket/path`, not `s3://bucket/path`."""
     return storage.split("://", 1)[1] if fs is not None else storage

@@ -32,10 +32,10 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 log = logging.getLogger(__name__)
 
 
-def tracking_uri(cfg: ExperimentCfg) -> str:
-    """Config, else MLFLOW_TRACKING_URI, else runs/mlflow.db under the current folder, made absolute."""
+def tracking_uri(cfg: ExperimentCfg, base: Path | None = None) -> str:
+    """Config, else MLFLOW_TRACKING_URI, else runs/mlflow.db under `base` (default: the current folder), absolute."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    return uri or f"sqlite:///{(Path(base or '.') / DEFAULT_DB).resolve()}"
 
 
 def default_artifact_root(uri: str) -> str | None:

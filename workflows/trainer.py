@@ -13,8 +13,9 @@ from typing import Any, Callable
 import ray.train
 import torch
 
-from rcm_core.config import ExperimentCfg, from_dict, to_dict
+from rcm_core.config import ConfigError, ExperimentCfg, from_dict, to_dict
 from rcm_core.data.latents import read_manifest
+from rcm_core.method.distill import batch_line, micro_batches
 from rcm_core.parallel.sharding import full_state_dict, is_collective, run_shape
 from workflows.console import log_comparison_figure, print_eval_line, quiet_worker_logs, write_step_count_tables
 from workflows.driver import check_device, check_model_fits_data, feature_net_card, teacher_probe
@@ -228,6 +229,12 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
     if cfg.data.batch_size % readers:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {readers} data-parallel "
                          f"groups (resources.num_workers={r.num_workers} / parallel.cp={shape.cp}); choose a multiple")
+    try:
+        accumulates = len(micro_batches(cfg.data.batch_size // readers, cfg.data.micro_batch_size)) > 1
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if accumulates:
+        print(batch_line(cfg.data.batch_size, readers, cfg.data.micro_batch_size), flush=True)
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     storage, fs = run_storage(cfg)
     return TorchTrainer(

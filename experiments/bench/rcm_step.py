@@ -1,34 +1,55 @@
-"""Cost of one rCM iteration at Wan2.1-1.3B shape on one GPU (issue 9). Prints one table.
+"""Cost of one rCM iteration at Wan2.1-1.3B shape on one GPU, per performance lever (issues 9, 28). Prints tables.
 
-    python3 experiments/bench/rcm_step.py                # on the GPU: the 1.3B shape at 8,190 and 32,760 tokens
-    python experiments/bench/rcm_step.py --tiny          # CPU smoke run of the same code path
+    python3 experiments/bench/rcm_step.py                  # on the GPU: 8,190 and 32,760 tokens, every lever
+    python3 experiments/bench/rcm_step.py --profile        # + torch.profiler top CUDA kernels per pass (8,190)
+    python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
 
-Random weights (width 1536, 30 blocks, 12 heads, text 512×4096) built on the meta device and materialised on the
-GPU, bf16 compute with an fp32 time path, fp32 master weights and AdamW state (rcm_core.parallel.precision), per-block
-activation checkpointing for the with-grad passes. Every timed part's output is checked to be finite first. Parts are timed separately (CUDA events via do_bench-style
-medians) and as whole student / critic iterations; a plain flow-matching step on the same model and batch is the
-unit of cost. The JVP pass is also run with the PyTorch twin attention (materialises L×L: what a user gets
-without the kernel). MFU counts model FLOPs (matmuls and attention, 2 FLOPs per MAC) against 989 TFLOP/s.
+One process builds the networks once (random weights, width 1536, 30 blocks, 12 heads, text 512×4096, bf16
+compute with an fp32 time path, fp32 master weights and AdamW state, per-block activation checkpointing for the
+with-grad passes) and times every variant on the same state, switching the levers in place
+(`rcm_core.networks.dit.set_attention` / `set_compile`, the same switches as `model.attention` / `model.compile`):
+
+    baseline            attention fused (our Triton kernel for every pass), no compile
+    sdpa_grad           PyTorch SDPA (cuDNN / flash) for the with-grad passes; the JVP pass keeps the fused kernel
+    sdpa_grad+compile   the same + regional torch.compile of every DiT block (passes with a tangent stay eager)
+    sdpa, sdpa+compile  SDPA for every tangent-free pass, no-grad forwards included (opt-in: --variants)
+
+Per variant and shape: ms of the teacher CFG forward (batch 2), one no-grad forward (batch 1), the JVP pass, a
+flow-matching step (the unit of cost), an rCM student and critic iteration and their 1:4 mean, MFU (model FLOPs,
+2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward, student iteration over the flow-matching
+step, peak memory, and the warm-up calls' seconds, which hold compilation and autotuning. The plain passes get one
+warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
+(pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
+FLOP counts assume; they need no warm-up (the passes before them ran every kernel and graph they use), and if a
+graph compiles inside them anyway they are timed again. Every output is checked finite.
+
+With $OUT set, writes there as each variant finishes (a cut-off run keeps what it measured):
+rcm_step_levers.csv / .md (every number), step_table_<variant>.json (the planner's ms/FLOP table: copy the
+adopted variant's file to docs/results/gpu/step_table.json) and, with --profile, profile_<shape>_<variant>.txt.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import math
+import os
 import statistics
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import kernels.flash_jvp as katt
 from rcm_core.config import ExperimentCfg, ModelCfg
 from rcm_core.data.latents import LatentBatch
 from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.method.distill import build_state, distill_step, make_optimizer
 from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
+from rcm_core.networks.dit import set_attention, set_compile
 from rcm_core.run.plan import forward_flops
 from rcm_core.method.trigflow import add_noise
 
@@ -37,29 +58,73 @@ WAN_1P3B = dict(kind="dit", in_channels=16, dim=1536, ffn_dim=8960, num_heads=12
                 text_dim=4096, dtype="bfloat16", activation_checkpointing=True)
 TINY = dict(kind="dit", in_channels=16, dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32,
             dtype="float32", activation_checkpointing=True)
+# 32,760 tokens first: the issue's headline goal, and what a run cut off by a time limit should have measured.
+SHAPES = {"32k": ("32,760 tokens (21×60×104 latent, 480p×81)", (16, 21, 60, 104), 512),
+          "8k": ("8,190 tokens (21×30×52 latent)", (16, 21, 30, 52), 512)}
+TINY_SHAPE = ("tiny", (16, 2, 8, 8), 8)
+VARIANTS = {                    # name: (model.attention, model.compile)
+    "baseline": ("fused", "none"),
+    "sdpa_grad": ("sdpa_grad", "none"),
+    "sdpa_grad+compile": ("sdpa_grad", "blocks"),
+    "sdpa": ("sdpa", "none"),
+    "sdpa+compile": ("sdpa", "blocks"),
+}
+DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile"
+# FLOPs of each pass in forwards (rows of the issue-9 table): JVP ≈ 3 forwards; a with-grad forward+backward 3;
+# a student iteration = sCM (teacher CFG 2, JVP 3, fwd+bwd 3) + DMD (rollout ≈ 2.5 forwards with the last one
+# backed through, fake 1, teacher CFG 2, backward 2) ≈ 15.5; a critic iteration = rollout 2.5 + fake fwd+bwd 3.
+FORWARDS = {"teacher_cfg": 2.0, "forward": 1.0, "jvp": 3.0, "fm_step": 3.0, "student": 15.5, "critic": 5.5,
+            "mean_1_4": (15.5 + 4 * 5.5) / 5}
 
 
-def timed(fn, device: torch.device, reps: int) -> float:
-    """Median seconds over `reps` after one warm-up, synchronising around each call."""
-    fn()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, reps: int, check: str) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of `reps` calls after it); the first call's output must be
+    finite (it also holds compilation and autotuning, reported apart)."""
+    sync(device)
+    t0 = time.perf_counter()
+    finite(check, fn())
+    sync(device)
+    first = time.perf_counter() - t0
     out = []
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         out.append(time.perf_counter() - t0)
+    return first, statistics.median(out)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def median_seconds(fn, device: torch.device, reps: int, check: str) -> float:
+    """Median seconds of `reps` synchronised calls with no warm-up call; every output must be finite."""
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+        finite(check, result)
     return statistics.median(out)
 
 
-def guard(fn):
-    try:
-        return fn()
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return float("nan")
+def finite(name: str, out) -> None:
+    """Refuse to time NaN arithmetic (the 32,760-token rows of an earlier table did, unnoticed)."""
+    vals = out.values() if isinstance(out, dict) else (out if isinstance(out, tuple) else (out,))
+    for v in vals:
+        if not torch.isfinite(torch.as_tensor(v)).all():
+            raise RuntimeError(f"{name}: non-finite output; no time reported")
 
 
 def build(cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
@@ -75,104 +140,238 @@ def build(cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
     return TrigFlowDenoiser(net, "rf_velocity")
 
 
-def finite(name: str, *outs) -> None:
-    """Refuse to time NaN arithmetic (the 32,760-token rows of an earlier table did, unnoticed)."""
-    for o in outs:
-        vals = o.values() if isinstance(o, dict) else (o if isinstance(o, tuple) else (o,))
-        for v in vals:
-            if not torch.isfinite(torch.as_tensor(v)).all():
-                raise RuntimeError(f"{name}: non-finite output; no time reported")
+class Bench:
+    """The distillation state (teacher, student, fake score, EMA, optimisers) built once, timed per shape and lever."""
+
+    def __init__(self, model: dict, device: torch.device):
+        self.model = model
+        self.cfg = ExperimentCfg(model=ModelCfg(**model))
+        d = self.cfg.distill
+        d.tangent_warmup, d.student_update_freq, self.cfg.teacher.guidance = 0, 2, 5.0
+        self.device = device
+        torch.manual_seed(0)
+        self.teacher = build(self.cfg, device)
+        self.state = build_state(self.cfg, self.teacher)
+        self.opt_fm = make_optimizer(self.state.student.parameters(), 1e-6, self.cfg.optim)   # fp32 masters
+        self.nets = [self.teacher.net, self.state.student.net, self.state.fake.net]
+
+    def set_variant(self, name: str) -> None:
+        attention, compile_mode = VARIANTS[name]
+        for net in self.nets:
+            set_attention(net, attention)
+            set_compile(net, compile_mode)
+
+    def passes(self, latent: tuple, L_text: int) -> dict:
+        """name → zero-argument callable running one pass on fixed inputs of this shape (batch 1)."""
+        dev, st, cfg = self.device, self.state, self.cfg
+        x0 = torch.randn(1, *latent, device=dev)
+        ctx = torch.randn(1, L_text, cfg.model.text_dim, device=dev).to(self.teacher.net_dtype)
+        batch = LatentBatch(latent=x0, cond=ctx)
+        t = torch.full((1,), 0.9, dtype=torch.float64, device=dev)
+        eps = torch.randn_like(x0)
+        x_t = add_noise(x0, eps, t).float()
+        F_T = torch.randn_like(x0).double()
+        g = torch.Generator(device=dev).manual_seed(0)
+
+        def teacher_cfg():
+            with torch.no_grad():
+                return self.teacher.F_guided(x_t, t, ctx, 5.0)
+
+        def forward():            # one no-grad forward at batch 1 (rollout, fake score): the JVP ratio's unit
+            with torch.no_grad():
+                return st.student.F(x_t, t, ctx)
+
+        def jvp():
+            with torch.no_grad():
+                return scm_tangent_jvp(st.student, x_t, t, ctx, F_T)
+
+        def fm_step():
+            self.opt_fm.zero_grad(set_to_none=True)
+            loss = flow_matching_loss(st.student, x0, ctx, t=t, eps=eps).loss
+            loss.backward()
+            self.opt_fm.step()
+            return loss.detach()
+
+        def phase(student: bool, rollout: int):
+            st.iteration = 0 if student else 1          # student_update_freq 2: even iterations are student steps
+            st.student_iter = rollout - 1               # rollout_length "cycle": N = student_iter % N_max + 1
+            return distill_step(st, batch, cfg, g)
+
+        # Iterations run at a fixed rollout length N (see `measure`); every other pass is plain.
+        return {"teacher_cfg": teacher_cfg, "forward": forward, "jvp": jvp, "fm_step": fm_step,
+                "student": lambda n=2: phase(True, n), "critic": lambda n=2: phase(False, n)}
+
+    def measure(self, variant: str, latent: tuple, L_text: int, reps: int) -> dict:
+        """One variant at one shape: every number of the table (ms, MFU %, ratios, GiB, warm-up s)."""
+        self.set_variant(variant)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        L = math.prod(s // p for s, p in zip(latent[1:], self.cfg.model.patch_size))
+        fwd = forward_flops(self.cfg.model, L, L, L_text)
+        row: dict = {"variant": variant, "tokens": L, "text_len": L_text}
+        first = 0.0
+        passes = self.passes(latent, L_text)
+        for name in ("teacher_cfg", "forward", "jvp", "fm_step"):
+            warm, sec = timed(passes[name], self.device, reps, f"{variant} {name}")
+            first += warm
+            row[f"{name}_ms"] = sec * 1e3
+        # A student / critic iteration's cost depends on the rollout length N (1..4, mean 2.5 in training): time
+        # N = 2 and N = 3 and report their mean, the N = 2.5 cost the FLOP counts assume. No separate warm-up:
+        # the passes above already ran every kernel, graph and autotune these iterations use.
+        for name in ("student", "critic"):
+            def run():
+                return [median_seconds(lambda n=n: passes[name](n), self.device, reps, f"{variant} {name} N={n}")
+                        for n in (2, 3)]
+            graphs = compiled_graphs()
+            per_n = run()
+            if compiled_graphs() != graphs:         # a graph compiled inside a timed call: time them again
+                print(f"  {variant} {name}: compiled a graph while timed; timing again", flush=True)
+                per_n = run()
+            row[f"{name}_ms"] = sum(per_n) / 2 * 1e3
+        row["mean_1_4_ms"] = (row["student_ms"] + 4 * row["critic_ms"]) / 5
+        for name, n_fwd in FORWARDS.items():
+            row[f"{name}_mfu"] = n_fwd * fwd / (row[f"{name}_ms"] / 1e3) / PEAK * 100
+        row["jvp_over_forward"] = row["jvp_ms"] / row["forward_ms"]
+        row["student_over_fm"] = row["student_ms"] / row["fm_step_ms"]
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
+        row["warmup_s"] = first
+        return row
+
+    def profile(self, variant: str, latent: tuple, L_text: int, top: int) -> str:
+        """torch.profiler table of the `top` kernels by device time for one call of each pass (already warm)."""
+        from torch.profiler import ProfilerActivity, profile
+        self.set_variant(variant)
+        cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        parts = []
+        for name, fn in self.passes(latent, L_text).items():
+            with profile(activities=acts) as prof:
+                fn()
+                sync(self.device)
+            label = f"{variant}: {name}" + (" (rollout N=2)" if name in ("student", "critic") else "")
+            table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
+            parts.append(f"### {label}\n{table}")
+        return "\n\n".join(parts)
 
 
-def run_shape(model: dict, latent: tuple, L_text: int, device: torch.device, reps: int) -> list[tuple]:
-    cfg = ExperimentCfg(model=ModelCfg(**model))
-    cfg.distill.tangent_warmup, cfg.distill.student_update_freq, cfg.teacher.guidance = 0, 2, 5.0
-    torch.manual_seed(0)
-    teacher = build(cfg, device)
-    state = build_state(cfg, teacher)
-    B = 1
-    x0 = torch.randn(B, *latent, device=device)
-    ctx = torch.randn(B, L_text, model["text_dim"], device=device).to(teacher.net_dtype)
-    batch = LatentBatch(latent=x0, cond=ctx)
-    t = torch.full((B,), 0.9, dtype=torch.float64, device=device)
-    eps = torch.randn_like(x0)
-    x_t = add_noise(x0, eps, t).float()
-    g = torch.Generator(device=device).manual_seed(0)
-    F_T = torch.randn_like(x0).double()
-    L = math.prod(s // p for s, p in zip(latent[1:], cfg.model.patch_size))
-    fwd = forward_flops(cfg.model, L, L, L_text) * B
-    rows: list[tuple] = []
+# ------------------------------------------------------------------------------------------------ output
 
-    def add(name, sec, flops):
-        rows.append((name, sec * 1e3, flops / sec / PEAK * 100 if sec == sec and flops else float("nan")))
+ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %", "fm_step_mfu", ".1f"),
+        ("rCM student iteration ms", "student_ms", ".0f"), ("  MFU %", "student_mfu", ".1f"),
+        ("rCM critic iteration ms", "critic_ms", ".0f"), ("  MFU %", "critic_mfu", ".1f"),
+        ("rCM iteration, 1 student : 4 critic (mean) ms", "mean_1_4_ms", ".0f"), ("  MFU %", "mean_1_4_mfu", ".1f"),
+        ("teacher forward ×2 (CFG, batch 2) ms", "teacher_cfg_ms", ".0f"), ("  MFU %", "teacher_cfg_mfu", ".1f"),
+        ("one forward (no grad, batch 1) ms", "forward_ms", ".0f"),
+        ("JVP pass ms", "jvp_ms", ".0f"), ("  MFU %", "jvp_mfu", ".1f"),
+        ("JVP pass / one forward", "jvp_over_forward", ".2f"), ("student iteration / flow-matching step",
+                                                                  "student_over_fm", ".2f"),
+        ("peak memory GiB", "peak_gib", ".1f"), ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 
-    with torch.no_grad():
-        finite("teacher forward", teacher.F_guided(x_t, t, ctx, 5.0))
-        finite("JVP pass", scm_tangent_jvp(state.student, x_t, t, ctx, F_T))
-        add("teacher forward ×2 (CFG)", guard(lambda: timed(lambda: teacher.F_guided(x_t, t, ctx, 5.0), device, reps)), 2 * fwd)
-        add("JVP pass (fused kernel)", guard(lambda: timed(lambda: scm_tangent_jvp(state.student, x_t, t, ctx, F_T), device, reps)), 3 * fwd)
-    orig = katt.use_triton
-    katt.use_triton = lambda x: False                 # the PyTorch twin: explicit softmax, L×L tensors
-    with torch.no_grad():
-        add("JVP pass (PyTorch twin attention)", guard(lambda: timed(lambda: scm_tangent_jvp(state.student, x_t, t, ctx, F_T), device, max(1, reps // 3))), 3 * fwd)
-    katt.use_triton = orig
 
-    def fwd_bwd():
-        state.student.F(x_t, t, ctx).float().square().mean().backward()
-    add("student forward+backward", guard(lambda: timed(fwd_bwd, device, reps)), 3 * fwd)
+def markdown(title: str, rows: list[dict]) -> str:
+    """Metrics down, variants across; each cell after the first column also shows its change from the first."""
+    head = "| " + title + " | " + " | ".join(r["variant"] for r in rows) + " |"
+    lines = [head, "|" + "---|" * (len(rows) + 1)]
+    for label, key, spec in ROWS:
+        cells = []
+        for r in rows:
+            cell = format(r[key], spec)
+            base = rows[0][key]
+            if r is not rows[0] and key.endswith("_ms") and base == base and base > 0:
+                cell += f" ({(r[key] / base - 1) * 100:+.0f} %)"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-    opt = make_optimizer(state.student.parameters(), 1e-6, cfg.optim)     # fp32 masters, as training
 
-    def fm_step():
-        opt.zero_grad(set_to_none=True)
-        flow_matching_loss(state.student, x0, ctx, t=t, eps=eps).loss.backward()
-        opt.step()
-    fm = guard(lambda: timed(fm_step, device, reps))
-    add("flow-matching step (unit of cost)", fm, 3 * fwd)
-
-    def phase(student: bool):
-        state.iteration = 0 if student else 1          # freq 2: even iterations are student steps
-        finite("rCM iteration", distill_step(state, batch, cfg, g))
-    # student iteration: sCM (2 teacher fwd, JVP ≈ 3 fwd, fwd+bwd 3) + DMD (avg 2.5 rollout fwd, last with grad,
-    # fake fwd 1, teacher CFG 2, bwd 2): model FLOPs ≈ 15.5 forwards
-    s_sec = guard(lambda: timed(lambda: phase(True), device, reps))
-    add("rCM student iteration", s_sec, 15.5 * fwd)
-    c_sec = guard(lambda: timed(lambda: phase(False), device, reps))
-    add("rCM critic iteration", c_sec, 5.5 * fwd)       # rollout ≈ 2.5 fwd no-grad, fake fwd+bwd 3
-    avg = (s_sec + 4 * c_sec) / 5
-    add("rCM iteration, 1 student : 4 critic (mean)", avg, (15.5 + 4 * 5.5) / 5 * fwd)
-    rows.append(("  rCM student iteration / flow-matching step", s_sec / fm, float("nan")))
-    rows.append(("  JVP pass / one forward (teacher CFG time / 2)", rows[1][1] / (rows[0][1] / 2), float("nan")))
-    if device.type == "cuda":
-        rows.append(("  peak memory GiB", torch.cuda.max_memory_allocated() / 2 ** 30, float("nan")))
-    return rows
+def write_outputs(out: Path, results: dict, card: str, command: str, model: dict) -> None:
+    """CSV and markdown of every row so far, and one planner step table per variant with both shapes."""
+    flat = [r for rows in results.values() for r in rows]
+    with open(out / "rcm_step_levers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["shape"] + list(flat[0].keys()))
+        w.writeheader()
+        for shape, rows in results.items():
+            for r in rows:
+                w.writerow({"shape": shape, **r})
+    md = [f"Card: {card}; torch {torch.__version__}; {date.today().isoformat()}; `{command}`"]
+    md += [markdown(SHAPES.get(s, TINY_SHAPE)[0], rows) for s, rows in results.items() if rows]
+    (out / "rcm_step_levers.md").write_text("\n\n".join(md) + "\n")
+    for variant in {r["variant"] for r in flat}:
+        attention, compile_mode = VARIANTS[variant]
+        table = {"card": card, "date": date.today().isoformat(), "command": command,
+                 "torch": torch.__version__, "variant": variant, "model.attention": attention,
+                 "model.compile": compile_mode, "model": model, "text_len": flat[0]["text_len"],
+                 "rows": [{"tokens": r["tokens"], "student_ms": round(r["student_ms"], 1),
+                           "critic_ms": round(r["critic_ms"], 1)}
+                          for r in sorted(flat, key=lambda r: r["tokens"]) if r["variant"] == variant]}
+        (out / f"step_table_{variant.replace('+', '_')}.json").write_text(json.dumps(table, indent=1) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--only", choices=["8k", "32k"], help="run one of the two shapes")
+    ap.add_argument("--reps", type=int, default=1, help="timed calls per pass after the warm-up call")
+    ap.add_argument("--only", choices=list(SHAPES), help="run one of the two shapes")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma-separated, first is the reference column (of {', '.join(VARIANTS)})")
+    ap.add_argument("--profile", action="store_true", help="profile every pass per variant at --profile-shape")
+    ap.add_argument("--profile-shape", choices=list(SHAPES), default="8k")
+    ap.add_argument("--profile-top", type=int, default=12, help="kernels per pass in the profile tables")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new variant after this many seconds (0: no limit); the tables still print")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    shapes = ([("tiny", TINY, (16, 2, 8, 8), 8)] if args.tiny else
-              [("1.3B, 21×30×52 latent (8,190 tokens)", WAN_1P3B, (16, 21, 30, 52), 512),
-               ("1.3B, 21×60×104 latent (32,760 tokens, 480p×81)", WAN_1P3B, (16, 21, 60, 104), 512)])
-    if args.only and not args.tiny:
-        shapes = shapes[:1] if args.only == "8k" else shapes[1:]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}")
-    for title, model, latent, L_text in shapes:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        rows = run_shape(model, latent, L_text, device, args.reps)
-        print(f"\n## {title}, batch 1, bf16 params, text 512 tokens" if not args.tiny else f"\n## {title}")
-        print(f"{'part':52s} {'ms (or ratio)':>14s} {'MFU %':>7s}")
-        for part, ms, mfu in rows:
-            print(f"{part:52s} {ms:14.2f} {mfu:7.1f}")
-        del rows
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if args.tiny:
+        shapes = {"tiny": TINY_SHAPE}
+    else:
+        shapes = {k: v for k, v in SHAPES.items() if args.only in (None, k)}
+    # Every variant × shape × grad mode × batch (CFG doubles it) is its own static graph: lift dynamo's
+    # recompile limit so none of them silently falls back to eager.
+    dyn = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, limit, max(getattr(dyn, limit), 64))
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    command = "python3 experiments/bench/rcm_step.py " + " ".join(sys.argv[1:])
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    print(f"device {card}, torch {torch.__version__}, variants {variants}, reps {args.reps}", flush=True)
+    t_start = time.perf_counter()
+    bench = Bench(TINY if args.tiny else WAN_1P3B, device)
+    print(f"[{time.perf_counter() - t_start:.0f} s] networks built", flush=True)
+    results: dict[str, list[dict]] = {}
+    profiles = []
+    for key, (title, latent, L_text) in shapes.items():
+        results[key] = []
+        for variant in variants:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: skipped (--budget-s "
+                      f"{args.budget_s:.0f})", flush=True)
+                continue
+            results[key].append(bench.measure(variant, latent, L_text, args.reps))
+            r = results[key][-1]
+            print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: fm {r['fm_step_ms']:.0f} ms, "
+                  f"mean 1:4 {r['mean_1_4_ms']:.0f} ms ({r['mean_1_4_mfu']:.1f} % MFU), "
+                  f"first calls {r['warmup_s']:.0f} s", flush=True)
+            if args.profile and key in (args.profile_shape, "tiny"):
+                text = bench.profile(variant, latent, L_text, args.profile_top)
+                profiles.append(text)
+                if out:
+                    (out / f"profile_{key}_{variant.replace('+', '_')}.txt").write_text(text + "\n")
+            if out:
+                write_outputs(out, results, card, command, bench.model)
+    for text in profiles:          # the profiles first, the tables last (a log tail shows the tables)
+        print("\n" + text)
+    print(f"\n# rCM iteration by lever: {card}, torch {torch.__version__}, batch 1, {bench.model['dtype']}, "
+          f"median of {args.reps} timed call(s) per pass (iterations: mean of rollout N = 2 and 3), "
+          f"total {time.perf_counter() - t_start:.0f} s")
+    for key, rows in results.items():
+        if rows:
+            print("\n" + markdown(shapes[key][0], rows))
 
 
 if __name__ == "__main__":

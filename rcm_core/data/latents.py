@@ -85,6 +85,11 @@ class LatentBatch:
     def __len__(self) -> int:
         return self.latent.shape[0]
 
+    def rows(self, index: slice) -> LatentBatch:
+        """The rows `index` of every field (a micro-batch of gradient accumulation)."""
+        take = lambda t: None if t is None else t[index]       # noqa: E731
+        return LatentBatch(take(self.latent), take(self.label), take(self.cond), take(self.ids))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LatentBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return LatentBatch(move(self.latent), move(self.label), move(self.cond), move(self.ids))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from rcm_core.config import ExperimentCfg
 from rcm_core.method.denoiser import TrigFlowDenoiser
@@ -122,8 +123,21 @@ class StepCountEvaluator:
         self.last_report, self.last_samples = report, {**samples, "teacher_reference": ref}
         return report
 
+    def forwards_per_evaluation(self) -> tuple[int, int]:
+        """(network forwards of the teacher's two sample sets, made once per run; of the students, every time)."""
+        s, n = self.cfg.sampler, self.bank.noise.shape[0]
+        nfe = teacher_nfe(s.teacher_steps, s.teacher_solver, self.cfg.teacher.guidance)
+        return 2 * n * nfe, n * sum(s.step_counts)
+
     def __call__(self, state, step: int) -> dict[str, float]:
-        return mlflow_metrics(self.evaluate(state.ema.module))
+        if self._teacher_cache is None:
+            teacher, students = self.forwards_per_evaluation()
+            tqdm.write(f"evaluation: {self.bank.noise.shape[0]} samples; {teacher} teacher forwards once per run, "
+                       f"{students} student forwards per evaluation (sampler.*, eval.num_samples)")
+        t0 = time.perf_counter()
+        metrics = mlflow_metrics(self.evaluate(state.ema.compute_copy(state.student)))
+        metrics["timing/eval_seconds"] = time.perf_counter() - t0   # not eval/…: that namespace is per step count
+        return metrics
 
 
 __all__ = ["EvalBank", "StepCountEvaluator", "format_table"]

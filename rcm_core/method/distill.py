@@ -31,13 +31,7 @@ from rcm_core.method.causal import (
 )
 from rcm_core.method.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.method.ema import PowerEMA
-from rcm_core.method.losses import (
-    dcm_loss,
-    dmd_loss,
-    fake_score_loss,
-    scm_loss,
-    student_rollout,
-)
+from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, rollout_draws, scm_loss, student_rollout
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
 from rcm_core.parallel.precision import master_parameters, with_master_weights
 from rcm_core.parallel.sharding import sync_gradients
@@ -145,18 +139,14 @@ def rollout_steps(state: DistillState, cfg: DistillCfg, generator: torch.Generat
     return int(torch.randint(1, n_max + 1, (1,), generator=generator))
 
 
-def _rollout(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator,
-             steps: int, grad_module: TrigFlowDenoiser | None) -> torch.Tensor:
-    """The student's x̂0 for DMD and the critic: an N-step rollout with decreasing random times (rCM), or for
-    sf_dmd a chunk-by-chunk rollout with the KV cache on the per-chunk schedule (self forcing)."""
+def _self_forcing_rollout(state: DistillState, noise: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
+                          g: torch.Generator, steps: int, grad_module: TrigFlowDenoiser | None) -> torch.Tensor:
+    """sf_dmd's x̂0 for DMD and the critic: a chunk-by-chunk rollout with the KV cache on the per-chunk schedule
+    (self forcing). Its re-noisings are drawn from `g` inside the rollout, between the chunks' forwards."""
     d = cfg.distill
-    if d.mode != "sf_dmd":
-        return student_rollout(state.student, _noise_like(x0, g), cond, steps=steps, generator=g,
-                               times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g, device=x0.device),
-                               grad_module=grad_module)
-    n_chunks = len(state.student.net.chunks.chunk_frames(x0.shape[2]))
+    n_chunks = len(state.student.net.chunks.chunk_frames(noise.shape[2]))
     per_chunk = self_forcing_steps(steps, d.sf_steps_per_chunk or [d.max_rollout_steps], n_chunks)
-    return self_forcing_rollout(state.student, _noise_like(x0, g), cond, steps=per_chunk,
+    return self_forcing_rollout(state.student, noise, cond, steps=per_chunk,
                                 mid_t=d.sf_mid_t or [cfg.sampler.mid_t], generator=g, grad_module=grad_module,
                                 context_t=chunk_context_times(cfg, n_chunks))
 
@@ -172,104 +162,242 @@ def chunk_context_times(cfg: ExperimentCfg, n_chunks: int) -> list[float]:
 def teacher_forcing_contexts(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator):
     """(the student's context, the teacher's): both the clean video at t = 0, or with distill.chunk_context=
     last_step the student's noised to the time the sampler will cache (official `_noisy_ctx`; the causal teacher
-    keeps the clean context it was trained with)."""
+    keeps the clean one it was trained with)."""
     clean = (x0, torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device))
     spans = state.student.net.chunks.chunk_spans(x0.shape[2])
     t_chunks = chunk_context_times(cfg, len(spans))
     return (noisy_context(x0, t_chunks, spans, g) if any(t_chunks) else clean), clean
 
 
-def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
-                           g: torch.Generator, grad_student: TrigFlowDenoiser):
-    """tf: one time for the noisy video, the video as context; df: one time per chunk, no context. Times from the
-    shift-s RF schedule p_D (the official tf/df configs draw UniformShift(5), i.e. p_D at distill.p_D_shift = 5)."""
+def _causal_diffusion_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator) -> dict:
+    """tf: one time per sample for the noisy video; df: one time per chunk ([B, chunks]); then the noise. Times
+    from the shift-s RF schedule p_D (the official tf/df configs draw UniformShift(5), i.e. p_D at
+    distill.p_D_shift = 5)."""
     d, B = cfg.distill, x0.shape[0]
     draw = lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g, device=x0.device)
     if d.mode == "tf":
-        context, _ = teacher_forcing_contexts(state, x0, cfg, g)
-        return teacher_forcing_loss(grad_student, x0, cond, t=draw(B), eps=_noise_like(x0, g), context=context)
+        t = draw(B)
+    else:
+        t = draw(B * len(state.student.net.chunks.chunk_spans(x0.shape[2]))).reshape(B, -1)
+    return {"fm_t": t, "fm_eps": _noise_like(x0, g)}
+
+
+def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
+                           draws: dict, grad_student: TrigFlowDenoiser):
+    """tf: the video as teacher-forcing context (`tf_context`); df: each chunk at its own time, no context."""
+    if cfg.distill.mode == "tf":
+        return teacher_forcing_loss(grad_student, x0, cond, t=draws["fm_t"], eps=draws["fm_eps"],
+                                    context=draws["tf_context"])
     spans = state.student.net.chunks.chunk_spans(x0.shape[2])
-    return diffusion_forcing_loss(grad_student, x0, cond, t_chunks=draw(B * len(spans)).reshape(B, len(spans)),
-                                  spans=spans, eps=_noise_like(x0, g))
+    return diffusion_forcing_loss(grad_student, x0, cond, t_chunks=draws["fm_t"], spans=spans, eps=draws["fm_eps"])
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
-                  grad_student: TrigFlowDenoiser) -> dict[str, float]:
-    d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
-    B, frames = x0.shape[0], x0.shape[2]
-    consistency = consistency_term(d)
-    in_warmup = uses_dmd(d) and consistency is not None and state.iteration < d.tangent_warmup
-    r = min(1.0, state.iteration / d.tangent_warmup) if d.tangent_warmup > 0 else 1.0
-    metrics: dict[str, float] = {"tangent_warmup_r": r}
-    state.opt_student.zero_grad(set_to_none=True)
-    total = torch.zeros((), dtype=torch.float64, device=x0.device)
-    # Teacher-forcing consistency (tf_scm, tf_dcm): the video is the context (clean for the teacher).
-    ctx, teacher_ctx = teacher_forcing_contexts(state, x0, cfg, g) if d.mode in ("tf_scm", "tf_dcm") else (None, None)
+# ----------------------------------------------------------------------------------------------------------
+# Gradient accumulation: one update over micro-batches equals the update over the whole batch. Every random
+# draw of an iteration is made first, for the whole batch and in one fixed order; each micro-batch then takes
+# its rows of the batch and of the draws, and its loss is weighted by its share of the rows, so the summed
+# gradient is the big batch's mean-loss gradient (tests/test_grad_accum.py checks it in float64).
+# The causal modes tf, df, tf_scm and tf_dcm draw their contexts, times and noise the same way (row tensors).
+# sf_dmd is the exception: its self-forcing rollout draws its re-noisings from the generator between the
+# chunks' forwards (and t_D / ε_D after them), so its draws are not made up front; sf_dmd refuses
+# data.micro_batch_size > 0 (rcm_core.config.validate) and runs the whole batch as one micro-batch.
+
+def micro_batches(rows: int, micro_batch_size: int) -> list[slice]:
+    """Row slices of one GPU's batch: `micro_batch_size` rows each (0 = all rows at once)."""
+    if micro_batch_size <= 0 or micro_batch_size >= rows:
+        return [slice(0, rows)]
+    if rows % micro_batch_size:
+        raise ValueError(f"data.micro_batch_size={micro_batch_size} does not divide this GPU's batch of {rows} "
+                         f"rows (data.batch_size / data-parallel groups); choose a divisor of {rows}")
+    return [slice(i, i + micro_batch_size) for i in range(0, rows, micro_batch_size)]
+
+
+def batch_line(batch_size: int, groups: int, micro_batch_size: int) -> str:
+    """How the global batch is made, for the run's log: groups × micro-batches × micro-batch size."""
+    per_group = batch_size // groups
+    micro = micro_batch_size if 0 < micro_batch_size < per_group else per_group
+    return (f"batch: {batch_size} per update = {groups} data-parallel group(s) × {per_group // micro} micro-batch(es) "
+            f"× {micro} sample(s) (data.batch_size={batch_size}, data.micro_batch_size={micro_batch_size})")
+
+
+def _draw_rows(draws: dict, index: slice) -> dict:
+    """Rows `index` of every draw: the batch is dim 0, except dCM's time grid [k+1, B], the rollout's list and
+    the teacher-forcing contexts (x_ctx, t_ctx); the sf_dmd generator passes through (it never micro-batches)."""
+    out = {}
+    for key, value in draws.items():
+        if key == "dcm_times":
+            out[key] = value[:, index]
+        elif key == "renoise":
+            out[key] = [(t[index], eps[index]) for t, eps in value]
+        elif key in ("tf_context", "teacher_context"):
+            out[key] = tuple(v[index] for v in value)
+        elif isinstance(value, torch.Tensor):
+            out[key] = value[index]
+        else:
+            out[key] = value
+    return out
+
+
+def _combine(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
+    """Micro-batch metrics as the whole batch's: counts (`*_nan_samples`) add up, the rest are row-weighted means."""
+    keys = dict.fromkeys(k for m in parts for k in m)
+    return {k: sum(m[k] for m in parts if k in m) if k.endswith("_nan_samples")
+            else sum(w * m[k] for m, w in zip(parts, weights) if k in m) for k in keys}
+
+
+def _rollout_draws(state: DistillState, x0: torch.Tensor, d: DistillCfg, g: torch.Generator) -> dict:
+    """The DMD rollout's draws (N, its start noise and re-noisings), then the time and noise of the DMD / critic
+    target, in the order the big-batch iteration always drew them. sf_dmd: N and the start noise only, plus the
+    generator its rollout and then t_D / ε_D are drawn from (`_dmd_sample`)."""
+    steps = rollout_steps(state, d, g)
+    out = {"steps": steps, "noise": _noise_like(x0, g)}
+    if d.mode == "sf_dmd":
+        out["generator"] = g
+        return out
+    out["renoise"] = rollout_draws(x0.shape, steps, times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
+                                                                                  device=x0.device),
+                                   generator=g, device=x0.device, dtype=x0.dtype)
+    out["t_D"] = sample_p_D(x0.shape[0], shift=d.p_D_shift, generator=g, device=x0.device)
+    out["eps_D"] = _noise_like(x0, g)
+    return out
+
+
+def _dmd_sample(state: DistillState, cond: torch.Tensor, draws: dict, cfg: ExperimentCfg,
+                grad_module: TrigFlowDenoiser | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x̂0, t_D, ε_D) for the DMD and critic losses: the student's rollout from the draws (rCM), or sf_dmd's
+    self-forcing rollout, whose re-noisings and then t_D, ε_D come from the generator now (whole batch only)."""
+    if "generator" not in draws:
+        x0_hat = student_rollout(state.student, draws["noise"], cond, renoise=draws["renoise"],
+                                 grad_module=grad_module)
+        return x0_hat, draws["t_D"], draws["eps_D"]
+    g, noise = draws["generator"], draws["noise"]
+    x0_hat = _self_forcing_rollout(state, noise, cond, cfg, g, draws["steps"], grad_module)
+    t_D = sample_p_D(noise.shape[0], shift=cfg.distill.p_D_shift, generator=g, device=noise.device)
+    return x0_hat, t_D, _noise_like(noise, g)
+
+
+def _student_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator,
+                   with_dmd: bool) -> dict:
+    d, B, frames = cfg.distill, x0.shape[0], x0.shape[2]
+    draws: dict = {}
+    # Teacher forcing (tf, tf_scm, tf_dcm): the video is the context (clean for the teacher; the student's noised
+    # to the cached time under distill.chunk_context=last_step). Drawn first, as the whole-batch step always did.
+    if d.mode in ("tf", "tf_scm", "tf_dcm"):
+        draws["tf_context"], draws["teacher_context"] = teacher_forcing_contexts(state, x0, cfg, g)
     if d.mode in ("tf", "df"):
-        out = _causal_diffusion_loss(state, x0, cond, cfg, g, grad_student)
+        draws.update(_causal_diffusion_draws(state, x0, cfg, g))
+    if consistency_term(d) == "dcm":
+        draws["dcm_times"] = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
+                                              generator=g, device=x0.device)
+        draws["eps"] = _noise_like(x0, g)
+    if consistency_term(d) == "scm":
+        draws["t"] = sample_p_G(B, mean=d.p_G_mean, std=d.p_G_std, frames=frames, frame_shift=d.p_G_frame_shift,
+                                generator=g, device=x0.device)
+        draws["eps"] = _noise_like(x0, g)
+    if with_dmd:
+        draws.update(_rollout_draws(state, x0, d, g))
+    return draws
+
+
+def _student_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg, r: float,
+                  grad_student: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's loss on one (micro-)batch with its draws: causal diffusion (tf/df) or consistency term,
+    + λ·DMD when drawn."""
+    d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
+    total = torch.zeros((), dtype=torch.float64, device=x0.device)
+    metrics: dict[str, float] = {}
+    ctx = {"tf_context": draws.get("tf_context"), "teacher_context": draws.get("teacher_context")}
+    if "fm_t" in draws:
+        out = _causal_diffusion_loss(state, x0, cond, cfg, draws, grad_student)
         total = total + out.loss
         metrics.update(out.metrics)
-    if consistency == "dcm":
-        times = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
-                                 generator=g, device=x0.device)
-        out = dcm_loss(state.student, state.teacher, x0, cond, times=times, eps=_noise_like(x0, g),
-                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student,
-                       tf_context=ctx, teacher_context=teacher_ctx)
+    if "dcm_times" in draws:
+        out = dcm_loss(state.student, state.teacher, x0, cond, times=draws["dcm_times"], eps=draws["eps"],
+                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student, **ctx)
         total = total + out.loss
         metrics.update(out.metrics)
-    if consistency == "scm":
-        t = sample_p_G(B, mean=d.p_G_mean, std=d.p_G_std, frames=frames, frame_shift=d.p_G_frame_shift,
-                       generator=g, device=x0.device)
-        out = scm_loss(state.student, state.teacher, x0, cond, t=t, eps=_noise_like(x0, g),
+    if "t" in draws:
+        out = scm_loss(state.student, state.teacher, x0, cond, t=draws["t"], eps=draws["eps"],
                        guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
                        fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
-                       student_grad=grad_student, tf_context=ctx, teacher_context=teacher_ctx)
+                       student_grad=grad_student, **ctx)
         total = total + out.loss
         metrics.update(out.metrics)
-    if uses_dmd(d) and not in_warmup:
-        steps = rollout_steps(state, d, g)
-        x0_hat = _rollout(state, x0, cond, cfg, g, steps, grad_student)
-        t_D = sample_p_D(B, shift=d.p_D_shift, generator=g, device=x0.device)
-        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=_noise_like(x0, g),
+    if "steps" in draws:
+        x0_hat, t_D, eps_D = _dmd_sample(state, cond, draws, cfg, grad_student)
+        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=eps_D,
                        guidance=cfg.teacher.guidance, weight_min=d.dmd_weight_min,
                        scale=d.reg_weight * d.scm_loss_scale)
         total = total + out.loss
-        metrics.update(out.metrics, rollout_steps=float(steps))
-    total.backward()
+        metrics.update(out.metrics, rollout_steps=float(draws["steps"]))
+    return total, metrics
+
+
+def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
+                  grad_student: TrigFlowDenoiser) -> dict[str, float]:
+    d = cfg.distill
+    in_warmup = uses_dmd(d) and consistency_term(d) is not None and state.iteration < d.tangent_warmup
+    r = min(1.0, state.iteration / d.tangent_warmup) if d.tangent_warmup > 0 else 1.0
+    draws = _student_draws(state, batch.latent, cfg, g, with_dmd=uses_dmd(d) and not in_warmup)
+    state.opt_student.zero_grad(set_to_none=True)
+    # Under FSDP2 each micro-batch's backward reduce-scatters into the sharded gradients (they accumulate there);
+    # skipping it would hold a whole unsharded gradient per GPU (56 GB at 14B). Replicated data parallelism
+    # all-reduces once, after the last micro-batch (sync_gradients).
+    parts, losses, weights = [], 0.0, []
+    for index in micro_batches(len(batch), cfg.data.micro_batch_size):
+        w = (index.stop - index.start) / len(batch)
+        loss, m = _student_loss(state, batch.rows(index), _draw_rows(draws, index), cfg, r, grad_student)
+        (w * loss).backward()
+        parts.append(m)
+        weights.append(w)
+        losses += w * loss.item()
     sync_gradients(state.student)
     bad = zero_nonfinite_grads(state.student)
     _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
     state.opt_student.step()
     state.ema.update(state.student, master_parameters(state.student, state.opt_student))
     state.student_iter += 1
+    metrics = {"tangent_warmup_r": r, **_combine(parts, weights)}
     state.counters["nonfinite_grads"] += bad
     state.counters["nan_samples"] += sum(metrics.get(f"{k}_nan_samples", 0.0) for k in ("scm", "dcm", "dmd"))
-    metrics.update(loss=total.item(), nonfinite_grads=float(bad), phase_student=1.0)
+    metrics.update(loss=losses, nonfinite_grads=float(bad), phase_student=1.0)
     return metrics
+
+
+def _critic_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg,
+                 grad_fake: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
+    cond = batch_condition(batch)
+    with torch.no_grad():
+        x0_hat, t_D, eps_D = _dmd_sample(state, cond, draws, cfg, None)
+    out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=eps_D)
+    return out.loss, out.metrics
 
 
 def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
                  grad_fake: TrigFlowDenoiser) -> dict[str, float]:
-    d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
-    steps = rollout_steps(state, d, g)
-    with torch.no_grad():
-        x0_hat = _rollout(state, x0, cond, cfg, g, steps, None)
-    t_D = sample_p_D(x0.shape[0], shift=d.p_D_shift, generator=g, device=x0.device)
+    draws = _rollout_draws(state, batch.latent, cfg.distill, g)
     state.opt_fake.zero_grad(set_to_none=True)
-    out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=_noise_like(x0, g))
-    out.loss.backward()
+    parts, losses, weights = [], 0.0, []
+    for index in micro_batches(len(batch), cfg.data.micro_batch_size):
+        w = (index.stop - index.start) / len(batch)
+        loss, m = _critic_loss(state, batch.rows(index), _draw_rows(draws, index), cfg, grad_fake)
+        (w * loss).backward()
+        parts.append(m)
+        weights.append(w)
+        losses += w * loss.item()
     sync_gradients(state.fake)
     bad = zero_nonfinite_grads(state.fake)
     _set_lr(state.opt_fake, cfg.optim.fake_lr * lr_factor(state.critic_iter, cfg.optim.lr_warmup))
     state.opt_fake.step()
     state.critic_iter += 1
+    metrics = _combine(parts, weights)
     state.counters["nonfinite_grads"] += bad
-    state.counters["nan_samples"] += out.metrics["critic_nan_samples"]
-    return {**out.metrics, "loss": out.loss.item(), "nonfinite_grads": float(bad), "phase_student": 0.0}
+    state.counters["nan_samples"] += metrics["critic_nan_samples"]
+    return {**metrics, "loss": losses, "nonfinite_grads": float(bad), "phase_student": 0.0}
 
 
 def distill_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, generator: torch.Generator,

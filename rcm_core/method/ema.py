@@ -42,6 +42,22 @@ class PowerEMA:
         for b_ema, b in zip(self.module.buffers(), module.buffers()):
             b_ema.copy_(b)
 
+    def compute_copy(self, like: nn.Module) -> nn.Module:
+        """The average in the dtypes `like` (the student) computes in, for sampling: a bf16 trunk with its fp32
+        islands, as in training. The fp32 shadow itself would run the whole network in fp32 (measured on an H200
+        at 32,760 tokens: evaluation of a 1.3B Wan ran > 4 min where bf16 takes seconds). Under FSDP2 the shadow is
+        sharded with the student's compute dtypes (rcm_core.parallel.sharding) and is returned as it is."""
+        from torch.distributed.tensor import DTensor
+
+        pairs = list(zip(self.module.parameters(), like.parameters()))
+        if any(isinstance(p, DTensor) for p, _ in pairs) or all(p.dtype == q.dtype for p, q in pairs):
+            return self.module
+        copy_ = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for p, q in zip(copy_.parameters(), like.parameters()):
+                p.data = p.data.to(q.dtype)
+        return copy_
+
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "num_updates": self.num_updates, "gamma": self.gamma}
 

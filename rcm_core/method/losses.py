@@ -205,30 +205,42 @@ def dcm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 # DMD: rollout, generator loss, critic loss
 
-def student_rollout(student: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, *, steps: int,
-                    times_fn, generator: torch.Generator | None,
-                    grad_module: TrigFlowDenoiser | None = None, last_grad: bool = True) -> torch.Tensor:
-    """x̂0 from an N-step student rollout with decreasing random times (rCM §3.1).
+def rollout_draws(shape: torch.Size | tuple[int, ...], steps: int, *, times_fn,
+                  generator: torch.Generator | None, device: torch.device | str,
+                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The random draws of an N-step rollout, (t̂_n, ε_n) for each of its N − 1 re-noisings, in the order the
+    rollout uses them. Drawn up front for the whole batch, so a batch split into micro-batches (gradient
+    accumulation) rolls out with exactly the draws the whole batch would have had."""
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    B = shape[0]
+    return [(times_fn(B), torch.randn(shape, generator=generator, device=device, dtype=dtype))
+            for _ in range(steps - 1)]
 
-    t_1 = π/2; t_n = min(t̂_n, t_{n−1}) with t̂_n ~ p_D; fresh noise at each re-noising; only the last
-    student call carries a gradient (through `grad_module` if given).
+
+def student_rollout(student: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, *,
+                    renoise: list[tuple[torch.Tensor, torch.Tensor]],
+                    grad_module: TrigFlowDenoiser | None = None, last_grad: bool = True) -> torch.Tensor:
+    """x̂0 from an N-step student rollout with decreasing random times (rCM §3.1), N = len(renoise) + 1.
+
+    t_1 = π/2; t_n = min(t̂_n, t_{n−1}) with t̂_n ~ p_D; fresh noise at each re-noising (`renoise`, from
+    `rollout_draws`); only the last student call carries a gradient (through `grad_module` if given).
     """
     B = noise.shape[0]
     t = torch.full((B,), torch.pi / 2, dtype=torch.float64, device=noise.device)
     x = noise
-    for n in range(steps):
-        last = n == steps - 1
-        if last and last_grad and torch.is_grad_enabled():
-            x0_hat = (grad_module or student).f(x, t, cond)
-        else:
+    for n in range(len(renoise) + 1):
+        if n == len(renoise):
+            if last_grad and torch.is_grad_enabled():
+                return (grad_module or student).f(x, t, cond)
             with torch.no_grad():
-                x0_hat = student.f(x, t, cond)
-        if last:
-            return x0_hat
-        t = torch.minimum(times_fn(B), t)
-        eps = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-        x = add_noise(x0_hat.detach(), eps, t).to(noise.dtype)
-    raise ValueError(f"steps must be ≥ 1, got {steps}")
+                return student.f(x, t, cond)
+        with torch.no_grad():
+            x0_hat = student.f(x, t, cond)
+        t_hat, eps = renoise[n]
+        t = torch.minimum(t_hat, t)
+        x = add_noise(x0_hat, eps, t).to(noise.dtype)
+    raise AssertionError("unreachable")
 
 
 def dmd_loss(x0_hat: torch.Tensor, fake: TrigFlowDenoiser, teacher: TrigFlowDenoiser, cond: torch.Tensor, *,
@@ -285,6 +297,7 @@ __all__ = [
     "scm_tangent_fd",
     "scm_tangent_g",
     "scm_tangent_jvp",
+    "rollout_draws",
     "student_rollout",
     "teacher_euler",
 ]

@@ -20,6 +20,7 @@ logic):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,11 +121,12 @@ Layout = BlockCausal | TeacherForcing | Cached | None
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout = None,
-                   layer: int = 0) -> torch.Tensor:
+                   layer: int = 0, primal: str = "fused") -> torch.Tensor:
     """Self-attention of whole sequences q, k, v [B, heads, L, head_dim] under `layout` (None = full); `layer`
     picks the block's entry of a cache. Every case is a `kernels.attention` call (Triton on GPU, differentiable
-    in both modes), so the JVP of sCM and the backward go through all three layouts."""
-    attention, kind = kernels.attention, layout
+    in both modes), so the JVP of sCM and the backward go through all three layouts. `primal` (model.attention)
+    goes to every call; kernels.attention keeps block-causal calls (chunk_sizes) on the fused kernel."""
+    attention, kind = functools.partial(kernels.attention, primal=primal), layout
     if kind is None:
         return attention(q, k, v)
     if isinstance(kind, BlockCausal):

@@ -19,6 +19,13 @@ Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a p
   [first_chunk_t | chunk_t | …], teacher-forcing packing (`tf_context=`), a KV cache for chunk-by-chunk inference
   (`cache=`, `append=`) and per-frame timesteps [B, T] (rcm_core.networks.causal). No weights are added, so one
   checkpoint runs either way.
+- Two speed switches, both off by default and both leaving this one definition in charge (issue 28):
+  `model.attention` (`set_attention`) sends attention calls without a tangent to PyTorch SDPA, and
+  `model.compile: blocks` (`set_compile`) runs each block through one shared `torch.compile` graph, except
+  when a forward-mode tangent is present: inductor returns dual tensors' primals without their tangents
+  (measured on torch 2.13 CPU), so the JVP pass runs the blocks eager, and so does every forward under a
+  causal layout (block-causal, teacher forcing, KV cache). `model.attention` applies to causal forwards too,
+  except that block-causal calls (`chunk_sizes`) always keep the fused kernel (kernels.attention).
 
 Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
 bias (Wan), N(0, 0.02²) for the time/text embedders (Wan), and adaLN-zero (DiT): `time_proj` and every
@@ -28,6 +35,8 @@ and the network outputs 0 at step 0; gradients reach every parameter from the se
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -111,10 +120,11 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
-        # Optional replacement op, called like `causal.self_attention` in self-attention and like
-        # `kernels.attention` in cross-attention; rcm_core.parallel.context installs Ulysses attention in the
-        # self-attention here. The model itself never shards.
+        # Optional replacement op: in self-attention called as `fn(q, k, v, attend=..., primal=...)`, `attend` being
+        # `causal.self_attention` bound to this forward's layout; in cross-attention like `kernels.attention`.
+        # rcm_core.parallel.context installs Ulysses attention in the self-attention here. The model never shards.
         self.attention_fn = None
+        self.primal = "fused"        # kernels.attention's `primal`: model.attention, set by `set_attention`
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)      # [B, L, D] → [B, heads, L, hd]
@@ -131,9 +141,12 @@ class WanAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if context is None:
-            o = (self.attention_fn or self_attention)(q, k, v, layout=layout, layer=layer)
+            attend = functools.partial(self_attention, layout=layout, layer=layer, primal=self.primal)
+            o = attend(q, k, v) if self.attention_fn is None else self.attention_fn(q, k, v, attend=attend,
+                                                                                     primal=self.primal)
         else:
-            o = (self.attention_fn or kernels.attention)(q, k, v, key_padding_mask=key_padding_mask)
+            o = (self.attention_fn or kernels.attention)(q, k, v, key_padding_mask=key_padding_mask,
+                                                         primal=self.primal)
         return self.to_out[0](o.transpose(1, 2).flatten(2).to(x.dtype))
 
 
@@ -163,12 +176,27 @@ class WanTransformerBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
+        self.compile_mode = "none"   # model.compile, set by `set_compile`
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None,
                 layout: Layout = None, layer: int = 0) -> torch.Tensor:
         """e0 [B, 6, dim] (one time per sample) or [B, F, 6, dim] (one per latent frame, x holding F·h·w tokens in
         frame order: the modulation then acts on the view [B, F, h·w, dim], no per-token copy)."""
+        # A causal layout (block-causal, teacher forcing, KV cache) runs eager, the simplest correct choice: a
+        # cache is mutated in place (append) and the layouts are Python objects a graph would guard on or
+        # specialise to per chunk. `primal` still reaches their attention calls (rcm_core.networks.causal).
+        if self.compile_mode == "blocks" and layout is None and not kernels.has_tangent(x, context, e0):
+            # The token count varies between runs (8,190 / 32,760 at 1.3B): one graph symbolic in it, not one
+            # compilation per length. A hint (maybe_): a graph that must specialise still compiles.
+            for t, dim in ((x, 1), (rope[0], 0), (rope[1], 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+            return _compiled_block()(self, x, context, e0, rope, context_mask)
+        return self._forward(x, context, e0, rope, context_mask, layout, layer)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None,
+                 layout: Layout = None, layer: int = 0) -> torch.Tensor:
         dt = e0.dtype                                                       # ≥ fp32
         view, flat = frame_view(x, e0)
         with no_autocast(x.device):
@@ -189,6 +217,41 @@ def frame_view(x: torch.Tensor, mod: torch.Tensor):
         return (lambda t: t), (lambda t: t)
     frames = mod.shape[1]
     return (lambda t: t.unflatten(1, (frames, -1))), (lambda t: t.flatten(1, 2))
+
+
+@functools.cache
+def _compiled_block():
+    """One compiled `WanTransformerBlock._forward` for every block of every network: the block is an argument,
+    so its parameters are graph inputs and all blocks, and the deep copies that make student and fake score,
+    share one graph per (batch, grad mode, attention switch); a compiled bound method would instead hold on to
+    the block it was made from through a deepcopy. The token dimension is marked dynamic at each call."""
+    return torch.compile(WanTransformerBlock._forward)
+
+
+def set_attention(net: nn.Module, primal: str) -> nn.Module:
+    """`model.attention` on a built network, in place: every `WanAttention` in it sends its tangent-free calls
+    to `primal` (kernels.PRIMAL_BACKENDS); the bench flips it to time both paths on one state."""
+    if primal not in kernels.PRIMAL_BACKENDS:
+        raise ValueError(f"model.attention={primal!r}: use one of {kernels.PRIMAL_BACKENDS}")
+    for m in net.modules():
+        if isinstance(m, WanAttention):
+            m.primal = primal
+    if isinstance(getattr(net, "cfg", None), ModelCfg):
+        net.cfg = dataclasses.replace(net.cfg, attention=primal)
+    return net
+
+
+def set_compile(net: nn.Module, mode: str) -> nn.Module:
+    """`model.compile` on a built network, in place: "blocks" compiles each transformer block on its first
+    tangent-free call, "none" runs them eager."""
+    if mode not in ("none", "blocks"):
+        raise ValueError(f"model.compile={mode!r}: use none or blocks")
+    for m in net.modules():
+        if isinstance(m, WanTransformerBlock):
+            m.compile_mode = mode
+    if isinstance(getattr(net, "cfg", None), ModelCfg):
+        net.cfg = dataclasses.replace(net.cfg, compile=mode)
+    return net
 
 
 class WanDiT(nn.Module):
@@ -222,6 +285,8 @@ class WanDiT(nn.Module):
         # checkpoint runs either way, and a run sets it per role (rcm_core.method.distill.build_state).
         self.causal = cfg.causal
         self.chunks = ChunkPattern(cfg.first_chunk_t, cfg.chunk_t)
+        set_attention(self, cfg.attention)
+        set_compile(self, cfg.compile)
         self.reset_parameters()
 
     # -- initialisation ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rcm_core.networks.causal import Layout, self_attention
+import kernels
 
 # ----------------------------------------------------------------------------------------------------------
 # Collectives that are differentiable in both modes
@@ -124,14 +124,17 @@ class UlyssesAttention(_SharedHook):
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Layout = None,
-                 layer: int = 0) -> torch.Tensor:
-        """`causal.self_attention`'s signature. After the all-to-all each rank holds the whole sequence for its
-        heads, so a block-causal or teacher-forcing layout and a KV cache (kept per rank for its heads) apply
-        unchanged: no chunk boundary has to fall on a rank boundary."""
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attend=None,
+                 primal: str = "fused") -> torch.Tensor:
+        """`attend(q, k, v)`: the block's self-attention of whole sequences (the DiT passes
+        `causal.self_attention` bound to its layout, cache entry and `primal` = model.attention; without it,
+        `kernels.attention` with `primal`). After the all-to-all each rank holds the whole sequence for its heads,
+        so a block-causal or teacher-forcing layout and a KV cache (kept per rank for its heads) apply unchanged:
+        no chunk boundary has to fall on a rank boundary. Passed in, not imported: parallel sits below networks."""
+        attend = attend or (lambda q, k, v: kernels.attention(q, k, v, primal=primal))
         # One all-to-all for q, k and v together (and one for their three tangents under JVP).
         qkv = all_to_all(torch.stack([q, k, v]), self.group, scatter_dim=2, gather_dim=3)   # [3, B, H/cp, L, D]
-        o = self_attention(qkv[0], qkv[1], qkv[2], layout=layout, layer=layer)
+        o = attend(qkv[0], qkv[1], qkv[2])
         return all_to_all(o, self.group, scatter_dim=2, gather_dim=1)                      # [B, H, L/cp, D]
 
 

@@ -118,8 +118,12 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
         g = step_generator(cfg.train.seed, dp_rank, state.iteration, device)
         metrics = distill_step(state, batch, cfg, g, grad_student=grad_wrap(state.student) if grad_wrap else None,
                                grad_fake=grad_wrap(state.fake) if grad_wrap and state.fake else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)        # the iteration's own time, not its queued kernels'
         t2 = time.perf_counter()
         wait, busy = wait + (t1 - t0), busy + (t2 - t0)
+        # per kind of iteration: a student update (JVP + DMD) costs several critic updates
+        metrics["seconds_student" if metrics.get("phase_student", 1.0) else "seconds_critic"] = t2 - t1
         history.append(metrics)
         bar.update(1)
         step = state.iteration
@@ -130,6 +134,8 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
             report = _mean(history)
             report["train/data_wait_fraction"] = wait / max(busy, 1e-9)
             report.update({f"train/total_{k}": v for k, v in state.counters.items()})
+            if device.type == "cuda":
+                report["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             # refresh=False: the bar redraws at its own pace (a Ray worker's redraws are each a line in the log)
             bar.set_postfix(loss=f"{report.get('train/loss', float('nan')):.4g}", refresh=False)
             history, wait, busy = [], 0.0, 0.0

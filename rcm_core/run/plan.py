@@ -12,7 +12,8 @@ ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP r
 blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
 unsharded at a time.
 
-Activations (per rank: b = data.batch_size / (dp_replicate·dp_shard) samples of n = tokens/cp tokens):
+Activations (per rank: one micro-batch of m samples of n = tokens/cp tokens, where the rank's batch
+b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-batches, `data.micro_batch_size`):
 - `block_saved_bytes` counts what one Wan block keeps for its backward, per token (bf16 compute, fp32 norms and
   modulation, flash-style attention that keeps q, k, v, o and the row lse, never the n×n matrix); the test
   counts the same bytes from autograd's saved tensors of the real block. Without activation checkpointing the
@@ -26,9 +27,10 @@ These are estimates (`activation_estimate` returns them alone). Against the FSDP
 (1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on) the totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs
 where 66.1 / 35.8 / 31.1 were measured.
 
-Time per iteration scales the measured one-GPU step table of docs/BENCHMARKS.md (Wan2.1-1.3B shape, batch 1)
-by the forward FLOPs of this model and per-rank token count, the per-rank batch, and the run's student : critic
-mix. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
+Time per iteration scales the measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
+this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The table is one
+data file, docs/results/gpu/step_table.json (`read_step_table`), in the format experiments/bench/rcm_step.py writes
+to $OUT as step_table_<variant>.json: re-measuring means copying the adopted variant's file over it. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
 communication and CP all-to-all are not modelled, so it is a lower bound for sharded meshes.
 """
 from __future__ import annotations
@@ -37,7 +39,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,39 +110,37 @@ class Workload:
 
 @dataclass(frozen=True)
 class StepTable:
-    """The measured one-GPU iteration of docs/BENCHMARKS.md: ms per student / critic iteration by tokens."""
+    """A measured one-GPU iteration: ms per student / critic iteration by token count (docs/results/gpu/)."""
     model: ModelCfg
     text_len: int
     tokens: tuple[int, ...]
     student_ms: tuple[float, ...]
     critic_ms: tuple[float, ...]
     card: str
+    source: str = ""             # the file it was read from, for the plan's footer
 
 
 def read_step_table(path: str | Path) -> StepTable | None:
-    """Parse the "One rCM iteration at Wan2.1-1.3B shape" table; None if the file or the rows are missing."""
+    """The step table in `path` (JSON: card, model, text_len, rows of tokens / student_ms / critic_ms, as
+    experiments/bench/rcm_step.py writes it); None if there is no such file, ValueError naming the file and the
+    field if it is malformed."""
     path = Path(path)
     if not path.is_file():
         return None
-    text = path.read_text()
-    start = text.find("## One rCM iteration at Wan2.1-1.3B shape")
-    if start < 0:
-        return None
-    section = text[start:text.find("\n## ", start + 1)]
-    header = next((ln for ln in section.splitlines() if ln.startswith("| part |")), "")
-    tokens = [int(m.replace(",", "")) for m in re.findall(r"([\d,]+) tokens", header)]
-
-    def row(name: str) -> list[float]:
-        line = next((ln for ln in section.splitlines() if ln.startswith(f"| {name} |")), None)
-        cells = [c.strip() for c in line.strip("|").split("|")][1:] if line else []
-        return [float(c) for c in cells[0::2]]          # ms columns; MFU columns between them
-    student, critic = row("rCM student iteration (sCM + DMD)"), row("rCM critic iteration")
-    card = re.search(r"\*\*Card\*\*: ([^,(]+)", section)
-    if not tokens or len(student) != len(tokens) or len(critic) != len(tokens):
-        return None
-    wan13 = ModelCfg(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096)
-    return StepTable(wan13, 512, tuple(tokens), tuple(student), tuple(critic),
-                     card.group(1).strip() if card else "the benchmark card")
+    try:
+        data = json.loads(path.read_text())
+        rows = sorted(data["rows"], key=lambda r: r["tokens"])
+        table = StepTable(model=ModelCfg(**data["model"]), text_len=int(data["text_len"]),
+                          tokens=tuple(int(r["tokens"]) for r in rows),
+                          student_ms=tuple(float(r["student_ms"]) for r in rows),
+                          critic_ms=tuple(float(r["critic_ms"]) for r in rows),
+                          card=str(data["card"]), source=str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"step table {path}: {e!r}; expected the JSON experiments/bench/rcm_step.py writes "
+                         "(card, model, text_len, rows of tokens / student_ms / critic_ms)") from None
+    if not rows or min(table.student_ms + table.critic_ms) <= 0:
+        raise ValueError(f"step table {path}: needs at least one row with positive student_ms and critic_ms")
+    return table
 
 
 def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> float:
@@ -158,6 +157,7 @@ def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int)
 class MeshPlan:
     shape: MeshShape
     checkpointing: bool
+    micro: int = 0                      # samples per forward/backward on one GPU (a divisor of the GPU's batch)
     states: dict[str, float] = field(default_factory=dict)     # bytes per GPU: student, fake, ema, teacher, fsdp
     jvp_peak: float = 0.0
     backward_peak: float = 0.0
@@ -218,7 +218,9 @@ def refuse_reason(shape: MeshShape, *, gpus: int, heads: int, tokens: int, batch
 
 
 def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: float, work: Workload,
-              counts: ParamCounts, checkpointing: bool, table: StepTable | None) -> MeshPlan:
+              counts: ParamCounts, checkpointing: bool, table: StepTable | None, micro: int | None = None) -> MeshPlan:
+    """One mesh's bytes and time. `micro`: samples per forward/backward on a GPU; None = data.micro_batch_size
+    (0 there = the whole per-GPU batch at once)."""
     from rcm_core.method.distill import consistency_term, uses_dmd
 
     m, d = cfg.model, cfg.distill
@@ -231,10 +233,17 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
             plan.refused = f"cp={shape.cp} cannot split block-causal {d.mode} (legal cp: {legal}; README: Causal rCM)"
     if plan.refused:
         return plan
+    per_gpu = work.batch // shape.data_parallel_size
+    micro = cfg.data.micro_batch_size if micro is None else micro
+    plan.micro = micro if 0 < micro < per_gpu else per_gpu
+    if per_gpu % plan.micro:
+        plan.refused = (f"data.micro_batch_size={plan.micro} does not divide the {per_gpu} samples per GPU "
+                        f"(data.batch_size / data-parallel groups)")
+        return plan
     dmd, term = uses_dmd(d), consistency_term(d)
     plan.states = state_bytes(counts, plan.shard, dmd)
     packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
-    b, n = work.batch // shape.data_parallel_size, packed * work.tokens // shape.cp
+    b, n = plan.micro, packed * work.tokens // shape.cp
     graphs = max(1, (term is not None) + dmd)
     plan.jvp_peak, plan.backward_peak = activation_estimate(
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=graphs,
@@ -265,17 +274,33 @@ def seconds_per_iteration(cfg: ExperimentCfg, work: Workload, shape: MeshShape,
     return ms_per_flop * forward_flops(cfg.model, n, work.tokens, work.text_len) * b / 1000
 
 
+def largest_fitting_micro(cfg: ExperimentCfg, shape: MeshShape, **kw) -> MeshPlan:
+    """The mesh planned with the largest micro-batch that fits (fewest accumulation steps: the whole per-GPU
+    batch when it fits), else with a micro-batch of 1 (the smallest there is; it does not fit)."""
+    work = kw["work"]
+    per_gpu = max(work.batch // shape.data_parallel_size, 1)
+    plan = None
+    # sf_dmd does not accumulate gradients (rcm_core.config refuses data.micro_batch_size > 0 for it): whole batch.
+    micros = [per_gpu] if cfg.distill.mode == "sf_dmd" else sorted(_divisors(per_gpu), reverse=True)
+    for micro in micros:
+        plan = plan_mesh(cfg, shape, micro=micro, **kw)
+        if plan.fits or plan.refused:
+            return plan
+    return plan
+
+
 def plan_run(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...], text_len: int,
              table: StepTable | None = None) -> list[MeshPlan]:
-    """Every (dp_replicate, dp_shard, cp) whose product is `gpus`, with activation checkpointing off and on;
-    refused meshes carry their reason. Only DiT models are planned (the MLP toys fit anywhere)."""
+    """Every (dp_replicate, dp_shard, cp) whose product is `gpus`, with activation checkpointing off and on,
+    each with the largest micro-batch that fits (gradient accumulation makes up the global batch); refused meshes
+    carry their reason. Only DiT models are planned (the MLP toys fit anywhere)."""
     if cfg.model.kind != "dit":
         raise ValueError(f"plans cover model.kind=dit; model.kind={cfg.model.kind} is a CPU toy")
     work = Workload.from_config(cfg, latent, text_len)
     counts = count_params(cfg.model)
     shapes = [MeshShape(r, gpus // (r * c), c) for c in _divisors(gpus) for r in _divisors(gpus // c)]
-    return [plan_mesh(cfg, s, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=counts, checkpointing=ac,
-                      table=table) for s in shapes for ac in (False, True)]
+    return [largest_fitting_micro(cfg, s, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=counts,
+                                  checkpointing=ac, table=table) for s in shapes for ac in (False, True)]
 
 
 def recommend(plans: list[MeshPlan]) -> MeshPlan | None:
@@ -302,7 +327,7 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
     head = (f"plan: {cfg.name} ({cfg.distill.mode}), {counts.total / 1e9:.3f}B parameters per net, latent "
             f"{list(latent)} = {work.tokens} tokens, text {text_len}, global batch {work.batch}, on {gpus} GPUs × "
             f"{_gib(gpu_memory)} GiB")
-    cols = ["repl", "shard", "cp", "AC", "b/GPU", "student", "fake", "ema", "teacher", "fsdp", "JVP act",
+    cols = ["repl", "shard", "cp", "AC", "b/GPU", "micro", "student", "fake", "ema", "teacher", "fsdp", "JVP act",
             "bwd act", "total GiB", "fits", "s/iter"]
     rows = []
     for p in plans:
@@ -310,7 +335,7 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
             continue
         s = p.states
         rows.append([p.shape.dp_replicate, p.shape.dp_shard, p.shape.cp, "on" if p.checkpointing else "off",
-                     work.batch // p.shape.data_parallel_size, _gib(s["student"]), _gib(s["fake"]), _gib(s["ema"]),
+                     work.batch // p.shape.data_parallel_size, p.micro, _gib(s["student"]), _gib(s["fake"]), _gib(s["ema"]),
                      _gib(s["teacher"]), _gib(s["fsdp"]), _gib(p.jvp_peak), _gib(p.backward_peak), _gib(p.total),
                      "yes" if p.fits else "NO", f"{p.seconds:.2f}" if p.seconds is not None else "-"])
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c)) for i, c in enumerate(cols)]
@@ -323,14 +348,15 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
     best = recommend(plans)
     lines.append("")
     if best is None:
-        lines.append(f"recommended: none fits {_gib(gpu_memory)} GiB; lower data.batch_size (per-GPU batch), "
-                     f"turn on model.activation_checkpointing, or add GPUs")
+        lines.append(f"recommended: none fits {_gib(gpu_memory)} GiB even at data.micro_batch_size=1; turn on "
+                     f"model.activation_checkpointing, or add GPUs")
     else:
         lines.append(f"recommended: parallel.dp_replicate={best.shape.dp_replicate} parallel.dp_shard="
                      f"{best.shape.dp_shard} parallel.cp={best.shape.cp} model.activation_checkpointing="
-                     f"{str(best.checkpointing).lower()}  ({_gib(best.total)} of {_gib(gpu_memory)} GiB"
+                     f"{str(best.checkpointing).lower()} data.micro_batch_size={best.micro}  "
+                     f"({_gib(best.total)} of {_gib(gpu_memory)} GiB"
                      + (f", ~{best.seconds:.2f} s/iteration" if best.seconds is not None else "") + ")")
-    timing = f"scaled from the {table.card} step table (docs/BENCHMARKS.md), compute only" if table else (
+    timing = f"scaled from the {table.card} step table ({table.source}), compute only" if table else (
         "no step table found")
     lines.append(f"time: {timing}; memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
     return "\n".join(lines)
@@ -353,9 +379,10 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
     why = p.refused or (f"needs ~{_gib(p.total)} GiB per GPU (states {_gib(sum(p.states.values()))}, activations "
                         f"{_gib(max(p.jvp_peak, p.backward_peak))}) but the GPUs have {_gib(gpu_memory)} GiB")
     best = recommend(plan_run(cfg, gpus=gpus, gpu_memory=gpu_memory, latent=latent, text_len=text_len))
-    hint = ("no mesh fits: lower data.batch_size or add GPUs" if best is None else
+    hint = ("no mesh fits even at data.micro_batch_size=1: add GPUs" if best is None else
             f"try parallel.dp_replicate={best.shape.dp_replicate} parallel.dp_shard={best.shape.dp_shard} "
-            f"parallel.cp={best.shape.cp} model.activation_checkpointing={str(best.checkpointing).lower()}")
+            f"parallel.cp={best.shape.cp} model.activation_checkpointing={str(best.checkpointing).lower()} "
+            f"data.micro_batch_size={best.micro}")
     return (f"mesh (dp_replicate={shape.dp_replicate}, dp_shard={shape.dp_shard}, cp={shape.cp}) will not fit: "
             f"{why}; {hint} (python workflows/plan.py --config … for the whole table)")
 

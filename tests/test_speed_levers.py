@@ -1,0 +1,283 @@
+"""The speed levers of issue 28, checked on CPU: the SDPA switch for tangent-free attention, regional
+torch.compile of the DiT block, the wide D=64 autotune space and the official-kernel loader of kernels.bench.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_speed_levers.py -q
+
+Bars: both attention paths and both block paths compute the same function, so in float64 they differ only by
+round-off; the observed differences (printed by each test, seeded) are 1e-16–1e-14 relative, and the bars sit at
+1e-12, two orders above, yet far below any real error (a wrong mask, scale or dropped term is ≥ 1e-3).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import kernels
+import kernels.flash_jvp as katt
+from rcm_core.config import ModelCfg
+from rcm_core.networks import build_network
+from rcm_core.networks.dit import set_attention, set_compile
+
+BAR = 1e-12
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _qkv(gen, B=2, H=3, Lq=7, Lk=9, D=8):
+    return [torch.randn(B, H, L, D, generator=gen, dtype=torch.float64, requires_grad=True)
+            for L in (Lq, Lk, Lk)]
+
+
+@pytest.mark.parametrize("primal", ["sdpa_grad", "sdpa"])
+def test_sdpa_primal_matches_fused_outputs_and_grads_float64(primal):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(gen)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1] = False                       # a sample with no valid key: output 0 on both paths
+    do = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64)
+    outs = {}
+    for how in ("fused", primal):
+        o = kernels.attention(q, k, v, key_padding_mask=mask, scale=0.3, primal=how)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        outs[how] = (o.detach(), *grads)
+    errs = [_rel(a, b) for a, b in zip(outs[primal], outs["fused"])]
+    print("relative differences o, dq, dk, dv:", errs)
+    assert max(errs) < BAR
+    assert torch.equal(outs[primal][0][1], torch.zeros_like(outs[primal][0][1]))
+
+
+def test_sdpa_dispatch_rules(monkeypatch):
+    """SDPA runs only for tangent-free calls: with grad (sdpa_grad), or always (sdpa); a dual tensor or a
+    torch.func.jvp wrapper always takes the fused path; an unknown switch value raises."""
+    calls = []
+    real = katt._sdpa
+    monkeypatch.setattr(katt, "_sdpa", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (x.detach() for x in _qkv(gen))
+    used = lambda: bool(calls and not calls.clear())          # noqa: E731  (read and reset)
+    kernels.attention(q.requires_grad_(), k, v, primal="sdpa_grad")
+    assert used()
+    with torch.no_grad():
+        kernels.attention(q, k, v, primal="sdpa_grad")
+        assert not used()
+        kernels.attention(q, k, v, primal="sdpa")
+        assert used()
+        with fwAD.dual_level():
+            o = kernels.attention(fwAD.make_dual(q, torch.ones_like(q)), k, v, primal="sdpa")
+            assert not used() and fwAD.unpack_dual(o).tangent is not None
+    torch.func.jvp(lambda a: kernels.attention(a, k, v, primal="sdpa"), (q.detach(),), (torch.ones_like(q),))
+    assert not used()
+    with pytest.raises(ValueError, match="primal='flash'"):
+        kernels.attention(q, k, v, primal="flash")
+
+
+def test_fused_path_is_opaque_to_torch_compile():
+    """Under torch.compile the fused path is a graph break (its Triton launch and autotuner stay eager) and
+    gives the eager result; SDPA is traced into the graph. The eager backend: no inductor compile needed here."""
+    from torch._dynamo.utils import counters
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (x.detach() for x in _qkv(gen))
+    for primal, breaks in (("fused", True), ("sdpa", False)):
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(lambda a, b, c: kernels.attention(a, b, c, primal=primal) * 2, backend="eager")
+        with torch.no_grad():
+            assert torch.equal(fn(q, k, v), kernels.attention(q, k, v, primal=primal) * 2)
+        assert bool(counters["graph_break"]) == breaks, dict(counters["graph_break"])
+
+
+def _dit(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = build_network(ModelCfg(kind="dit", in_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                                 text_dim=16, dtype="float64", activation_checkpointing=True, **kw))
+    for p in net.parameters():                       # off adaLN-zero's identity start: a real function
+        torch.nn.init.normal_(p, std=0.2)
+    return net
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor([300.0, 700.0], dtype=torch.float64)
+    ctx = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    x_dot = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    return x, t, ctx, mask, x_dot, torch.tensor([0.5, -1.0], dtype=torch.float64)
+
+
+def _run(net):
+    """(output, parameter grads, JVP primal, JVP tangent) of the network on fixed inputs, with activation
+    checkpointing in the backward and the dual-tensor JVP pass (rcm_core's training path)."""
+    x, t, ctx, mask, x_dot, t_dot = _inputs()
+    out = net(x, t, ctx, cond_mask=mask)
+    grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    with torch.no_grad(), fwAD.dual_level():
+        y = net(fwAD.make_dual(x, x_dot), fwAD.make_dual(t, t_dot), ctx, cond_mask=mask)
+        primal, tangent = fwAD.unpack_dual(y)
+    assert tangent is not None
+    return [out.detach(), *grads, primal, tangent]
+
+
+def test_dit_attention_switch_keeps_outputs_grads_and_tangent():
+    net = _dit()
+    ref = _run(net)
+    for primal in ("sdpa_grad", "sdpa"):
+        set_attention(net, primal)
+        assert net.cfg.attention == primal and all(b.attn1.primal == primal for b in net.blocks)
+        errs = [_rel(a, b) for a, b in zip(_run(net), ref)]
+        print(primal, "max relative difference over output, grads, JVP:", max(errs))
+        assert max(errs) < BAR
+    assert _dit(attention="sdpa").blocks[1].attn2.primal == "sdpa"      # the config key reaches every layer
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_and_keep_the_tangent():
+    """Inductor on CPU at a tiny shape: output, every parameter gradient and the JVP pass's tangent with
+    `model.compile=blocks` equal eager; the two blocks, a deep copy and another token count share one compiled
+    graph. ~1–2 min on a loaded 2-core box (inductor compiles C++ for the forward and the backward)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    net = _dit(attention="sdpa")
+    ref = _run(net)
+    set_compile(net, "blocks")
+    got = _run(net)
+    errs = [_rel(a, b) for a, b in zip(got, ref)]
+    print("compiled vs eager, max relative difference:", max(errs), "graphs:", dict(counters["stats"]))
+    assert max(errs) < BAR
+    graphs = counters["stats"]["unique_graphs"]
+    x, t, ctx, mask = _inputs()[:4]
+    copy.deepcopy(net)(x, t, ctx, cond_mask=mask)                     # a copy (student from teacher) reuses it
+    longer = torch.cat([x, x], dim=2)                                 # twice the tokens: the same graph
+    assert torch.isfinite(net(longer, t, ctx, cond_mask=mask)).all()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_wide_d64_space_adds_tiles_at_head_dim_64_only(monkeypatch):
+    pytest.importorskip("triton")
+    wide = katt._fwd_configs("wide")
+    extra = {katt._tile(c) for c in wide} - set(katt._FWD_TILES)
+    assert extra == set(katt._WIDE_D64_TILES) - set(katt._FWD_TILES) and extra
+    for d, tangent in ((64, True), (64, False), (128, True), (128, False), (256, True)):
+        kept = {katt._tile(c) for c in katt._prune_fwd(wide, {}, BLOCK_D=d, HAS_TANGENT=tangent)}
+        narrow = {katt._tile(c) for c in katt._prune_fwd(katt._fwd_configs(), {}, BLOCK_D=d, HAS_TANGENT=tangent)}
+        assert kept == (narrow | extra if d == 64 else narrow)
+    monkeypatch.setenv("RCM_KERNELS_D64_SPACE", "huge")
+    with pytest.raises(ValueError, match="RCM_KERNELS_D64_SPACE='huge'"):
+        katt.d64_space()
+
+
+def test_peer_kernel_loader(tmp_path, capsys):
+    """kernels.bench --peer-kernel: a file shaped like the official one (top-level einops and flash-attn
+    imports, an `attention` entry) loads whether or not those packages exist; a missing file or entry is refused."""
+    from kernels.bench import load_peer
+    peer = tmp_path / "peer.py"
+    peer.write_text("from einops import rearrange\n"
+                    "from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_varlen_backward\n"
+                    "def attention(q, k, v, tq, tk, tv, sm_scale=None):\n    return q, tq\n")
+    mod = load_peer(str(peer))
+    assert mod.attention(1, 2, 3, 4, 5, 6, 0.1) == (1, 4)
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        assert "stand-ins raise" in capsys.readouterr().out
+        with pytest.raises(RuntimeError, match="_flash_attn_backward is a stand-in"):
+            mod._flash_attn_backward()
+    with pytest.raises(SystemExit, match="no such file"):
+        load_peer(str(tmp_path / "missing.py"))
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="no callable `attention"):
+        load_peer(str(tmp_path / "bad.py"))
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+def test_gpu_bf16_levers_stay_within_the_fused_paths_error():
+    """On CUDA in bf16 (the training precision) through a 2-block DiT at head dim 128: output, parameter
+    gradients and JVP tangent of `sdpa_grad`, `sdpa` and `sdpa_grad` + compiled blocks, each measured against the
+    same network in float64, err at most 2× the baseline's (fused kernel, eager) error plus a 1e-3 floor: the
+    flash-attention rule the kernel tests use. The bar: a CPU dry run of this test in bf16 (the PyTorch twin in
+    the fused path's place, no compile) gave baseline errors of 3e-3–3e-2 and SDPA errors within 0.7–1.4× of
+    them (worst at 0.76 of the budget). `pytest -m gpu tests/test_speed_levers.py` (~1 min with the compile)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    cfg = dict(kind="dit", in_channels=16, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64,
+               activation_checkpointing=True)
+    ref_net = build_network(ModelCfg(**cfg, dtype="float64")).cuda()
+    for p in ref_net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    net = build_network(ModelCfg(**cfg, dtype="bfloat16")).cuda()
+    net.load_state_dict(ref_net.state_dict())
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 4, 16, 16, device="cuda", generator=gen)
+    x_dot = torch.randn(x.shape, device="cuda", generator=gen)
+    t, t_dot = torch.tensor([400.0], device="cuda"), torch.tensor([0.5], device="cuda")
+    ctx = torch.randn(1, 32, 64, device="cuda", generator=gen)
+
+    def run(m, dt):
+        out = m(x.to(dt), t.to(dt), ctx.to(dt))
+        grads = torch.autograd.grad(out.double().square().sum(), list(m.parameters()))
+        with torch.no_grad(), fwAD.dual_level():
+            y = m(fwAD.make_dual(x.to(dt), x_dot.to(dt)), fwAD.make_dual(t.to(dt), t_dot.to(dt)), ctx.to(dt))
+            tangent = fwAD.unpack_dual(y).tangent
+        return [out.detach().double(), *(g.double() for g in grads), tangent.double()]
+
+    ref = run(ref_net, torch.float64)
+    base = [_rel(a, b) for a, b in zip(run(net, torch.float32), ref)]
+    for attention, compile_mode in (("sdpa_grad", "none"), ("sdpa", "none"), ("sdpa_grad", "blocks")):
+        set_attention(net, attention)
+        set_compile(net, compile_mode)
+        errs = [_rel(a, b) for a, b in zip(run(net, torch.float32), ref)]
+        worst = max(e / (2 * b + 1e-3) for e, b in zip(errs, base))
+        print(attention, compile_mode, "worst error / budget:", worst)
+        assert worst <= 1.0, (attention, compile_mode, errs, base)
+
+
+def test_block_causal_calls_keep_the_fused_kernel_and_primal_reaches_causal_layouts(monkeypatch):
+    """Issue 28 × issue 30: a block-causal call (chunk_sizes) runs the fused kernel whatever `primal` says (no dense
+    mask for SDPA); the DiT's `model.attention` reaches the KV-cache calls of a causal network (SDPA there, same
+    output in float64); `model.compile: blocks` leaves forwards under a causal layout eager."""
+    from rcm_core.networks import dit
+    from rcm_core.networks.causal import KVCache
+    calls = []
+    real = katt._sdpa
+    monkeypatch.setattr(katt, "_sdpa", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(gen, Lq=9, Lk=9)
+    ref = kernels.attention_ref(q, k, v, chunk_sizes=(4, 5))
+    for primal in kernels.PRIMAL_BACKENDS:
+        assert _rel(kernels.attention(q, k, v, chunk_sizes=(4, 5), primal=primal), ref) < BAR
+        with torch.no_grad():
+            assert _rel(kernels.attention(q, k, v, chunk_sizes=(4, 5), primal=primal), ref) < BAR
+    assert not calls
+    cfg = ModelCfg(kind="dit", in_channels=4, patch_size=[1, 2, 2], dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                   freq_dim=16, text_dim=8, num_classes=4, label_tokens=2, dtype="float64", causal=True)
+    torch.manual_seed(0)
+    net = build_network(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = torch.randn(2, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
+    t, label = torch.full((2,), 500.0, dtype=torch.float64), torch.tensor([1, 2])
+
+    def stream(primal: str) -> torch.Tensor:
+        set_attention(net, primal)
+        cache = KVCache()
+        with torch.no_grad():
+            return torch.cat([net(x[:, :, i:i + 1], t, label, cache=cache, append=True) for i in range(2)], dim=2)
+
+    fused = stream("fused")
+    assert not calls
+    assert _rel(stream("sdpa"), fused) < BAR and calls
+    monkeypatch.setattr(dit, "_compiled_block", lambda: pytest.fail("a causal layout reached the compiled block"))
+    set_compile(net, "blocks")
+    with torch.no_grad():
+        assert _rel(net(x, t, label), fused) < 1e-10           # one block-causal forward = the cached stream
+    assert _rel(stream("sdpa"), fused) < BAR
