@@ -1,11 +1,20 @@
 """Attention kernels with forward-mode (JVP) support, each with a pure-PyTorch twin of the same signature.
 
-`attention(q, k, v, *, scale=None, key_padding_mask=None, primal="fused") -> o` and
-`attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, key_padding_mask=None, return_lse=False) -> (o, o_t[, lse, lse_t])`,
-tensors laid out [batch, heads, seq, head_dim]; key_padding_mask is bool [batch, seq_k], True = attend.
+`attention(q, k, v, *, scale=None, key_padding_mask=None, chunk_sizes=None, primal="fused") -> o` and
+`attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, key_padding_mask=None, chunk_sizes=None, return_lse=False)
+-> (o, o_t[, lse, lse_t])`, tensors laid out [batch, heads, seq, head_dim]; key_padding_mask is bool
+[batch, seq_k], True = attend. chunk_sizes (block-causal, issue 30): a tuple of positive ints, the token counts
+of consecutive chunks, summing to the sequence length, with q and k the same sequence; query tokens of chunk i
+attend key tokens of chunks 0..i; None = full attention. A wrong sum or Lq ≠ Lk raises a one-line ValueError.
+Forward, forward-mode JVP (torch.func.jvp / forward_ad through `attention`) and backward all take it; the Triton
+kernels skip the key tiles a query tile cannot see and mask only the tiles a chunk boundary crosses.
+`block_causal_mask(chunk_sizes)` is the same pattern as a bool [L, L] matrix (True = attend).
+primal (`PRIMAL_BACKENDS`, issue 28): "fused" | "sdpa_grad" | "sdpa" sends tangent-free calls to PyTorch SDPA;
+calls with a tangent (`has_tangent`) and block-causal calls always run the fused kernel.
 Both run the Triton kernels (kernels/_triton_attention.py) on CUDA and under TRITON_INTERPRET=1, and the
 PyTorch twins (kernels/reference.py) otherwise. `merge_attention_partials` merges results over key blocks.
-Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`.
+Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`
+(block-causal vs unmasked: `python -m kernels.bench --block-causal`).
 """
 from kernels.flash_jvp import (
            PRIMAL_BACKENDS,
@@ -16,7 +25,7 @@ from kernels.flash_jvp import (
            merge_attention_partials,
            use_triton,
 )
-from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref
+from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref, block_causal_mask
 
 __all__ = [
            "PRIMAL_BACKENDS",
@@ -26,6 +35,7 @@ __all__ = [
            "attention_jvp_lse_ref",
            "attention_jvp_ref",
            "attention_ref",
+           "block_causal_mask",
            "has_tangent",
            "merge_attention_partials",
            "use_triton",

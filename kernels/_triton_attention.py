@@ -1,7 +1,7 @@
 """Triton kernels: fused attention forward + JVP (one online-softmax pass) and an FA2-style backward.
 
 Only `@triton.jit` functions live here; launchers, dispatch, autotuning and autograd are in
-`kernels/attention.py`. That module loads this file twice (once compiled for the GPU, once under the
+`kernels/flash_jvp.py`. That module loads this file twice (once compiled for the GPU, once under the
 Triton interpreter) because `triton.jit` chooses its mode when it decorates, and tests switch
 `TRITON_INTERPRET=1` on at call time. Test: `pytest tests/test_kernels.py`.
 
@@ -19,6 +19,13 @@ and finish with o = acc/l, μ = r/l, ȯ = acc_t/l − μ·o, lse = m + log l, ls
     and exp2: μ and the P̃⊙Ṡ product need the true tangent logits.
   * No normalisation inside the loop: all four running sums share the factor exp2(−m), so one α rescales
     them and the division by l happens once at the end (DMF renormalises every step; that costs more).
+
+Block-causal masks (HAS_CHUNKS, issue 30). CHUNK_END[i] is the end of token i's chunk and CHUNK_START[j] its
+start, so query i sees keys j < CHUNK_END[i], and key j is seen by queries i ≥ CHUNK_START[j]; both arrays are
+non-decreasing. A query tile therefore sees a key PREFIX: the key tiles below its first row's end are fully
+visible (no mask at all), those up to its last row's end are partially visible (the only masked tiles), and the
+rest are never loaded. The dK/dV pass is the mirror image over query tiles. The same two-loop split peels the
+ragged last key tile off the unmasked kernel, so its full tiles skip the bounds masks too.
 """
 import triton
 import triton.language as tl
@@ -67,15 +74,82 @@ def _key_valid(MASK, offs_n, LK, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, O, OT, LSE, LSET,
+def _tile_valid(MASK_base, offs_n, LK, CHUNK_END, offs_m, LQ, HAS_MASK: tl.constexpr, KEY_MASK: tl.constexpr,
+                CHUNK_MASK: tl.constexpr):
+    # [rows, keys] (or [1, keys]) validity of a score tile: the padding mask / ragged end (KEY_MASK) and the
+    # block-causal prefix offs_n < CHUNK_END[row] (CHUNK_MASK). Only called on tiles that need one of them. The
+    # rows' chunk ends are loaded here, per masked tile, rather than kept in registers through the unmasked loop
+    # (which spilled more on sm_90 when they were).
+    if CHUNK_MASK:
+        row_end = tl.load(CHUNK_END + offs_m, mask=offs_m < LQ, other=0)
+    if KEY_MASK:
+        valid = _key_valid(MASK_base, offs_n, LK, HAS_MASK)[None, :]
+        if CHUNK_MASK:
+            valid = valid & (offs_n[None, :] < row_end[:, None])
+    else:
+        valid = offs_n[None, :] < row_end[:, None]
+    return valid
+
+
+@triton.jit
+def _tile_bounds(CHUNK, n_rows, first, BLOCK: tl.constexpr):
+    # The chunk bound of a tile's first and last row: the arrays are non-decreasing, so the tile's min and max.
+    lo = tl.load(CHUNK + first)
+    hi = tl.load(CHUNK + tl.minimum(first + BLOCK, n_rows) - 1)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+              m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
+              HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+              IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online-softmax forward (+ tangent) update. IN_BOUNDS: every key row exists."""
+    offs_kn = start_n + offs_n
+    k = _load_rows(K_base, offs_kn, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D)
+    v = _load_rows(V_base, offs_kn, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
+    if KEY_MASK or CHUNK_MASK:
+        valid = _tile_valid(MASK_base, offs_kn, LK, CHUNK_END, offs_m, LQ, HAS_MASK, KEY_MASK, CHUNK_MASK)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p_lp = p.to(k.dtype)
+    acc = _dot(p_lp, v, acc * alpha[:, None], UPCAST, PREC)
+    if HAS_TANGENT:
+        kt = _load_rows(KT_base, offs_kn, offs_d, s_tkn, LK, D, IN_BOUNDS, EVEN_D)
+        vt = _load_rows(VT_base, offs_kn, offs_d, s_tvn, LK, D, IN_BOUNDS, EVEN_D)
+        # Ṡ = Q̇Kᵀ + QK̇ᵀ: one accumulator over the doubled inner dimension.
+        st = _dot(qt, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
+        st = _dot(q, tl.trans(kt), st, UPCAST, PREC)
+        if KEY_MASK or CHUNK_MASK:
+            st = tl.where(valid, st, 0.0)        # Ṡ = 0 off the valid keys: 0·(garbage) can be NaN
+        hm = p * (st * scale)                    # P̃⊙Ṡ in natural units
+        r_i = r_i * alpha + tl.sum(hm, 1)
+        # P̃·V̇ + (P̃⊙Ṡ)·V into ONE accumulator. Casting P̃⊙Ṡ to the input dtype is the largest bf16
+        # rounding in the kernel (jvp_attention.md §2); it is what a bf16 PyTorch JVP does too.
+        acc_t = _dot(p_lp, vt, acc_t * alpha[:, None], UPCAST, PREC)
+        acc_t = _dot(hm.to(k.dtype), v, acc_t, UPCAST, PREC)
+    return m_new, l_i, r_i, acc, acc_t
+
+
+@triton.jit
+def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   s_tqb, s_tqh, s_tqm, s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn, s_mb,
                   H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
-                  HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr,
+                  UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """One program = BLOCK_M query rows of one (batch, head); streams all key blocks once."""
+    """One program = BLOCK_M query rows of one (batch, head); streams the key tiles it can see once."""
     pid_m = tl.program_id(0)
+    if HAS_CHUNKS:
+        # Later query tiles see more keys: launch them first so the short ones fill the tail of the grid.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -88,6 +162,7 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, O, OT, LSE, LSET,
     VT_base = VT + b * s_tvb + h * s_tvh
     MASK_base = MASK + b * s_mb
     q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
+    qt = q
     if HAS_TANGENT:
         qt = _load_rows(QT + b * s_tqb + h * s_tqh, offs_m, offs_d, s_tqm, LQ, D, EVEN_M, EVEN_D)
     qk_scale = scale * _LOG2E
@@ -97,36 +172,27 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, O, OT, LSE, LSET,
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    NEED_KMASK: tl.constexpr = HAS_MASK or (not EVEN_N)
-    for start_n in range(0, LK, BLOCK_N):
-        offs_kn = start_n + offs_n
-        k = _load_rows(K_base, offs_kn, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
-        v = _load_rows(V_base, offs_kn, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
-        if NEED_KMASK:
-            valid = _key_valid(MASK_base, offs_kn, LK, HAS_MASK)
-            s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p_lp = p.to(k.dtype)
-        acc = _dot(p_lp, v, acc * alpha[:, None], UPCAST, PREC)
-        if HAS_TANGENT:
-            kt = _load_rows(KT_base, offs_kn, offs_d, s_tkn, LK, D, EVEN_N, EVEN_D)
-            vt = _load_rows(VT_base, offs_kn, offs_d, s_tvn, LK, D, EVEN_N, EVEN_D)
-            # Ṡ = Q̇Kᵀ + QK̇ᵀ: one accumulator over the doubled inner dimension.
-            st = _dot(qt, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
-            st = _dot(q, tl.trans(kt), st, UPCAST, PREC)
-            if NEED_KMASK:
-                st = tl.where(valid[None, :], st, 0.0)   # Ṡ = 0 off the valid keys: 0·(garbage) can be NaN
-            hm = p * (st * scale)                        # P̃⊙Ṡ in natural units
-            r_i = r_i * alpha + tl.sum(hm, 1)
-            # P̃·V̇ + (P̃⊙Ṡ)·V into ONE accumulator. Casting P̃⊙Ṡ to the input dtype is the largest bf16
-            # rounding in the kernel (jvp_attention.md §2); it is what a bf16 PyTorch JVP does too.
-            acc_t = _dot(p_lp, vt, acc_t * alpha[:, None], UPCAST, PREC)
-            acc_t = _dot(hm.to(k.dtype), v, acc_t, UPCAST, PREC)
-        m_i = m_new
+    if HAS_CHUNKS:
+        lo_end, hi_end = _tile_bounds(CHUNK_END, LQ, pid_m * BLOCK_M, BLOCK_M)
+    else:
+        lo_end = LK                                        # every row sees every key
+        hi_end = LK
+    # Key tiles [0, n_full) are visible to every row of this tile; [n_full, hi_end) only in part.
+    n_full = (lo_end // BLOCK_N) * BLOCK_N
+    TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, r_i, acc, acc_t = _fwd_tile(
+            q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+            m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
+            HAS_TANGENT, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False, BLOCK_M, BLOCK_N)
+    # Without chunks this is the ragged last tile (none when EVEN_N: then not even compiled); with chunks the
+    # tiles a chunk boundary crosses, whose block-causal mask also covers keys past LK (chunk ends are <= LK).
+    if HAS_CHUNKS or not EVEN_N:
+        for start_n in range(n_full, hi_end, BLOCK_N):
+            m_i, l_i, r_i, acc, acc_t = _fwd_tile(
+                q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+                m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
+                HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
     # Fully masked rows (l = 0) give o = ȯ = 0 and lse = -inf (the right weight for merging partials).
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o = acc * inv_l[:, None]
@@ -157,14 +223,41 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, MASK, LSE, DELTA, DK, DV,
+def _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
+               dk, dv, s_qm, LQ, D, qk_scale,
+               UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr,
+               CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
+    offs_m = start_m + offs_m0
+    q = _load_rows(Q_base, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D)
+    do = _load_rows(DO_base, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D)
+    lse, delta = _row_stats(LSE_row, DELTA_row, offs_m, LQ)
+    s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+               UPCAST, PREC) * qk_scale
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if CHUNK_MASK:
+        row_end = tl.load(CHUNK_END + offs_m, mask=offs_m < LQ, other=0)
+        p_t = tl.where(key_ok[:, None] & (offs_n[:, None] < row_end[None, :]), p_t, 0.0)
+    else:
+        p_t = tl.where(key_ok[:, None], p_t, 0.0)
+    dv = _dot(p_t.to(q.dtype), do, dv, UPCAST, PREC)
+    dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
                    H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
-                   HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """dK, dV for BLOCK_N keys: stream query blocks, recompute Pᵀ from the saved lse (FA2 backward).
-    dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is exact too."""
+    """dK, dV for BLOCK_N keys: stream the query tiles that see them, recompute Pᵀ from the saved lse (FA2
+    backward). dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is
+    exact too. With chunks, query tiles before the keys' chunk are skipped and only the tiles a chunk
+    boundary crosses are masked."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -174,38 +267,68 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
     v = _load_rows(V + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
-    valid = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
+    key_ok = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
     Q_base = Q + b * s_qb + h * s_qh
     DO_base = DO + pid_bh * LQ * D
+    LSE_row = LSE + pid_bh * LQ
+    DELTA_row = DELTA + pid_bh * LQ
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, LQ, BLOCK_M):
-        offs_m = start_m + offs_m0
-        q = _load_rows(Q_base, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
-        do = _load_rows(DO_base, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
-        lse, delta = _row_stats(LSE + pid_bh * LQ, DELTA + pid_bh * LQ, offs_m, LQ)
-        s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PREC) * qk_scale
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        p_t = tl.where(valid[:, None], p_t, 0.0)
-        dv = _dot(p_t.to(q.dtype), do, dv, UPCAST, PREC)
-        dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST, PREC)
+    # Query tiles [m_lo, m_full) see these keys in part (masked); [m_full, LQ) see them all.
+    if HAS_CHUNKS:
+        first_start, last_start = _tile_bounds(CHUNK_START, LK, pid_n * BLOCK_N, BLOCK_N)
+        m_lo = (first_start // BLOCK_M) * BLOCK_M
+        m_full = ((last_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_full = 0
+    # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
+    for start_m in range(m_full, LQ, BLOCK_M):
+        dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                            offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, EVEN_M, EVEN_D, False,
+                            BLOCK_M, BLOCK_N)
+    if HAS_CHUNKS:
+        for start_m in range(m_lo, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                                offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
+                                BLOCK_M, BLOCK_N)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, MASK, LSE, DELTA, DQ,
+def _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d, dq,
+             s_kn, s_vn, LK, D, qk_scale,
+             HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
+             EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile's contribution to dQ."""
+    offs_n = start_n + offs_n0
+    k = _load_rows(K_base, offs_n, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D)
+    v = _load_rows(V_base, offs_n, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if KEY_MASK or CHUNK_MASK:
+        p = tl.where(_tile_valid(MASK_base, offs_n, LK, CHUNK_END, offs_m, LQ, HAS_MASK, KEY_MASK, CHUNK_MASK), p, 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
+    ds = p * (dp - delta[:, None])
+    return _dot(ds.to(q.dtype), k, dq, UPCAST, PREC)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
                  H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
-                 HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                 HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """dQ for BLOCK_M query rows: stream key blocks (a separate pass, so no atomics are needed)."""
+    """dQ for BLOCK_M query rows: stream the key tiles they see (a separate pass, so no atomics are needed);
+    the same full / partial / skipped split of key tiles as the forward."""
     pid_m = tl.program_id(0)
+    if HAS_CHUNKS:
+        pid_m = tl.num_programs(0) - 1 - pid_m     # longest rows first, as in the forward
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -217,18 +340,24 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, LSE, DELTA, DQ,
     lse, delta = _row_stats(LSE + pid_bh * LQ, DELTA + pid_bh * LQ, offs_m, LQ)
     K_base = K + b * s_kb + h * s_kh
     V_base = V + b * s_vb + h * s_vh
+    MASK_base = MASK + b * s_mb
     qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, LK, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_rows(K_base, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
-        v = _load_rows(V_base, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if HAS_MASK or (not EVEN_N):
-            p = tl.where(_key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(q.dtype), k, dq, UPCAST, PREC)
+    if HAS_CHUNKS:
+        lo_end, hi_end = _tile_bounds(CHUNK_END, LQ, pid_m * BLOCK_M, BLOCK_M)
+    else:
+        lo_end = LK
+        hi_end = LK
+    n_full = (lo_end // BLOCK_N) * BLOCK_N
+    TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
+                      dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
+                      BLOCK_M, BLOCK_N)
+    if HAS_CHUNKS or not EVEN_N:
+        for start_n in range(n_full, hi_end, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
+                          offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,
+                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
     dq = dq * scale
     _store_rows(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)

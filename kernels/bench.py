@@ -17,16 +17,26 @@ git-ignored .gpu/ folder):
 TFLOP/s, ours/peer speed and the max |o − o_peer|, |ȯ − ȯ_peer| (the two must compute the same thing).
 `--d64-space both` times our D=64 rows twice, with the default autotune space and with the wide one
 (RCM_KERNELS_D64_SPACE=wide, kernels/flash_jvp.py), in the same process.
+
+Block-causal masks (issue 30): `python -m kernels.bench --block-causal` times the same kernels with
+`chunk_sizes` against the unmasked kernel at the default Wan 480p × 81-frame shape, 21 chunks of one latent
+frame (1,560 tokens each, 32,760 in all), H=12, D=128, bf16; one row per pass (fwd+JVP, fwd, bwd) and a CSV in
+$OUT when set. Its TFLOP/s count only the attended (query, key) pairs (52.4 % of L² at 21 equal chunks), i.e.
+the useful work; the bar is fwd+JVP ≥ 1.7× the unmasked kernel's speed. On CPU it runs under the interpreter at
+tiny shapes: `TRITON_INTERPRET=1 python -m kernels.bench --block-causal --chunks 5x50 --dim 32 --heads 32:1
+--dtype fp32` (perf_counter timings there, which say nothing about the GPU).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import importlib.util
 import json
 import os
 import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -207,8 +217,159 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
         raise argparse.ArgumentTypeError(f"--shapes {text!r}: give D:H:N items, e.g. 64:24:8192,128:12:16384")
 
 
+# ------------------------------------------------------------------------------- block-causal rows
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Model FLOPs per attended (q, k) pair and head dim, as in the table above: forward 2 GEMMs (4), fwd+JVP 6 (12),
+# backward 2.5× the forward (10, the FA2 convention; our two-pass backward recomputes QKᵀ once more).
+_FLOPS_PER_PAIR_D = {"fwd+JVP": 12.0, "fwd": 4.0, "bwd": 10.0}
+
+
+def parse_chunks(spec: str) -> tuple[int, ...]:
+    """'21x1560' -> 21 chunks of 1560 tokens; '3x40,1x8' -> (40, 40, 40, 8); '500,77' -> (500, 77)."""
+    sizes: list[int] = []
+    for part in spec.split(","):
+        n, _, size = part.partition("x")
+        sizes += [int(size)] * int(n) if size else [int(n)]
+    return tuple(sizes)
+
+
+def attended_pairs(chunks: tuple[int, ...]) -> int:
+    """(query, key) pairs a block-causal mask lets through: chunk i's queries see the keys of chunks 0..i."""
+    seen, pairs = 0, 0
+    for c in chunks:
+        seen += c
+        pairs += c * seen
+    return pairs
+
+
+def tile_counts(chunks: tuple[int, ...], block_m: int, block_n: int) -> tuple[int, int, int]:
+    """(full, partial, all) key tiles over the forward's query tiles, by the kernel's own loop bounds: a query
+    tile loads key tiles up to its last row's chunk end, and those below its first row's end need no mask."""
+    ends = [e for i, c in enumerate(chunks) for e in [sum(chunks[:i + 1])] * c]
+    L = len(ends)
+    full = partial = 0
+    for m0 in range(0, L, block_m):
+        lo, hi = ends[m0], ends[min(m0 + block_m, L) - 1]
+        n_full = lo // block_n
+        full += n_full
+        partial += -(-hi // block_n) - n_full
+    return full, partial, -(-L // block_m) * -(-L // block_n)
+
+
+def _timer(device: str):
+    if device == "cuda":
+        import triton
+        return lambda fn: triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+
+    def cpu_ms(fn, reps: int = 3) -> float:        # the interpreter: proves the command runs, times nothing real
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return cpu_ms
+
+
+def _fwd_tile_shape(device: str) -> tuple[int, int]:
+    """The (BLOCK_M, BLOCK_N) the latest fwd+JVP launch ran with: the autotuner's pick on the GPU, else the
+    fixed config."""
+    from kernels import flash_jvp as katt
+    if device == "cuda" and katt._autotune():
+        best = getattr(katt._launcher("_attn_fwd_jvp", False, True), "best_config", None)
+        if best is not None:
+            return best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"]
+    cfg = katt._fixed_config("_attn_fwd_jvp", 128, False)
+    return cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+
+def bench_block_causal(chunks: tuple[int, ...], H: int, D: int, dtype: torch.dtype, device: str) -> list[dict]:
+    """Rows (fwd+JVP, fwd, bwd): unmasked vs block-causal time, speed-up, TFLOP/s on attended pairs."""
+    from kernels.flash_jvp import _bwd, _fwd
+    L = sum(chunks)
+    gen = torch.Generator(device=device).manual_seed(L + D)
+    q, k, v, qt, kt, vt, do = (torch.randn(1, H, L, D, device=device, dtype=dtype, generator=gen) for _ in range(7))
+    time_ms = _timer(device)
+    o_full, lse_full = _fwd(q, k, v)
+    o_bc, lse_bc = _fwd(q, k, v, chunk_sizes=chunks)
+    passes = {
+        "fwd+JVP": (lambda: _fwd(q, k, v, qt, kt, vt), lambda: _fwd(q, k, v, qt, kt, vt, chunk_sizes=chunks)),
+        "fwd": (lambda: _fwd(q, k, v), lambda: _fwd(q, k, v, chunk_sizes=chunks)),
+        "bwd": (lambda: _bwd(do, q, k, v, o_full, lse_full),
+                lambda: _bwd(do, q, k, v, o_bc, lse_bc, chunk_sizes=chunks)),
+    }
+    pairs_full, pairs_bc = float(L) * L, float(attended_pairs(chunks))
+    rows = []
+    for name, (full_fn, bc_fn) in passes.items():
+        full_ms, bc_ms = time_ms(full_fn), time_ms(bc_fn)
+        if name == "fwd+JVP":
+            bm, bn = _fwd_tile_shape(device)        # read now: the tuner's best_config is its latest launch
+        per_ms = _FLOPS_PER_PAIR_D[name] * H * D * 1e-9          # TFLOP/s = pairs·flops / (ms·1e9)
+        rows.append({"pass": name, "device": device, "L": L, "chunks": len(chunks), "H": H, "D": D, "dtype": str(dtype).split(".")[-1],
+                     "unmasked_ms": full_ms, "block_causal_ms": bc_ms, "speedup": full_ms / bc_ms,
+                     "unmasked_tflops": pairs_full * per_ms / full_ms, "block_causal_tflops": pairs_bc * per_ms / bc_ms,
+                     "attended_share": pairs_bc / pairs_full})
+    full, partial, total = tile_counts(chunks, bm, bn)
+    for r in rows:
+        r.update({"fwd_tile": f"{bm}x{bn}", "tiles_loaded_share": (full + partial) / total,
+                  "tiles_masked_share": partial / total})
+    # Sanity on the timed outputs: the last chunk sees every key (equal to the unmasked pass there), and the first
+    # chunk equals the unmasked kernel over its own tokens.
+    c0, cl = chunks[0], chunks[-1]
+    o_first, _ = _fwd(q[:, :, :c0], k[:, :, :c0], v[:, :, :c0])
+    check = max((o_bc[:, :, L - cl:] - o_full[:, :, L - cl:]).abs().max().item(),
+                (o_bc[:, :, :c0] - o_first).abs().max().item())
+    for r in rows:
+        r["check_max_abs_diff"] = check
+    return rows
+
+
+def block_causal_table(rows: list[dict], bar: float = 1.7) -> str:
+    head = ("| pass | L (chunks) | H×D | unmasked ms | block-causal ms | speed-up | unmasked TFLOP/s | "
+            "block-causal TFLOP/s (attended pairs) | key tiles loaded / masked (fwd tile) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['pass']} | {r['L']} ({r['chunks']}) | {r['H']}×{r['D']} | {r['unmasked_ms']:.3f} | "
+                     f"{r['block_causal_ms']:.3f} | {r['speedup']:.2f}× | {r['unmasked_tflops']:.3g} | "
+                     f"{r['block_causal_tflops']:.3g} | {r['tiles_loaded_share']:.1%} / {r['tiles_masked_share']:.1%} "
+                     f"({r['fwd_tile']}) |")
+    jvp = next(r for r in rows if r["pass"] == "fwd+JVP")
+    verdict = ("not judged: interpreter timings" if jvp["device"] != "cuda"
+               else "met" if jvp["speedup"] >= bar else "MISSED")
+    lines.append(f"\nattended pairs: {jvp['attended_share']:.1%} of L²; fwd+JVP speed-up {jvp['speedup']:.2f}× "
+                 f"(bar ≥ {bar}×: {verdict}); check: block-causal vs unmasked on the first and last chunk, "
+                 f"max |Δ| = {jvp['check_max_abs_diff']:.3g}")
+    return "\n".join(lines)
+
+
+def main_block_causal(args, n_heads: int) -> None:
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not interpret and not torch.cuda.is_available():
+        raise SystemExit("error: --block-causal needs a CUDA GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    device = "cpu" if interpret else "cuda"
+    chunks = parse_chunks(args.chunks)
+    card = "CPU, Triton interpreter" if interpret else torch.cuda.get_device_name()
+    print(f"# {card} torch {torch.__version__} triton {__import__('triton').__version__} {args.dtype}; "
+          f"chunks {args.chunks} = {len(chunks)} chunks, {sum(chunks)} tokens", flush=True)
+    rows = bench_block_causal(chunks, n_heads, args.dim, _DTYPES[args.dtype], device)
+    print(block_causal_table(rows))
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], "block_causal_bench.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"csv: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--block-causal", action="store_true", help="only the block-causal vs unmasked rows")
+    ap.add_argument("--chunks", default="21x1560", help="block-causal chunk sizes, e.g. 21x1560 or 3x40,1x8")
+    ap.add_argument("--dim", type=int, default=128, help="head dim of the block-causal rows")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="dtype of the block-causal rows")
     ap.add_argument("--seqs", default="1024,4096,8192,16384,32768")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--heads", default="64:24,128:12", help="head count per head dim (B=1)")
@@ -222,6 +383,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))
+    if args.block_causal:
+        if args.dim not in heads:
+            raise SystemExit(f"error: --heads {args.heads} names no head count for --dim {args.dim}: add {args.dim}:H")
+        return main_block_causal(args, heads[args.dim])
     shapes = args.shapes or [(d, heads[d], n) for d in map(int, args.dims.split(","))
                              for n in map(int, args.seqs.split(","))]
     peer = load_peer(args.peer_kernel) if args.peer_kernel else None

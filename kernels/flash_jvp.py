@@ -1,14 +1,17 @@
 """Fused attention forward + JVP on Triton: launchers, autotuning, autograd, dispatch and partial merging.
 
 Public entry points (re-exported by `kernels`):
-  attention(q, k, v, *, scale=None, key_padding_mask=None, primal="fused") -> o
+  attention(q, k, v, *, scale=None, key_padding_mask=None, chunk_sizes=None, primal="fused") -> o
       reverse-mode (Triton FA2-style backward) and forward-mode (its `jvp` runs the fused pass) differentiable,
       so `torch.func.jvp`, `torch.autograd.forward_ad` and plain training all work through it. `primal` picks
       what runs when no tangent is present (`PRIMAL_BACKENDS`): "fused" = our kernel everywhere; "sdpa_grad" =
       PyTorch SDPA (cuDNN / flash on CUDA) for calls that record a gradient; "sdpa" = SDPA for every call
-      without a tangent. A call carrying a tangent always runs the fused forward+JVP pass.
-  attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, key_padding_mask=None, return_lse=False)
+      without a tangent. A call carrying a tangent always runs the fused forward+JVP pass, and so does every
+      block-causal call (chunk_sizes set), whatever `primal` says.
+  attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, key_padding_mask=None, chunk_sizes=None, return_lse=False)
       -> (o, o_t) or (o, o_t, lse, lse_t): the fused single pass, no L×L tensor.
+  chunk_sizes (q, k one sequence): block-causal, query chunk i attends key chunks 0..i; the kernels skip the key
+      tiles a query tile cannot see (about half the work at many chunks) and mask only those a boundary crosses.
   merge_attention_partials(parts) merges results over disjoint key blocks exactly (ring / context parallel).
 Dispatch: Triton on CUDA tensors, and on any tensor while TRITON_INTERPRET=1 (read at call time); else the
 PyTorch twins in kernels/reference.py. Test: `pytest tests/test_kernels.py`; bench: `python -m kernels.bench`.
@@ -29,7 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref
+from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref, check_chunk_sizes
 
 
 class AttnPartial(NamedTuple):
@@ -136,7 +139,7 @@ _EVEN = {
     "EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0,
     "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
 }
-_TUNE_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_MASK", "UPCAST", "PREC"]
+_TUNE_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_MASK", "HAS_CHUNKS", "UPCAST", "PREC"]
 
 
 def _autotune() -> bool:
@@ -207,8 +210,19 @@ def _bucket(n: int) -> int:
     return 1 << max(4, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=32)
+def _chunk_bounds(chunk_sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CHUNK_END, CHUNK_START) int32 [L]: each token's chunk end (exclusive) and start. Cached, so a training
+    loop with a fixed chunk layout copies them to the device once."""
+    sizes = torch.tensor(chunk_sizes, dtype=torch.int64)
+    ends = torch.cumsum(sizes, 0)
+    end = torch.repeat_interleave(ends, sizes)
+    start = torch.repeat_interleave(ends - sizes, sizes)
+    return end.to(device, torch.int32), start.to(device, torch.int32)
+
+
 def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-            key_padding_mask: torch.Tensor | None) -> dict:
+            key_padding_mask: torch.Tensor | None, chunk_sizes: tuple[int, ...] | None = None) -> dict:
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     if k.shape != (B, H, LK, D) or v.shape != (B, H, LK, D):
@@ -222,11 +236,14 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     mask = q if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
     if key_padding_mask is not None and mask.shape != (B, LK):
         raise ValueError(f"key_padding_mask {tuple(mask.shape)} != [B, Lk] = {(B, LK)}")
+    chunks = check_chunk_sizes(chunk_sizes, LQ, LK)
+    chunk_end, chunk_start = (q, q) if chunks is None else _chunk_bounds(chunks, q.device)
     return {"H": H, "LQ": LQ, "LK": LK, "D": D, "scale": float(1.0 / math.sqrt(D) if scale is None else scale),
-                "LQ_KEY": _bucket(LQ), "LK_KEY": _bucket(LK), "mask": mask, "s_mb": mask.stride(0) if mask.dim() == 2 else 0,
-                "HAS_MASK": key_padding_mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D)),
-                "UPCAST": q.dtype == torch.bfloat16 and _interpret(),
-                "PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+            "LQ_KEY": _bucket(LQ), "LK_KEY": _bucket(LK), "mask": mask, "s_mb": mask.stride(0) if mask.dim() == 2 else 0,
+            "HAS_MASK": key_padding_mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D)),
+            "chunk_end": chunk_end, "chunk_start": chunk_start, "HAS_CHUNKS": chunks is not None,
+            "UPCAST": q.dtype == torch.bfloat16 and _interpret(),
+            "PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
 def _resolve_scale(scale: float | None, q: torch.Tensor) -> float:
@@ -237,10 +254,10 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=None):
+def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=None, chunk_sizes=None):
     """Launch the fused pass. Without tangents it is a plain flash forward that also writes lse."""
     q, k, v = (_unit_stride(x) for x in (q, k, v))
-    c = _common(q, k, v, scale, key_padding_mask)
+    c = _common(q, k, v, scale, key_padding_mask, chunk_sizes)
     tangent = q_t is not None
     if tangent:
         q_t, k_t, v_t = (_unit_stride(t.to(q.dtype)) for t in (q_t, k_t, v_t))
@@ -252,18 +269,19 @@ def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=
     o_t = _empty((B, H, LQ, D), q, q.dtype) if tangent else o
     lse_t = _empty((B, H, LQ), q, torch.float32) if tangent else lse
     grid = lambda meta: (_cdiv(LQ, meta["BLOCK_M"]), B * H)
-    _run("_attn_fwd_jvp", grid, q, k, v, q_t, k_t, v_t, c["mask"], o, o_t, lse, lse_t,
+    _run("_attn_fwd_jvp", grid, q, k, v, q_t, k_t, v_t, c["mask"], c["chunk_end"], o, o_t, lse, lse_t,
          *_strides(q), *_strides(k), *_strides(v), *_strides(q_t), *_strides(k_t), *_strides(v_t), c["s_mb"],
          c["H"], LQ, c["LK"], D, c["scale"], c["LQ_KEY"], c["LK_KEY"],
-         HAS_TANGENT=tangent, HAS_MASK=c["HAS_MASK"], UPCAST=c["UPCAST"], PREC=c["PREC"], BLOCK_D=c["BLOCK_D"])
+         HAS_TANGENT=tangent, HAS_MASK=c["HAS_MASK"], HAS_CHUNKS=c["HAS_CHUNKS"], UPCAST=c["UPCAST"],
+         PREC=c["PREC"], BLOCK_D=c["BLOCK_D"])
     return (o, o_t, lse, lse_t) if tangent else (o, lse)
 
 
-def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None):
+def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, chunk_sizes=None):
     """FA2-style backward from the saved lse: delta = rowsum(dO⊙O) − dlse, then a dK/dV pass over key blocks
     and a dQ pass over query blocks (two launches, no atomics)."""
     q, k, v = (_unit_stride(x) for x in (q, k, v))
-    c = _common(q, k, v, scale, key_padding_mask)
+    c = _common(q, k, v, scale, key_padding_mask, chunk_sizes)
     B, H, LQ, D = q.shape
     LK = c["LK"]
     do = do.to(q.dtype).contiguous()
@@ -276,11 +294,13 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None):
     dv = _empty((B, H, LK, D), q, q.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
               c["LQ_KEY"], c["LK_KEY"])
-    flags = {"HAS_MASK": c["HAS_MASK"], "UPCAST": c["UPCAST"], "PREC": c["PREC"], "BLOCK_D": c["BLOCK_D"]}
+    flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
+             "BLOCK_D": c["BLOCK_D"]}
+    bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
-         q, k, v, do, c["mask"], lse, delta, dk, dv, *common, **flags)
+         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
-         q, k, v, do, c["mask"], lse, delta, dq, *common, **flags)
+         q, k, v, do, *bounds, lse, delta, dq, *common, **flags)
     return dq, dk, dv
 
 
@@ -291,14 +311,15 @@ def _cdiv(a: int, b: int) -> int:
 # The fused pass as a custom op: a Function's `jvp` rule runs on functorch-wrapped tensors under
 # torch.func.jvp, which a raw kernel launch cannot read; a custom op is dispatched down to plain tensors.
 @torch.library.custom_op("rcm_kernels::attention_fwd_jvp", mutates_args=(), schema=(
-    "(Tensor q, Tensor k, Tensor v, Tensor q_t, Tensor k_t, Tensor v_t, Tensor? mask, float scale)"
-    " -> (Tensor, Tensor, Tensor, Tensor)"))
-def _fwd_jvp_op(q, k, v, q_t, k_t, v_t, mask, scale):
-    return _fwd(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=mask)
+    "(Tensor q, Tensor k, Tensor v, Tensor q_t, Tensor k_t, Tensor v_t, Tensor? mask, float scale,"
+    " int[]? chunk_sizes) -> (Tensor, Tensor, Tensor, Tensor)"))
+def _fwd_jvp_op(q, k, v, q_t, k_t, v_t, mask, scale, chunk_sizes):
+    chunks = None if chunk_sizes is None else tuple(chunk_sizes)
+    return _fwd(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=mask, chunk_sizes=chunks)
 
 
 @_fwd_jvp_op.register_fake
-def _(q, k, v, q_t, k_t, v_t, mask, scale):
+def _(q, k, v, q_t, k_t, v_t, mask, scale, chunk_sizes):
     o = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     return o, torch.empty_like(o), lse, torch.empty_like(lse)
@@ -310,32 +331,33 @@ class _Attention(torch.autograd.Function):
     """o (and lse) from the Triton forward; backward = Triton FA2 backward; jvp = the fused pass."""
 
     @staticmethod
-    def forward(q, k, v, scale, key_padding_mask):
-        return _fwd(q, k, v, scale=scale, key_padding_mask=key_padding_mask)
+    def forward(q, k, v, scale, key_padding_mask, chunk_sizes):
+        return _fwd(q, k, v, scale=scale, key_padding_mask=key_padding_mask, chunk_sizes=chunk_sizes)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, mask = inputs
+        q, k, v, scale, mask, chunk_sizes = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
-        ctx.scale, ctx.mask = _resolve_scale(scale, q), mask
+        ctx.scale, ctx.mask, ctx.chunks = _resolve_scale(scale, q), mask, chunk_sizes
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale=ctx.scale, key_padding_mask=ctx.mask, dlse=dlse)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale=ctx.scale, key_padding_mask=ctx.mask, dlse=dlse,
+                          chunk_sizes=ctx.chunks)
+        return dq, dk, dv, None, None, None
 
     @staticmethod
-    def jvp(ctx, q_t, k_t, v_t, scale_t, mask_t):
+    def jvp(ctx, q_t, k_t, v_t, scale_t, mask_t, chunks_t):
         # Forward AD has already run forward(); this recomputes the primal inside the fused pass (its P·V
         # GEMM is 1 of 6), which is cheaper than a separate tangent-only kernel would be to maintain.
         q, k, v = ctx.saved_tensors[:3]
         q_t, k_t, v_t = (torch.zeros_like(x) if t is None else t for x, t in zip((q, k, v), (q_t, k_t, v_t)))
-        _, o_t, _, lse_t = _fwd_jvp_op(q, k, v, q_t, k_t, v_t, ctx.mask, ctx.scale)
+        _, o_t, _, lse_t = _fwd_jvp_op(q, k, v, q_t, k_t, v_t, ctx.mask, ctx.scale, ctx.chunks)
         return o_t, lse_t
 
 
@@ -344,15 +366,15 @@ class _AttentionJVP(torch.autograd.Function):
     never differentiate the tangent (it is a detached target), so a gradient reaching o_t raises."""
 
     @staticmethod
-    def forward(q, k, v, q_t, k_t, v_t, scale, key_padding_mask):
-        return _fwd(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask)
+    def forward(q, k, v, q_t, k_t, v_t, scale, key_padding_mask, chunk_sizes):
+        return _fwd(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask, chunk_sizes=chunk_sizes)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, *_, scale, mask = inputs
+        q, k, v, *_, scale, mask, chunk_sizes = inputs
         o, _, lse, _ = output
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.mask = scale, mask
+        ctx.scale, ctx.mask, ctx.chunks = scale, mask, chunk_sizes
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -363,8 +385,9 @@ class _AttentionJVP(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale=ctx.scale, key_padding_mask=ctx.mask, dlse=dlse)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale=ctx.scale, key_padding_mask=ctx.mask, dlse=dlse,
+                          chunk_sizes=ctx.chunks)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------------- public API
@@ -373,20 +396,27 @@ PRIMAL_BACKENDS = ("fused", "sdpa_grad", "sdpa")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              key_padding_mask: torch.Tensor | None = None, primal: str = "fused") -> torch.Tensor:
-    """softmax(scale·q kᵀ) v over [B, H, L, D]; differentiable in reverse and forward mode. `primal` (module
-    docstring) sends tangent-free calls to SDPA; tangents always take the fused kernel, since SDPA's fused
-    backends have no forward-mode rule (and its MATH backend materialises L×L)."""
+              key_padding_mask: torch.Tensor | None = None, chunk_sizes: Sequence[int] | None = None,
+              primal: str = "fused") -> torch.Tensor:
+    """softmax(scale·q kᵀ) v over [B, H, L, D]; differentiable in reverse and forward mode. chunk_sizes: token
+    counts of consecutive chunks of the one sequence q and k share (block-causal: chunk i sees chunks 0..i).
+    `primal` (module docstring) sends tangent-free calls to SDPA; tangents always take the fused kernel, since
+    SDPA's fused backends have no forward-mode rule (and its MATH backend materialises L×L)."""
     if primal not in PRIMAL_BACKENDS:
         raise ValueError(f"attention primal={primal!r}: use one of {PRIMAL_BACKENDS}")
+    chunks = check_chunk_sizes(chunk_sizes, q.shape[-2], k.shape[-2])
     # Inside torch.compile the tangent check is skipped: a compiled DiT block only runs tangent-free calls
     # (rcm_core's blocks run eager when a tangent is present, since inductor drops forward-AD tangents).
+    # Block-causal calls (chunks set) keep the fused kernel whatever `primal` says: SDPA would need a dense
+    # [L, L] mask (1 GiB of bool at 32,760 tokens) that also shuts out its flash backend, while our kernel
+    # skips the key tiles a query tile cannot see. The simplest correct choice; one code path for the mask.
     tangent_free = torch.compiler.is_compiling() or not has_tangent(q, k, v)
-    if primal != "fused" and (primal == "sdpa" or torch.is_grad_enabled()) and tangent_free:
+    if (chunks is None and primal != "fused" and (primal == "sdpa" or torch.is_grad_enabled())
+            and tangent_free):
         return _sdpa(q, k, v, scale, key_padding_mask)
     if torch.compiler.is_compiling():
-        return _fused_opaque()(q, k, v, scale, key_padding_mask)
-    return _fused_attention(q, k, v, scale, key_padding_mask)
+        return _fused_opaque()(q, k, v, scale, key_padding_mask, chunks)
+    return _fused_attention(q, k, v, scale, key_padding_mask, chunks)
 
 
 _OPAQUE: list = []
@@ -403,15 +433,16 @@ def _fused_opaque():
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                     key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+                     key_padding_mask: torch.Tensor | None, chunks: tuple[int, ...] | None) -> torch.Tensor:
     if not use_triton(q):
-        return attention_ref(q, k, v, scale=scale, key_padding_mask=key_padding_mask)
+        return attention_ref(q, k, v, scale=scale, key_padding_mask=key_padding_mask, chunk_sizes=chunks)
     duals = _forward_ad_inputs(q, k, v)
     if duals is not None:
         (q, k, v), tangents = duals
-        o, o_t = attention_jvp(q, k, v, *tangents, scale=scale, key_padding_mask=key_padding_mask)
+        o, o_t = attention_jvp(q, k, v, *tangents, scale=scale, key_padding_mask=key_padding_mask,
+                               chunk_sizes=chunks)
         return fwAD.make_dual(o, o_t)
-    o, _ = _Attention.apply(q, k, v, scale, key_padding_mask)
+    o, _ = _Attention.apply(q, k, v, scale, key_padding_mask, chunks)
     return o
 
 
@@ -453,15 +484,18 @@ def _forward_ad_inputs(*xs: torch.Tensor):
 def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, *,
                   scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-                  return_lse: bool = False) -> tuple[torch.Tensor, ...]:
+                  chunk_sizes: Sequence[int] | None = None, return_lse: bool = False) -> tuple[torch.Tensor, ...]:
     """(o, o_t) of attention and its JVP in one fused pass; with return_lse also the row log-sum-exp
-    lse [B, H, Lq] (fp32, natural log, -inf on fully masked rows) and its tangent lse_t = Σ_j P_ij·Ṡ_ij."""
+    lse [B, H, Lq] (fp32, natural log, -inf on fully masked rows) and its tangent lse_t = Σ_j P_ij·Ṡ_ij.
+    chunk_sizes as in `attention` (block-causal)."""
+    chunks = check_chunk_sizes(chunk_sizes, q.shape[-2], k.shape[-2])
+    masks = {"key_padding_mask": key_padding_mask, "chunk_sizes": chunks}
     if use_triton(q):
-        out = _AttentionJVP.apply(q, k, v, q_t, k_t, v_t, scale, key_padding_mask)
+        out = _AttentionJVP.apply(q, k, v, q_t, k_t, v_t, scale, key_padding_mask, chunks)
     elif return_lse:
-        out = attention_jvp_lse_ref(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask)
+        out = attention_jvp_lse_ref(q, k, v, q_t, k_t, v_t, scale=scale, **masks)
     else:
-        return attention_jvp_ref(q, k, v, q_t, k_t, v_t, scale=scale, key_padding_mask=key_padding_mask)
+        return attention_jvp_ref(q, k, v, q_t, k_t, v_t, scale=scale, **masks)
     return tuple(out) if return_lse else (out[0], out[1])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import types
@@ -50,6 +51,10 @@ class ModelCfg:
     depth: int = 4                          # mlp only: residual blocks
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"   # parameter / compute dtype
     activation_checkpointing: bool = False  # dit: recompute each block in backward (long video latents)
+    causal: bool = False                    # dit: block-causal student over chunks of latent frames (Causal rCM);
+                                            # no extra weights, so the same (Wan) checkpoints load
+    first_chunk_t: int = 1                  # latent frames of the first chunk (official presets 1-1, 3-3, 1-4)
+    chunk_t: int = 1                        # latent frames of every later chunk
     # dit, issue 28: which kernel runs attention calls that carry no tangent. fused = our Triton kernel for
     # every pass; sdpa_grad = PyTorch SDPA (cuDNN / flash on CUDA) for the with-grad passes; sdpa = SDPA for every
     # tangent-free pass, no-grad forwards too. The JVP pass always runs the fused forward+JVP kernel.
@@ -78,7 +83,10 @@ class TeacherCfg:
 class DistillCfg:
     # Which terms the student minimises: rcm = sCM + λ·DMD, scm, dmd, dcm (discrete-time CM, no JVP) and
     # dcm_dmd = dCM + λ·DMD (official cm_type=dcm). Each is the same code with a term swapped or off.
-    mode: Literal["rcm", "scm", "dmd", "dcm", "dcm_dmd"] = "rcm"
+    # Causal rCM (model.causal=true; official training_type): tf (teacher-forcing diffusion fine-tune with the
+    # clean context), df (diffusion forcing: one time per chunk), tf_dcm / tf_scm (teacher-forcing consistency
+    # from a causal teacher), sf_dmd (self-forcing DMD: bidirectional teacher + fake score on student rollouts).
+    mode: Literal["rcm", "scm", "dmd", "dcm", "dcm_dmd", "tf", "df", "tf_dcm", "tf_scm", "sf_dmd"] = "rcm"
     scm_loss_scale: float = 100.0           # official code's loss_scale
     reg_weight: float = 0.01                # λ: DMD weight relative to sCM (code: DMD scale 1 = λ·100)
     tangent: Literal["jvp", "finite_difference"] = "jvp"
@@ -97,6 +105,19 @@ class DistillCfg:
     dcm_total_steps: int = 48               # dCM: N, Δu = 1/N on the shifted RF time grid (official default 48)
     dcm_skip: int = 1                       # dCM: k teacher Euler steps between the two times (official 1)
     dcm_shift: float = 5.0                  # dCM: RF time shift of that grid (official 5)
+    student_checkpoint: str = ""            # the student's starting weights (a file of save_teacher, e.g. a tf_dcm
+                                            # run's ema_student.pt, or Wan weights); "" = a copy of the teacher.
+                                            # Causal recipe: sf_dmd starts from the tf_dcm/tf_scm student
+    sf_steps_per_chunk: list[int] = field(default_factory=list)   # sf_dmd: most rollout steps per chunk, last
+                                            # repeating, non-increasing (official [4, 2]); [] = max_rollout_steps
+    sf_mid_t: list[list[float]] = field(default_factory=list)     # sf_dmd: intermediate TrigFlow times per chunk
+                                            # entry (official RF [[15/16, 5/6, 5/8], [5/6]]); [] = sampler.mid_t
+    chunk_context: Literal["clean", "last_step"] = "clean"   # causal: the context a chunk leaves (official
+                                            # context_from_last_step): re-encoded at t = 0, or its last step's keys/
+                                            # values at its longest schedule's last time (teacher forcing then
+                                            # trains with the context noised to that time; evaluation streams so)
+    last_step_from_chunk: int = 0           # chunk_context=last_step from this chunk on; earlier ones clean (official
+                                            # context_from_last_step_start_chunk; its 2-step preset uses 1)
 
 
 @dataclass(kw_only=True)
@@ -497,6 +518,11 @@ def validate(cfg: ExperimentCfg) -> None:
     _require(m.time_scale > 0, "model.time_scale", m.time_scale, "must be positive (Wan: 1000, trained here: 10)")
     _require(m.dim % m.num_heads == 0, "model.dim", m.dim,
              f"must be divisible by model.num_heads={m.num_heads}")
+    _require(m.first_chunk_t >= 1 and m.chunk_t >= 1, "model.chunk_t", [m.first_chunk_t, m.chunk_t],
+             "model.first_chunk_t and model.chunk_t count latent frames and must be ≥ 1 (official: 1 and 1)")
+    _require(not m.causal or (m.kind == "dit" and m.patch_size[0] == 1), "model.causal", m.causal,
+             "a block-causal network is the DiT with one latent frame per token frame: model.kind=dit, "
+             "model.patch_size=[1, ph, pw]")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "give two values in [0, 1), e.g. [0.0, 0.999]")
     _require(o.lr > 0 and o.fake_lr > 0, "optim.lr", o.lr, "learning rates must be positive")
@@ -515,10 +541,37 @@ def validate(cfg: ExperimentCfg) -> None:
              "must lie in [0, 1)")
     _require(cfg.ema.sigma_rel > 0 and cfg.ema.sigma_rel < 0.28, "ema.sigma_rel", cfg.ema.sigma_rel,
              "must lie in (0, 0.28) (EDM2 power-EMA; paper 0.05)")
+    _validate_causal(cfg)
     _validate_parallel(cfg)
     if cfg.data.source == "dataset":
         _require(cfg.data.url != "", "data.url", cfg.data.url,
                  "data.source=dataset needs data.url (a folder or s3://bucket/prefix with manifest.json)")
+
+
+CAUSAL_MODES = ("tf", "df", "tf_dcm", "tf_scm", "sf_dmd")
+
+
+def _validate_causal(cfg: ExperimentCfg) -> None:
+    """Causal modes train a block-causal network (the bidirectional modes refuse one in build_state: a config
+    holding only a causal student's model section, as sample.py builds, stays valid)."""
+    m, d = cfg.model, cfg.distill
+    _require(m.causal or d.mode not in CAUSAL_MODES, "model.causal", m.causal,
+             f"distill.mode={d.mode} trains a block-causal network: set model.causal=true")
+    # sf_dmd's self-forcing rollout draws its re-noisings between the chunks' forwards, not up front for the whole
+    # batch, so gradient accumulation could not split it into micro-batches with the whole batch's draws
+    # (rcm_core.method.distill); tf, df, tf_scm and tf_dcm accumulate like the bidirectional modes.
+    _require(d.mode != "sf_dmd" or cfg.data.micro_batch_size == 0, "data.micro_batch_size", cfg.data.micro_batch_size,
+             "distill.mode=sf_dmd does not accumulate gradients (its rollout draws per chunk): use 0")
+    _require(d.last_step_from_chunk >= 0, "distill.last_step_from_chunk", d.last_step_from_chunk,
+             "a chunk index, ≥ 0 (0: every chunk leaves its last step's context)")
+    s = d.sf_steps_per_chunk
+    _require(all(n >= 1 for n in s) and all(a >= b for a, b in itertools.pairwise(s)), "distill.sf_steps_per_chunk", s,
+             "give positive, non-increasing step counts, e.g. [4, 2] (4 for the first chunk, 2 after)")
+    mids = d.sf_mid_t or [cfg.sampler.mid_t]
+    for i, n in enumerate(s or [d.max_rollout_steps]):
+        mid = mids[min(i, len(mids) - 1)]
+        _require(len(mid) >= n - 1, "distill.sf_mid_t", d.sf_mid_t,
+                 f"a {n}-step chunk needs {n - 1} intermediate times, entry {min(i, len(mids) - 1)} has {len(mid)}")
 
 
 def _validate_parallel(cfg: ExperimentCfg) -> None:

@@ -6,7 +6,8 @@
 batch (rcm_core.method.distill), so the comparison is exact up to summation order: the tiny DiT runs in float64
 and the bars are 1e-10 absolute / 1e-9 relative on gradients of O(1e-2..1) (observed differences ~1e-16).
 Cases: sCM (the JVP through attention), dCM, and rCM's three kinds of iteration (sCM warm-up, sCM + DMD, critic),
-on one process, under FSDP2 (2 gloo ranks) and under Ulysses CP (2 ranks).
+on one process, under FSDP2 (2 gloo ranks) and under Ulysses CP (2 ranks); the causal modes tf, df, tf_scm, tf_dcm
+(block-causal student, teacher-forcing contexts drawn up front) on one process; sf_dmd refuses micro-batches.
 """
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ ATOL, RTOL = 1e-10, 1e-9
 BATCH = 4
 
 
-def cfg_for(mode: str, micro: int):
+CAUSAL_MODES = ("tf", "df", "tf_scm", "tf_dcm", "sf_dmd")
+
+
+def cfg_for(mode: str, micro: int, **distill_kw):
     distill = {"mode": mode, "tangent_warmup": 1 if mode == "rcm" else 0, "student_update_freq": 2,
-               "max_rollout_steps": 3}
-    return from_dict({"model": TINY, "distill": distill, "data": {"batch_size": BATCH, "micro_batch_size": micro},
+               "max_rollout_steps": 3, **distill_kw}
+    model = {**TINY, "causal": True, "first_chunk_t": 1, "chunk_t": 1} if mode in CAUSAL_MODES else TINY
+    return from_dict({"model": model, "distill": distill, "data": {"batch_size": BATCH, "micro_batch_size": micro},
                       "optim": {"lr": 1e-3, "fake_lr": 1e-3, "lr_warmup": 0}, "teacher": {"guidance": 3.0}})
 
 
@@ -35,17 +40,18 @@ def grads(module) -> list[torch.Tensor]:
     return [full(p.grad).detach().clone() for p in module.parameters()]
 
 
-def run_and_compare(mode: str, micro: int, mesh=None, rank: int = 0) -> list[str]:
+def run_and_compare(mode: str, micro: int, mesh=None, rank: int = 0, **distill_kw) -> list[str]:
     """Three iterations of a whole-batch state and a micro-batched one on the same batches and draws; after
     each, the gradients that update used and the parameters must agree. Returns the phases seen."""
     states = []
     for m in (0, micro):
-        s = build_state(cfg_for(mode, m), tiny_denoiser(1))
+        s = build_state(cfg_for(mode, m, **distill_kw), tiny_denoiser(1))
         states.append(parallelize_state(s, mesh) if mesh is not None else s)
     phases = []
     for it in range(3):
         batch = sample_batch(10 * it + rank, batch=BATCH)
-        out = [distill_step(s, batch, cfg_for(mode, m), step_generator(0, rank, it, torch.device("cpu")))
+        out = [distill_step(s, batch, cfg_for(mode, m, **distill_kw),
+                            step_generator(0, rank, it, torch.device("cpu")))
                for s, m in zip(states, (0, micro))]
         student = out[0]["phase_student"] == 1.0
         phases.append("student" if student else "critic")
@@ -73,6 +79,22 @@ def test_micro_batches_equal_the_whole_batch(mode, micro):
     phases = run_and_compare(mode, micro)
     if mode == "rcm":      # warm-up student (sCM only), student (sCM + λ·DMD), critic
         assert phases == ["student", "student", "critic"]
+
+
+@pytest.mark.parametrize("mode,micro,context", [("tf", 1, "clean"), ("df", 2, "clean"), ("tf_scm", 1, "last_step"),
+                                                ("tf_dcm", 2, "clean")])
+def test_causal_micro_batches_equal_the_whole_batch(mode, micro, context):
+    """Teacher forcing / diffusion forcing / their consistency modes on a block-causal student (2 one-frame chunks):
+    contexts (noised to the cached time with last_step), per-chunk times and noise are drawn for the whole batch."""
+    assert run_and_compare(mode, micro, chunk_context=context) == ["student"] * 3
+
+
+def test_sf_dmd_refuses_micro_batches():
+    """sf_dmd's self-forcing rollout draws its re-noisings between the chunks' forwards, so it does not accumulate."""
+    cfg_for("sf_dmd", 0)
+    with pytest.raises(ConfigError, match=r"data.micro_batch_size=2 is impossible: distill.mode=sf_dmd does not "
+                                          r"accumulate"):
+        cfg_for("sf_dmd", 2)
 
 
 def _sharded_worker(shape: MeshShape, mode: str, micro: int) -> None:

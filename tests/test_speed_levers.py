@@ -238,3 +238,46 @@ def test_gpu_bf16_levers_stay_within_the_fused_paths_error():
         worst = max(e / (2 * b + 1e-3) for e, b in zip(errs, base))
         print(attention, compile_mode, "worst error / budget:", worst)
         assert worst <= 1.0, (attention, compile_mode, errs, base)
+
+
+def test_block_causal_calls_keep_the_fused_kernel_and_primal_reaches_causal_layouts(monkeypatch):
+    """Issue 28 × issue 30: a block-causal call (chunk_sizes) runs the fused kernel whatever `primal` says (no dense
+    mask for SDPA); the DiT's `model.attention` reaches the KV-cache calls of a causal network (SDPA there, same
+    output in float64); `model.compile: blocks` leaves forwards under a causal layout eager."""
+    from rcm_core.networks import dit
+    from rcm_core.networks.causal import KVCache
+    calls = []
+    real = katt._sdpa
+    monkeypatch.setattr(katt, "_sdpa", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(gen, Lq=9, Lk=9)
+    ref = kernels.attention_ref(q, k, v, chunk_sizes=(4, 5))
+    for primal in kernels.PRIMAL_BACKENDS:
+        assert _rel(kernels.attention(q, k, v, chunk_sizes=(4, 5), primal=primal), ref) < BAR
+        with torch.no_grad():
+            assert _rel(kernels.attention(q, k, v, chunk_sizes=(4, 5), primal=primal), ref) < BAR
+    assert not calls
+    cfg = ModelCfg(kind="dit", in_channels=4, patch_size=[1, 2, 2], dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                   freq_dim=16, text_dim=8, num_classes=4, label_tokens=2, dtype="float64", causal=True)
+    torch.manual_seed(0)
+    net = build_network(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = torch.randn(2, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
+    t, label = torch.full((2,), 500.0, dtype=torch.float64), torch.tensor([1, 2])
+
+    def stream(primal: str) -> torch.Tensor:
+        set_attention(net, primal)
+        cache = KVCache()
+        with torch.no_grad():
+            return torch.cat([net(x[:, :, i:i + 1], t, label, cache=cache, append=True) for i in range(2)], dim=2)
+
+    fused = stream("fused")
+    assert not calls
+    assert _rel(stream("sdpa"), fused) < BAR and calls
+    monkeypatch.setattr(dit, "_compiled_block", lambda: pytest.fail("a causal layout reached the compiled block"))
+    set_compile(net, "blocks")
+    with torch.no_grad():
+        assert _rel(net(x, t, label), fused) < 1e-10           # one block-causal forward = the cached stream
+    assert _rel(stream("sdpa"), fused) < BAR

@@ -18,7 +18,7 @@ SHAPES_THE_TEACHER = ["data.normalize=false", "model.time_scale=1000", "model.hi
                       "teacher.train_batch_size=8", "teacher.cond_dropout=0.2", "teacher.ema_sigma_rel=0.1",
                       "train.seed=1"]
 DOES_NOT = ["optim.lr=1e-3", "distill.mode=scm", "train.steps=7", "eval.num_samples=10", "data.batch_size=8",
-            "data.url=/elsewhere"]
+            "data.url=/elsewhere", "model.chunk_t=2", "model.first_chunk_t=3"]
 TINY = ["model.kind=mlp", "model.in_channels=2", "model.num_classes=4", "model.hidden=16", "model.depth=1",
         "teacher.train_steps=2", "teacher.train_batch_size=16"]
 

@@ -5,6 +5,8 @@
     python workflows/sample.py --checkpoint .cache/teachers/teacher-XXXX.pt --teacher --steps 50 --out t.npy
     python workflows/sample.py --checkpoint runs/wan/ema_student.pt --steps 4 --num-samples 2 \
         --prompt "a red kite over the sea" --decode --out kite.npy          # also kite.mp4 and kite.gif
+    python workflows/sample.py --checkpoint runs/causal/ema_student.pt --causal --steps-per-chunk 4 2 \
+        --num-samples 4 --out c.npy                                       # a block-causal student, streamed
 
 Latents are written in the data set's own coordinates: a student trained on normalised latents (data.normalize,
 the default) carries its data set's per-channel statistics and the normalisation is undone here. `--decode` turns
@@ -17,11 +19,21 @@ cached teacher): it carries its model config, so no run config is needed. Studen
 consistency sampler at `arctan σ_max` and the intermediate times `--mid-t`; `--teacher` solves the PF-ODE with
 `--steps` Euler/Heun steps and `--guidance`. Class-conditional models sample labels 0, 1, 2, … in turn
 (or `--label`); text-conditioned models take `--cond FILE.npy` ([L, D] or [K, L, D]).
+
+`--causal` streams a block-causal student (Causal rCM, `model.causal`) chunk by chunk with a KV cache
+(rcm_core.method.streaming): `--steps-per-chunk 4 2` (4 steps for the first chunk, 2 for every later one; default
+`--steps` for all), `--mid-s "15/16,5/6,5/8;5/6"` (intermediate rectified-flow times s per chunk entry, `;` between
+entries, the last repeating; default the official 4-step times), `--context clean|last_step` (re-encode each
+finished chunk at t = 0, or keep its last step's keys/values: one forward fewer per chunk). It prints the time to
+the first chunk and each chunk's latency. A longer `--latent-shape` T than the student was trained on extrapolates
+(more chunks of the same pattern).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +44,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rcm_core.config import ModelCfg, SamplerCfg, from_dict  # noqa: E402
+from rcm_core.eval.video_samples import (  # noqa: E402
+    decode,
+    decoder_for,
+    to_dataset_coordinates,
+    write_videos,
+)
 from rcm_core.method.denoiser import TrigFlowDenoiser  # noqa: E402
-from rcm_core.networks import build_network, check_label_path  # noqa: E402
 from rcm_core.method.samplers import consistency_sample, teacher_sample  # noqa: E402
+from rcm_core.method.streaming import RF_MID_S, stream_chunks  # noqa: E402
+from rcm_core.method.trigflow import rf_to_trig  # noqa: E402
+from rcm_core.networks import build_network, check_label_path  # noqa: E402
 from rcm_core.run.teacher import checkpoint_model  # noqa: E402
-from rcm_core.eval.video_samples import decode, decoder_for, to_dataset_coordinates, write_videos  # noqa: E402
 from workflows.cli import UserError, add_debug_flag, run_cli  # noqa: E402
 
 
@@ -103,6 +122,40 @@ def encode_prompts(prompts: list[str], k: int, card: dict | None, encoders: str,
     return text.encode([prompts[i % len(prompts)] for i in range(k)])
 
 
+def parse_mid_s(text: str) -> list[list[float]]:
+    """"15/16,5/6,5/8;5/6" → TrigFlow intermediate times per chunk entry (RF s = σ/(1+σ), fractions allowed)."""
+    try:
+        return [[float(rf_to_trig(float(Fraction(v)))) for v in entry.split(",") if v.strip()]
+                for entry in text.split(";")]
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"--mid-s {text!r}: give RF times in (0, 1) as numbers or fractions, ',' within a chunk "
+                        f"entry and ';' between entries, e.g. \"15/16,5/6,5/8;5/6\"") from None
+
+
+def stream(model, z, cond, args, device, generator) -> torch.Tensor:
+    """Chunk by chunk with the KV cache, printing the time to the first chunk and each chunk's latency."""
+    if not getattr(model.net, "causal", False):
+        raise UserError("--causal needs a block-causal student (a checkpoint trained with model.causal=true)")
+    steps = args.steps_per_chunk or [args.steps]
+    mid = parse_mid_s(args.mid_s)
+    for n, m in zip(steps, mid + [mid[-1]] * len(steps)):
+        if n - 1 > len(m):
+            raise UserError(f"a {n}-step chunk needs {n - 1} intermediate times; --mid-s gives {len(m)} ({args.mid_s})")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    chunks, latency = [], []
+    sync()
+    start = time.perf_counter()
+    for chunk in stream_chunks(model, z, cond, steps_per_chunk=steps, mid_t_per_chunk=mid,
+                               sigma_max=args.sigma_max, context=args.context, last_step_from=args.last_step_from,
+                               generator=generator):
+        sync()
+        latency.append(time.perf_counter() - start - sum(latency))
+        chunks.append(chunk)
+    print(f"time to first chunk: {latency[0] * 1e3:.1f} ms; per-chunk latency (ms): "
+          + " ".join(f"{t * 1e3:.1f}" for t in latency) + f" ({len(chunks)} chunks, context={args.context})")
+    return torch.cat(chunks, dim=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     d = SamplerCfg()
     ap = argparse.ArgumentParser(description="Sample latents from a distilled student or a teacher.")
@@ -127,12 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                     "the data set was encoded from")
     ap.add_argument("--s3-endpoint", default="", help="S3 endpoint for s3:// encoder folders "
                     "(default: AWS_ENDPOINT_URL)")
+    ap.add_argument("--causal", action="store_true", help="stream a block-causal student chunk by chunk with a KV "
+                    "cache, printing the time to the first chunk and each chunk's latency")
+    ap.add_argument("--steps-per-chunk", type=int, nargs="+", default=None,
+                    help="--causal: steps per chunk, the last repeating (e.g. 4 2); default --steps for every chunk")
+    ap.add_argument("--mid-s", default=",".join(str(Fraction(s).limit_denominator(64)) for s in RF_MID_S),
+                    help="--causal: intermediate RF times per chunk entry, ',' within and ';' between entries, the "
+                    "last repeating (default: the official 4-step times 15/16,5/6,5/8)")
+    ap.add_argument("--context", choices=["clean", "last_step"], default="clean",
+                    help="--causal: context cached after each chunk (clean = re-encoded at t = 0, one more forward)")
+    ap.add_argument("--last-step-from", type=int, default=0, help="--causal --context last_step: from this chunk on "
+                    "(earlier chunks clean; the official 2-step noisy-context preset uses 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.num_samples < 1:
         ap.error(f"--steps={args.steps} and --num-samples={args.num_samples} must be ≥ 1")
-    if not args.teacher and args.steps - 1 > len(args.mid_t):
+    if not args.teacher and not args.causal and args.steps - 1 > len(args.mid_t):
         ap.error(f"a {args.steps}-step student needs {args.steps - 1} intermediate times; --mid-t has {args.mid_t}")
     device = torch.device(args.device)
     model, card = load_checkpoint(local_path(args.checkpoint), device)
@@ -148,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     z = torch.randn(args.num_samples, *shape, generator=g, device=device)
     cond = conditions(mcfg, args.num_samples, args.label, args.cond, args.prompt, card, args.encoders,
                       args.s3_endpoint).to(device)
-    if args.teacher:
+    if args.causal and args.teacher:
+        ap.error("--causal streams a distilled student; drop --teacher")
+    if args.causal:
+        x = stream(model, z, cond, args, device, g)
+    elif args.teacher:
         x = teacher_sample(model, z, cond, steps=args.steps, guidance=args.guidance, solver=args.solver)
     else:
         x = consistency_sample(model, z, cond, steps=args.steps, sigma_max=args.sigma_max, mid_t=args.mid_t,

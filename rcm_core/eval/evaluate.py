@@ -19,6 +19,7 @@ from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.eval.features import FeatureExtractor, FeatureNet
 from rcm_core.eval.report import EvalConfig, StepCountReport, evaluate_step_counts, format_table, mlflow_metrics
 from rcm_core.method.samplers import consistency_sample, teacher_nfe, teacher_sample
+from rcm_core.method.streaming import stream_sample, stream_teacher_sample
 
 
 @dataclass
@@ -55,6 +56,9 @@ def teacher_samples(teacher: TrigFlowDenoiser, bank: EvalBank, cfg: ExperimentCf
     s = cfg.sampler
     run = lambda z, c: teacher_sample(teacher, z, c, steps=s.teacher_steps, guidance=cfg.teacher.guidance,  # noqa
                                       shift=s.teacher_shift, solver=s.teacher_solver)
+    if is_causal(teacher):      # a causal teacher (tf_scm / tf_dcm) is solved chunk by chunk, Euler
+        run = lambda z, c: stream_teacher_sample(teacher, z, c, steps=s.teacher_steps,  # noqa
+                                                 guidance=cfg.teacher.guidance, shift=s.teacher_shift)
     ref, sec = _timed(lambda: sample_in_chunks(run, bank.noise, bank.labels, device))
     floor = sample_in_chunks(run, bank.noise_floor, bank.labels, device)
     return ref, floor, sec / bank.noise.shape[0]
@@ -67,9 +71,19 @@ def student_samples(student: TrigFlowDenoiser, bank: EvalBank, cfg: ExperimentCf
         g = torch.Generator(device=device).manual_seed(bank.seed + 1000 * steps)   # fixed per-step noises
         run = lambda z, c: consistency_sample(student, z, c, steps=steps, sigma_max=cfg.sampler.sigma_max,  # noqa
                                               mid_t=cfg.sampler.mid_t, generator=g)
+        if is_causal(student):  # streamed chunk by chunk, `steps` per chunk, the context it was trained for
+            run = lambda z, c: stream_sample(student, z, c, steps_per_chunk=[steps], generator=g,  # noqa
+                                             mid_t_per_chunk=[cfg.sampler.mid_t], sigma_max=cfg.sampler.sigma_max,
+                                             context=cfg.distill.chunk_context,
+                                             last_step_from=cfg.distill.last_step_from_chunk)
         x, sec = _timed(lambda: sample_in_chunks(run, bank.noise, bank.labels, device))
         out[f"nfe_{steps}"] = (x, sec / bank.noise.shape[0])
     return out
+
+
+def is_causal(model: TrigFlowDenoiser) -> bool:
+    """A block-causal network (Causal rCM) samples chunk by chunk with its KV cache."""
+    return bool(getattr(model.net, "causal", False))
 
 
 @dataclass

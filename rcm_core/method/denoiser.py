@@ -78,14 +78,23 @@ class TrigFlowDenoiser(nn.Module):
             return -out
         return out
 
-    def F(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """TrigFlow velocity F(x_t, t) in float64; x_t [B, C, T, H, W], t [B] (float64)."""
+    def F(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *,
+          tf_context: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, append: bool = False
+          ) -> torch.Tensor:
+        """TrigFlow velocity F(x_t, t) in float64; x_t [B, C, T, H, W], t [B] or, per latent frame, [B, T]
+        (float64). A block-causal network also takes tf_context=(x_ctx, t_ctx), the teacher-forcing context in
+        TrigFlow coordinates (t_ctx = 0: the clean video), or cache=/append= for one chunk (WanDiT.forward)."""
         x_in, timestep = self._raw_inputs(x_t, t)
-        return self._to_F(x_t, t, self.net(x_in, timestep, cond))
+        causal = {}
+        if tf_context is not None:
+            causal["tf_context"] = self._raw_inputs(*tf_context)
+        if cache is not None or append:
+            causal.update(cache=cache, append=append)
+        return self._to_F(x_t, t, self.net(x_in, timestep, cond, **causal))
 
-    def f(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Consistency function f = cos t·x_t − sin t·F: the x̂0 estimate."""
-        return consistency_fn(x_t, self.F(x_t, t, cond), t)
+    def f(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **causal) -> torch.Tensor:
+        """Consistency function f = cos t·x_t − sin t·F: the x̂0 estimate (`causal`: as for F)."""
+        return consistency_fn(x_t, self.F(x_t, t, cond, **causal), t)
 
     def null_cond(self, batch_size: int, device: torch.device, like: torch.Tensor | None = None) -> torch.Tensor:
         """The CFG unconditional condition; a text context is zero-padded to `like`'s length (as Wan does)."""
@@ -94,19 +103,22 @@ class TrigFlowDenoiser(nn.Module):
         return self.net.null_cond(batch_size, device)
 
     def F_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 guidance: float) -> torch.Tensor:
-        """F_T = F(∅) + w·(F(c) − F(∅)), one batched call (CFG folded into the teacher target)."""
+                 guidance: float, **causal) -> torch.Tensor:
+        """F_T = F(∅) + w·(F(c) − F(∅)), one batched call (CFG folded into the teacher target). `causal` as for
+        F; a KV cache then holds 2B rows (conditional, unconditional), so use it with one guidance throughout."""
         uncond = None if cond is None else self.null_cond(x_t.shape[0], x_t.device, like=cond)
         if guidance == 1.0 or uncond is None:          # unconditional models have nothing to guide with
-            return self.F(x_t, t, cond)
-        F_both = self.F(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond))
+            return self.F(x_t, t, cond, **causal)
+        if causal.get("tf_context") is not None:
+            causal["tf_context"] = tuple(torch.cat([c, c]) for c in causal["tf_context"])
+        F_both = self.F(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond), **causal)
         F_c, F_u = F_both.chunk(2)
         return F_u + guidance * (F_c - F_u)
 
     def f_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 guidance: float) -> torch.Tensor:
+                 guidance: float, **causal) -> torch.Tensor:
         """CFG in x0 space; f is affine in F, so this equals f of the guided F (rCM §3.2)."""
-        return consistency_fn(x_t, self.F_guided(x_t, t, cond, guidance), t)
+        return consistency_fn(x_t, self.F_guided(x_t, t, cond, guidance, **causal), t)
 
 
 def _cat_cond(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,12 @@ Iteration i is a student step if i < H (pure-consistency warm-up) or (i − H) m
 critic (fake-score) step. A student step adds the consistency loss (sCM, or dCM for the dcm modes) and,
 after warm-up, λ times the DMD loss, then takes one optimiser step and updates the power-EMA. The five modes
 (rcm, scm, dmd, dcm, dcm_dmd) are the same code with one term swapped or off (`consistency_term`, `uses_dmd`).
+
+Causal rCM's five (rcm_core.method.causal) run through the same step: `tf` / `df` swap the consistency term for
+a causal diffusion loss, `tf_scm` / `tf_dcm` are sCM / dCM with the clean video as teacher-forcing context for
+teacher and student, and `sf_dmd` is DMD on a chunk-by-chunk student rollout. `build_state` sets each network's
+attention pattern: the student is block-causal, the teacher too for the teacher-forcing consistency modes (a
+`tf`/`df` run's student), the fake score and the `sf_dmd` teacher bidirectional.
 """
 from __future__ import annotations
 
@@ -13,14 +19,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rcm_core.config import DistillCfg, ExperimentCfg, OptimCfg
+from rcm_core.config import CAUSAL_MODES, DistillCfg, ExperimentCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
+from rcm_core.method.causal import (
+    context_times,
+    diffusion_forcing_loss,
+    noisy_context,
+    self_forcing_rollout,
+    self_forcing_steps,
+    teacher_forcing_loss,
+)
 from rcm_core.method.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.method.ema import PowerEMA
 from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, rollout_draws, scm_loss, student_rollout
-from rcm_core.parallel.sharding import sync_gradients
-from rcm_core.parallel.precision import master_parameters, with_master_weights
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
+from rcm_core.parallel.precision import master_parameters, with_master_weights
+from rcm_core.parallel.sharding import sync_gradients
 
 
 @dataclass
@@ -48,19 +62,36 @@ def make_optimizer(params, lr: float, cfg: OptimCfg):
 
 def consistency_term(cfg: DistillCfg) -> str | None:
     """"scm", "dcm" or None: the consistency objective `distill.mode` asks for."""
-    return {"rcm": "scm", "scm": "scm", "dcm": "dcm", "dcm_dmd": "dcm"}.get(cfg.mode)
+    return {"rcm": "scm", "scm": "scm", "dcm": "dcm", "dcm_dmd": "dcm", "tf_scm": "scm", "tf_dcm": "dcm"}.get(cfg.mode)
 
 
 def uses_dmd(cfg: DistillCfg) -> bool:
     """True when the mode adds the DMD term, so a fake score (critic) is trained beside the student."""
-    return cfg.mode in ("rcm", "dmd", "dcm_dmd")
+    return cfg.mode in ("rcm", "dmd", "dcm_dmd", "sf_dmd")
 
 
-def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser) -> DistillState:
-    """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher)."""
+def causal_roles(mode: str) -> dict[str, bool]:
+    """Which networks attend block-causally: the student of every causal mode, the teacher in the teacher-forcing
+    consistency modes (it is a `tf`/`df` run's causal student); the fake score and sf_dmd's teacher never."""
+    causal = mode in CAUSAL_MODES
+    return {"student": causal, "teacher": mode in ("tf_scm", "tf_dcm"), "fake": False}
+
+
+def build_state(cfg: ExperimentCfg, teacher: TrigFlowDenoiser,
+                student_init: TrigFlowDenoiser | None = None) -> DistillState:
+    """Student and fake score start as copies of the teacher (rCM: full-parameter training from the teacher);
+    `student_init` (distill.student_checkpoint) replaces the teacher as the student's start (Causal rCM's sf_dmd
+    starts from the teacher-forcing CM student, its teacher and fake score from the bidirectional teacher)."""
+    if cfg.model.causal and cfg.distill.mode not in CAUSAL_MODES:
+        raise ValueError(f"model.causal=true but distill.mode={cfg.distill.mode} trains a bidirectional student; "
+                         f"use a causal mode ({', '.join(CAUSAL_MODES)}) or model.causal=false")
     teacher.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    roles = causal_roles(cfg.distill.mode)
+    student = copy.deepcopy(student_init or teacher).requires_grad_(True).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train() if uses_dmd(cfg.distill) else None
+    for role, model in (("teacher", teacher), ("student", student), ("fake", fake)):
+        if model is not None and hasattr(model.net, "causal"):
+            model.net.causal = roles[role]
     return DistillState(
         teacher=teacher, student=student, fake=fake, ema=PowerEMA(student, cfg.ema.sigma_rel),
         opt_student=make_optimizer(student.parameters(), cfg.optim.lr, cfg.optim),
@@ -100,10 +131,65 @@ def zero_nonfinite_grads(module: nn.Module) -> int:
 
 
 def rollout_steps(state: DistillState, cfg: DistillCfg, generator: torch.Generator) -> int:
-    """N ∈ 1..N_max: cycled by the student iteration (official code) or uniform (paper)."""
+    """N ∈ 1..N_max: cycled by the student iteration (official code) or uniform (paper). N_max is the first chunk's
+    maximum for sf_dmd (distill.sf_steps_per_chunk), distill.max_rollout_steps otherwise."""
+    n_max = (cfg.sf_steps_per_chunk or [cfg.max_rollout_steps])[0] if cfg.mode == "sf_dmd" else cfg.max_rollout_steps
     if cfg.rollout_length == "cycle":
-        return state.student_iter % cfg.max_rollout_steps + 1
-    return int(torch.randint(1, cfg.max_rollout_steps + 1, (1,), generator=generator))
+        return state.student_iter % n_max + 1
+    return int(torch.randint(1, n_max + 1, (1,), generator=generator))
+
+
+def _self_forcing_rollout(state: DistillState, noise: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
+                          g: torch.Generator, steps: int, grad_module: TrigFlowDenoiser | None) -> torch.Tensor:
+    """sf_dmd's x̂0 for DMD and the critic: a chunk-by-chunk rollout with the KV cache on the per-chunk schedule
+    (self forcing). Its re-noisings are drawn from `g` inside the rollout, between the chunks' forwards."""
+    d = cfg.distill
+    n_chunks = len(state.student.net.chunks.chunk_frames(noise.shape[2]))
+    per_chunk = self_forcing_steps(steps, d.sf_steps_per_chunk or [d.max_rollout_steps], n_chunks)
+    return self_forcing_rollout(state.student, noise, cond, steps=per_chunk,
+                                mid_t=d.sf_mid_t or [cfg.sampler.mid_t], generator=g, grad_module=grad_module,
+                                context_t=chunk_context_times(cfg, n_chunks))
+
+
+def chunk_context_times(cfg: ExperimentCfg, n_chunks: int) -> list[float]:
+    """The context time each chunk leaves (0 = clean), from distill.chunk_context and the rollout schedule."""
+    d = cfg.distill
+    return context_times(n_chunks, context=d.chunk_context, last_step_from=d.last_step_from_chunk,
+                         max_steps=d.sf_steps_per_chunk or [d.max_rollout_steps],
+                         mid_t=d.sf_mid_t or [cfg.sampler.mid_t])
+
+
+def teacher_forcing_contexts(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator):
+    """(the student's context, the teacher's): both the clean video at t = 0, or with distill.chunk_context=
+    last_step the student's noised to the time the sampler will cache (official `_noisy_ctx`; the causal teacher
+    keeps the clean one it was trained with)."""
+    clean = (x0, torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device))
+    spans = state.student.net.chunks.chunk_spans(x0.shape[2])
+    t_chunks = chunk_context_times(cfg, len(spans))
+    return (noisy_context(x0, t_chunks, spans, g) if any(t_chunks) else clean), clean
+
+
+def _causal_diffusion_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator) -> dict:
+    """tf: one time per sample for the noisy video; df: one time per chunk ([B, chunks]); then the noise. Times
+    from the shift-s RF schedule p_D (the official tf/df configs draw UniformShift(5), i.e. p_D at
+    distill.p_D_shift = 5)."""
+    d, B = cfg.distill, x0.shape[0]
+    draw = lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g, device=x0.device)
+    if d.mode == "tf":
+        t = draw(B)
+    else:
+        t = draw(B * len(state.student.net.chunks.chunk_spans(x0.shape[2]))).reshape(B, -1)
+    return {"fm_t": t, "fm_eps": _noise_like(x0, g)}
+
+
+def _causal_diffusion_loss(state: DistillState, x0: torch.Tensor, cond: torch.Tensor, cfg: ExperimentCfg,
+                           draws: dict, grad_student: TrigFlowDenoiser):
+    """tf: the video as teacher-forcing context (`tf_context`); df: each chunk at its own time, no context."""
+    if cfg.distill.mode == "tf":
+        return teacher_forcing_loss(grad_student, x0, cond, t=draws["fm_t"], eps=draws["fm_eps"],
+                                    context=draws["tf_context"])
+    spans = state.student.net.chunks.chunk_spans(x0.shape[2])
+    return diffusion_forcing_loss(grad_student, x0, cond, t_chunks=draws["fm_t"], spans=spans, eps=draws["fm_eps"])
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,6 +201,10 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # draw of an iteration is made first, for the whole batch and in one fixed order; each micro-batch then takes
 # its rows of the batch and of the draws, and its loss is weighted by its share of the rows, so the summed
 # gradient is the big batch's mean-loss gradient (tests/test_grad_accum.py checks it in float64).
+# The causal modes tf, df, tf_scm and tf_dcm draw their contexts, times and noise the same way (row tensors).
+# sf_dmd is the exception: its self-forcing rollout draws its re-noisings from the generator between the
+# chunks' forwards (and t_D / ε_D after them), so its draws are not made up front; sf_dmd refuses
+# data.micro_batch_size > 0 (rcm_core.config.validate) and runs the whole batch as one micro-batch.
 
 def micro_batches(rows: int, micro_batch_size: int) -> list[slice]:
     """Row slices of one GPU's batch: `micro_batch_size` rows each (0 = all rows at once)."""
@@ -135,13 +225,16 @@ def batch_line(batch_size: int, groups: int, micro_batch_size: int) -> str:
 
 
 def _draw_rows(draws: dict, index: slice) -> dict:
-    """Rows `index` of every draw: the batch is dim 0, except dCM's time grid [k+1, B] and the rollout's list."""
+    """Rows `index` of every draw: the batch is dim 0, except dCM's time grid [k+1, B], the rollout's list and
+    the teacher-forcing contexts (x_ctx, t_ctx); the sf_dmd generator passes through (it never micro-batches)."""
     out = {}
     for key, value in draws.items():
         if key == "dcm_times":
             out[key] = value[:, index]
         elif key == "renoise":
             out[key] = [(t[index], eps[index]) for t, eps in value]
+        elif key in ("tf_context", "teacher_context"):
+            out[key] = tuple(v[index] for v in value)
         elif isinstance(value, torch.Tensor):
             out[key] = value[index]
         else:
@@ -158,9 +251,13 @@ def _combine(parts: list[dict[str, float]], weights: list[float]) -> dict[str, f
 
 def _rollout_draws(state: DistillState, x0: torch.Tensor, d: DistillCfg, g: torch.Generator) -> dict:
     """The DMD rollout's draws (N, its start noise and re-noisings), then the time and noise of the DMD / critic
-    target, in the order the big-batch iteration always drew them."""
+    target, in the order the big-batch iteration always drew them. sf_dmd: N and the start noise only, plus the
+    generator its rollout and then t_D / ε_D are drawn from (`_dmd_sample`)."""
     steps = rollout_steps(state, d, g)
     out = {"steps": steps, "noise": _noise_like(x0, g)}
+    if d.mode == "sf_dmd":
+        out["generator"] = g
+        return out
     out["renoise"] = rollout_draws(x0.shape, steps, times_fn=lambda n: sample_p_D(n, shift=d.p_D_shift, generator=g,
                                                                                   device=x0.device),
                                    generator=g, device=x0.device, dtype=x0.dtype)
@@ -169,10 +266,30 @@ def _rollout_draws(state: DistillState, x0: torch.Tensor, d: DistillCfg, g: torc
     return out
 
 
+def _dmd_sample(state: DistillState, cond: torch.Tensor, draws: dict, cfg: ExperimentCfg,
+                grad_module: TrigFlowDenoiser | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x̂0, t_D, ε_D) for the DMD and critic losses: the student's rollout from the draws (rCM), or sf_dmd's
+    self-forcing rollout, whose re-noisings and then t_D, ε_D come from the generator now (whole batch only)."""
+    if "generator" not in draws:
+        x0_hat = student_rollout(state.student, draws["noise"], cond, renoise=draws["renoise"],
+                                 grad_module=grad_module)
+        return x0_hat, draws["t_D"], draws["eps_D"]
+    g, noise = draws["generator"], draws["noise"]
+    x0_hat = _self_forcing_rollout(state, noise, cond, cfg, g, draws["steps"], grad_module)
+    t_D = sample_p_D(noise.shape[0], shift=cfg.distill.p_D_shift, generator=g, device=noise.device)
+    return x0_hat, t_D, _noise_like(noise, g)
+
+
 def _student_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g: torch.Generator,
                    with_dmd: bool) -> dict:
     d, B, frames = cfg.distill, x0.shape[0], x0.shape[2]
     draws: dict = {}
+    # Teacher forcing (tf, tf_scm, tf_dcm): the video is the context (clean for the teacher; the student's noised
+    # to the cached time under distill.chunk_context=last_step). Drawn first, as the whole-batch step always did.
+    if d.mode in ("tf", "tf_scm", "tf_dcm"):
+        draws["tf_context"], draws["teacher_context"] = teacher_forcing_contexts(state, x0, cfg, g)
+    if d.mode in ("tf", "df"):
+        draws.update(_causal_diffusion_draws(state, x0, cfg, g))
     if consistency_term(d) == "dcm":
         draws["dcm_times"] = sample_dcm_times(B, total_steps=d.dcm_total_steps, skip=d.dcm_skip, shift=d.dcm_shift,
                                               generator=g, device=x0.device)
@@ -188,26 +305,31 @@ def _student_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g:
 
 def _student_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg, r: float,
                   grad_student: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
-    """The student's loss on one (micro-)batch with its draws: consistency term + λ·DMD when drawn."""
+    """The student's loss on one (micro-)batch with its draws: causal diffusion (tf/df) or consistency term,
+    + λ·DMD when drawn."""
     d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
     total = torch.zeros((), dtype=torch.float64, device=x0.device)
     metrics: dict[str, float] = {}
+    ctx = {"tf_context": draws.get("tf_context"), "teacher_context": draws.get("teacher_context")}
+    if "fm_t" in draws:
+        out = _causal_diffusion_loss(state, x0, cond, cfg, draws, grad_student)
+        total = total + out.loss
+        metrics.update(out.metrics)
     if "dcm_times" in draws:
         out = dcm_loss(state.student, state.teacher, x0, cond, times=draws["dcm_times"], eps=draws["eps"],
-                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student)
+                       guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student, **ctx)
         total = total + out.loss
         metrics.update(out.metrics)
     if "t" in draws:
         out = scm_loss(state.student, state.teacher, x0, cond, t=draws["t"], eps=draws["eps"],
                        guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
                        fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
-                       student_grad=grad_student)
+                       student_grad=grad_student, **ctx)
         total = total + out.loss
         metrics.update(out.metrics)
-    if "renoise" in draws:
-        x0_hat = student_rollout(state.student, draws["noise"], cond, renoise=draws["renoise"],
-                                 grad_module=grad_student)
-        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=draws["t_D"], eps=draws["eps_D"],
+    if "steps" in draws:
+        x0_hat, t_D, eps_D = _dmd_sample(state, cond, draws, cfg, grad_student)
+        out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=eps_D,
                        guidance=cfg.teacher.guidance, weight_min=d.dmd_weight_min,
                        scale=d.reg_weight * d.scm_loss_scale)
         total = total + out.loss
@@ -246,12 +368,12 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     return metrics
 
 
-def _critic_loss(state: DistillState, batch: LatentBatch, draws: dict,
+def _critic_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg,
                  grad_fake: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
     cond = batch_condition(batch)
     with torch.no_grad():
-        x0_hat = student_rollout(state.student, draws["noise"], cond, renoise=draws["renoise"])
-    out = fake_score_loss(grad_fake, x0_hat, cond, t=draws["t_D"], eps=draws["eps_D"])
+        x0_hat, t_D, eps_D = _dmd_sample(state, cond, draws, cfg, None)
+    out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=eps_D)
     return out.loss, out.metrics
 
 
@@ -262,7 +384,7 @@ def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g:
     parts, losses, weights = [], 0.0, []
     for index in micro_batches(len(batch), cfg.data.micro_batch_size):
         w = (index.stop - index.start) / len(batch)
-        loss, m = _critic_loss(state, batch.rows(index), _draw_rows(draws, index), grad_fake)
+        loss, m = _critic_loss(state, batch.rows(index), _draw_rows(draws, index), cfg, grad_fake)
         (w * loss).backward()
         parts.append(m)
         weights.append(w)

@@ -63,27 +63,34 @@ def jvp(fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...
 
 
 def scm_tangent_jvp(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                    F_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    F_teacher: torch.Tensor, tf_context=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(F_θ⁻, T) with T = cos t·sin t·dF_θ⁻/dt along the teacher's PF-ODE.
 
-    JVP rearrangement (sCM §5.1): tangents (ẋ, ṫ) = (cos t·sin t·F_T, cos t·sin t) keep T of order one.
+    JVP rearrangement (sCM §5.1): tangents (ẋ, ṫ) = (cos t·sin t·F_T, cos t·sin t) keep T of order one. A
+    teacher-forcing context (causal `tf_scm`) is a constant: it carries no tangent, so the JVP runs through the
+    block-causal attention with zero tangents on the context half.
     """
     cs = torch.cos(t) * torch.sin(t)                                   # [B] float64
     x_dot = (expand_like(cs, x_t) * F_teacher).to(x_t.dtype)
-    return jvp(lambda x, tt: student.F(x, tt, cond), (x_t, t), (x_dot, cs))
+    return jvp(lambda x, tt: student.F(x, tt, cond, **_ctx(tf_context)), (x_t, t), (x_dot, cs))
+
+
+def _ctx(tf_context) -> dict:
+    """Keyword arguments for a teacher-forcing context (Causal rCM), none without one (any network)."""
+    return {} if tf_context is None else {"tf_context": tf_context}
 
 
 def scm_tangent_fd(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                   F_teacher: torch.Tensor, h: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   F_teacher: torch.Tensor, h: float, tf_context=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Semi-continuous tangent (paper §4.2, code fd_type=1): JVP in x only, ∂_tF by a difference.
 
     ∂_tF ≈ (cos h·F(x_t, t) − F(x_t, t − h)) / sin h.
     """
     cs = torch.cos(t) * torch.sin(t)
     x_dot = (expand_like(cs, x_t) * F_teacher).to(x_t.dtype)
-    F_minus, jvp_x = jvp(lambda x: student.F(x, t, cond), (x_t,), (x_dot,))
+    F_minus, jvp_x = jvp(lambda x: student.F(x, t, cond, **_ctx(tf_context)), (x_t,), (x_dot,))
     with torch.no_grad():
-        F_back = student.F(x_t, t - h, cond)
+        F_back = student.F(x_t, t - h, cond, **_ctx(tf_context))
     dF_dt = (torch.cos(torch.tensor(h, dtype=torch.float64)) * F_minus - F_back) / torch.sin(
         torch.tensor(h, dtype=torch.float64))
     return F_minus.detach(), (jvp_x + expand_like(cs, x_t) * dF_dt).detach()
@@ -121,23 +128,27 @@ def scm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
              t: torch.Tensor, eps: torch.Tensor, guidance: float, r: float, scale: float,
              tangent: Literal["jvp", "finite_difference"] = "jvp", fd_step: float = 1e-4,
              variant: Literal["code", "paper"] = "code", norm_c: float = 0.1,
-             student_grad: TrigFlowDenoiser | None = None) -> LossOut:
+             student_grad: TrigFlowDenoiser | None = None, tf_context=None, teacher_context=None) -> LossOut:
     """L_sCM = scale·Σ(F_θ − sg(F_θ) − ĝ)², its gradient pushes F_θ toward +ĝ (rCM §2.1).
 
     `student_grad` is the module to differentiate (e.g. a data-parallel wrapper); the JVP always runs on
-    the plain `student` under no_grad, since PyTorch cannot JVP through DDP/FSDP wrappers.
+    the plain `student` under no_grad, since PyTorch cannot JVP through DDP/FSDP wrappers. `tf_context`
+    (x_ctx, t_ctx): teacher-forcing sCM of Causal rCM (`tf_scm`), the student's context; the teacher sees
+    `teacher_context` (default the same; the clean video when the student trains with a noisy context).
     """
+    ctx = _ctx(tf_context)
+    teacher_ctx = _ctx(tf_context if teacher_context is None else teacher_context)
     x_t = add_noise(x0, eps, t).to(x0.dtype)
     finite_in = _finite_rows(x_t)                 # a non-finite input must not poison the batch's gradient
     x_t = torch.where(expand_like(finite_in, x_t), x_t, torch.zeros_like(x_t))
     with torch.no_grad():
-        F_T = teacher.F_guided(x_t, t, cond, guidance)
+        F_T = teacher.F_guided(x_t, t, cond, guidance, **teacher_ctx)
     if tangent == "jvp":
-        F_minus, T = scm_tangent_jvp(student, x_t, t, cond, F_T)
+        F_minus, T = scm_tangent_jvp(student, x_t, t, cond, F_T, tf_context)
     else:
-        F_minus, T = scm_tangent_fd(student, x_t, t, cond, F_T, fd_step)
+        F_minus, T = scm_tangent_fd(student, x_t, t, cond, F_T, fd_step, tf_context)
     g = scm_tangent_g(F_minus=F_minus, F_teacher=F_T, x_t=x_t, t=t, T=T, r=r, variant=variant)
-    F_theta = (student_grad or student).F(x_t, t, cond)
+    F_theta = (student_grad or student).F(x_t, t, cond, **ctx)
     ok = finite_in & _finite_rows(g, F_theta)       # NaN guard (§2.1 step 6): zero the sample's loss
     g = torch.where(expand_like(ok, g), g, torch.zeros_like(g))
     F_theta = torch.where(expand_like(ok, F_theta), F_theta, torch.zeros_like(F_theta))
@@ -152,32 +163,37 @@ def scm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
 # dCM
 
 def teacher_euler(teacher: TrigFlowDenoiser, x: torch.Tensor, times: torch.Tensor, cond: torch.Tensor,
-                  guidance: float) -> torch.Tensor:
+                  guidance: float, tf_context=None) -> torch.Tensor:
     """Euler steps of the CFG teacher's PF-ODE dx/dt = F_T along `times` [k+1, B] (decreasing), in float64:
     x ← x − (t_j − t_{j+1})·F_T(x, t_j)."""
     x = x.double()
     for j in range(times.shape[0] - 1):
-        x = x - expand_like(times[j] - times[j + 1], x) * teacher.F_guided(x, times[j], cond, guidance)
+        F_T = teacher.F_guided(x, times[j], cond, guidance, **_ctx(tf_context))
+        x = x - expand_like(times[j] - times[j + 1], x) * F_T
     return x
 
 
 def dcm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *,
              times: torch.Tensor, eps: torch.Tensor, guidance: float, scale: float,
-             student_grad: TrigFlowDenoiser | None = None) -> LossOut:
+             student_grad: TrigFlowDenoiser | None = None, tf_context=None, teacher_context=None) -> LossOut:
     """L_dCM = scale·Σ(f_θ(x_t₀, t₀) − sg f_θ(x̂_t_k, t_k))², x̂_t_k from k CFG-teacher Euler steps (§3.8).
 
     `times` [k+1, B] from `timesteps.sample_dcm_times`. The target is the student's own x̂0 at the cleaner
     time, computed without gradient with the online weights (not the EMA; rCM issue #30). Forward passes only,
     so any attention kernel works; `student_grad` is the module to differentiate (a data-parallel wrapper).
+    `tf_context`: teacher-forcing dCM of Causal rCM (`tf_dcm`), the context of the student's two calls; the
+    teacher's Euler steps see `teacher_context` (default the same).
     """
+    ctx = _ctx(tf_context)
     t0, tk = times[0], times[-1]
     x_t = add_noise(x0, eps, t0).to(x0.dtype)
     finite_in = _finite_rows(x_t)
     x_t = torch.where(expand_like(finite_in, x_t), x_t, torch.zeros_like(x_t))
     with torch.no_grad():
-        x_k = teacher_euler(teacher, x_t, times, cond, guidance).to(x0.dtype)
-        target = student.f(x_k, tk, cond)
-    x0_pred = (student_grad or student).f(x_t, t0, cond)
+        x_k = teacher_euler(teacher, x_t, times, cond, guidance,
+                            tf_context if teacher_context is None else teacher_context).to(x0.dtype)
+        target = student.f(x_k, tk, cond, **ctx)
+    x0_pred = (student_grad or student).f(x_t, t0, cond, **ctx)
     ok = finite_in & _finite_rows(target, x0_pred)            # NaN guard as in sCM: zero the sample's loss
     x0_pred = torch.where(expand_like(ok, x0_pred), x0_pred, torch.zeros_like(x0_pred))
     target = torch.where(expand_like(ok, target), target, torch.zeros_like(target))
@@ -259,11 +275,12 @@ def fake_score_loss(fake_grad: TrigFlowDenoiser, x0_hat: torch.Tensor, cond: tor
 
 
 def flow_matching_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *,
-                       t: torch.Tensor, eps: torch.Tensor) -> LossOut:
+                       t: torch.Tensor, eps: torch.Tensor, tf_context=None) -> LossOut:
     """Teacher training in TrigFlow form: ‖F(x_t, t) − (cos t·ε − sin t·x0)‖², equal to RF's ‖v − (ε − x0)‖²
-    up to the per-time weight (cos t + sin t)²."""
+    up to the per-time weight (cos t + sin t)². t is [B] or, per latent frame, [B, T] (diffusion forcing);
+    `tf_context`: the teacher-forcing context of Causal rCM's `tf`."""
     x_t = add_noise(x0, eps, t).to(x0.dtype)
-    F = model.F(x_t, t, cond)
+    F = model.F(x_t, t, cond, **_ctx(tf_context))
     loss = _per_sample_sum((F - velocity_target(x0, eps, t)) ** 2).mean()
     return LossOut(loss, {"fm_loss": loss.item()})
 

@@ -38,7 +38,10 @@ def trig_to_rf(t: torch.Tensor | float) -> torch.Tensor:
 
 
 def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """[B] → [B, 1, 1, ...] to broadcast against x."""
+    """[B] → [B, 1, 1, ...] to broadcast against x; per-frame times [B, T] (causal modes) → [B, 1, T, 1, 1]
+    against a video latent [B, C, T, H, W]."""
+    if t.dim() == 2 and x.dim() == 5:
+        return t[:, None, :, None, None]
     return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 

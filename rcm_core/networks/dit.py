@@ -20,11 +20,17 @@ Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a p
   with autocast off, because sCM differentiates through time (rCM paper §4.2).
 - All attention goes through `kernels.attention` ([B, heads, L, head_dim]) so the Triton JVP kernel is used
   on GPU; nothing here is data-dependent, so `torch.func.jvp` works through the whole network.
+- Causal rCM (`model.causal`, `net.causal`): block-causal self-attention over chunks of latent frames
+  [first_chunk_t | chunk_t | …], teacher-forcing packing (`tf_context=`), a KV cache for chunk-by-chunk inference
+  (`cache=`, `append=`) and per-frame timesteps [B, T] (rcm_core.networks.causal). No weights are added, so one
+  checkpoint runs either way.
 - Two speed switches, both off by default and both leaving this one definition in charge (issue 28):
   `model.attention` (`set_attention`) sends attention calls without a tangent to PyTorch SDPA, and
   `model.compile: blocks` (`set_compile`) runs each block through one shared `torch.compile` graph, except
   when a forward-mode tangent is present: inductor returns dual tensors' primals without their tangents
-  (measured on torch 2.13 CPU), so the JVP pass runs the blocks eager.
+  (measured on torch 2.13 CPU), so the JVP pass runs the blocks eager, and so does every forward under a
+  causal layout (block-causal, teacher forcing, KV cache). `model.attention` applies to causal forwards too,
+  except that block-causal calls (`chunk_sizes`) always keep the fused kernel (kernels.attention).
 
 Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
 bias (Wan), N(0, 0.02²) for the time/text embedders (Wan) and the class embedding (DiT), and adaLN-zero (DiT): `time_proj` and every
@@ -39,12 +45,21 @@ import functools
 import math
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import kernels
 from rcm_core.config import ModelCfg
+from rcm_core.networks.causal import (
+    BlockCausal,
+    Cached,
+    ChunkPattern,
+    KVCache,
+    Layout,
+    TeacherForcing,
+    self_attention,
+)
 from rcm_core.networks.layers import (
     FP32LayerNorm,
     RMSNorm,
@@ -153,8 +168,9 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
-        # Optional replacement for `kernels.attention` with the same signature; rcm_core.parallel.context
-        # installs Ulysses attention here. The model itself never shards.
+        # Optional replacement op: in self-attention called as `fn(q, k, v, attend=..., primal=...)`, `attend` being
+        # `causal.self_attention` bound to this forward's layout; in cross-attention like `kernels.attention`.
+        # rcm_core.parallel.context installs Ulysses attention in the self-attention here. The model never shards.
         self.attention_fn = None
         self.primal = "fused"        # kernels.attention's `primal`: model.attention, set by `set_attention`
 
@@ -163,15 +179,22 @@ class WanAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, layout: Layout = None, layer: int = 0) -> torch.Tensor:
+        """Self-attention (context None) under `layout` (rcm_core.networks.causal; None = full), or
+        cross-attention to `context` with an optional key padding mask."""
         kv = x if context is None else context
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(kv)))
         v = self._heads(self.to_v(kv))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        attention = kernels.attention if self.attention_fn is None else self.attention_fn
-        o = attention(q, k, v, key_padding_mask=key_padding_mask, primal=self.primal)
+        if context is None:
+            attend = functools.partial(self_attention, layout=layout, layer=layer, primal=self.primal)
+            o = attend(q, k, v) if self.attention_fn is None else self.attention_fn(q, k, v, attend=attend,
+                                                                                     primal=self.primal)
+        else:
+            o = (self.attention_fn or kernels.attention)(q, k, v, key_padding_mask=key_padding_mask,
+                                                         primal=self.primal)
         return self.to_out[0](o.transpose(1, 2).flatten(2).to(x.dtype))
 
 
@@ -204,26 +227,44 @@ class WanTransformerBlock(nn.Module):
         self.compile_mode = "none"   # model.compile, set by `set_compile`
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.compile_mode == "blocks" and not kernels.has_tangent(x, context, e0):
+                rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None,
+                layout: Layout = None, layer: int = 0) -> torch.Tensor:
+        """e0 [B, 6, dim] (one time per sample) or [B, F, 6, dim] (one per latent frame, x holding F·h·w tokens in
+        frame order: the modulation then acts on the view [B, F, h·w, dim], no per-token copy)."""
+        # A causal layout (block-causal, teacher forcing, KV cache) runs eager, the simplest correct choice: a
+        # cache is mutated in place (append) and the layouts are Python objects a graph would guard on or
+        # specialise to per chunk. `primal` still reaches their attention calls (rcm_core.networks.causal).
+        if self.compile_mode == "blocks" and layout is None and not kernels.has_tangent(x, context, e0):
             # The token count varies between runs (8,190 / 32,760 at 1.3B): one graph symbolic in it, not one
             # compilation per length. A hint (maybe_): a graph that must specialise still compiles.
             for t, dim in ((x, 1), (rope[0], 0), (rope[1], 0)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
             return _compiled_block()(self, x, context, e0, rope, context_mask)
-        return self._forward(x, context, e0, rope, context_mask)
+        return self._forward(x, context, e0, rope, context_mask, layout, layer)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
-                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None) -> torch.Tensor:
+                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None,
+                 layout: Layout = None, layer: int = 0) -> torch.Tensor:
         dt = e0.dtype                                                       # ≥ fp32
+        view, flat = frame_view(x, e0)
         with no_autocast(x.device):
-            shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.to(dt) + e0).chunk(6, dim=1)
-            h = (self.norm1(x.to(dt)) * (1 + scale) + shift).to(x.dtype)
-        x = (x.to(dt) + self.attn1(h, rope=rope) * gate).to(x.dtype)
+            mod = (self.scale_shift_table.to(dt) + e0).unbind(-2)
+            shift, scale, gate, c_shift, c_scale, c_gate = (m.unsqueeze(-2) for m in mod)
+            h = flat(self.norm1(view(x).to(dt)) * (1 + scale) + shift).to(x.dtype)
+        x = flat(view(x).to(dt) + view(self.attn1(h, rope=rope, layout=layout, layer=layer)) * gate).to(x.dtype)
         x = x + self.attn2(self.norm2(x), context=context, key_padding_mask=context_mask)
         with no_autocast(x.device):
-            h = (self.norm3(x.to(dt)) * (1 + c_scale) + c_shift).to(x.dtype)
-        return (x.to(dt) + self.ffn(h).to(dt) * c_gate).to(x.dtype)
+            h = flat(self.norm3(view(x).to(dt)) * (1 + c_scale) + c_shift).to(x.dtype)
+        return flat(view(x).to(dt) + view(self.ffn(h)).to(dt) * c_gate).to(x.dtype)
+
+
+def frame_view(x: torch.Tensor, mod: torch.Tensor):
+    """(view, flat): tokens [B, L, dim] ↔ [B, F, L/F, dim] when the modulation `mod` is per frame ([B, F, …, dim],
+    4 dims), identities when it is per sample ([B, …, dim], 3 dims)."""
+    if mod.dim() == 3:
+        return (lambda t: t), (lambda t: t)
+    frames = mod.shape[1]
+    return (lambda t: t.unflatten(1, (frames, -1))), (lambda t: t.flatten(1, 2))
 
 
 @functools.cache
@@ -288,6 +329,10 @@ class WanDiT(nn.Module):
         # Optional context-parallel hook (rcm_core.parallel.context.SequenceShard): `shard(tokens, rope)` keeps
         # this rank's token slice, `gather(out)` rebuilds all tokens. None = the whole sequence here.
         self.sequence_parallel = None
+        # Block-causal self-attention over chunks of latent frames (Causal rCM). A switch, not weights: the same
+        # checkpoint runs either way, and a run sets it per role (rcm_core.method.distill.build_state).
+        self.causal = cfg.causal
+        self.chunks = ChunkPattern(cfg.first_chunk_t, cfg.chunk_t)
         set_attention(self, cfg.attention)
         set_compile(self, cfg.compile)
         self.reset_parameters()
@@ -375,51 +420,117 @@ class WanDiT(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """timestep → [B] (one time per sample) or [B, T] (one per latent frame: causal modes)."""
         if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"x must have shape [B, C={self.cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
         if not torch.is_floating_point(x):
             raise ValueError(f"x must be a floating tensor, got {x.dtype}")
         if timestep.dim() == 0:
             timestep = timestep.expand(x.shape[0])
-        if timestep.shape != (x.shape[0],):
-            raise ValueError(f"timestep must have shape [B]=[{x.shape[0]}] (raw network time, Wan: 1000·s), "
-                             f"got {tuple(timestep.shape)}")
+        if timestep.shape not in ((x.shape[0],), (x.shape[0], x.shape[2])):
+            raise ValueError(f"timestep must have shape [B]=[{x.shape[0]}] or, one per latent frame, [B, T]="
+                             f"[{x.shape[0]}, {x.shape[2]}] (raw network time, Wan: 1000·s), got {tuple(timestep.shape)}")
+        if timestep.dim() == 2 and self.patch_size[0] != 1:
+            raise ValueError(f"per-frame timesteps need model.patch_size[0]=1 (one latent frame per token frame), "
+                             f"got patch_size={list(self.patch_size)}")
         return timestep
 
-    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = rope_angles(grid, self.head_dim, device=device)           # float64, cast in apply_rope
+    def rope(self, grid: tuple[int, int, int], device: torch.device,
+             start_frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for a token grid whose frames sit at positions start_frame, start_frame + 1, …: a cached
+        chunk keeps the positions it has in the whole video."""
+        angles = rope_angles(grid, self.head_dim, device=device, start_frame=start_frame)   # float64
         return torch.cos(angles), torch.sin(angles)
 
+    def _layout(self, grid: tuple[int, int, int], tf_context, cache: KVCache | None, append: bool) -> Layout:
+        """The self-attention layout of this forward (rcm_core.networks.causal)."""
+        if (tf_context is not None or cache is not None) and not self.causal:
+            raise ValueError("tf_context= and cache= need a block-causal network (model.causal=true or "
+                             "net.causal = True)")
+        if tf_context is not None and cache is not None:
+            raise ValueError("pass either tf_context= (teacher forcing, whole video) or cache= (one chunk), not both")
+        if cache is not None:
+            return Cached(cache, append)
+        if append:
+            raise ValueError("append=True stores keys/values in a cache; pass cache=KVCache()")
+        if not self.causal:
+            return None
+        tokens = tuple(n * grid[1] * grid[2] for n in self.chunks.chunk_frames(grid[0]))
+        return TeacherForcing(tokens) if tf_context is not None else BlockCausal(tokens)
+
+    def _time(self, timestep: torch.Tensor,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(temb, e0) as [B, dim], [B, 6, dim] for one time per sample, [B, F, dim], [B, F, 6, dim] per frame;
+        `labels` [B] (class-conditional networks) join every frame's time embedding."""
+        if timestep.dim() == 1:
+            return self.condition_embedder.time(timestep, labels)
+        frame_labels = None if labels is None else labels[:, None].expand(timestep.shape).flatten()
+        temb, e0 = self.condition_embedder.time(timestep.flatten(), frame_labels)
+        return temb.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, T, H, W], timestep [B] (raw time, Wan: 1000·s), cond labels [B] or context [B, L, text_dim],
-        optional cond_mask bool [B, L] (True = attend) → output [B, C, T, H, W] in x's dtype."""
+                cond_mask: torch.Tensor | None = None, *,
+                tf_context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, append: bool = False) -> torch.Tensor:
+        """x [B, C, T, H, W], timestep [B] or [B, T] (raw time, Wan: 1000·s), cond labels [B] or context
+        [B, L, text_dim], optional cond_mask bool [B, L] (True = attend) → output [B, C, T, H, W] in x's dtype.
+
+        With `self.causal` the self-attention is block-causal over the chunks of x, and two more forms exist:
+        tf_context=(x_ctx, timestep_ctx): teacher forcing, the packed sequence [x_ctx | x] in one pass, chunk i of x
+            attending to chunks < i of x_ctx and to itself (x_ctx: the clean video at time 0, or a noisy context);
+            returns the prediction for x only.
+        cache=KVCache(): x is the next chunk; it attends to the cached chunks and itself, at the RoPE positions it
+            has in the whole video; append=True stores its keys/values for the chunks after it.
+        """
         timestep = self._check_inputs(x, timestep)
         B = x.shape[0]
         grid = patch_grid(tuple(x.shape), self.patch_size)
+        layout = self._layout(grid, tf_context, cache, append)
         # Under FSDP2 with fp32 masters the stored weight is fp32 and the gathered one bf16: the compute dtype
         # is recorded by rcm_core.parallel.sharding.shard_network (the stored dtype can be read before the all-gather).
         dtype = getattr(self, "compute_dtype", None) or self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)      # [B, L, dim]
+        rope = self.rope(grid, x.device, start_frame=0 if cache is None else cache.frames)
+        if tf_context is not None:
+            tokens, timestep, rope = self._pack_context(tokens, timestep, rope, tf_context, dtype)
         context = self.embed_cond(cond, B)
-        labels = None if torch.is_floating_point(cond) else cond
-        temb, e0 = self.condition_embedder.time(timestep, labels)
+        temb, e0 = self._time(timestep, None if torch.is_floating_point(cond) else cond)
         context = self.condition_embedder.text_embedder(context.to(dtype))
-        rope = self.rope(grid, x.device)
         if self.sequence_parallel is not None:
             tokens, rope = self.sequence_parallel.shard(tokens, rope)
-        for block in self.blocks:
+            if timestep.dim() == 2:       # per-frame modulation: this rank's frames (whole frames, or an error)
+                temb, e0 = self.sequence_parallel.shard_frames(temb), self.sequence_parallel.shard_frames(e0)
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Recompute each block in backward: at 32K tokens the saved activations of 30 blocks don't fit.
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, e0, rope, cond_mask,
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, e0, rope, cond_mask, layout, i,
                                                            use_reentrant=False)
             else:
-                tokens = block(tokens, context, e0, rope, cond_mask)
+                tokens = block(tokens, context, e0, rope, cond_mask, layout, i)
         with no_autocast(x.device):
-            shift, scale = (self.scale_shift_table.to(temb.dtype) + temb[:, None, :]).chunk(2, dim=1)
-            h = (self.norm_out(tokens.to(temb.dtype)) * (1 + scale) + shift).to(dtype)
+            view, flat = frame_view(tokens, e0)
+            shift, scale = (m.unsqueeze(-2) for m in (self.scale_shift_table.to(temb.dtype)
+                                                       + temb.unsqueeze(-2)).unbind(-2))
+            h = flat(self.norm_out(view(tokens).to(temb.dtype)) * (1 + scale) + shift).to(dtype)
         out = self.proj_out(h)
         if self.sequence_parallel is not None:
             out = self.sequence_parallel.gather(out)
+        if tf_context is not None:
+            out = out[:, out.shape[1] // 2:]                                   # the prediction for x
+        if cache is not None and append:
+            cache.frames += grid[0]
         out = unpatchify(out, grid, self.patch_size, self.out_channels)
         return out.to(x.dtype)
+
+    def _pack_context(self, tokens, timestep, rope, tf_context, dtype):
+        """[x_ctx | x] tokens, per-frame times [B, 2T] and the RoPE tables twice: context chunk i and chunk i of x
+        share their positions, as a cached chunk and the context re-encoded before it do at inference."""
+        x_ctx, t_ctx = tf_context
+        t_ctx = self._check_inputs(x_ctx, t_ctx)
+        ctx_tokens = self.patch_embedding(x_ctx.to(dtype)).flatten(2).transpose(1, 2)
+        if ctx_tokens.shape != tokens.shape:
+            raise ValueError(f"tf_context latent has shape {tuple(x_ctx.shape)}; it must have the shape of x")
+        T = x_ctx.shape[2]
+        per_frame = [t if t.dim() == 2 else t[:, None].expand(-1, T) for t in (t_ctx, timestep)]
+        return (torch.cat([ctx_tokens, tokens], 1), torch.cat(per_frame, 1),
+                (torch.cat([rope[0], rope[0]]), torch.cat([rope[1], rope[1]])))

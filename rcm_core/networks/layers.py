@@ -107,16 +107,18 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(grid: tuple[int, int, int], head_dim: int, *, theta: float = 10000.0,
-                device: torch.device | None = None) -> torch.Tensor:
+                device: torch.device | None = None, start_frame: int = 0) -> torch.Tensor:
     """Rotation angles [f·h·w, head_dim/2] in float64 for a token grid (f, h, w) in row-major order.
 
     Axis a of real width d_a rotates its pair j by pos_a·θ^(−2j/d_a); the pair angles of the three axes are
-    concatenated t, h, w, exactly like Wan's `rope_params` tables indexed by (frame, row, column).
+    concatenated t, h, w, exactly like Wan's `rope_params` tables indexed by (frame, row, column). Frames sit at
+    positions start_frame, start_frame + 1, … (a chunk of a longer video keeps its place in it).
     """
     per_axis = []
-    for n, d in zip(grid, rope_axis_dims(head_dim)):
+    for n, d, start in zip(grid, rope_axis_dims(head_dim), (start_frame, 0, 0)):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        per_axis.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * omega[None, :])
+        pos = torch.arange(start, start + n, dtype=torch.float64, device=device)
+        per_axis.append(pos[:, None] * omega[None, :])
     f, h, w = grid
     t_ang = per_axis[0][:, None, None, :].expand(f, h, w, -1)
     h_ang = per_axis[1][None, :, None, :].expand(f, h, w, -1)

@@ -124,13 +124,17 @@ class UlyssesAttention(_SharedHook):
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                 key_padding_mask: torch.Tensor | None = None, primal: str = "fused") -> torch.Tensor:
-        if key_padding_mask is not None:
-            raise ValueError("Ulysses self-attention takes no key padding mask (video tokens are never padded)")
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attend=None,
+                 primal: str = "fused") -> torch.Tensor:
+        """`attend(q, k, v)`: the block's self-attention of whole sequences (the DiT passes
+        `causal.self_attention` bound to its layout, cache entry and `primal` = model.attention; without it,
+        `kernels.attention` with `primal`). After the all-to-all each rank holds the whole sequence for its heads,
+        so a block-causal or teacher-forcing layout and a KV cache (kept per rank for its heads) apply unchanged:
+        no chunk boundary has to fall on a rank boundary. Passed in, not imported: parallel sits below networks."""
+        attend = attend or (lambda q, k, v: kernels.attention(q, k, v, primal=primal))
         # One all-to-all for q, k and v together (and one for their three tangents under JVP).
         qkv = all_to_all(torch.stack([q, k, v]), self.group, scatter_dim=2, gather_dim=3)   # [3, B, H/cp, L, D]
-        o = kernels.attention(qkv[0], qkv[1], qkv[2], scale=scale, primal=primal)
+        o = attend(qkv[0], qkv[1], qkv[2])
         return all_to_all(o, self.group, scatter_dim=2, gather_dim=1)                      # [B, H, L/cp, D]
 
 
@@ -153,6 +157,15 @@ class SequenceShard(_SharedHook):
               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """tokens [B, L, dim], RoPE cos/sin [L, hd/2] → this rank's slice of both (positions stay global)."""
         return self._slice(tokens, 1), (self._slice(rope[0], 0), self._slice(rope[1], 0))
+
+    def shard_frames(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """[B, F, …] per-frame modulation (per-frame times: causal teacher forcing, diffusion forcing) → this rank's
+        frames. The token slices then hold whole frames, which the DiT's per-frame adaLN view needs."""
+        if per_frame.shape[1] % self.size:
+            raise ValueError(f"{per_frame.shape[1]} latent frames (per-frame times) cannot be split over a "
+                             f"context-parallel group of {self.size}: use a parallel.cp that divides them "
+                             f"(teacher forcing packs 2·T frames)")
+        return self._slice(per_frame, 1)
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """[B, L/cp, ·] → [B, L, ·] on every rank of the group."""

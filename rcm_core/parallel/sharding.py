@@ -289,8 +289,36 @@ def mesh_for_run(cfg, latent_shape: tuple[int, ...] | None, device: torch.device
         return None
     dit = cfg.model.kind == "dit"
     tokens = latent_tokens(tuple(latent_shape), tuple(cfg.model.patch_size)) if dit and latent_shape else None
+    if cfg.model.causal and latent_shape:
+        check_causal_cp(cfg, tuple(latent_shape), run_shape(cfg.parallel).cp)
     return build_mesh(run_shape(cfg.parallel), device_type=device.type,
                       num_heads=cfg.model.num_heads if dit else 1, num_tokens=tokens)
+
+
+def causal_cp_sizes(cfg, latent_shape: tuple[int, ...]) -> list[int]:
+    """Ulysses CP sizes a block-causal run (Causal rCM) can use on latents [C, T, H, W].
+
+    After the all-to-all every rank holds the whole sequence for its heads, so the block-causal and teacher-forcing
+    masks and the KV cache need nothing across ranks: any cp that divides the heads works for attention. Two
+    other splits must be even: (1) streamed rollouts (sf_dmd) and evaluation forward one chunk at a time, so cp
+    must divide the tokens of a chunk (first_chunk_t and chunk_t latent frames); (2) per-frame times (tf, tf_dcm,
+    tf_scm pack [context | noisy] = 2T frames; df has T) modulate whole frames, so cp must divide those frames.
+    """
+    m, mode = cfg.model, cfg.distill.mode
+    T, H, W = latent_shape[-3:]
+    frame_tokens = (H // m.patch_size[1]) * (W // m.patch_size[2])
+    splits = [m.num_heads, m.first_chunk_t * frame_tokens, m.chunk_t * frame_tokens]
+    splits += {"df": [T], "tf": [2 * T], "tf_dcm": [2 * T], "tf_scm": [2 * T]}.get(mode, [])
+    return [c for c in range(1, m.num_heads + 1) if all(n % c == 0 for n in splits)]
+
+
+def check_causal_cp(cfg, latent_shape: tuple[int, ...], cp: int) -> None:
+    """One-line refusal of a cp that cannot split a block-causal run (see `causal_cp_sizes`)."""
+    legal = causal_cp_sizes(cfg, latent_shape)
+    if cp not in legal:
+        raise ValueError(f"parallel.cp={cp} cannot split block-causal {cfg.distill.mode} on latents "
+                         f"{list(latent_shape)}: cp must divide the heads, the tokens of one chunk and (tf, tf_dcm, "
+                         f"tf_scm, df) the frames of a per-frame-time forward; legal cp: {legal}")
 
 
 def share_batch(batch, mesh: Mesh | None, device: torch.device):

@@ -36,6 +36,7 @@ from rcm_core.networks import check_label_path
 from rcm_core.parallel.mesh import Mesh
 from rcm_core.parallel.sharding import mesh_for_run, parallelize_state, share_batch
 from rcm_core.parallel.sharding import rank as dist_rank
+from rcm_core.run.teacher import load_teacher
 
 
 class Reporter(Protocol):
@@ -89,7 +90,10 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
     """
     device = torch.device(device or cfg.train.device)
     rank, run_dir = dist_rank(), Path(cfg.train.run_dir)
-    state = build_state(cfg, teacher.to(device))
+    student_init = None
+    if cfg.distill.student_checkpoint:           # e.g. Causal rCM's sf_dmd from the tf_dcm student
+        student_init = load_teacher(cfg.distill.student_checkpoint, cfg, device)
+    state = build_state(cfg, teacher.to(device), student_init)
     mesh = mesh_for_run(cfg, latent_shape, device)
     if mesh is not None:
         parallelize_state(state, mesh)

@@ -226,6 +226,11 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
     m, d = cfg.model, cfg.distill
     plan = MeshPlan(shape, checkpointing, memory=gpu_memory)
     plan.refused = refuse_reason(shape, gpus=gpus, heads=m.num_heads, tokens=work.tokens, batch=work.batch)
+    if not plan.refused and m.causal:
+        from rcm_core.parallel.sharding import causal_cp_sizes
+        legal = causal_cp_sizes(cfg, work.latent)
+        if shape.cp not in legal:
+            plan.refused = f"cp={shape.cp} cannot split block-causal {d.mode} (legal cp: {legal}; README: Causal rCM)"
     if plan.refused:
         return plan
     per_gpu = work.batch // shape.data_parallel_size
@@ -237,7 +242,8 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
         return plan
     dmd, term = uses_dmd(d), consistency_term(d)
     plan.states = state_bytes(counts, plan.shard, dmd)
-    b, n = plan.micro, work.tokens // shape.cp
+    packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
+    b, n = plan.micro, packed * work.tokens // shape.cp
     graphs = max(1, (term is not None) + dmd)
     plan.jvp_peak, plan.backward_peak = activation_estimate(
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=graphs,
@@ -274,7 +280,9 @@ def largest_fitting_micro(cfg: ExperimentCfg, shape: MeshShape, **kw) -> MeshPla
     work = kw["work"]
     per_gpu = max(work.batch // shape.data_parallel_size, 1)
     plan = None
-    for micro in sorted(_divisors(per_gpu), reverse=True):
+    # sf_dmd does not accumulate gradients (rcm_core.config refuses data.micro_batch_size > 0 for it): whole batch.
+    micros = [per_gpu] if cfg.distill.mode == "sf_dmd" else sorted(_divisors(per_gpu), reverse=True)
+    for micro in micros:
         plan = plan_mesh(cfg, shape, micro=micro, **kw)
         if plan.fits or plan.refused:
             return plan

@@ -25,7 +25,10 @@ from rcm_core.networks import build_network, check_label_path
 from rcm_core.method.trigflow import rf_to_trig
 
 
-RUNTIME_MODEL_FIELDS = {"dtype", "activation_checkpointing"}
+RUNTIME_MODEL_FIELDS = {"dtype", "activation_checkpointing", "causal", "first_chunk_t", "chunk_t"}
+# The attention pattern is a switch, not weights: a teacher trained here is bidirectional whatever the student is
+# (the causal teacher of Causal rCM is a `tf`/`df` run's student), so these never enter its cache key.
+CAUSAL_MODEL_FIELDS = ("causal", "first_chunk_t", "chunk_t")
 # Bump when the teacher's training code changes what it learns from the same config and data (old caches retire).
 # 4: class-conditional DiTs take their label through adaLN too (issue 32): same model.*, new weights.
 TEACHER_SCHEMA = 4
@@ -51,6 +54,7 @@ def train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device:
     with torch.random.fork_rng(devices=[]):      # the initial weights depend on the seed only, not on what ran before
         torch.manual_seed(cfg.train.seed + 76)
         net = build_network(cfg.model)
+    net.causal = False                           # the teacher is bidirectional (see CAUSAL_MODEL_FIELDS)
     model = TrigFlowDenoiser(net, t_cfg.parametrization).to(device)
     ema = PowerEMA(model, t_cfg.ema_sigma_rel)
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.train_lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -77,9 +81,10 @@ def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
     """Cache key of a teacher trained here: everything that shapes it. `data_key` names the data's content (a
     data set's manifest, `workflows.distill.teacher_data_key`; the toy's mixture), never its URL alone.
 
-    model.* (with time_scale), teacher.* (its whole training config), data.normalize (raw or normalised
-    coordinates), the seed and TEACHER_SCHEMA. Flipping any one gives a new key (tests/test_teacher_cache.py)."""
-    shaped_by = {"model": to_dict(cfg.model), "teacher": {**to_dict(cfg.teacher), "checkpoint": ""},
+    model.* (with time_scale; not the attention pattern, CAUSAL_MODEL_FIELDS), teacher.* (its whole training
+    config), data.normalize (raw or normalised coordinates), the seed and TEACHER_SCHEMA. Flipping any one gives a new key (tests/test_teacher_cache.py)."""
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in CAUSAL_MODEL_FIELDS}
+    shaped_by = {"model": model, "teacher": {**to_dict(cfg.teacher), "checkpoint": ""},
                  "data": data_key, "normalize": cfg.data.normalize, "seed": cfg.train.seed,
                  "schema": TEACHER_SCHEMA}
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
