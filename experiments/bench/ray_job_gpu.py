@@ -407,9 +407,8 @@ def read_run(home: Path, out: Path, args) -> dict:
     res["loss finite"] = bool(np.all(np.isfinite([m.value for m in hist("train/loss")])))
     files = [a.path for a in client.list_artifacts(run_.info.run_id, "samples")]
     res["samples in MLflow"] = files
-    for f in files:
-        if f.endswith(".mp4"):
-            shutil.copy(client.download_artifacts(run_.info.run_id, f, str(out)), out / Path(f).name)
+    res["MP4s written to --out"] = [Path(client.download_artifacts(run_.info.run_id, f, str(out))).name
+                                     for f in files if f.endswith(".mp4")]
     return res
 
 
