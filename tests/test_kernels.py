@@ -11,7 +11,9 @@ poisoned with NaN before every launch, so an unwritten element fails the check.
 """
 from __future__ import annotations
 
+import importlib.util
 import random
+import warnings
 
 import pytest
 import torch
@@ -246,6 +248,22 @@ def test_dispatch_uses_twin_without_interpreter(monkeypatch):
     q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
     assert not kernels.use_triton(q)
     assert torch.equal(kernels.attention(q, k, v), attention_ref(q, k, v))
+
+
+def test_cuda_without_triton_warns_what_is_lost(monkeypatch):
+    """On CUDA without Triton the twin runs, which materialises L×L: a warning names that and the fix. A CPU tensor
+    takes the twin silently (that is its place). The CUDA tensor is stood in by its `is_cuda` flag, all that the
+    dispatch reads, so this runs on the CPU-only CI."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.warns(RuntimeWarning, match=r"L×L score matrix.*pip install triton"):
+        assert not kernels.use_triton(SimpleNamespace(is_cuda=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kernels.use_triton(torch.zeros(1))
 
 
 # ----------------------------------------------------------------------------------------- GPU only
