@@ -142,6 +142,22 @@ def test_a_request_that_disagrees_with_the_data_there_names_both(tmp_path):
     assert "data.rows_per_shard" not in msg and str(url) in msg
 
 
+def test_a_data_set_that_cannot_be_read_is_never_rewritten(tmp_path):
+    """Only "nothing there yet" (no folder, no manifest) writes the built-in data set; a manifest that is there but
+    unreadable is an error naming it, and the files there are left as they were."""
+    from rcm_core.data.latents import DatasetError
+    from workflows.driver import prepare_data
+
+    url = tmp_path / "gmm"
+    prepare_data(_gmm_cfg(url))                                    # nothing there: written
+    manifest = url / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])                # cut short, as by a full disk
+    before = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
+    with pytest.raises(DatasetError, match=r"manifest.json: not valid JSON"):
+        prepare_data(_gmm_cfg(url))
+    assert {p: p.read_bytes() for p in url.rglob("*") if p.is_file()} == before
+
+
 def test_toy_evaluator_reads_the_mixture_from_the_data_set(tmp_path):
     from rcm_core.data.latents import read_manifest
     from rcm_core.method.denoiser import TrigFlowDenoiser
