@@ -141,6 +141,11 @@ def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> 
     if diff:
         raise ValueError(f"teacher checkpoint {path} was trained with another model config: {diff} "
                          f"(checkpoint value, config value); set model.* to match or retrain")
+    # The file knows what its network predicts; a config that says otherwise would be ignored or, used, wrong.
+    if data["parametrization"] != cfg.teacher.parametrization:
+        raise ValueError(f"teacher checkpoint {path} predicts {data['parametrization']!r} but "
+                         f"teacher.parametrization={cfg.teacher.parametrization!r}; set "
+                         f"teacher.parametrization={data['parametrization']} (or give another teacher.checkpoint)")
     net = build_network(cfg.model)
     net.load_state_dict(data["net"])
     return TrigFlowDenoiser(net, data["parametrization"]).to(device).requires_grad_(False).eval()
