@@ -233,3 +233,33 @@ def test_a_resumed_runs_checkpoints_record_their_own_step_and_config(tmp_path):
     from rcm_core.run.checkpoint import RUN_CONFIG_FILE
     from rcm_core.config import run_config_dict
     assert json.loads((last / RUN_CONFIG_FILE).read_text()) == run_config_dict(cfg)
+
+
+def test_the_no_ray_resume_compares_configs_as_the_ray_path_does(tmp_path, capsys):
+    """`python -m rcm_core.run --resume latest` with another λ is refused before any teacher is trained, naming the
+    key (the same check as workflows/storage.py check_resume, rcm_core.config.check_resume_config); a free key
+    (train.steps) resumes and is said; --resume-changed forces it."""
+    from rcm_core.config import ConfigError
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.networks import build_network
+    from rcm_core.run.loop import run_training
+    from rcm_core.run.pipeline import check_resume_dir, cli_main
+    from rcm_core.data.toy import default_gmm, gmm_batches
+
+    DEBUG = REPO / "experiments" / "debug_cpu.yaml"                 # cli_main's default config
+    tiny = ["model.kind=mlp", "model.in_channels=2", "model.num_classes=4", "model.hidden=16", "model.depth=1",
+            "data.batch_size=8", "train.checkpoint_every=2", f"train.run_dir={tmp_path}", "distill.tangent_warmup=0"]
+    cfg = load_config(DEBUG, [*tiny, "train.steps=2"])
+    torch.manual_seed(0)
+    teacher = TrigFlowDenoiser(build_network(cfg.model), "rf_velocity").requires_grad_(False)
+    run_training(cfg, lambda start: gmm_batches(default_gmm(), 8, 0, start), lambda *a: None, teacher=teacher,
+                 device="cpu", extra_state={})
+    with pytest.raises(ConfigError, match=r"distill.reg_weight: 0.01 -> 0.1\).*another train.run_dir.*"
+                                          r"--resume-changed"):
+        cli_main(["--resume", "latest", *tiny, "train.steps=4", "distill.reg_weight=0.1"])
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "checkpoints" / "step_4").exists()
+    assert check_resume_dir(load_config(DEBUG, [*tiny, "train.steps=4"]), "latest") == {}
+    assert "with: train.steps: 2 -> 4" in capsys.readouterr().out
+    forced = check_resume_dir(load_config(DEBUG, [*tiny, "distill.reg_weight=0.1"]), str(tmp_path / "checkpoints" /
+                                                                                         "step_2"), allow_changed=True)
+    assert forced == {"distill.reg_weight": (0.01, 0.1)}
