@@ -4,6 +4,7 @@ config's S3 endpoint for checkpoints, data keys checked against the data set alr
 
     .venv/bin/python -m pytest tests/test_what_runs.py -q
 """
+import ast
 import re
 from pathlib import Path
 
@@ -16,7 +17,31 @@ from workflows.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # Where configs are read: every module outside the tests (config.py included: its checks read the values).
-CODE = "\n".join(p.read_text() for d in ("rcm_core", "workflows", "kernels") for p in (REPO / d).rglob("*.py"))
+SOURCES = [p for d in ("rcm_core", "workflows", "kernels") for p in sorted((REPO / d).rglob("*.py"))]
+
+
+def names_read(tree: ast.AST) -> set[str]:
+    """Field names the syntax tree reads: `x.name` loaded (an assignment `x.name = …` is no read),
+    `getattr(x, "name")`, and `getattr(x, k)` inside a loop or comprehension whose `k` runs over literal names
+    (`for k in ("frames", "canvas")`). A name in a docstring, a comment or any other string is no read."""
+    read = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            read.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+            read.add(node.args[1].value)
+        loops = [node] if isinstance(node, ast.For) else getattr(node, "generators", [])
+        for loop in loops:
+            if isinstance(loop.target, ast.Name) and isinstance(loop.iter, (ast.Tuple, ast.List, ast.Set)) and any(
+                    isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "getattr"
+                    and len(c.args) >= 2 and isinstance(c.args[1], ast.Name) and c.args[1].id == loop.target.id
+                    for c in ast.walk(node)):
+                read |= {e.value for e in loop.iter.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return read
+
+
+READ = set().union(*(names_read(ast.parse(p.read_text(), str(p))) for p in SOURCES))
 
 
 def _shipped_keys() -> dict[str, str]:
@@ -39,10 +64,26 @@ def _shipped_keys() -> dict[str, str]:
 
 
 def _read_somewhere(key: str) -> bool:
-    """The key's field is read as an attribute (`x.reg_weight`) or by name (`getattr(x, "run_dir")`) somewhere.
-    A leaf name shared with another field can hide a dead key; a key no code names at all cannot hide."""
-    leaf = key.split(".")[-1]
-    return re.search(rf"\.{leaf}\b|getattr\([^)]*[\"']{leaf}[\"']|[\"']{leaf}[\"']\)", CODE) is not None
+    """The key's field is read somewhere in the code's syntax trees (`names_read`). A leaf name shared with another
+    field can hide a dead key; a key no code reads at all cannot hide, not even behind a docstring."""
+    return key.split(".")[-1] in READ
+
+
+def test_a_name_in_a_docstring_or_an_assignment_is_no_read():
+    """The collector itself: only loads and getattr count (a key whose only mention is prose is dead)."""
+    tree = ast.parse('''
+"""Set distill.reg_weight to sweep λ."""
+def f(cfg, d):
+    """uses cfg.eval.bootstrap"""
+    cfg.train.ghost = 1               # written, never read
+    x = "cfg.data.phantom"
+    for k in ("frames", "canvas"):
+        print(getattr(d, k))
+    return cfg.distill.tangent_warmup, getattr(cfg, "run_dir"), [getattr(d, j) for j in ("patch",)]
+''')
+    read = names_read(tree)
+    assert {"tangent_warmup", "run_dir", "frames", "canvas", "patch", "distill", "train"} <= read
+    assert not {"reg_weight", "bootstrap", "ghost", "phantom"} & read
 
 
 def test_every_shipped_key_is_a_config_key_that_code_reads():
