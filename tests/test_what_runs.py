@@ -281,11 +281,11 @@ def test_the_no_ray_resume_compares_configs_as_the_ray_path_does(tmp_path, capsy
     key (the same check as workflows/storage.py check_resume, rcm_core.config.check_resume_config); a free key
     (train.steps) resumes and is said; --resume-changed forces it."""
     from rcm_core.config import ConfigError
+    from rcm_core.data.toy import default_gmm, gmm_batches
     from rcm_core.method.denoiser import TrigFlowDenoiser
     from rcm_core.networks import build_network
     from rcm_core.run.loop import run_training
     from rcm_core.run.pipeline import check_resume_dir, cli_main
-    from rcm_core.data.toy import default_gmm, gmm_batches
 
     DEBUG = REPO / "experiments" / "debug_cpu.yaml"                 # cli_main's default config
     tiny = ["model.kind=mlp", "model.in_channels=2", "model.num_classes=4", "model.hidden=16", "model.depth=1",
