@@ -23,6 +23,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -50,10 +51,21 @@ def _interpret() -> bool:
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, or anywhere under the interpreter; the PyTorch twin otherwise."""
+    """Triton on CUDA tensors, or anywhere under the interpreter; the PyTorch twin otherwise. A CUDA tensor
+    without Triton installed still runs (the twin), with a warning: the twin materialises the L×L score matrix."""
     if _interpret():
         return True
-    return x.is_cuda and importlib.util.find_spec("triton") is not None
+    if not x.is_cuda:
+        return False
+    if importlib.util.find_spec("triton") is None:
+        warnings.warn(TWIN_ON_CUDA, RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+TWIN_ON_CUDA = ("kernels: Triton is not installed, so attention on CUDA runs the PyTorch twin "
+                "(kernels/reference.py), which materialises the L×L score matrix: memory grows with L² and the "
+                "fused forward+JVP pass is lost (no long videos); install it with `pip install triton`")
 
 
 @functools.lru_cache(maxsize=2)

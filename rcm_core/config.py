@@ -448,6 +448,27 @@ def resume_changes(saved: dict, cfg: ExperimentCfg) -> tuple[dict[str, tuple], d
     return {k: v for k, v in changed.items() if k not in free}, free
 
 
+def show_changes(changes: dict[str, tuple]) -> str:
+    """`key: old -> new; …`, the form resume messages and MLflow tags use."""
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def check_resume_config(saved: dict | None, cfg: ExperimentCfg, *, allow_changed: bool,
+                        fixes: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """The resume check both paths share (through Ray: workflows/storage.py check_resume; without: python -m
+    rcm_core.run --resume): `saved` is the checkpoint's recorded config (None: no checkpoint, {}: one written before
+    configs were recorded). Returns (shaping, free) changes; raises ConfigError naming the shaping keys unless
+    `allow_changed`. `fixes` says how to start afresh or force it on this path."""
+    if saved is None:
+        return {}, {}
+    unknown = {"config": ("not recorded (a checkpoint from before configs were saved)", "this one")}
+    shaping, free = resume_changes(saved, cfg) if saved else (unknown, {})
+    if shaping and not allow_changed:
+        raise ConfigError(f"run '{cfg.name}' has a checkpoint trained with another config ({show_changes(shaping)}), "
+                          f"and running it again continues that run. {fixes}")
+    return shaping, free
+
+
 # `scheme://user:password@host` or `scheme://token@host`: the user-info part of a URL is a credential.
 URL_USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
 

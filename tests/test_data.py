@@ -374,3 +374,24 @@ def test_ray_data_bad_rows_error_or_skip(ray_connected, s3_endpoint, mf_dir, tmp
     assert len(rows) == ROWS - 1 and row_id not in {r["id"] for r in rows}
     skipped = ray_connected.get(counter.get.remote())
     assert len(skipped) == 1 and "shard-00001.parquet" in skipped[0] and "NaN" in skipped[0]
+
+
+def test_a_read_only_batch_converts_without_a_warning():
+    """Ray Data hands out read-only NumPy views of Arrow buffers; torch.as_tensor on one warns ("not writable") in
+    every worker of the demo. The batch is copied instead: same values, no warning, and writable tensors."""
+    import warnings
+
+    import numpy as np
+
+    from rcm_core.data.latents import LatentBatch
+
+    latent = np.arange(24, dtype=np.float32).reshape(2, 3, 1, 2, 2)
+    label = np.array([1, 3])
+    for a in (latent, label):
+        a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = LatentBatch.from_numpy_batch({"latent": latent, "label": label})
+    assert np.array_equal(b.latent.numpy(), latent) and b.label.tolist() == [1, 3]
+    b.latent += 1                                            # its own memory: the Arrow buffer is untouched
+    assert latent[0, 0, 0, 0, 0] == 0

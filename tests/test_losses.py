@@ -126,3 +126,16 @@ def _walk(fn, seen=None):
     yield fn
     for nxt, _ in fn.next_functions:
         yield from _walk(nxt, seen)
+
+
+def test_jvp_refuses_an_output_without_a_tangent():
+    """A function whose output left forward-mode AD (here a .detach()) must not pass for a zero tangent: sCM would
+    train on T = 0. A real dependence gives the exact derivative, float64: d(sin x)/dx · v = cos x · v."""
+    from rcm_core.method.losses import jvp
+
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    v = torch.full_like(x, 0.5)
+    with pytest.raises(RuntimeError, match="carries no tangent"):
+        jvp(lambda x_: torch.sin(x_).detach() * 2, (x,), (v,))
+    primal, tangent = jvp(torch.sin, (x,), (v,))
+    assert torch.equal(primal, torch.sin(x)) and torch.allclose(tangent, torch.cos(x) * v, rtol=0, atol=1e-15)

@@ -198,3 +198,16 @@ def test_wan_1p3b_smoke_run_on_one_h200_needs_only_the_worker_count():
     whole = load_config(REPO / "experiments/wan21_t2v_1p3b_rcm.yaml", ["resources.num_workers=1",
                                                                          "data.micro_batch_size=0"])
     assert "will not fit" in check_fits(whole, gpus=1, gpu_memory=141 * GiB, latent=WAN_480P, text_len=512)
+
+
+def test_preflight_says_when_it_cannot_check(tmp_path, capsys):
+    """A GPU run whose manifest cannot be read is not checked; the driver says so and why, instead of nothing."""
+    from rcm_core.config import from_dict
+    from workflows.plan import preflight
+
+    cfg = from_dict({"model": {**SMALL, "in_channels": 2, "patch_size": [1, 1, 1], "num_classes": 4},
+                     "data": {"source": "gmm", "url": str(tmp_path / "absent"), "num_rows": 64, "batch_size": 8},
+                     "resources": {"use_gpu": True, "num_workers": 2}})
+    assert preflight(cfg, gpu_memory=2 * GiB) is None        # 2 GiB would not fit (above): unchecked, said loudly
+    out = capsys.readouterr().out
+    assert f"plan: memory check skipped: cannot read the data set's manifest at {tmp_path / 'absent'}" in out

@@ -38,3 +38,19 @@ def test_wrong_checkpoint_names_the_keys(tmp_path):
     wrong = load_config(None, [*TINY, "model.num_layers=3"])
     with pytest.raises(ValueError, match="blocks.2"):
         load_teacher(str(tmp_path / "ckpt"), wrong, torch.device("cpu"))
+
+
+def test_a_teacher_file_and_a_config_that_disagree_on_the_parametrization_fail(tmp_path):
+    """A file of save_teacher records what its network predicts; teacher.parametrization saying otherwise is an error
+    naming both, not a value silently ignored."""
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.run.teacher import save_teacher
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    save_teacher(TrigFlowDenoiser(build_network(cfg.model), "edm_eps"), cfg, tmp_path / "t.pt")
+    with pytest.raises(ValueError, match=r"predicts 'edm_eps' but teacher.parametrization='rf_velocity'; set "
+                                         r"teacher.parametrization=edm_eps"):
+        load_teacher(tmp_path / "t.pt", cfg, torch.device("cpu"))
+    agree = load_config(None, [*TINY, "teacher.parametrization=edm_eps"])
+    assert load_teacher(tmp_path / "t.pt", agree, torch.device("cpu")).parametrization == "edm_eps"

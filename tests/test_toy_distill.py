@@ -6,7 +6,8 @@ their nearest mode's mass; `gmm_coverage` = share of modes that receive their sh
 negative log-likelihood under the true mixture. The undistilled teacher used as a 2-step sampler scores precision
 below 0.05 and NLL above 50 (`test_undistilled_two_step_is_poor`). Every distilled 2-step student must reach
 coverage ≥ 0.75 and precision / NLL within a stated margin of the values measured at these settings (`MEASURED`:
-rCM 0.72 / 5.6, sCM 0.81 / 3.7, DMD 0.47 / 13.2, dCM on a 16-step grid 0.23 / 17.0). The toy teacher takes its time input as 10·s (model.time_scale):
+rCM 0.723 / 5.61, sCM 0.81 / 3.60, DMD 0.475 / 12.8, dCM on a 16-step grid 0.215 / 16.2; the margin, and how it
+was placed, beside `MEASURED`). The toy teacher takes its time input as 10·s (model.time_scale):
 with Wan's 1000·s its F(t) kept ripples that sCM's JVP amplified, and sCM alone needed a bar of 0.5 that it still
 missed at random (issue 18). Determinism: one torch thread, a seeded teacher init, seeded data, sampling and
 bootstrap; `pytest -s` prints the metrics, which two runs of one commit repeat exactly.
@@ -28,10 +29,16 @@ FAST = ["teacher.train_steps=800", "teacher.train_batch_size=256", "model.hidden
         "optim.lr=1e-3", "optim.fake_lr=1e-3",
         "eval.num_samples=600", "eval.bootstrap=20", "train.log_every=10", "train.checkpoint_every=0",
         "sampler.teacher_steps=30"]
-# 2-step precision and NLL measured at these settings (one thread, every seed fixed: the same on every run of
-# this commit; 2026-11-28). Bars: precision > 0.75 × measured, NLL < 1.5 × measured, coverage ≥ 0.75 for every
-# mode (measured 1.0); the margins leave room for another CPU's float rounding, not for a regression.
-MEASURED = {"rcm": (0.7217, 5.638), "scm": (0.8117, 3.728), "dmd": (0.4683, 13.19), "dcm": (0.23, 16.98)}
+# 2-step precision and NLL measured at these settings, one torch thread, every seed fixed (2026-12-02: the same to
+# the last digit in pytest and in a separate script). The runs repeat bit for bit, so the bars sit at the measured
+# values minus a tolerance for float rounding elsewhere (another CPU, another op order): the largest change seen when
+# only the float order changed (this commit's values against the 2026-11-28 ones of the same maths: precision
+# 0.0016 / 0.0017 / 0.0067 / 0.015, NLL 0.5 % / 3.6 % / 3.1 % / 4.8 % for rCM / sCM / DMD / dCM), doubled and
+# applied to every mode: precision > measured − 0.03, NLL < 1.10 × measured. For scale, train.seed=1 instead of 0
+# moves precision by +0.027 / +0.008 / −0.003 / +0.008 and NLL by +5 % / +19 % / −20 % / −11 %: the bars sit below a
+# seed's spread. Coverage ≥ 0.75: at most one of the four modes short of its share (dCM measured 0.75).
+MEASURED = {"rcm": (0.7233, 5.612), "scm": (0.81, 3.596), "dmd": (0.475, 12.79), "dcm": (0.215, 16.20)}
+PRECISION_TOL, NLL_TOL = 0.03, 0.10
 
 
 def _cfg(tmp_path, *extra):
@@ -59,7 +66,7 @@ def _two_step(evaluator):
     ("dmd", 400, []),
     # discrete-time CM (issue 21), on a 16-step grid. With this (10·s) teacher, one thread, 400 iterations, 2-step
     # precision / coverage / NLL: N = 48 (official) 0.163 / 0.625 / 13.8 (misses the coverage bar: consistency
-    # propagates one grid step per update), N = 16 0.23 / 0.75 / 17.0, N = 8 0.20 / 0.75 / 20.7. Coverage meets
+    # propagates one grid step per update), N = 16 0.215 / 0.75 / 16.2, N = 8 0.20 / 0.75 / 20.7. Coverage meets
     # sCM's bar; precision stays below sCM's (0.81) at this budget, so its own measured value sets its bar.
     ("dcm", 400, ["distill.dcm_total_steps=16"]),
 ])
@@ -70,7 +77,7 @@ def test_each_mode_distils_the_toy_teacher(tmp_path, monkeypatch, teacher_cache,
     precision, coverage, nll = _two_step(evaluator)
     print(f"\n{mode} 2-step: precision {precision!r} coverage {coverage!r} nll {nll!r}")   # compare two runs: -s
     want_precision, want_nll = MEASURED[mode]
-    assert precision > 0.75 * want_precision and coverage >= 0.75 and nll < 1.5 * want_nll, \
+    assert precision > want_precision - PRECISION_TOL and coverage >= 0.75 and nll < (1 + NLL_TOL) * want_nll, \
         (mode, precision, coverage, nll)
 
 

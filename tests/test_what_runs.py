@@ -4,6 +4,7 @@ config's S3 endpoint for checkpoints, data keys checked against the data set alr
 
     .venv/bin/python -m pytest tests/test_what_runs.py -q
 """
+import ast
 import re
 from pathlib import Path
 
@@ -16,7 +17,31 @@ from workflows.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # Where configs are read: every module outside the tests (config.py included: its checks read the values).
-CODE = "\n".join(p.read_text() for d in ("rcm_core", "workflows", "kernels") for p in (REPO / d).rglob("*.py"))
+SOURCES = [p for d in ("rcm_core", "workflows", "kernels") for p in sorted((REPO / d).rglob("*.py"))]
+
+
+def names_read(tree: ast.AST) -> set[str]:
+    """Field names the syntax tree reads: `x.name` loaded (an assignment `x.name = …` is no read),
+    `getattr(x, "name")`, and `getattr(x, k)` inside a loop or comprehension whose `k` runs over literal names
+    (`for k in ("frames", "canvas")`). A name in a docstring, a comment or any other string is no read."""
+    read = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            read.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+            read.add(node.args[1].value)
+        loops = [node] if isinstance(node, ast.For) else getattr(node, "generators", [])
+        for loop in loops:
+            if isinstance(loop.target, ast.Name) and isinstance(loop.iter, (ast.Tuple, ast.List, ast.Set)) and any(
+                    isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "getattr"
+                    and len(c.args) >= 2 and isinstance(c.args[1], ast.Name) and c.args[1].id == loop.target.id
+                    for c in ast.walk(node)):
+                read |= {e.value for e in loop.iter.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return read
+
+
+READ = set().union(*(names_read(ast.parse(p.read_text(), str(p))) for p in SOURCES))
 
 
 def _shipped_keys() -> dict[str, str]:
@@ -39,10 +64,26 @@ def _shipped_keys() -> dict[str, str]:
 
 
 def _read_somewhere(key: str) -> bool:
-    """The key's field is read as an attribute (`x.reg_weight`) or by name (`getattr(x, "run_dir")`) somewhere.
-    A leaf name shared with another field can hide a dead key; a key no code names at all cannot hide."""
-    leaf = key.split(".")[-1]
-    return re.search(rf"\.{leaf}\b|getattr\([^)]*[\"']{leaf}[\"']|[\"']{leaf}[\"']\)", CODE) is not None
+    """The key's field is read somewhere in the code's syntax trees (`names_read`). A leaf name shared with another
+    field can hide a dead key; a key no code reads at all cannot hide, not even behind a docstring."""
+    return key.split(".")[-1] in READ
+
+
+def test_a_name_in_a_docstring_or_an_assignment_is_no_read():
+    """The collector itself: only loads and getattr count (a key whose only mention is prose is dead)."""
+    tree = ast.parse('''
+"""Set distill.reg_weight to sweep λ."""
+def f(cfg, d):
+    """uses cfg.eval.bootstrap"""
+    cfg.train.ghost = 1               # written, never read
+    x = "cfg.data.phantom"
+    for k in ("frames", "canvas"):
+        print(getattr(d, k))
+    return cfg.distill.tangent_warmup, getattr(cfg, "run_dir"), [getattr(d, j) for j in ("patch",)]
+''')
+    read = names_read(tree)
+    assert {"tangent_warmup", "run_dir", "frames", "canvas", "patch", "distill", "train"} <= read
+    assert not {"reg_weight", "bootstrap", "ghost", "phantom"} & read
 
 
 def test_every_shipped_key_is_a_config_key_that_code_reads():
@@ -142,6 +183,22 @@ def test_a_request_that_disagrees_with_the_data_there_names_both(tmp_path):
     assert "data.rows_per_shard" not in msg and str(url) in msg
 
 
+def test_a_data_set_that_cannot_be_read_is_never_rewritten(tmp_path):
+    """Only "nothing there yet" (no folder, no manifest) writes the built-in data set; a manifest that is there but
+    unreadable is an error naming it, and the files there are left as they were."""
+    from rcm_core.data.latents import DatasetError
+    from workflows.driver import prepare_data
+
+    url = tmp_path / "gmm"
+    prepare_data(_gmm_cfg(url))                                    # nothing there: written
+    manifest = url / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])                # cut short, as by a full disk
+    before = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
+    with pytest.raises(DatasetError, match=r"manifest.json: not valid JSON"):
+        prepare_data(_gmm_cfg(url))
+    assert {p: p.read_bytes() for p in url.rglob("*") if p.is_file()} == before
+
+
 def test_toy_evaluator_reads_the_mixture_from_the_data_set(tmp_path):
     from rcm_core.data.latents import read_manifest
     from rcm_core.method.denoiser import TrigFlowDenoiser
@@ -217,3 +274,33 @@ def test_a_resumed_runs_checkpoints_record_their_own_step_and_config(tmp_path):
     from rcm_core.run.checkpoint import RUN_CONFIG_FILE
     from rcm_core.config import run_config_dict
     assert json.loads((last / RUN_CONFIG_FILE).read_text()) == run_config_dict(cfg)
+
+
+def test_the_no_ray_resume_compares_configs_as_the_ray_path_does(tmp_path, capsys):
+    """`python -m rcm_core.run --resume latest` with another λ is refused before any teacher is trained, naming the
+    key (the same check as workflows/storage.py check_resume, rcm_core.config.check_resume_config); a free key
+    (train.steps) resumes and is said; --resume-changed forces it."""
+    from rcm_core.config import ConfigError
+    from rcm_core.data.toy import default_gmm, gmm_batches
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.networks import build_network
+    from rcm_core.run.loop import run_training
+    from rcm_core.run.pipeline import check_resume_dir, cli_main
+
+    DEBUG = REPO / "experiments" / "debug_cpu.yaml"                 # cli_main's default config
+    tiny = ["model.kind=mlp", "model.in_channels=2", "model.num_classes=4", "model.hidden=16", "model.depth=1",
+            "data.batch_size=8", "train.checkpoint_every=2", f"train.run_dir={tmp_path}", "distill.tangent_warmup=0"]
+    cfg = load_config(DEBUG, [*tiny, "train.steps=2"])
+    torch.manual_seed(0)
+    teacher = TrigFlowDenoiser(build_network(cfg.model), "rf_velocity").requires_grad_(False)
+    run_training(cfg, lambda start: gmm_batches(default_gmm(), 8, 0, start), lambda *a: None, teacher=teacher,
+                 device="cpu", extra_state={})
+    with pytest.raises(ConfigError, match=r"distill.reg_weight: 0.01 -> 0.1\).*another train.run_dir.*"
+                                          r"--resume-changed"):
+        cli_main(["--resume", "latest", *tiny, "train.steps=4", "distill.reg_weight=0.1"])
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "checkpoints" / "step_4").exists()
+    assert check_resume_dir(load_config(DEBUG, [*tiny, "train.steps=4"]), "latest") == {}
+    assert "with: train.steps: 2 -> 4" in capsys.readouterr().out
+    forced = check_resume_dir(load_config(DEBUG, [*tiny, "distill.reg_weight=0.1"]), str(tmp_path / "checkpoints" /
+                                                                                         "step_2"), allow_changed=True)
+    assert forced == {"distill.reg_weight": (0.01, 0.1)}

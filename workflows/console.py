@@ -4,7 +4,7 @@
     python workflows/distill.py --verbose                     # plus Ray's own logs and Ray Data's progress bars
 
 Quiet (the default), passed to every Ray process of the job through its runtime_env (so a cluster's workers and
-Tune trial processes see it too): Ray Data's progress bars off (`DataContext.enable_progress_bars` in the driver,
+Tune trial processes see it too): MLflow's INFO logs off (MLFLOW_LOGGING_LEVEL, the driver's too), Ray Data's progress bars off (`DataContext.enable_progress_bars` in the driver,
 its environment variable in Tune trials), Ray Data and Ray Train logs on the console from WARNING up (their log
 files under the Ray session folder keep everything), the driver's `ray` logger at WARNING, Python's deprecation
 warnings off in Ray's processes, and workers' progress bars redrawn every 20 s.
@@ -22,10 +22,19 @@ QUIET_WORKER_ENV = {
     "RAY_DATA_LOG_LEVEL": "WARNING",                  # "Starting execution of Dataset …", "✔️ Dataset … finished"
     "PYTHONWARNINGS": "ignore::DeprecationWarning",   # Ray's own RayDeprecationWarnings from its actors
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # MLflow's own logger (read when mlflow is imported): "Creating initial MLflow database tables…" and
+    # "Updating database tables" at INFO whenever a new SQLite store is made (the demo's first run).
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     # A worker's progress bar reaches the driver through Ray's log forwarding, one line per redraw (in a terminal as
     # in a log file): redraw it every 20 s instead of every 0.1 s. The driver's own bars are not affected.
     "TQDM_MININTERVAL": "20",
 }
+
+
+# Ray Train patches print() in its workers to send each line to the root logger and, since Ray wraps a worker's
+# stdout, to print it as well: every print of a worker reached the console twice (the teacher check's line in the
+# demo). Off, verbose or not: a worker's print is one line, forwarded by Ray like any worker output.
+ONE_PRINT_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def is_verbose() -> bool:
@@ -38,6 +47,7 @@ def setup_output(verbose: bool) -> None:
     os.environ[VERBOSE_VAR] = "1" if verbose else "0"
     if verbose:
         return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", QUIET_WORKER_ENV["MLFLOW_LOGGING_LEVEL"])     # before mlflow loads
     from ray.data import DataContext
     # The Dataset copies the driver's context when it is built; the environment variable alone is read only when
     # ray.data is first imported, which may already have happened.
@@ -47,8 +57,8 @@ def setup_output(verbose: bool) -> None:
 def worker_env() -> dict[str, str]:
     """Environment for every Ray process of the job (runtime_env env_vars): the quiet settings unless verbose."""
     if is_verbose():
-        return {VERBOSE_VAR: "1"}
-    return {VERBOSE_VAR: "0", **{k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items()}}
+        return {VERBOSE_VAR: "1", **ONE_PRINT_ENV}
+    return {VERBOSE_VAR: "0", **ONE_PRINT_ENV, **{k: os.environ.get(k, v) for k, v in QUIET_WORKER_ENV.items()}}
 
 
 def quiet_worker_logs() -> None:

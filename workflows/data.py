@@ -59,6 +59,11 @@ class StorageError(DatasetError):
     """Storage is unreachable or unusable; the message starts with the URL."""
 
 
+class DatasetAbsent(StorageError):
+    """Storage is reachable and no data set is there yet (no folder, or no manifest): the one case in which a
+    built-in source may be written (workflows.driver.prepare_data)."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fail fast, before workers start.
 
@@ -116,12 +121,12 @@ def check_storage(url: str, endpoint: str = "", *, must_exist: bool = True) -> M
     elif "://" not in url or url.startswith("file://"):
         path = url.removeprefix("file://")
         if must_exist and not os.path.isdir(path):
-            raise StorageError(f"{url}: no such folder (write the data set with workflows/prepare_latents.py)")
+            raise DatasetAbsent(f"{url}: no such folder (write the data set with workflows/prepare_latents.py)")
     if not must_exist:
         return None
     fs, root = filesystem(url, endpoint)
     if not fs.exists(f"{root}/{MANIFEST}"):
-        raise StorageError(f"{url}: no {MANIFEST} there (write it with `python workflows/prepare_latents.py "
+        raise DatasetAbsent(f"{url}: no {MANIFEST} there (write it with `python workflows/prepare_latents.py "
                            f"data.url={url}`)")
     return read_manifest(url, endpoint=endpoint)
 

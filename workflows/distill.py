@@ -27,7 +27,7 @@ from workflows.cli import add_debug_flag, run_cli  # noqa: E402
 from workflows.console import setup_output  # noqa: E402
 from workflows.driver import absolute_paths, check_device, driver_feature_net, driver_teacher, prepare_data  # noqa: E402
 from workflows.plan import preflight  # noqa: E402
-from workflows.ray_session import init_ray  # noqa: E402
+from workflows.ray_session import init_ray, shutdown_local_ray  # noqa: E402
 from workflows.storage import FORCED_TAG, check_resume, finished_checkpoint  # noqa: E402
 from workflows.trainer import build_trainer  # noqa: E402
 
@@ -58,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         teacher_path = driver_teacher(cfg)
         feature_net_path = driver_feature_net(cfg)
-        init_ray(args.address)
-        preflight(cfg)          # a mesh that cannot fit on the GPUs stops here, not in an OOM on the workers
-        result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
+        started = init_ray(args.address)
+        try:
+            preflight(cfg)      # a mesh that cannot fit on the GPUs stops here, not in an OOM on the workers
+            result = build_trainer(cfg, teacher_path, feature_net_path=feature_net_path, tags=resume_tags).fit()
+        finally:
+            if started:
+                shutdown_local_ray()
         checkpoint = result.checkpoint.path if result.checkpoint else None
     print(summary(cfg, checkpoint or "(none)", full_table=args.full_table))
     return 0

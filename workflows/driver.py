@@ -47,14 +47,14 @@ def absolute_paths(cfg: ExperimentCfg) -> ExperimentCfg:
 def prepare_data(cfg: ExperimentCfg) -> ExperimentCfg:
     """Built-in sources are written once to data.url (default runs/data/<name>-<source>) and then read as a data
     set; a data set already there must be the one the data.* keys describe (`check_data_request`)."""
-    from workflows.data import check_storage
+    from workflows.data import DatasetAbsent, check_storage
     from workflows.prepare_latents import prepare
 
     if cfg.data.source in ("gmm", "moving_fashion"):
         url = cfg.data.url or str(output_root() / "runs" / "data" / f"{cfg.name}-{cfg.data.source}")
         try:
             there = check_storage(url, cfg.data.s3_endpoint)
-        except Exception:
+        except DatasetAbsent:       # only "nothing there yet" writes it; a broken manifest or storage raises
             there = None
             cfg.data.url = url
             prepare(cfg.data)

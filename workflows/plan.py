@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from rcm_core.config import ExperimentCfg, load_config  # noqa: E402
+from rcm_core.config import ExperimentCfg, load_config, redact_url  # noqa: E402
 from rcm_core.run.plan import GiB, check_fits, format_plan, plan_run, read_step_table  # noqa: E402
 
 # The one file the planner's s/iteration comes from: experiments/bench/rcm_step.py writes it to $OUT as
@@ -44,18 +44,19 @@ def parse_memory(text: str) -> float:
     return float(m.group(1)) * unit[m.group(2)]
 
 
-def data_shape(cfg: ExperimentCfg) -> tuple[tuple[int, ...] | None, int]:
-    """(latent [C, T, H, W], text length) from the data set's manifest when it can be read, else (None, default)."""
+def data_shape(cfg: ExperimentCfg) -> tuple[tuple[int, ...] | None, int, str | None]:
+    """(latent [C, T, H, W], text length, None) from the data set's manifest when it can be read, else
+    (None, default, why not): the caller decides, and says so (planning before the data exists is normal)."""
     text_len = cfg.model.label_tokens if cfg.model.num_classes > 0 else WAN_TEXT
     if not cfg.data.url:
-        return None, text_len
+        return None, text_len, "data.url is empty"
     try:
         from rcm_core.data.latents import read_manifest
 
         m = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint, check_shards=False)
-    except Exception:                     # no data yet (planning before preparing it): the caller decides
-        return None, text_len
-    return tuple(m.latent_shape), (m.cond_shape[0] if m.cond_shape else text_len)
+    except Exception as e:                # whatever the reason, it is named to the user, never swallowed
+        return None, text_len, f"cannot read the data set's manifest at {redact_url(cfg.data.url)} ({e})"
+    return tuple(m.latent_shape), (m.cond_shape[0] if m.cond_shape else text_len), None
 
 
 def ray_gpus(address: str | None) -> tuple[int, float]:
@@ -93,8 +94,10 @@ def preflight(cfg: ExperimentCfg, gpu_memory: float | None = None) -> None:
     CUDA device, else one Ray task on a cluster GPU."""
     if not cfg.resources.use_gpu or cfg.model.kind != "dit":
         return
-    latent, text_len = data_shape(cfg)
+    latent, text_len, why = data_shape(cfg)
     if latent is None:
+        print(f"plan: memory check skipped: {why}; nothing checks that this mesh fits before the workers load the "
+              f"teacher (run `python workflows/plan.py --config …` once the data set is readable)", flush=True)
         return
     import torch
 
@@ -128,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     gpus, memory = (args.gpus, args.gpu_memory) if args.gpus else ray_gpus(args.address)
     if memory is None:
         raise SystemExit("could not read the GPUs' memory from Ray within 120 s; pass --gpus and --gpu-memory")
-    latent, text_len = data_shape(cfg)
+    latent, text_len, why = data_shape(cfg)
+    if latent is None and not args.latent:
+        print(f"plan: {why}; planning for Wan 480p×81 ({','.join(map(str, WAN_480P))}; --latent to choose)")
     if args.latent:
         latent = tuple(int(v) for v in args.latent.split(","))
         if len(latent) != 4:

@@ -10,7 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> bool:
+    """Connect to Ray, or start a local instance; True when this call started one (then the caller shuts it down
+    when done, `shutdown_local_ray`)."""
     import ray
 
     from workflows.console import ray_init_kwargs, worker_env
@@ -23,13 +25,13 @@ def init_ray(address: str | None) -> None:
     # The quiet-output settings (workflows/console.py) travel with it, so a cluster's workers get them too.
     env_vars = {"PYTHONPATH": str(ROOT), **worker_env()}
     if ray.is_initialized():
-        return
+        return False
     if address or os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` Ray refuses to merge a key the job's own runtime env already sets: keep the job's.
         taken = job_env_vars()
         ray.init(address=address or os.environ["RAY_ADDRESS"], **ray_init_kwargs(),
                  runtime_env={"env_vars": {k: v for k, v in env_vars.items() if k not in taken}})
-        return
+        return False
     # More logical CPUs than cores: the work is small and Ray Data needs slots beside the workers (P6).
     # The dashboard stays on (bound to loopback): it also serves the State API, which Ray Train's
     # PlacementGroupCleaner polls every second; without it each poll logs "Failed to query Ray Train Controller
@@ -43,6 +45,16 @@ def init_ray(address: str | None) -> None:
              dashboard_port=port, runtime_env={"env_vars": env_vars}, object_store_memory=512 * 2 ** 20,
              log_to_driver=True, **ray_init_kwargs())
     print(f"Ray: a local instance for this run; its dashboard: http://127.0.0.1:{port}", flush=True)
+    return True
+
+
+def shutdown_local_ray() -> None:
+    """Stop the local instance this command started while the driver is whole, rather than at the interpreter's
+    exit, where the GCS killed the driver's remaining actors as their processes went away and printed "Failed to
+    kill actor … RpcError" into the demo's log (issue 27)."""
+    import ray
+
+    ray.shutdown()
 
 def job_env_vars() -> dict[str, str]:
     """The env_vars of the runtime env this driver was submitted with (`ray job submit`), else {}."""

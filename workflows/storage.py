@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from rcm_core.config import ConfigError, ExperimentCfg
+from rcm_core.config import ExperimentCfg
 
 
 def output_root() -> Path:
@@ -85,20 +85,13 @@ def check_resume(cfg: ExperimentCfg, *, allow_changed: bool = False) -> dict[str
     be the same (a different λ must not continue a run whose MLflow params say another); steps, logging and
     evaluation keys may change. Returns the MLflow tags that record what changed; raises ConfigError naming the
     differing keys unless `allow_changed` (--resume-changed), which is then recorded as a tag too."""
-    from rcm_core.config import resume_changes
+    from rcm_core.config import check_resume_config, show_changes as show
 
-    saved = latest_run_config(cfg)
-    if saved is None:
-        return {}
-    unknown = {"config": ("not recorded (a checkpoint from before configs were saved)", "this one")}
-    shaping, free = resume_changes(saved, cfg) if saved else (unknown, {})
-    show = lambda d: "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())   # noqa: E731
+    shaping, free = check_resume_config(
+        latest_run_config(cfg), cfg, allow_changed=allow_changed,
+        fixes=f"Either give this run a new name (name=NEW), or continue the old run anyway with --resume-changed "
+              f"(recorded as the MLflow tag {FORCED_TAG})")
     tags = {RESUMED_TAG: show(free)[:5000]} if free else {}
-    if shaping and not allow_changed:
-        raise ConfigError(f"run '{cfg.name}' has a checkpoint trained with another config ({show(shaping)}), and "
-                          f"running it again continues that run. Either give this run a new name (name=NEW), or "
-                          f"continue the old run anyway with --resume-changed (recorded as the MLflow tag "
-                          f"{FORCED_TAG})")
     if free:
         print(f"run '{cfg.name}' resumes with: {show(free)}", flush=True)
     if shaping:

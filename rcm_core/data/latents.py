@@ -105,6 +105,9 @@ class LatentBatch:
             value = batch[key]
             if isinstance(value, np.ndarray) and value.dtype == object:
                 value = np.stack(value)     # tensor columns can arrive as object arrays of rows (P5)
+            if isinstance(value, np.ndarray) and not value.flags.writeable:
+                # Arrow hands out read-only views; torch would share them and warn that writes are undefined.
+                value = value.copy()
             return torch.as_tensor(value).to(dtype)
         return cls(latent=tensor("latent", torch.float32), label=tensor("label", torch.int64),
                    cond=tensor("cond", torch.float32), ids=tensor("id", torch.int64))

@@ -55,11 +55,20 @@ def jvp(fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...
     tensors here, so they carry no tangent; `kernels.attention` sees dual q/k/v and runs its fused
     primal+tangent pass once (no primal recomputation); CP's all-to-alls carry the tangents through their
     `jvp` rules. The same mechanism on one process, on CPU and under every mesh: one code path.
+
+    Raises RuntimeError when the output carries no tangent at all: then something between the inputs and the
+    output left forward-mode AD (a `.detach()`, a NumPy round trip, an op without a forward-mode rule), and
+    returning zeros would train sCM on T = 0 without a word.
     """
     with torch.no_grad(), fwAD.dual_level():
         out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
         primal, tangent = fwAD.unpack_dual(out)
-    return primal.detach(), (torch.zeros_like(primal) if tangent is None else tangent.detach())
+    if tangent is None:
+        raise RuntimeError(f"jvp: the output of {getattr(fn, '__qualname__', fn)} carries no tangent, so its "
+                           "directional derivative was lost on the way (a .detach(), a NumPy round trip or an op "
+                           "without a forward-mode rule between the inputs and the output); make the output depend "
+                           "on the inputs through torch ops")
+    return primal.detach(), tangent.detach()
 
 
 def scm_tangent_jvp(student: TrigFlowDenoiser, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,

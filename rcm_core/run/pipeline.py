@@ -8,6 +8,7 @@ pieces on Ray Train with Ray Data and MLflow.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -76,16 +77,44 @@ def run_toy(cfg: ExperimentCfg, *, resume: str | None = None,
     return state, evaluator
 
 
+def check_resume_dir(cfg: ExperimentCfg, resume: str | None, *, allow_changed: bool = False) -> dict[str, tuple]:
+    """The no-Ray twin of workflows/storage.py check_resume: the config recorded in the checkpoint `resume` names
+    (a folder, or 'latest' under train.run_dir) against `cfg`. Keys that shape training must agree unless
+    `allow_changed` (--resume-changed); returns the shaping changes that were forced, {} otherwise."""
+    from rcm_core.config import check_resume_config, show_changes
+    from rcm_core.run.checkpoint import RUN_CONFIG_FILE, latest_checkpoint
+
+    if resume is None:
+        return {}
+    folder = latest_checkpoint(Path(cfg.train.run_dir) / "checkpoints") if resume == "latest" else Path(resume)
+    if folder is None:
+        return {}                                  # 'latest' with no checkpoint yet: a fresh start
+    recorded = folder / RUN_CONFIG_FILE
+    saved = json.loads(recorded.read_text()) if recorded.is_file() else {}
+    shaping, free = check_resume_config(
+        saved, cfg, allow_changed=allow_changed,
+        fixes="Either start afresh (another train.run_dir, or without --resume), or continue the old run anyway "
+              "with --resume-changed")
+    if free:
+        tqdm.write(f"resuming {folder} with: {show_changes(free)}")
+    if shaping:
+        tqdm.write(f"resuming {folder} despite (--resume-changed): {show_changes(shaping)}")
+    return shaping
+
+
 def cli_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="rCM distillation on the built-in toy problem, without Ray.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
     parser.add_argument("--resume", default=None, help="checkpoint folder, or 'latest' under the run dir")
+    parser.add_argument("--resume-changed", action="store_true",
+                        help="resume even though keys that shape training differ from the checkpoint's config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.reg_weight=0.1")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.data.source != "gmm":
         parser.error(f"data.source={cfg.data.source!r}: without Ray only the toy 'gmm' source runs here; "
                      f"use workflows/distill.py for data sets")
+    check_resume_dir(cfg, args.resume, allow_changed=args.resume_changed)      # before any teacher is trained
     _, evaluator = run_toy(cfg, resume=args.resume)
     table = format_table(evaluator.last_report)
     run_dir = Path(cfg.train.run_dir)

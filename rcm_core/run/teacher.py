@@ -7,8 +7,13 @@ Trained teachers are cached by a hash of everything that shapes them (`teacher_k
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib
+import inspect
 import json
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -29,9 +34,16 @@ RUNTIME_MODEL_FIELDS = {"dtype", "activation_checkpointing", "causal", "first_ch
 # The attention pattern is a switch, not weights: a teacher trained here is bidirectional whatever the student is
 # (the causal teacher of Causal rCM is a `tf`/`df` run's student), so these never enter its cache key.
 CAUSAL_MODEL_FIELDS = ("causal", "first_chunk_t", "chunk_t")
-# Bump when the teacher's training code changes what it learns from the same config and data (old caches retire).
-# 4: class-conditional DiTs take their label through adaLN too (issue 32): same model.*, new weights.
-TEACHER_SCHEMA = 4
+# The code that shapes a teacher trained here, fingerprinted into its cache key (`teacher_code_fingerprint`): whole
+# modules, and single functions borrowed from modules that change for other reasons (the distillation losses and
+# step), so that editing sCM does not retire every cached teacher. tests/test_teacher_cache.py traces a teacher's
+# training and fails if it runs rcm_core code outside these lists. (It replaced a hand-bumped schema number.)
+TEACHER_MODULES = ("rcm_core.run.teacher", "rcm_core.networks", "rcm_core.networks.mlp", "rcm_core.networks.dit",
+                   "rcm_core.networks.causal", "rcm_core.networks.layers", "rcm_core.method.denoiser",
+                   "rcm_core.method.ema", "rcm_core.method.trigflow")
+TEACHER_FUNCTIONS = ("rcm_core.method.losses:flow_matching_loss", "rcm_core.method.losses:_per_sample_sum",
+                     "rcm_core.method.losses:_ctx", "rcm_core.method.losses:LossOut",
+                     "rcm_core.method.distill:batch_condition")
 
 
 def drop_condition(cond: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -77,16 +89,48 @@ def train_teacher(cfg: ExperimentCfg, batches: Iterable[LatentBatch], *, device:
     return ema.module.requires_grad_(False).eval()
 
 
-def teacher_key(cfg: ExperimentCfg, data_key: str) -> str:
+def teacher_code_sources() -> dict[str, str]:
+    """'module' or 'module:function' -> its source text, for every entry of TEACHER_MODULES / TEACHER_FUNCTIONS."""
+    sources = {name: inspect.getsource(importlib.import_module(name)) for name in TEACHER_MODULES}
+    for entry in TEACHER_FUNCTIONS:
+        module, attr = entry.split(":")
+        sources[entry] = inspect.getsource(getattr(importlib.import_module(module), attr))
+    return sources
+
+
+def code_fingerprint(sources: dict[str, str]) -> str:
+    """sha256 over the syntax trees of `sources`, docstrings dropped: an edit to the code changes it, an edit to
+    a comment or a docstring does not (no cached teacher retires for prose)."""
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        tree = ast.parse(textwrap.dedent(sources[name]))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def teacher_code_fingerprint() -> str:
+    """The fingerprint of the code that shapes a teacher trained here, as this process has it."""
+    return code_fingerprint(teacher_code_sources())
+
+
+def teacher_key(cfg: ExperimentCfg, data_key: str, code: str | None = None) -> str:
     """Cache key of a teacher trained here: everything that shapes it. `data_key` names the data's content (a
-    data set's manifest, `workflows.distill.teacher_data_key`; the toy's mixture), never its URL alone.
+    data set's manifest, `workflows.driver.teacher_data_key`; the toy's mixture), never its URL alone.
 
     model.* (with time_scale; not the attention pattern, CAUSAL_MODEL_FIELDS), teacher.* (its whole training
-    config), data.normalize (raw or normalised coordinates), the seed and TEACHER_SCHEMA. Flipping any one gives a new key (tests/test_teacher_cache.py)."""
+    config), data.normalize (raw or normalised coordinates), the seed, and `code`: the fingerprint of the training
+    code (default `teacher_code_fingerprint`, not a hand-bumped number). Changing any one gives a new key
+    (tests/test_teacher_cache.py)."""
     model = {k: v for k, v in to_dict(cfg.model).items() if k not in CAUSAL_MODEL_FIELDS}
     shaped_by = {"model": model, "teacher": {**to_dict(cfg.teacher), "checkpoint": ""},
                  "data": data_key, "normalize": cfg.data.normalize, "seed": cfg.train.seed,
-                 "schema": TEACHER_SCHEMA}
+                 "code": code or teacher_code_fingerprint()}
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,6 +192,11 @@ def load_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device) -> 
     if diff:
         raise ValueError(f"teacher checkpoint {path} was trained with another model config: {diff} "
                          f"(checkpoint value, config value); set model.* to match or retrain")
+    # The file knows what its network predicts; a config that says otherwise would be ignored or, used, wrong.
+    if data["parametrization"] != cfg.teacher.parametrization:
+        raise ValueError(f"teacher checkpoint {path} predicts {data['parametrization']!r} but "
+                         f"teacher.parametrization={cfg.teacher.parametrization!r}; set "
+                         f"teacher.parametrization={data['parametrization']} (or give another teacher.checkpoint)")
     net = build_network(cfg.model)
     net.load_state_dict(data["net"])
     return TrigFlowDenoiser(net, data["parametrization"]).to(device).requires_grad_(False).eval()
