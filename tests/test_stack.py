@@ -128,6 +128,7 @@ def test_fixture_services_answer(local_stack, s3_endpoint, mlflow_uri, ray_addre
 
 @pytest.mark.services
 @needs_postgres
+@pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")   # MLflow's server, imported here
 def test_kubernetes_account_script_sets_the_accounts_from_secrets(local_stack, mlflow_uri, monkeypatch, capsys):
     """cluster/tracking/mlflow.yaml's accounts.py (run in the MLflow pod before `mlflow server`), here on the stack's
     real auth database with the environment the pod gives it (PGUSER/PGPASSWORD, the admin's and the Ray account's

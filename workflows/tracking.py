@@ -36,8 +36,23 @@ UNSENT_FILE = "mlflow_unsent_metrics.jsonl"
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, evaluation runs); this one is model
 # training. (The UI's own workflowType switch, `?workflowType=machine_learning`, overrides the tag when it is shown.)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-ACCOUNT_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: ExperimentCfg) -> str:
+    """Config, else MLFLOW_TRACKING_URI, else runs/mlflow.db under the current folder, made absolute."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def default_artifact_root(uri: str) -> str | None:
+    """Beside an SQLite file: <db folder>/mlartifacts; servers choose their own artifact root."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
+ACCOUNT_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")     # read by MLflow's client itself
 
 
 def _user_error():
@@ -79,19 +94,6 @@ def check_tracking_access(cfg: ExperimentCfg) -> None:
         return
     if answer.status_code in (401, 403):
         raise access_refused(answer.status_code, redact_url(uri), cfg.tracking.experiment)
-
-
-def tracking_uri(cfg: ExperimentCfg) -> str:
-    """Config, else MLFLOW_TRACKING_URI, else runs/mlflow.db under the current folder, made absolute."""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-
-
-def default_artifact_root(uri: str) -> str | None:
-    """Beside an SQLite file: <db folder>/mlartifacts; servers choose their own artifact root."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
 def git_commit() -> str:
