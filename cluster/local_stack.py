@@ -8,18 +8,31 @@
 What runs (every port picked free at start, so parallel stacks and test sessions never collide):
   s3        `moto_server` (moto's server mode), buckets mlflow-artifacts, rcm-data, rcm-checkpoints; any credentials
   postgres  PostgreSQL from `initdb` into <state>/postgres/data (as the `postgres` user when run as root, since
-            initdb refuses root), TCP on 127.0.0.1 only, no unix socket, scram password in <state>/state.json
-  mlflow    `mlflow server` with the PostgreSQL backend store and proxied artifacts in s3://mlflow-artifacts
-            (a local folder when s3 is not part of the stack); job runner off, 1 worker (reference P12)
+            initdb refuses root), TCP on 127.0.0.1 only, no unix socket, scram password in <state>/secrets.json;
+            databases `mlflow` (runs) and `mlflow_auth` (MLflow's users and permissions)
+  mlflow    `mlflow server --app-name basic-auth` (MLflow's built-in HTTP basic authentication, as in
+            cluster/tracking/mlflow.yaml): every request but /health and /static needs a user and password, else
+            401. PostgreSQL backend store, proxied artifacts in s3://mlflow-artifacts (a local folder when s3 is
+            not part of the stack); job runner off, 1 worker (reference P12). Two accounts: `admin` (creates the
+            other; its password stays in secrets.json) and `rcm`, the non-admin account clients log runs with.
+            Every secret reaches the server through its environment (PGPASSWORD, MLFLOW_AUTH_ADMIN_PASSWORD,
+            MLFLOW_FLASK_SERVER_SECRET_KEY), never its command line, which `ps` shows to every user: both store
+            URIs name no password.
   ray       `ray start --head --block` with the dashboard (so `ray job submit` works), RAY_AUTH_MODE=disabled
             (P11), PYTHONPATH = this checkout (P10), 4 logical CPUs (P6), session files under <state>/ray.
             Ray refuses 127.0.0.1 as a node IP, so GCS/raylet listen on the machine's address too; the dashboard
             (job submission) listens on 127.0.0.1 only. Ray worker ports: a random window in 20000–31999.
+            The head's environment holds the MLflow account (MLFLOW_TRACKING_USERNAME/PASSWORD, which MLflow's
+            client reads), so every Ray worker inherits it from its node, as the KubeRay pods get it from a
+            Secret: never through a job's runtime_env, which Ray keeps in its job table and writes to its logs.
 
 Every service runs in its own process session; <state>/state.json records the leader PID and its start time, and
 `down` signals only processes of those sessions (never `ray stop`, which would kill every Ray on the machine).
-Logs: <state>/logs/<service>.log. URLs: <state>/stack.env (shell, mode 600: also the PostgreSQL URI with its
-password as $RCM_STACK_POSTGRES_URI) and <state>/stack.json (the password shown as ***, as in the printout).
+Logs: <state>/logs/<service>.log. URLs: <state>/stack.env (shell, mode 600: also the MLflow account as
+MLFLOW_TRACKING_USERNAME/PASSWORD and the PostgreSQL URI with its password as $RCM_STACK_POSTGRES_URI) and
+<state>/stack.json (no password; the printout neither). The passwords are made once, at the first `up`, into
+<state>/secrets.json (mode 600), which `down` keeps: PostgreSQL's data and MLflow's users outlive a `down`, and the
+next `up` must present the same passwords.
 The state folder defaults to <checkout>/.stack (or $RCM_STACK_DIR). The pytest fixtures in tests/conftest.py use
 this module's `Stack` class.
 """
@@ -35,6 +48,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +58,10 @@ if str(REPO) not in sys.path:                       # `python cluster/local_stac
     sys.path.insert(0, str(REPO))
 from rcm_core.config import redact_url  # noqa: E402
 
-SECRET_ENV = "RCM_STACK_POSTGRES_URI"                # only in stack.env (mode 600), never printed
+PG_URI_VAR = "RCM_STACK_POSTGRES_URI"                # only in stack.env (mode 600), never printed
+AUTH_DB = "mlflow_auth"                              # MLflow's users and permissions, beside the runs' `mlflow`
+MLFLOW_ADMIN = "admin"
+MLFLOW_CLIENT = "rcm"                                # the account tests, jobs and Ray workers log runs with
 SERVICES = ("s3", "postgres", "mlflow", "ray")
 NEEDS = {"mlflow": ("postgres",)}                   # mlflow without its backend store makes no sense
 BUCKETS = ("mlflow-artifacts", "rcm-data", "rcm-checkpoints")
@@ -184,10 +201,9 @@ class Stack:
     def _save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(self.state, indent=1))
-        self.state_file.chmod(0o600)          # holds the PostgreSQL password
-        # The PostgreSQL password lives in state.json and stack.env only (both mode 600); stack.json and the
-        # printout show the URI redacted.
-        env = {**self.env(), **({SECRET_ENV: self._pg_uri(sqlalchemy=True)} if "postgres" in self.state else {})}
+        # Passwords live in secrets.json and stack.env only (both mode 600); stack.json and the printout show the
+        # PostgreSQL URI redacted and name no MLflow password.
+        env = {**self.env(), **({PG_URI_VAR: self._pg_uri(sqlalchemy=True)} if "postgres" in self.state else {})}
         env_file = self.state_dir / "stack.env"
         env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
         env_file.chmod(0o600)
@@ -219,17 +235,41 @@ class Stack:
                        AWS_EC2_METADATA_DISABLED="true")
         if "mlflow_uri" in u:
             env["MLFLOW_TRACKING_URI"] = u["mlflow_uri"]
+            env.update(self.mlflow_client_env())
         if "ray_address" in u:
             # ray.init() reads RAY_ADDRESS (GCS host:port); `ray job submit` reads RAY_API_SERVER_ADDRESS first
             env.update(RAY_ADDRESS=u["ray_address"], RAY_API_SERVER_ADDRESS=u["ray_dashboard"],
                        RAY_AUTH_MODE="disabled")
         return env
 
-    def _pg_uri(self, db: str = "mlflow", sqlalchemy: bool = False) -> str:
-        """libpq URI (psycopg2); sqlalchemy=True names the driver, since SQLAlchemy 2.1 defaults to psycopg 3."""
-        p = self.state["postgres"]
+    def mlflow_client_env(self) -> dict[str, str]:
+        """The non-admin MLflow account, as the variables MLflow's client reads."""
+        return {"MLFLOW_TRACKING_USERNAME": MLFLOW_CLIENT,
+                "MLFLOW_TRACKING_PASSWORD": self.secrets()["mlflow_client_password"]}
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.state_dir / "secrets.json"
+
+    def secrets(self) -> dict[str, str]:
+        """The stack's passwords: made at the first call (mode 600 from the start), then read back."""
+        if self.secrets_file.exists():
+            return json.loads(self.secrets_file.read_text())
+        made = {"postgres_password": secrets.token_hex(16), "mlflow_admin_password": secrets.token_hex(16),
+                "mlflow_client_password": secrets.token_hex(16), "mlflow_flask_secret_key": secrets.token_hex(32)}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump(made, f, indent=1)
+        return made
+
+    def _pg_uri(self, db: str = "mlflow", sqlalchemy: bool = False, password: bool = True) -> str:
+        """libpq URI (psycopg2); sqlalchemy=True names the driver, since SQLAlchemy 2.1 defaults to psycopg 3.
+        password=False leaves out the user and password: for `mlflow server`, whose libpq reads them from PGUSER
+        and PGPASSWORD, as in cluster/tracking/mlflow.yaml."""
+        port = self.state["postgres"]["port"]
         scheme = "postgresql+psycopg2" if sqlalchemy else "postgresql"
-        return f"{scheme}://postgres:{p['password']}@127.0.0.1:{p['port']}/{db}"
+        user = f"postgres:{self.secrets()['postgres_password']}@" if password else ""
+        return f"{scheme}://{user}127.0.0.1:{port}/{db}"
 
     # --- up / down / status ---------------------------------------------------------------------------------
     def up(self, services: tuple[str, ...] | list[str] = SERVICES) -> dict[str, str]:
@@ -289,15 +329,17 @@ class Stack:
     def _start_postgres(self) -> dict:
         user = "postgres" if os.geteuid() == 0 else None      # initdb refuses to run as root
         data = self.state_dir / "postgres" / "data"
-        prev = self.state.get("postgres", {})
-        password = prev.get("password") or secrets.token_hex(12)
+        if (data / "PG_VERSION").exists() and not self.secrets_file.exists():
+            raise StackError(f"{data} holds a database whose password is not in {self.secrets_file} (made by an "
+                             f"older local_stack.py): delete {data.parent} and run `up` again")
+        password = self.secrets()["postgres_password"]
         if not (data / "PG_VERSION").exists():
             self._initdb(data, password, user)
         port = free_port()
         rec = spawn([str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
                      "-c", "unix_socket_directories=", "-c", "max_connections=50"],
                     self.logs / "postgres.log", _env(), user)
-        rec.update(port=port, password=password, data=str(data), user=user)
+        rec.update(port=port, data=str(data), user=user)
         self.state["postgres"] = rec
         wait_until(lambda: self._health_postgres(db="postgres"), "postgres", 60, rec)
         self._create_db("mlflow")
@@ -329,7 +371,7 @@ class Stack:
     def _health_postgres(self, db: str = "mlflow") -> bool:
         import psycopg2
 
-        with psycopg2.connect(self._pg_uri(db), connect_timeout=2) as conn:
+        with psycopg2.connect(self._pg_uri(db), connect_timeout=2) as conn:   # in-process: argv never sees it
             return conn.cursor() is not None
 
     def _create_db(self, name: str) -> None:
@@ -352,20 +394,56 @@ class Stack:
 
     # --- mlflow -------------------------------------------------------------------------------------------
     def _start_mlflow(self) -> dict:
-        port = free_port()
-        env = _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")          # P12: no huey job consumers
+        port, sec = free_port(), self.secrets()
+        self._create_db(AUTH_DB)
+        auth_ini = self.state_dir / "mlflow_auth.ini"            # no secret in it: the URI names no password
+        auth_ini.write_text(f"[mlflow]\ndefault_permission = READ\n"
+                            f"database_uri = {self._pg_uri(AUTH_DB, sqlalchemy=True, password=False)}\n"
+                            f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env = _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",          # P12: no huey job consumers
+                   PGUSER="postgres", PGPASSWORD=sec["postgres_password"],   # libpq reads them for both stores
+                   MLFLOW_AUTH_CONFIG_PATH=str(auth_ini), MLFLOW_AUTH_ADMIN_USERNAME=MLFLOW_ADMIN,
+                   MLFLOW_AUTH_ADMIN_PASSWORD=sec["mlflow_admin_password"],   # used when the admin does not exist
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=sec["mlflow_flask_secret_key"])
         if "s3" in self.state:
-            env.update(self.env())                                      # MLFLOW_S3_ENDPOINT_URL + keys
+            env.update({k: v for k, v in self.env().items() if not k.startswith("MLFLOW_TRACKING")})  # S3 + keys
             artifacts = "s3://mlflow-artifacts"
         else:
             artifacts = str(self.state_dir / "mlartifacts")
         exe = str(Path(sys.executable).with_name("mlflow"))
-        rec = spawn([exe, "server", "--backend-store-uri", self._pg_uri(sqlalchemy=True), "--artifacts-destination", artifacts,
-                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], self.logs / "mlflow.log", env)
+        rec = spawn([exe, "server", "--app-name", "basic-auth",
+                     "--backend-store-uri", self._pg_uri(sqlalchemy=True, password=False),
+                     "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
+                     "--workers", "1"], self.logs / "mlflow.log", env)
         rec.update(port=port, artifacts=artifacts)
         self.state["mlflow"] = rec
         wait_until(self._health_mlflow, "mlflow server", 120, rec)     # first start runs the DB migrations
+        self._ensure_mlflow_client()
         return rec
+
+    def _ensure_mlflow_client(self) -> None:
+        """The non-admin account of stack.env: created by the admin on the first start, its password set again on
+        later ones (the user database outlives `down`)."""
+        body = {"username": MLFLOW_CLIENT, "password": self.secrets()["mlflow_client_password"]}
+        try:
+            self._mlflow_admin("GET", f"/api/2.0/mlflow/users/get?username={MLFLOW_CLIENT}")
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise StackError(f"mlflow server: looking up user {MLFLOW_CLIENT!r} as {MLFLOW_ADMIN!r} gave HTTP "
+                                 f"{e.code}; see {self.logs / 'mlflow.log'}") from None
+            self._mlflow_admin("POST", "/api/2.0/mlflow/users/create", body)
+            return
+        self._mlflow_admin("PATCH", "/api/2.0/mlflow/users/update-password", body)
+
+    def _mlflow_admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        import base64
+
+        token = base64.b64encode(f"{MLFLOW_ADMIN}:{self.secrets()['mlflow_admin_password']}".encode()).decode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.state['mlflow']['port']}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
 
     def _health_mlflow(self) -> bool:
         return http_ok(f"http://127.0.0.1:{self.state['mlflow']['port']}/health")
@@ -384,6 +462,8 @@ class Stack:
                    # `ray job submit -- python x.py` runs through a shell: `python` must be this environment's
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
         env.update({k: v for k, v in self.env().items() if not k.startswith("RAY_")})   # S3/MLflow for jobs
+        # The MLflow account even when the head starts before the MLflow server: workers inherit it from here.
+        env.update(self.mlflow_client_env())
         tmp = self.state_dir / "ray"
         tmp.mkdir(parents=True, exist_ok=True)
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
@@ -444,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, rec in stack.state.items():
                 print(f"{name:9s} pid {rec['pid']:>7d}  up in {rec.get('startup_s', 0):5.1f} s  log {rec['log']}")
             print(json.dumps(stack.shown_urls(), indent=1))
-            print(f"source {stack.state_dir / 'stack.env'}   # the PostgreSQL URI with its password: ${SECRET_ENV}")
+            print(f"source {stack.state_dir / 'stack.env'}   # also the MLflow account (MLFLOW_TRACKING_USERNAME/"
+                  f"PASSWORD) and the PostgreSQL URI with its password (${PG_URI_VAR})")
         elif args.command == "down":
             for name, pids in stack.down().items():
                 print(f"{name:9s} stopped {len(pids)} process(es)")

@@ -6,7 +6,8 @@ Services start lazily, once per session, through `cluster/local_stack.py`'s `Sta
 `make stack-up`), in a private state folder with free ports, and stop at the end of the session:
     s3_endpoint   "http://127.0.0.1:PORT"  (moto server; buckets mlflow-artifacts, rcm-data, rcm-checkpoints;
                   also exported as AWS_ENDPOINT_URL for the session, credentials "testing")
-    mlflow_uri    "http://127.0.0.1:PORT"  (MLflow server on PostgreSQL, artifacts in s3://mlflow-artifacts)
+    mlflow_uri    "http://127.0.0.1:PORT"  (MLflow server on PostgreSQL, artifacts in s3://mlflow-artifacts, basic
+                  auth: the stack's account is exported as MLFLOW_TRACKING_USERNAME/PASSWORD for the session)
     ray_address   "127.0.0.1:PORT"         (a Ray head with dashboard; `stack.env()["RAY_API_SERVER_ADDRESS"]`
                   is the job-submission URL)
     ray_connected ray.init(address=ray_address) for one test module, ray.shutdown() after it
@@ -97,9 +98,21 @@ needs_postgres = pytest.mark.skipif(postgres_missing() is not None, reason=postg
 
 @pytest.fixture(scope="session")
 def mlflow_uri(local_stack, s3_endpoint):
+    """The stack's MLflow server asks who you are (basic auth): its non-admin account is exported for the session
+    as MLFLOW_TRACKING_USERNAME/PASSWORD, which MLflow's client reads, so every client in the tests (and the Ray
+    workers they start here, which inherit the environment) logs as that user."""
     if reason := postgres_missing():
         pytest.skip(reason)
-    return local_stack.up(["mlflow"])["mlflow_uri"]
+    uri = local_stack.up(["mlflow"])["mlflow_uri"]
+    account = local_stack.mlflow_client_env()
+    old = {k: os.environ.get(k) for k in account}
+    os.environ.update(account)
+    yield uri
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

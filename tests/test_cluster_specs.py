@@ -10,7 +10,13 @@ What is checked, offline:
   - the RayJob entrypoints are commands our strict config loaders accept, and the RayJobs carry cluster/runtime_env.yaml;
   - runtime_env.yaml parses the way `ray job submit --runtime-env` parses it, its pip list equals setup.cfg's
     dependencies, and it holds no secrets;
-  - credentials in the Kubernetes manifests come from Secrets only, never literal values;
+  - credentials in the Kubernetes manifests come from Secrets only, never literal values, and no file anywhere in
+    cluster/ holds a literal credential;
+  - the tracking server runs MLflow's basic-auth app with its key, passwords and database from Secrets (no URI holds
+    a password), and the Ray pods carry the account it syncs from the same Secret;
+  - reach: every Service's pods and every pod the manifests make are selected by a NetworkPolicy; no rule admits the
+    whole cluster; MLflow admits only the Ray pods, PostgreSQL only MLflow, the Ray job API only Ray pods, the
+    RayJob submitters and the KubeRay operator;
   - docs/SCALE_OUT.md exists, is linked from README.md, and names only real config keys and secrets that exist.
 The end-to-end check (make stack-up, ray job submit of experiments/smoke.yaml, the run in MLflow, make stack-down)
 is tests/test_stack.py::test_cli_up_status_down_leaves_no_process.
@@ -162,6 +168,8 @@ def kuberay_problems(doc: dict) -> list[str]:
         keys("spec", doc.get("spec", {}), CRD["RayJob"]["spec"])
         if "rayClusterSpec" in doc["spec"]:
             cluster("spec.rayClusterSpec", doc["spec"]["rayClusterSpec"])
+        if "submitterPodTemplate" in doc["spec"]:
+            pod("spec.submitterPodTemplate", doc["spec"]["submitterPodTemplate"])
     else:
         out.append(f"kind {doc.get('kind')!r} is not a KubeRay kind")
     return out
@@ -292,7 +300,7 @@ LITERAL_CREDENTIALS = [
     (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
     (re.compile(r"://[^/\s:@$]+:[^/\s@$]+@"), "a URI with an inline password"),
-    (re.compile(r"(?i)\b(password|secret|token|access_key|secret_access_key)\s*[:=]\s*['\"]?[A-Za-z0-9/+_\-]{6,}"),
+    (re.compile(r"(?i)(?<![a-z])(password|secret|token|access_key|secret_access_key)\s*[:=]\s*['\"]?[A-Za-z0-9/+_\-]{6,}"),
      "a credential-looking key with a literal value"),
 ]
 
@@ -305,6 +313,9 @@ def credential_problems(text: str, docs: list[dict]) -> list[str]:
         if isinstance(node, dict):
             if node.get("kind") == "Secret" and (node.get("data") or node.get("stringData")):
                 out.append(f"{where}: a Secret with its values in the repository")
+            if node.get("kind") == "Secret" and not re.search(
+                    rf"kubectl create secret \w+ {re.escape(str(node.get('metadata', {}).get('name')))}\b", text):
+                out.append(f"{where}: an example Secret without the kubectl command that creates it")
             is_env_var = isinstance(node.get("name"), str) and ("value" in node or "valueFrom" in node)
             if is_env_var and SECRET_NAME.search(node["name"]) and "secretKeyRef" not in node.get("valueFrom", {}):
                 out.append(f"{where}: env {node['name']} is not a secretKeyRef")
@@ -325,6 +336,49 @@ def test_no_literal_credentials_in_cluster_files(path):
     assert credential_problems(text, [d for d in yaml.safe_load_all(text) if d]) == []
 
 
+# In code (cluster/local_stack.py): a credential-named key or argument given a quoted literal. "testing" is the one
+# allowed value: the local S3 server (moto) accepts any key, and the stack tells clients to use that one.
+LITERAL_IN_CODE = re.compile(r"""(?i)(password|passwd|secret|token|access_key|api_key)\w*["']?\s*[:=]\s*["']([^"'\s{}$]{6,})["']""")
+DUMMY_VALUES = {"testing"}
+
+
+def code_credential_problems(text: str) -> list[str]:
+    out = [f"{what}: {m.group(0)[:40]!r}" for rx, what in LITERAL_CREDENTIALS[:2] for m in rx.finditer(text)]
+    # a URI with a password spliced in by code ({...}) is not a literal; one written out is
+    out += [f"a URI with an inline password: {m.group(0)[:40]!r}"
+            for m in re.finditer(r"://[^/\s:@${}'\"]+:[^/\s@${}'\"]+@", text)]
+    out += [f"a literal credential: {m.group(0)[:40]!r}" for m in LITERAL_IN_CODE.finditer(text)
+            if m.group(2) not in DUMMY_VALUES]
+    return out
+
+
+def test_no_literal_credentials_anywhere_in_cluster():
+    """Every file under cluster/, not only the manifests: YAML by the manifest rules, anything else by the code
+    rules. The generated passwords of the local stack live in its state folder (secrets.json), never here."""
+    files = [p for p in sorted(CLUSTER.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+    assert {p.suffix for p in files} >= {".yaml", ".py"}
+    problems = {}
+    for p in files:
+        text = p.read_text()
+        found = credential_problems(text, [d for d in yaml.safe_load_all(text) if d]) if p.suffix == ".yaml" \
+            else code_credential_problems(text)
+        if found:
+            problems[p.relative_to(CLUSTER).as_posix()] = found
+    assert problems == {}
+
+
+@pytest.mark.parametrize("bad", [
+    'PASSWORD = "hunter2hunter2"\n',
+    'psycopg2.connect(password="correcthorse")\n',
+    'uri = "postgresql://postgres:hunter2hunter2@127.0.0.1:5432/mlflow"\n',
+    'MLFLOW_FLASK_SERVER_SECRET_KEY="0123456789abcdef"\n',
+])
+def test_code_credential_check_catches_literals(bad):
+    assert code_credential_problems(bad)
+    assert not code_credential_problems('f"postgresql://postgres:{password}@127.0.0.1"\nkey = S3_KEY["x"]\n'
+                                        'aws_secret_access_key="testing"\n')
+
+
 def test_runtime_env_sets_no_credentials():
     env_vars = load("cluster/runtime_env.yaml")["env_vars"]
     assert not [k for k in env_vars if SECRET_NAME.search(k) or k.startswith(("AWS_", "MLFLOW_"))]
@@ -335,6 +389,10 @@ def test_runtime_env_sets_no_credentials():
     "args: ['--backend-store-uri', 'postgresql://mlflow:hunter2hunter2@db:5432/mlflow']\n",
     "kind: Secret\nstringData: {password: x}\n",
     "key: AKIAABCDEFGHIJKLMNOP\n",
+    # the auth app's config in a ConfigMap with the admin's password or a database password written in
+    "kind: ConfigMap\ndata:\n  basic_auth.ini: |\n    [mlflow]\n    admin_password = hunter2hunter2\n",
+    "kind: ConfigMap\ndata:\n  basic_auth.ini: |\n    database_uri = postgresql://mlflow:hunter2hunter2@db:5432/auth\n",
+    "kind: Secret\nmetadata: {name: rcm-mlflow-auth}\n",          # an example Secret that says nowhere how to make it
 ])
 def test_credential_check_catches_literals(bad):
     assert credential_problems(bad, [yaml.safe_load(bad)])
@@ -363,11 +421,13 @@ def test_tracking_stack_is_mlflow_on_postgres_with_s3_artifacts_and_secret_crede
     command = " ".join(server["args"])
     store = re.search(r'--backend-store-uri\s+"?(\S+?)"?\s', command).group(1)
     assert store.startswith("postgresql")
-    # the store URI is assembled from env vars at start; its user and password are secretKeyRefs
+    # the store URI is assembled from env vars at start and names no user or password: libpq reads PGUSER and
+    # PGPASSWORD, which are secretKeyRefs
+    assert "@" not in store
     env = {e["name"]: e for e in server["env"]}
     for var in re.findall(r"\$\{(\w+)\}", store):
         assert var in env, var
-    for var in ("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    for var in ("PGUSER", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "secretKeyRef" in env[var]["valueFrom"], var
     assert re.search(r"--artifacts-destination\s+s3://", command)
     assert ("StatefulSet", "mlflow-postgres") in objs and ("Service", "mlflow-postgres") in objs
@@ -377,14 +437,182 @@ def test_tracking_stack_is_mlflow_on_postgres_with_s3_artifacts_and_secret_crede
     assert host.split(".")[0] == "mlflow-postgres"
 
 
+def test_tracking_server_asks_who_you_are():
+    """MLflow's basic-auth app, configured as MLflow 3.17.2 reads it: the CSRF key, the admin's password and the Ray
+    account from Secrets; the auth config file (a ConfigMap) points at the database mlflow_auth that PostgreSQL's
+    init script creates, without a password; the account script runs before the server starts."""
+    objs = tracking_objects()
+    pod = objs[("Deployment", "mlflow")]["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    command = " ".join(server["args"])
+    assert re.search(r"exec mlflow server --app-name basic-auth\b", command)
+    assert '"Flask-WTF<2"' in command                 # the auth app's extra (mlflow[auth]); the image lacks it
+    env = {e["name"]: e for e in server["env"]}
+    for var in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD", "RCM_RAY_MLFLOW_USERNAME",
+                "RCM_RAY_MLFLOW_PASSWORD"):
+        assert "secretKeyRef" in env[var]["valueFrom"], var
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    auth_map = objs[("ConfigMap", volumes["auth"]["configMap"]["name"])]["data"]
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    assert config_path.parent.as_posix() == mounts["auth"] and config_path.name in auth_map
+    script = re.search(r"python (\S+\.py) &&", command).group(1)
+    assert Path(script).parent.as_posix() == mounts["auth"] and Path(script).name in auth_map
+    assert command.index(script) < command.index("exec mlflow server")
+    ini = configparser.ConfigParser()
+    ini.read_string(auth_map[config_path.name])
+    assert ini["mlflow"]["default_permission"] == "READ"
+    db = ini["mlflow"]["database_uri"]
+    assert db.startswith("postgresql") and "@" not in db and db.endswith("/mlflow_auth")
+    assert db.split("//")[1].split(":")[0] == env["MLFLOW_DB_HOST"]["value"]
+    init = objs[("ConfigMap", "mlflow-postgres-init")]["data"]
+    assert any("CREATE DATABASE mlflow_auth" in sql for sql in init.values())
+
+
 def test_ray_pods_track_to_the_tracking_service():
     service = tracking_objects()[("Service", "mlflow")]
     name, ns, port = service["metadata"]["name"], service["metadata"]["namespace"], service["spec"]["ports"][0]["port"]
+    server = tracking_objects()[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    synced = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if e["name"].startswith("RCM_RAY_")}
     for label, spec in ray_cluster_specs():
         for g in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
             for c in g["template"]["spec"]["containers"]:
-                uri = {e["name"]: e.get("value") for e in c["env"]}["MLFLOW_TRACKING_URI"]
-                assert uri == f"http://{name}.{ns}.svc.cluster.local:{port}", label
+                env = {e["name"]: e for e in c["env"]}
+                assert env["MLFLOW_TRACKING_URI"]["value"] == f"http://{name}.{ns}.svc.cluster.local:{port}", label
+                # the account MLflow's client reads in every Ray process: the one the server syncs, from one Secret
+                for what in ("USERNAME", "PASSWORD"):
+                    ref = env[f"MLFLOW_TRACKING_{what}"]["valueFrom"]["secretKeyRef"]
+                    assert ref == synced[f"RCM_RAY_MLFLOW_{what}"], (label, what)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reach: NetworkPolicies
+
+def k8s_objects() -> list[dict]:
+    """Every Kubernetes object in cluster/ (the launcher config and runtime_env are not Kubernetes objects)."""
+    docs = []
+    for p in sorted(CLUSTER.rglob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(p.read_text()) if d and "kind" in d and "apiVersion" in d]
+    return docs
+
+
+def pods_of(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(where, labels) of every pod the objects make. KubeRay adds ray.io/node-type (head or worker) to the labels
+    of the templates we give it; the submitter keeps its template's labels."""
+    out = []
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        spec = d.get("spec", {})
+        if d["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+            out.append((name, spec["template"].get("metadata", {}).get("labels", {})))
+        clusters = [spec] if d["kind"] == "RayCluster" else [spec["rayClusterSpec"]] if "rayClusterSpec" in spec else []
+        for c in clusters:
+            head = c["headGroupSpec"]["template"].get("metadata", {}).get("labels", {})
+            out.append((f"{name} head", {**head, "ray.io/node-type": "head"}))
+            for g in c.get("workerGroupSpecs", []):
+                labels = g["template"].get("metadata", {}).get("labels", {})
+                out.append((f"{name} {g['groupName']}", {**labels, "ray.io/node-type": "worker"}))
+        if d["kind"] == "RayJob":
+            out.append((f"{name} submitter", spec.get("submitterPodTemplate", {}).get("metadata", {}).get("labels", {})))
+    return out
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
+    return bool(selector.get("matchLabels")) and selector["matchLabels"].items() <= labels.items()
+
+
+def ingress_policies(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] == "NetworkPolicy" and "Ingress" in d["spec"].get("policyTypes", [])]
+
+
+def reach_problems(docs: list[dict]) -> list[str]:
+    """[] when every pod the objects make (so every Service's pods) is isolated by an ingress NetworkPolicy, every
+    Service selects some pod, and every rule names its peers by pod labels (no rule open to all)."""
+    out, pods, policies = [], pods_of(docs), ingress_policies(docs)
+    for where, labels in pods:
+        if not any(selects(p["spec"]["podSelector"], labels) for p in policies):
+            out.append(f"{where}: no NetworkPolicy selects its pods {labels}")
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        if not any(svc["spec"].get("selector", {}).items() <= labels.items() for _, labels in pods):
+            out.append(f"Service/{svc['metadata']['name']}: selects none of the pods in cluster/")
+    for p in policies:
+        for i, rule in enumerate(p["spec"].get("ingress", [])):
+            where = f"NetworkPolicy/{p['metadata']['name']} ingress[{i}]"
+            if not rule.get("from"):
+                out.append(f"{where}: no `from`, so it admits every source")
+            for peer in rule.get("from", []):
+                if "ipBlock" in peer or not peer.get("podSelector", {}).get("matchLabels"):
+                    out.append(f"{where}: a peer not named by pod labels {peer}")
+    return out
+
+
+def test_every_pod_and_service_is_behind_a_network_policy():
+    docs = k8s_objects()
+    assert {d["kind"] for d in docs} >= {"Service", "Deployment", "StatefulSet", "RayCluster", "RayJob", "NetworkPolicy"}
+    assert reach_problems(docs) == []
+
+
+def admitted(docs: list[dict], labels: dict) -> list[tuple[dict, list]]:
+    """(peer, ports) of every ingress rule that applies to pods with `labels`."""
+    return [(peer, rule.get("ports")) for p in ingress_policies(docs) if selects(p["spec"]["podSelector"], labels)
+            for rule in p["spec"].get("ingress", []) for peer in rule["from"]]
+
+
+RAY_NODE = {"rcm/role": "ray-node"}
+
+
+def test_mlflow_and_postgres_admit_only_their_clients():
+    docs = k8s_objects()
+    assert admitted(docs, {"app": "mlflow"}) == [({"podSelector": {"matchLabels": RAY_NODE}},
+                                                  [{"protocol": "TCP", "port": 5000}])]
+    assert admitted(docs, {"app": "mlflow-postgres"}) == [({"podSelector": {"matchLabels": {"app": "mlflow"}}},
+                                                           [{"protocol": "TCP", "port": 5432}])]
+    # every Ray pod carries the label MLflow admits; the submitters do not (they only submit)
+    for where, labels in pods_of(k8s_objects()):
+        if " head" in where or " gpu-" in where:
+            assert RAY_NODE.items() <= labels.items(), where
+        if where.endswith("submitter"):
+            assert labels == {"rcm/role": "ray-submitter"}, where
+
+
+def test_ray_job_api_admits_only_ray_pods_submitters_and_the_operator():
+    docs = k8s_objects()
+    head, worker = {**RAY_NODE, "ray.io/node-type": "head"}, {**RAY_NODE, "ray.io/node-type": "worker"}
+    assert admitted(docs, worker) == [({"podSelector": {"matchLabels": RAY_NODE}}, None)]     # all ports, Ray only
+    extra = [a for a in admitted(docs, head) if a not in admitted(docs, worker)]
+    assert [ports for _, ports in extra] == [[{"protocol": "TCP", "port": 8265}]] * 2
+    peers = [peer for peer, _ in extra]
+    assert {"podSelector": {"matchLabels": {"rcm/role": "ray-submitter"}}} in peers
+    operator = next(p for p in peers if "namespaceSelector" in p)
+    assert operator["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    ("drop_mlflow_policy", "Deployment/mlflow: no NetworkPolicy selects"),
+    ("open_rule", "no `from`, so it admits every source"),
+    ("empty_peer", "a peer not named by pod labels"),
+    ("unlabelled_worker", "RayCluster/rcm gpu-8xh100: no NetworkPolicy selects"),
+    ("unlabelled_submitter", "RayJob/rcm-sweep-reg-weight submitter: no NetworkPolicy"),
+    ("service_without_pods", "Service/mlflow: selects none"),
+])
+def test_reach_check_catches_mistakes(breakage, expected):
+    """The same check on deliberately broken copies of the manifests: each mistake is named."""
+    docs = copy.deepcopy(k8s_objects())
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    if breakage == "drop_mlflow_policy":
+        docs.remove(by[("NetworkPolicy", "mlflow")])
+    elif breakage == "open_rule":
+        by[("NetworkPolicy", "mlflow")]["spec"]["ingress"].append({"ports": [{"port": 5000}]})
+    elif breakage == "empty_peer":
+        by[("NetworkPolicy", "ray-job-api")]["spec"]["ingress"][0]["from"].append({"podSelector": {}})
+    elif breakage == "unlabelled_worker":
+        del by[("RayCluster", "rcm")]["spec"]["workerGroupSpecs"][0]["template"]["metadata"]
+    elif breakage == "unlabelled_submitter":
+        del by[("RayJob", "rcm-sweep-reg-weight")]["spec"]["submitterPodTemplate"]
+    else:
+        by[("Service", "mlflow")]["spec"]["selector"] = {"app": "mlflow-server"}
+    assert any(expected in p for p in reach_problems(docs)), reach_problems(docs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,6 +631,7 @@ def test_scale_out_page_is_linked_and_names_real_keys_and_secrets():
     assert {"data.url", "train.storage_path", "tracking.tracking_uri"} <= named
     assert named <= keys, sorted(named - keys)
     # every Secret the manifests reference is created, by name, on the page
-    refs = secret_refs(load_all("cluster/tracking/mlflow.yaml")) | secret_refs(load("cluster/kuberay/raycluster.yaml"))
+    refs = secret_refs(k8s_objects())
+    assert {"rcm-mlflow-auth", "rcm-mlflow-ray", "rcm-s3"} <= refs
     for name in refs:
         assert re.search(rf"kubectl create secret generic {name}\b", page), name

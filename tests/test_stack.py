@@ -5,6 +5,11 @@
 test_cli_up_status_down_leaves_no_process is docs/SCALE_OUT.md's local-stack walk-through: `make stack-up`,
 `ray job submit` of experiments/smoke.yaml with cluster/runtime_env.yaml, the run read back from the MLflow
 server, `make stack-down`, and no process left.
+
+The MLflow server runs MLflow's basic-auth app (issue 27): both tests check that a request without the account, or
+with a wrong password, is refused with 401 and that the account logs a run; the CLI test also checks that no
+password is on any stack process's command line (`ps`) or in any log of the stack and of Ray, after a real job.
+These checks reuse the stacks the two tests start anyway (about 2 s added).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -61,6 +68,39 @@ def check_mlflow(env: dict, postgres_uri: str) -> None:
     assert any(p.endswith(f"{run.info.run_id}/artifacts/config/resolved.yaml") for p in fs.find("mlflow-artifacts"))
 
 
+def check_mlflow_asks_who_you_are(env: dict, monkeypatch) -> None:
+    """No credentials, or a wrong password: 401 with a Basic challenge, from the REST API and through MLflow's own
+    client; the stack's account (MLFLOW_TRACKING_USERNAME/PASSWORD in `env`) answers 200. Leaves the account in
+    os.environ, where MLflow's client reads it, for the checks that follow."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    url = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    assert http_status(url) == 401 and http_status(url, (user, password[::-1])) == 401
+    assert http_status(url, (user, password)) == 200
+    assert http_status(f"{env['MLFLOW_TRACKING_URI']}/health") == 200         # the probe needs no account
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(MlflowException, match="401"):
+        MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+
+def http_status(url: str, account: tuple[str, str] | None = None) -> int:
+    """The HTTP status of a GET, with basic auth when `account` is given."""
+    import base64
+
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(account).encode()).decode()} if account else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        assert e.code != 401 or e.headers["WWW-Authenticate"].startswith("Basic"), e.headers
+        return e.code
+
+
 def check_ray_job(env: dict, tmp: Path) -> None:
     """`ray job submit --working-dir` of a trivial entrypoint that runs a Ray task and imports the project."""
     (tmp / "job.py").write_text(
@@ -75,14 +115,88 @@ def check_ray_job(env: dict, tmp: Path) -> None:
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_fixture_services_answer(local_stack, s3_endpoint, mlflow_uri, ray_address, tmp_path):
+def test_fixture_services_answer(local_stack, s3_endpoint, mlflow_uri, ray_address, tmp_path, monkeypatch):
     env = local_stack.env()
     assert env["AWS_ENDPOINT_URL"] == s3_endpoint and env["MLFLOW_TRACKING_URI"] == mlflow_uri
     assert env["RAY_ADDRESS"] == ray_address
     check_s3(env)
+    check_mlflow_asks_who_you_are(env, monkeypatch)
     check_mlflow(env, local_stack.urls()["postgres_uri"])
     check_ray_job(env, tmp_path)
     assert all(s["healthy"] for s in local_stack.status().values())
+
+
+@pytest.mark.services
+@needs_postgres
+@pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")   # MLflow's server, imported here
+def test_kubernetes_account_script_sets_the_accounts_from_secrets(local_stack, mlflow_uri, monkeypatch, capsys):
+    """cluster/tracking/mlflow.yaml's accounts.py (run in the MLflow pod before `mlflow server`), here on the stack's
+    real auth database with the environment the pod gives it (PGUSER/PGPASSWORD, the admin's and the Ray account's
+    Secrets): the Ray account is created and logs in; run again with a rotated Secret, the new password works and the
+    old one is refused; the admin keeps the password of its Secret. Nothing secret is printed. (In this process:
+    a subprocess would pay MLflow's import twice, ~20 s on the loaded 2-core box.)"""
+    import runpy
+
+    maps = {d["metadata"]["name"]: d for d in yaml.safe_load_all((REPO / "cluster/tracking/mlflow.yaml").read_text())
+            if d and d["kind"] == "ConfigMap"}
+    script = local_stack.state_dir / "accounts.py"
+    script.write_text(maps["mlflow-auth"]["data"]["accounts.py"])
+    sec, user = local_stack.secrets(), f"ray-{uuid.uuid4().hex[:8]}"
+    for k, v in {"MLFLOW_AUTH_CONFIG_PATH": str(local_stack.state_dir / "mlflow_auth.ini"), "PGUSER": "postgres",
+                 "PGPASSWORD": sec["postgres_password"], "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                 "MLFLOW_AUTH_ADMIN_PASSWORD": sec["mlflow_admin_password"], "RCM_RAY_MLFLOW_USERNAME": user}.items():
+        monkeypatch.setenv(k, v)
+    url = f"{mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    first, rotated = uuid.uuid4().hex, uuid.uuid4().hex
+    for password in (first, rotated):
+        monkeypatch.setenv("RCM_RAY_MLFLOW_PASSWORD", password)
+        runpy.run_path(str(script), run_name="__main__")
+        printed = capsys.readouterr()
+        assert f"MLflow account {user!r}" in printed.out
+        assert password not in printed.out + printed.err and sec["mlflow_admin_password"] not in printed.out
+        assert http_status(url, (user, password)) == 200
+    assert http_status(url, (user, first)) == 401
+    assert http_status(url, ("admin", sec["mlflow_admin_password"])) == 200
+
+
+@pytest.mark.services
+@needs_postgres
+def test_a_refused_account_ends_in_one_line(mlflow_uri, monkeypatch, capsys, tmp_path):
+    """workflows/ against the authenticated server: without an account, or with a wrong password, the distill
+    command stops before any work with one `error:` line naming the variables to set (and never the password),
+    and the Tracker a Ray worker builds raises the same error; with the account it opens its run."""
+    from rcm_core.config import ExperimentCfg
+    from workflows.cli import UserError, run_cli
+    from workflows.distill import main
+    from workflows.tracking import Tracker
+
+    password = os.environ["MLFLOW_TRACKING_PASSWORD"]
+    argv = ["--config", str(REPO / "experiments/smoke.yaml"), f"tracking.tracking_uri={mlflow_uri}",
+            f"train.run_dir={tmp_path / 'run'}", f"data.url={tmp_path / 'data'}"]
+    for account, who in ((None, "a request without an account"), ("wrong-password-1", "the account 'rcm'")):
+        if account:
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", account)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        assert run_cli(main, argv) == 1
+        printed = capsys.readouterr()
+        assert printed.err.strip().splitlines() == [
+            f"error: the MLflow server {mlflow_uri} refused {who} (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to one of its accounts, where the driver runs and on every Ray node (local "
+            "stack: source .stack/stack.env; Kubernetes: the Secret rcm-mlflow-ray)"], printed.err[-3000:]
+        assert password not in printed.out + printed.err
+        assert not (tmp_path / "data").exists()                       # stopped before any work
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "rcm")
+    cfg = ExperimentCfg()
+    cfg.tracking.tracking_uri, cfg.tracking.experiment = mlflow_uri, f"auth-{uuid.uuid4().hex[:8]}"
+    cfg.train.run_dir = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"refused the account 'rcm' \(HTTP 401\)"):
+        Tracker(cfg)                                     # still the wrong password
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    tracker = Tracker(cfg)
+    tracker.finish()
+    assert tracker.client.get_run(tracker.run_id).info.experiment_id == tracker.experiment_id
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -102,6 +216,32 @@ def processes_mentioning(text: str) -> list[str]:
         if (text in cmd or text in cwd) and state != "Z" and d.name != str(os.getpid()):
             out.append(f"{d.name}: {cmd[:200]} (cwd {cwd})")
     return out
+
+
+def passwords_in_argv(records: dict, passwords) -> list[str]:
+    """Command lines (what `ps` shows every user) of the stack's processes that contain a password."""
+    out = []
+    for rec in records.values():
+        for pid in session_members(rec["pid"]):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            out += [f"{pid}: {cmd[:120]}" for p in passwords if p in cmd]
+    assert sum(len(session_members(rec["pid"])) for rec in records.values()) >= 8     # sanity: it saw them
+    return out
+
+
+def files_holding(passwords, *folders: Path) -> list[str]:
+    """Files under `folders` (the services' logs, Ray's session folder with every Ray process's log) that contain
+    a password."""
+    found = []
+    for folder in folders:
+        for f in folder.rglob("*"):
+            if f.is_file() and not f.is_symlink() and f.stat().st_size < 200 * 2**20:
+                data = f.read_bytes()
+                found += [str(f) for p in passwords if p.encode() in data]
+    return found
 
 
 def make(target: str, state: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -151,7 +291,7 @@ def check_smoke_job(env: dict) -> None:
 @pytest.mark.services
 @pytest.mark.slow
 @needs_postgres
-def test_cli_up_status_down_leaves_no_process():
+def test_cli_up_status_down_leaves_no_process(monkeypatch):
     state = Path(tempfile.mkdtemp(prefix="rcm-cli-stack-", dir="/tmp"))
     state.chmod(0o755)                      # PostgreSQL runs as `postgres` when tests run as root
     try:
@@ -165,14 +305,19 @@ def test_cli_up_status_down_leaves_no_process():
         env = dict(line.removeprefix("export ").split("=", 1) for line in (state / "stack.env").read_text().split("\n")
                    if line)
         urls = json.loads((state / "stack.json").read_text())
-        password = records["postgres"]["password"]
-        assert password not in up.stdout and password not in json.dumps(urls)    # printed and stack.json: redacted
+        passwords = json.loads((state / "secrets.json").read_text()).values()
+        assert len(passwords) == 4 and all(len(p) >= 32 for p in passwords)
+        shown = up.stdout + up.stderr + json.dumps(urls) + json.dumps(records)
+        assert not [p for p in passwords if p in shown]          # printed, stack.json, state.json: none of them
         assert urls["postgres_uri"].startswith("postgresql+psycopg2://***@127.0.0.1:")
-        assert (state / "stack.env").stat().st_mode & 0o077 == 0
+        assert all((state / f).stat().st_mode & 0o077 == 0 for f in ("stack.env", "secrets.json"))
         check_s3(env)
+        check_mlflow_asks_who_you_are(env, monkeypatch)
         check_mlflow(env, env["RCM_STACK_POSTGRES_URI"])
-        check_smoke_job(env)
+        check_smoke_job(env)            # its Ray workers log as the account they inherit from the head
         assert processes_mentioning(str(state))                           # sanity: the check sees the services
+        assert not passwords_in_argv(records, passwords)
+        assert not files_holding(passwords, state / "logs", state / "ray")
     finally:
         down = make("stack-down", state, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr

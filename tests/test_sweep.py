@@ -5,8 +5,10 @@ then workflows/report.py from MLflow alone, and the MLflow UI's run comparison i
     .venv/bin/python -m pytest tests/test_sweep.py -q      # ~5 min on 2 idle cores
 """
 import io
+import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,25 +135,78 @@ def test_report_command_prints_the_table_from_mlflow(sweep, capsys, tmp_path):
     assert "nfe_1" in printed and "teacher_nfe_39" in printed and "gmm_precision" in printed and " ± " in printed
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (apt-get install chromium)")
+@contextmanager
+def signed_in(server: str):
+    """A loopback HTTP proxy to `server` that adds this session's MLflow account (MLFLOW_TRACKING_USERNAME/PASSWORD,
+    as `Authorization: Basic`) to every request; yields its URL. The stack's MLflow server asks who you are, and
+    headless Chromium can answer neither a login prompt nor, from its page scripts, a URL with the password in it
+    ("Request cannot be constructed from a URL that includes credentials"), which would also show the password on
+    its command line. The pages and data are the real server's, byte for byte."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    account = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ['MLFLOW_TRACKING_PASSWORD']}"
+    auth = "Basic " + base64.b64encode(account.encode()).decode()
+
+    class Forward(BaseHTTPRequestHandler):
+        def forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization")}
+            req = urllib.request.Request(server + self.path, data=body, method=self.command,
+                                         headers={**headers, "Authorization": auth})
+            try:
+                answer = urllib.request.urlopen(req, timeout=60)
+            except urllib.error.HTTPError as e:
+                answer = e
+            with answer:
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.headers.items():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}"
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="no `chromium` on PATH: the MLflow UI check needs Debian's chromium (apt-get install "
+                           "chromium; .ci/run installs it and fails if it cannot)")
 def test_mlflow_ui_compares_the_sweeps_runs(sweep, tmp_path):
     """The MLflow UI's compare view of the trials, rendered by headless Chromium: the DOM names every trial and the
-    swept parameter; the screenshot stays in the test's tmp folder."""
+    swept parameter; the screenshot stays in the test's tmp folder. Chromium signs in through `signed_in`."""
     import json
 
     parent_id, client, _ = sweep
     children = _children(client, parent_id)
     exp = client.get_run(parent_id).info.experiment_id
     compact = lambda x: json.dumps(x, separators=(",", ":"))
-    url = f"{client.tracking_uri}/#/compare-runs?runs={compact([c.info.run_id for c in children])}" \
-          f"&experiments={compact([exp])}"
+    url = f"/#/compare-runs?runs={compact([c.info.run_id for c in children])}&experiments={compact([exp])}"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
              "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path}/profile",
              "--window-size=1600,1400", "--virtual-time-budget=20000"]
     shot = tmp_path / "mlflow_compare.png"
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
-                         check=False).stdout
-    subprocess.run(["chromium", *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    with signed_in(client.tracking_uri) as ui:
+        dom = subprocess.run(["chromium", *flags, "--dump-dom", ui + url], capture_output=True, text=True,
+                             timeout=120, check=False).stdout
+        subprocess.run(["chromium", *flags, f"--screenshot={shot}", ui + url], capture_output=True, timeout=120,
+                       check=True)
     names = [c.data.tags["mlflow.runName"] for c in children]
     assert "Comparing 4 Runs from 1 Experiment" in dom, dom[-3000:]
     # the trials' names, the swept parameter and per-step-count metrics are on the page

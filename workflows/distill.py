@@ -28,6 +28,7 @@ from workflows.console import setup_output  # noqa: E402
 from workflows.driver import absolute_paths, check_device, driver_feature_net, driver_teacher, prepare_data  # noqa: E402
 from workflows.plan import preflight  # noqa: E402
 from workflows.ray_session import init_ray, shutdown_local_ray  # noqa: E402
+from workflows.tracking import check_tracking_access  # noqa: E402
 from workflows.storage import FORCED_TAG, check_resume, finished_checkpoint  # noqa: E402
 from workflows.trainer import build_trainer  # noqa: E402
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_output(args.verbose)
     cfg = absolute_paths(load_config(args.config, args.overrides))
     check_device(cfg)
+    check_tracking_access(cfg)                           # a refused MLflow account stops here, in one line
     cfg = prepare_data(cfg)                              # before the comparison: it resolves data.url
     resume_tags = check_resume(cfg, allow_changed=args.resume_changed)
     checkpoint = finished_checkpoint(cfg)

@@ -634,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, (kind, arg) in spec.search_space.items():
             print(f"  {k}: {kind} {arg}")
         return 0
+    from workflows.tracking import check_tracking_access
+    check_tracking_access(cfg)                          # a refused MLflow account stops here, in one line
     try:
         parent = run_sweep(spec, cfg, args.overrides, resume=args.resume, address=args.address)
     except ConfigError as e:

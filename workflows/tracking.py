@@ -8,6 +8,13 @@ so (once per outage); when it answers again everything is sent, each value once,
 for the buffer to drain; what still cannot be sent then is written to `<run_dir>/mlflow_unsent_metrics.jsonl`
 with a loud warning, never silently dropped. With no tracking URI in the
 config or MLFLOW_TRACKING_URI, runs go to an SQLite file `runs/mlflow.db` with artifacts in `runs/mlartifacts`.
+
+A tracking server that asks who you are (MLflow's basic-auth app: the local stack, cluster/tracking/mlflow.yaml) is
+given an account only through the environment, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, which MLflow's
+client reads itself: never through the config (it would be logged as a param) or a Ray runtime_env (Ray keeps it in
+its job table and writes it to its logs). Ray workers inherit it from their node: the local stack's Ray head and the
+KubeRay pods carry it. `check_tracking_access` asks the server once before any work, so a missing or wrong account
+ends the command in one line; the Tracker turns the same refusal on a worker into the same line.
 """
 from __future__ import annotations
 
@@ -45,6 +52,50 @@ def default_artifact_root(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
+ACCOUNT_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")     # read by MLflow's client itself
+
+
+def _user_error():
+    from workflows.cli import UserError
+    return UserError
+
+
+def access_refused(status: int, shown_uri: str, experiment: str) -> Exception:
+    """The one-line error for a tracking server's refusal: 401 (no account, or a wrong one) or 403 (an account
+    without the permission). Names the account, never its password."""
+    user = os.environ.get(ACCOUNT_VARS[0])
+    if status == 401:
+        who = f"the account {user!r}" if user else "a request without an account"
+        return _user_error()(
+            f"the MLflow server {shown_uri} refused {who} (HTTP 401): set {ACCOUNT_VARS[0]} and {ACCOUNT_VARS[1]} to "
+            f"one of its accounts, where the driver runs and on every Ray node (local stack: source .stack/stack.env; "
+            f"Kubernetes: the Secret rcm-mlflow-ray)")
+    return _user_error()(
+        f"the MLflow server {shown_uri} does not let the account {user!r} write to experiment '{experiment}' (HTTP "
+        f"403): ask an MLflow admin to grant it EDIT there, or log to an experiment of its own (tracking.experiment=...)")
+
+
+def check_tracking_access(cfg: ExperimentCfg) -> None:
+    """Before any work: one request to a tracking server with this environment's account. A refusal (401/403)
+    raises `access_refused`'s one-line error here, not as a Ray worker's traceback minutes later. A local SQLite
+    store has no accounts; a server that does not answer is left to the Tracker's outage handling."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        answer = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+                              params={"experiment_name": cfg.tracking.experiment}, max_retries=0, timeout=30,
+                              raise_on_status=False)
+    except MlflowException:            # no answer at all: not an account problem
+        return
+    if answer.status_code in (401, 403):
+        raise access_refused(answer.status_code, redact_url(uri), cfg.tracking.experiment)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -75,24 +126,14 @@ class Tracker:
         if self.uri.startswith("sqlite:"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(cfg.tracking.experiment,
-                                                   artifact_location=default_artifact_root(self.uri))
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id = exp_id
-        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:
-            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
-        if run_id is None:
-            tags = {"git_commit": git_commit(), "config_hash": config_hash(cfg), "algo": cfg.distill.mode,
-                    "mlflow.runName": cfg.tracking.run_name or cfg.name}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(exp_id, tags=tags)
-            run_id = run.info.run_id
-            self._log_params(cfg, run_id)
-        self.run_id = run_id
+        from mlflow.exceptions import MlflowException
+        try:
+            self.experiment_id, self.run_id = self._open_run(cfg, run_id, parent_run_id)
+        except MlflowException as e:   # the server's auth refused this process's account: say so in one line
+            status = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(e.error_code)
+            if status is None:
+                raise
+            raise access_refused(status, self.shown_uri, cfg.tracking.experiment) from None
         self._unsent_dir = Path(cfg.train.run_dir)
         self.retry_s, self.warn_after_s = retry_s, warn_after_s
         self.outages = 0                               # separate periods with the server unreachable
@@ -109,6 +150,26 @@ class Tracker:
         self._inflight_since: float | None = None
         self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
         self._sender.start()
+
+    def _open_run(self, cfg: ExperimentCfg, run_id: str | None, parent_run_id: str | None) -> tuple[str, str]:
+        """(experiment id, run id): the experiment made if new, and a new run unless `run_id` resumes one."""
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(cfg.tracking.experiment,
+                                                   artifact_location=default_artifact_root(self.uri))
+        else:
+            exp_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        if run_id is None:
+            tags = {"git_commit": git_commit(), "config_hash": config_hash(cfg), "algo": cfg.distill.mode,
+                    "mlflow.runName": cfg.tracking.run_name or cfg.name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, tags=tags)
+            run_id = run.info.run_id
+            self._log_params(cfg, run_id)
+        return exp_id, run_id
 
     def _log_params(self, cfg: ExperimentCfg, run_id: str) -> None:
         from mlflow.entities import Param
