@@ -242,6 +242,20 @@ def _draw_rows(draws: dict, index: slice) -> dict:
     return out
 
 
+def _accumulate(batch: LatentBatch, draws: dict, micro_batch_size: int, loss_of) -> tuple[float, dict[str, float]]:
+    """Backward of `loss_of(rows, their draws)` on every micro-batch, each weighted by its share of the rows, so
+    the gradients add up to the whole batch's; returns the whole batch's loss and metrics."""
+    parts, weights, total = [], [], 0.0
+    for index in micro_batches(len(batch), micro_batch_size):
+        w = (index.stop - index.start) / len(batch)
+        loss, m = loss_of(batch.rows(index), _draw_rows(draws, index))
+        (w * loss).backward()
+        parts.append(m)
+        weights.append(w)
+        total += w * loss.item()
+    return total, _combine(parts, weights)
+
+
 def _combine(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
     """Micro-batch metrics as the whole batch's: counts (`*_nan_samples`) add up, the rest are row-weighted means."""
     keys = dict.fromkeys(k for m in parts for k in m)
@@ -347,21 +361,15 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     # Under FSDP2 each micro-batch's backward reduce-scatters into the sharded gradients (they accumulate there);
     # skipping it would hold a whole unsharded gradient per GPU (56 GB at 14B). Replicated data parallelism
     # all-reduces once, after the last micro-batch (sync_gradients).
-    parts, losses, weights = [], 0.0, []
-    for index in micro_batches(len(batch), cfg.data.micro_batch_size):
-        w = (index.stop - index.start) / len(batch)
-        loss, m = _student_loss(state, batch.rows(index), _draw_rows(draws, index), cfg, r, grad_student)
-        (w * loss).backward()
-        parts.append(m)
-        weights.append(w)
-        losses += w * loss.item()
+    losses, combined = _accumulate(batch, draws, cfg.data.micro_batch_size,
+                                   lambda rows, d: _student_loss(state, rows, d, cfg, r, grad_student))
     sync_gradients(state.student)
     bad = zero_nonfinite_grads(state.student)
     _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
     state.opt_student.step()
     state.ema.update(state.student, master_parameters(state.student, state.opt_student))
     state.student_iter += 1
-    metrics = {"tangent_warmup_r": r, **_combine(parts, weights)}
+    metrics = {"tangent_warmup_r": r, **combined}
     state.counters["nonfinite_grads"] += bad
     state.counters["nan_samples"] += sum(metrics.get(f"{k}_nan_samples", 0.0) for k in ("scm", "dcm", "dmd"))
     metrics.update(loss=losses, nonfinite_grads=float(bad), phase_student=1.0)
@@ -381,20 +389,13 @@ def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g:
                  grad_fake: TrigFlowDenoiser) -> dict[str, float]:
     draws = _rollout_draws(state, batch.latent, cfg.distill, g)
     state.opt_fake.zero_grad(set_to_none=True)
-    parts, losses, weights = [], 0.0, []
-    for index in micro_batches(len(batch), cfg.data.micro_batch_size):
-        w = (index.stop - index.start) / len(batch)
-        loss, m = _critic_loss(state, batch.rows(index), _draw_rows(draws, index), cfg, grad_fake)
-        (w * loss).backward()
-        parts.append(m)
-        weights.append(w)
-        losses += w * loss.item()
+    losses, metrics = _accumulate(batch, draws, cfg.data.micro_batch_size,
+                                  lambda rows, d: _critic_loss(state, rows, d, cfg, grad_fake))
     sync_gradients(state.fake)
     bad = zero_nonfinite_grads(state.fake)
     _set_lr(state.opt_fake, cfg.optim.fake_lr * lr_factor(state.critic_iter, cfg.optim.lr_warmup))
     state.opt_fake.step()
     state.critic_iter += 1
-    metrics = _combine(parts, weights)
     state.counters["nonfinite_grads"] += bad
     state.counters["nan_samples"] += metrics["critic_nan_samples"]
     return {**metrics, "loss": losses, "nonfinite_grads": float(bad), "phase_student": 0.0}

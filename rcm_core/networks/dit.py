@@ -281,12 +281,7 @@ def set_attention(net: nn.Module, primal: str) -> nn.Module:
     to `primal` (kernels.PRIMAL_BACKENDS); the bench flips it to time both paths on one state."""
     if primal not in kernels.PRIMAL_BACKENDS:
         raise ValueError(f"model.attention={primal!r}: use one of {kernels.PRIMAL_BACKENDS}")
-    for m in net.modules():
-        if isinstance(m, WanAttention):
-            m.primal = primal
-    if isinstance(getattr(net, "cfg", None), ModelCfg):
-        net.cfg = dataclasses.replace(net.cfg, attention=primal)
-    return net
+    return _switch(net, WanAttention, "primal", primal, "attention")
 
 
 def set_compile(net: nn.Module, mode: str) -> nn.Module:
@@ -294,11 +289,16 @@ def set_compile(net: nn.Module, mode: str) -> nn.Module:
     tangent-free call, "none" runs them eager."""
     if mode not in ("none", "blocks"):
         raise ValueError(f"model.compile={mode!r}: use none or blocks")
+    return _switch(net, WanTransformerBlock, "compile_mode", mode, "compile")
+
+
+def _switch(net: nn.Module, kind: type, attr: str, value: str, cfg_key: str) -> nn.Module:
+    """Set `attr` on every `kind` module of `net`, and the network's `cfg.<cfg_key>` to match."""
     for m in net.modules():
-        if isinstance(m, WanTransformerBlock):
-            m.compile_mode = mode
+        if isinstance(m, kind):
+            setattr(m, attr, value)
     if isinstance(getattr(net, "cfg", None), ModelCfg):
-        net.cfg = dataclasses.replace(net.cfg, compile=mode)
+        net.cfg = dataclasses.replace(net.cfg, **{cfg_key: value})
     return net
 
 
