@@ -93,8 +93,12 @@ def test_sweep_parent_children_divergence_and_artifacts(sweep):
                 assert f"eval/{nfe}/{m}" in run.data.metrics, (lr, nfe, m)
         steps = [h.step for h in client.get_metric_history(run.info.run_id, "eval/nfe_2/gmm_precision")]
         outcome = run.data.tags["rcm.sweep.outcome"]
+        # ASHA decides at step 10; its stop reaches the trial asynchronously, so a fast trial may log its step-20
+        # evaluation before the stop lands (seen on an idle box, 2026-12-02). Stopped is still stopped: KILLED and
+        # tagged so; what must never happen is a KILLED trial without the tag, or a finished one short of 20.
         assert (outcome, run.info.status, steps) in (("finished", "FINISHED", [10, 20]),
-                                                    ("stopped_early", "KILLED", [10]))
+                                                    ("stopped_early", "KILLED", [10]),
+                                                    ("stopped_early", "KILLED", [10, 20]))
         assert run.data.tags["mlflow.runName"].startswith("lr-") and run.data.params["train.eval_every"] == "10"
         outcomes.append(outcome)
     assert "finished" in outcomes          # ASHA keeps the best trial to max_t
