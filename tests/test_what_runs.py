@@ -99,12 +99,17 @@ def test_every_shipped_key_is_a_config_key_that_code_reads():
 
 
 def test_wan_configs_mesh_fits_their_workers():
-    for name, shard, cp in (("wan21_t2v_1p3b_rcm", 4, 1), ("wan21_t2v_14b_rcm", 2, 4)):
+    """The meshes the Wan configs resolve to on the workers they state: 1.3B shards over all 8 (and over 1 when
+    resources.num_workers=1 is the only override), 14B is the official 32 = dp_shard 4 × cp 8."""
+    from rcm_core.parallel.mesh import MeshShape, shape_from_config
+
+    for name, shape in (("wan21_t2v_1p3b_rcm", MeshShape(1, 8, 1)), ("wan21_t2v_14b_rcm", MeshShape(1, 4, 8))):
         cfg = load_config(REPO / "experiments" / f"{name}.yaml")
-        p, n = cfg.parallel, cfg.resources.num_workers
-        assert (p.dp_shard, p.cp) == (shard, cp) and p.dp_shard > 1       # > 1: FSDP shards (rcm_core.parallel.mesh)
-        assert max(p.dp_replicate, 1) * p.dp_shard * p.cp == n or p.dp_replicate == -1
+        assert shape_from_config(cfg.parallel, cfg.resources.num_workers) == shape
+        assert shape.dp_shard > 1                        # FSDP shards (rcm_core.parallel.mesh)
         assert cfg.resources.use_gpu and cfg.train.device == "cuda"
+    one = load_config(REPO / "experiments" / "wan21_t2v_1p3b_rcm.yaml", ["resources.num_workers=1"])
+    assert shape_from_config(one.parallel, 1) == MeshShape(1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = ["data.source=moving_fashion", "data.num_rows=40", "data.rows_per_shard=20", "data.frames=2",
              "data.canvas=8", "data.item_size=4", "data.patch=4", "eval.classifier_steps=3"]
-# Measured in test_video_run_with_context_parallel_workers (2026-12-02, sklearn digits): the 60-step classifier
-# scores 0.4902 (25 of 51 held-out videos; chance is 0.1), the same on every run (seeded, trained on the driver), so
-# its bar is that value less one video. CP = 2 against CP = 1 differed by at most 3.5e-8 relative (train/loss at steps
+# Measured in test_video_run_with_context_parallel_workers (2026-12-02): the 60-step classifier scores 0.4902 on
+# sklearn digits (25 of 51 held-out videos) and 0.3529 on Fashion-MNIST (18 of 51; the images CI installs); chance
+# is 0.1. Each is the same on every run (seeded, trained on the driver), so its bar is that value less one video. CP = 2 against CP = 1 differed by at most 3.5e-8 relative (train/loss at steps
 # 5 and 10: 2.3e-10, 4.4e-10; eval frame_cos at 1/2/4 steps: 3.5e-8, 7e-9, 1.9e-8): only the float order of the
 # all-to-alls changes. The bar, 1e-6, is ~30x the largest; a CP group that saw different data or noise would differ
 # in the first digits.
-HELDOUT_ACCURACY, ONE_VIDEO = 0.4902, 1 / 51
+HELDOUT_ACCURACY, ONE_VIDEO = {"sklearn-digits": 0.4902, "fashion-mnist": 0.3529}, 1 / 51
 CP_TOLERANCE = 1e-6
 
 
@@ -143,7 +143,8 @@ def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
     assert len(cached) == 1 and json.loads(cached[0].read_text())["version"] == version
     assert f"feature net: {version}" in out and version.startswith("featnet-")
     # The 60-step classifier on the 10 % held-out videos: HELDOUT_ACCURACY measured, bit for bit on every run here.
-    assert float(tags["feature_net.heldout_accuracy"]) >= HELDOUT_ACCURACY - ONE_VIDEO and tags["feature_net.steps"] == "60"
+    assert float(tags["feature_net.heldout_accuracy"]) >= HELDOUT_ACCURACY[images] - ONE_VIDEO
+    assert tags["feature_net.steps"] == "60"
 
     comparison = {a.path for a in client.list_artifacts(run.info.run_id, "comparison")}
     assert {"comparison/samples.png", "comparison/samples.gif", "comparison/step_counts.csv"} <= comparison, comparison
