@@ -420,6 +420,8 @@ def mark_trial_run(client, parent_run_id: str, run_name: str, outcome: str, reas
     if run is None:
         warnings.warn(f"no MLflow run named {run_name} under parent {parent_run_id} (trial ended before logging)")
         return False
+    if outcome == "stopped_early" and run.info.status == "FINISHED":
+        outcome = "finished"          # the scheduler's stop landed after the trial had run to its last step
     client.set_tag(run.info.run_id, "rcm.sweep.outcome", outcome)
     if outcome == "diverged":
         client.set_tag(run.info.run_id, "diverged", "true")
