@@ -12,6 +12,9 @@ Marked `gpu` (skipped by the default `-m "not gpu"`). Budgets:
   the budget is one bf16 rounding: ‖Δ‖ ≤ 1e-2·‖ref‖ (2⁻⁷ = 7.8e-3).
 Ran on 2× NVIDIA H200 (torch 2.11.0+cu130) on 2026-11-28: 4 passed, the 4-GPU cases skipped; details and what was
 not re-run in docs/BENCHMARKS.md, "Sharded rCM on GPUs".
+Not re-run since: the 2026-12-02 changes to the JVP path, CP hook and kernels (gradient accumulation, causal
+attention arguments, block-causal tiles) have run here only on CPU (gloo); no 2-GPU kind was lent that day
+(docs/BENCHMARKS.md, "GPU-marked tests on the code of 2026-12-02").
 """
 from __future__ import annotations
 
