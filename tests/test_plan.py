@@ -173,16 +173,15 @@ def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):
     assert preflight(cfg, gpu_memory=2 * GiB) is None   # CPU runs are not checked
 
 
-REPO = Path(__file__).resolve().parents[1]
 WAN_480P = (16, 21, 60, 104)       # Wan2.1 VAE latent of 832×480×81 frames (workflows/plan.py)
 SHIPPED_GPU_MEMORY = 80 * GiB      # every shipped GPU config is written for 80 GB cards (their comments say so)
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*.yaml")))
 def test_every_shipped_gpu_config_fits_the_gpus_it_states(path):
     """`plan.py --config X --gpus <resources.num_workers> --gpu-memory 80GiB` says "fits" for the configured mesh,
     at the configured global batch (gradient accumulation through data.micro_batch_size)."""
-    cfg = load_config(REPO / path)
+    cfg = load_config(ROOT / path)
     if not cfg.resources.use_gpu or cfg.model.kind != "dit":
         pytest.skip(f"{path} is a CPU config")
     assert check_fits(cfg, gpus=cfg.resources.num_workers, gpu_memory=SHIPPED_GPU_MEMORY, latent=WAN_480P,
@@ -191,11 +190,11 @@ def test_every_shipped_gpu_config_fits_the_gpus_it_states(path):
 
 def test_wan_1p3b_smoke_run_on_one_h200_needs_only_the_worker_count():
     """The 1.3B config with resources.num_workers=1 fits one 141 GB H200: same global batch, 256 micro-batches."""
-    cfg = load_config(REPO / "experiments/wan21_t2v_1p3b_rcm.yaml", ["resources.num_workers=1"])
+    cfg = load_config(ROOT / "experiments/wan21_t2v_1p3b_rcm.yaml", ["resources.num_workers=1"])
     assert cfg.data.batch_size == 256
     assert check_fits(cfg, gpus=1, gpu_memory=141 * GiB, latent=WAN_480P, text_len=512) is None
     # and the planner would refuse it without accumulation: the whole batch of 256 at once cannot fit
-    whole = load_config(REPO / "experiments/wan21_t2v_1p3b_rcm.yaml", ["resources.num_workers=1",
+    whole = load_config(ROOT / "experiments/wan21_t2v_1p3b_rcm.yaml", ["resources.num_workers=1",
                                                                          "data.micro_batch_size=0"])
     assert "will not fit" in check_fits(whole, gpus=1, gpu_memory=141 * GiB, latent=WAN_480P, text_len=512)
 
