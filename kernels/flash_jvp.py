@@ -52,7 +52,11 @@ def _interpret() -> bool:
 
 def use_triton(x: torch.Tensor) -> bool:
     """Triton on CUDA tensors, or anywhere under the interpreter; the PyTorch twin otherwise. A CUDA tensor
-    without Triton installed still runs (the twin), with a warning: the twin materialises the L×L score matrix."""
+    without Triton installed still runs (the twin), with a warning: the twin materialises the L×L score matrix.
+    float64 always runs the twin: it is the reference precision (float64 networks check the bf16/fp32 paths, on
+    CUDA too) and the Triton kernels compute in fp32 at best, so a float64 call there could only be refused."""
+    if x.dtype == torch.float64:
+        return False
     if _interpret():
         return True
     if not x.is_cuda:

@@ -322,10 +322,26 @@ def test_cuda_without_triton_warns_what_is_lost(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     with pytest.warns(RuntimeWarning, match=r"L×L score matrix.*pip install triton"):
-        assert not kernels.use_triton(SimpleNamespace(is_cuda=True))
+        assert not kernels.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not kernels.use_triton(torch.zeros(1))
+
+
+def test_float64_takes_the_twin_on_cuda_and_under_the_interpreter(monkeypatch):
+    """float64 is the reference precision (float64 networks on CUDA check the fast paths; the evaluation's
+    classifier trains in it): the Triton kernels have no float64 path, so such calls run the twin instead of
+    being refused (two GPU tests hit the refusal on 2026-12-02). Other dtypes keep the kernel."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64))
+    assert kernels.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float32))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    assert not kernels.use_triton(q) and kernels.use_triton(q.float())
+    assert torch.equal(kernels.attention(q, k, v), attention_ref(q, k, v))
 
 
 # ----------------------------------------------------------------------------------------- GPU only

@@ -21,13 +21,14 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    # Workers import rcm_core/workflows by module name (pitfall P10): ship this checkout as the working dir.
+    # Workers import rcm_core/workflows by module name (pitfall P10): this checkout goes first on their path.
     # The quiet-output settings (workflows/console.py) travel with it, so a cluster's workers get them too.
-    env_vars = {"PYTHONPATH": str(ROOT), **worker_env()}
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` Ray refuses to merge a key the job's own runtime env already sets: keep the job's.
+        # A cluster's nodes keep their own PYTHONPATH after ours (Ray expands ${PYTHONPATH} on each node).
+        env_vars = {"PYTHONPATH": f"{ROOT}{os.pathsep}${{PYTHONPATH}}", **worker_env()}
         taken = job_env_vars()
         ray.init(address=address or os.environ["RAY_ADDRESS"], **ray_init_kwargs(),
                  runtime_env={"env_vars": {k: v for k, v in env_vars.items() if k not in taken}})
@@ -40,6 +41,7 @@ def init_ray(address: str | None) -> bool:
     # ("Found multiple active Ray instances"): name ours. One machine has no node to be preempted: Ray Train's
     # preemption watcher would only add a core_worker error line about its restarts.
     port = free_port()
+    env_vars = {"PYTHONPATH": worker_pythonpath(os.environ.get("PYTHONPATH", "")), **worker_env()}
     env_vars.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={"env_vars": env_vars}, object_store_memory=512 * 2 ** 20,
@@ -55,6 +57,14 @@ def shutdown_local_ray() -> None:
     import ray
 
     ray.shutdown()
+
+def worker_pythonpath(driver_path: str) -> str:
+    """The local instance's workers: this checkout, then the driver's own PYTHONPATH. Setting the checkout alone
+    replaced the path Ray itself was imported from when Ray lives on PYTHONPATH (a wheel bundle unpacked on an
+    air-gapped GPU host): every worker died at `import ray` and Ray Data retried them for minutes."""
+    entries = [str(ROOT)] + [e for e in driver_path.split(os.pathsep) if e and e != str(ROOT)]
+    return os.pathsep.join(entries)
+
 
 def job_env_vars() -> dict[str, str]:
     """The env_vars of the runtime env this driver was submitted with (`ray job submit`), else {}."""
