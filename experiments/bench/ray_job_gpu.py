@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,9 +61,11 @@ def ray_exe() -> str:
     return str(here) if here.is_file() else (shutil.which("ray") or "ray")
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: float = 900, log: Path | None = None) -> tuple[str, float]:
+def run(cmd: list[str], env: dict | None = None, timeout: float = 900, log: Path | None = None,
+        echo: bool = True) -> tuple[str, float]:
     """Run a command in the checkout; its output (returned, and written to `log`); raises on failure."""
-    print("$", " ".join(cmd), flush=True)
+    if echo:
+        print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = r.stdout + r.stderr
@@ -201,6 +204,8 @@ def stage_encode(args, work: Path, out: Path) -> dict:
     res["encode clips/s (whole pipeline, Ray start included)"] = args.clips / wall
     res.update({f"encode {k}": v for k, v in s.summary().items()})
     print(log[-1500:], flush=True)
+    if not args.stage_bench:
+        return res
     bench = [sys.executable, "experiments/bench/encode_throughput.py", "--clips", "2" if args.tiny else "4"]
     if args.tiny:
         bench += ["--tiny", "--device", "cpu"]
@@ -259,9 +264,21 @@ def submit(env: dict, cmd: list[str], out: Path, name: str) -> str:
 
 
 def job_status(env: dict, job: str) -> str:
-    text, _ = run([ray_exe(), "job", "status", "--address", ADDRESS, job], env=env)
-    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if status in text:
+    text, _ = run([ray_exe(), "job", "status", "--address", ADDRESS, job], env=env, echo=False)
+    return parse_job_status(text, job)
+
+
+def parse_job_status(text: str, job: str) -> str:
+    """The job's state from `ray job status` output. Ray 2.60 prints "Status for job '<id>': RUNNING" (or PENDING)
+    while a job is alive, but a sentence once it ended: "Job '<id>' succeeded", "… failed" (then a free-text
+    status message), "… was stopped". Matching only upper-case words read every ended job as unknown and the wait
+    ran to its timeout (the CPU proof of 2026-12-02 waited 5 minutes after job 2 had succeeded)."""
+    quoted = re.escape(f"'{job}'")
+    live = re.search(rf"Status for job {quoted}: (\w+)", text)
+    if live:
+        return live.group(1)
+    for sentence, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+        if re.search(rf"Job {quoted} {sentence}", text):
             return status
     return "UNKNOWN"
 
@@ -273,11 +290,22 @@ def save_logs(env: dict, job: str, path: Path) -> str:
     return r.stdout
 
 
+_SHOWN: dict[str, int] = {}          # job id → characters of its log already printed
+
+
 def wait_for(env: dict, job: str, out: Path, name: str, until, timeout: float) -> str:
+    """Poll the job until it ends, `until()` holds or `timeout` passes. Each poll saves the whole log (a run cut
+    short still leaves it) and prints the lines that are new since the last poll, with the seconds waited, so
+    the console of a run killed from outside still shows how far the job got (on 2026-12-02 a cut device call
+    returned nothing else)."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         status = job_status(env, job)
-        save_logs(env, job, out / f"{name}.log")          # a run cut short still leaves its log
+        text = save_logs(env, job, out / f"{name}.log")
+        new = [line for line in text[_SHOWN.get(job, 0):].splitlines() if line.strip()]
+        _SHOWN[job] = len(text)
+        for line in new[-20:]:
+            print(f"[{name} {time.perf_counter() - t0:5.0f} s] {line[:300]}", flush=True)
         if status in ("SUCCEEDED", "FAILED", "STOPPED") or until():
             return status
         time.sleep(3)
@@ -392,9 +420,13 @@ def read_run(home: Path, out: Path, args) -> dict:
         return res
     run_ = runs[0]
     hist = lambda key: client.get_metric_history(run_.info.run_id, key)     # noqa: E731
-    steps = [m.step for m in hist("train/loss")]
-    res["train/loss logged at steps"] = steps
-    res["steps logged once each (resume continued, did not restart)"] = sorted(set(steps)) == steps
+    steps = [m.step for m in sorted(hist("train/loss"), key=lambda m: m.timestamp)]
+    res["train/loss logged at steps (in time order)"] = steps
+    # Job 2 starts after the last checkpoint job 1 wrote; the steps job 1 ran past it are run (and logged) again.
+    back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    res["job 2 began at step (want: a checkpoint step + 1, > 1)"] = steps[back[0]] if back else None
+    res["resumed, not restarted"] = (bool(back) and steps[back[0]] > 1 and steps[-1] == args.steps
+                                     and steps[back[0]:] == list(range(steps[back[0]], args.steps + 1)))
     # the first student and critic iterations include Triton autotuning: leave each kind's first report out
     for kind in ("student", "critic"):
         values = [m.value for m in sorted(hist(f"train/seconds_{kind}"), key=lambda m: m.step)]
@@ -425,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="data.batch_size (micro-batches of 1 on the one GPU)")
     ap.add_argument("--timeout", type=float, default=420)
     ap.add_argument("--tiny", action="store_true", help="tiny models and clips on the CPU: proves the script here")
+    ap.add_argument("--stage-bench", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the encode pipeline, time decode / VAE / umT5 apart (encode_throughput.py, ~1 min "
+                         "at full size: it builds the encoders again)")
     args = ap.parse_args(argv)
     if args.tiny:       # tiny iterations take a second: more of them, so `ray job stop` lands mid-run
         args.clips, args.steps = min(args.clips, 4), max(args.steps, 12)
