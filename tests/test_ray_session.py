@@ -21,9 +21,13 @@ def test_worker_path_is_the_checkout_then_the_drivers_path():
 
 @pytest.mark.ray
 def test_local_ray_workers_import_what_the_driver_imports(tmp_path, monkeypatch):
-    """A module reachable only through the driver's PYTHONPATH imports in a Ray task (as Ray does from a bundle)."""
+    """A module reachable only through the driver's PYTHONPATH imports in a Ray task (as Ray does from a bundle).
+    And the instance is this run's own even when the machine records another `ray start` cluster (here a dead
+    address, as a head stopped by a signal leaves behind): without address="local" ray.init tried to join it."""
     import ray
+    from ray._private import services
 
+    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *a, **k: "127.0.0.1:9")
     (tmp_path / "rcm_probe_module.py").write_text("VALUE = 41 + 1\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

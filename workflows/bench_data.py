@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
         else:
-            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+            ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 2**20,
+                     log_to_driver=False)          # its own instance, not a `ray start` cluster found on the machine
         print("| workers | shuffle | rows/s per worker, epoch 1 (cold) | rows/s per worker, epochs 2+ (warm) | "
               "rows/s all workers (warm) | MiB/s all workers (warm) | epoch wall times (s) |")
         print("|---|---|---|---|---|---|---|")

@@ -43,7 +43,10 @@ def init_ray(address: str | None) -> bool:
     port = free_port()
     env_vars = {"PYTHONPATH": worker_pythonpath(os.environ.get("PYTHONPATH", "")), **worker_env()}
     env_vars.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+    # address="local": with no address ray.init joins the newest `ray start` cluster recorded on this machine
+    # (another user's, or the stale record of one stopped by a signal: seen 2026-12-02 as "When connecting to an
+    # existing cluster, num_cpus and num_gpus must not be provided"). A run without --ray-address gets its own.
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={"env_vars": env_vars}, object_store_memory=512 * 2 ** 20,
              log_to_driver=True, **ray_init_kwargs())
     print(f"Ray: a local instance for this run; its dashboard: http://127.0.0.1:{port}", flush=True)
