@@ -11,8 +11,8 @@ from rcm_core.networks import build_network
 from rcm_core.method.samplers import consistency_sample, teacher_sample
 from rcm_core.method.timesteps import sample_p_D, sample_p_G, student_time_grid
 from rcm_core.data.toy import ExactGMMVelocity, default_gmm
-from rcm_core.method.trigflow import (add_noise, consistency_fn, rf_to_trig, sigma_to_trig, trig_to_rf, trig_to_sigma,
-                               velocity_target, x0_to_F)
+from rcm_core.method.trigflow import (add_noise, consistency_fn, expand_like, rf_to_trig, sigma_to_trig, trig_to_rf,
+                               trig_to_sigma, velocity_target, x0_to_F)
 
 
 def mlp(dtype="float64", num_classes=3, in_channels=4):
@@ -83,6 +83,39 @@ def test_one_step_sample_equals_f_at_sigma_max():
     out = consistency_sample(den, z, cond, steps=1, sigma_max=80.0, mid_t=[1.3])
     t0 = torch.full((6,), math.atan(80.0), dtype=torch.float64)
     assert torch.allclose(out, den.f(math.sin(math.atan(80.0)) * z, t0, cond), atol=1e-12)
+
+
+class GaussianOracle(torch.nn.Module):
+    """Native TrigFlow F of data x0 ~ N(0, s²·I): E[x0 | x_t] = cos t·s²/(cos²t·s² + sin²t)·x_t, F = (cos t·x_t − x̂0)
+    / sin t, so f(x_t, t) = a(t)·x_t with a(t) = cos t·s²/(cos²t·s² + sin²t): a consistency function in closed form."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s, self.anchor = s, torch.nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)
+
+    def a(self, t):
+        return torch.cos(t) * self.s ** 2 / (torch.cos(t) ** 2 * self.s ** 2 + torch.sin(t) ** 2)
+
+    def forward(self, x, t, cond):
+        t = expand_like(t.double(), x)
+        return (torch.cos(t) * x - self.a(t) * x) / torch.sin(t)
+
+
+@pytest.mark.parametrize("mid", [1.3, 0.6])
+def test_two_step_sample_known_answer(mid):
+    """The 2-step sampler, by hand in float64 (rcm_method.md §4.1): x = sin t₀·z at t₀ = arctan σ_max, x̂0 = f(x, t₀),
+    re-noise x = cos t_mid·x̂0 + sin t_mid·ε with the generator's first draw, then x̂0 = f(x, t_mid). Issue 29
+    suspected the re-noising (or the time variable of sampler.mid_t) of the demo's weak 2-step row; it is exact."""
+    oracle = GaussianOracle(0.8)
+    den = TrigFlowDenoiser(oracle, "trigflow")
+    z = torch.randn(5, 2, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = consistency_sample(den, z, None, steps=2, sigma_max=80.0, mid_t=[mid],
+                             generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t0, t1 = torch.tensor(math.atan(80.0), dtype=torch.float64), torch.tensor(mid, dtype=torch.float64)
+    x0_hat = oracle.a(t0) * math.sin(t0) * z
+    want = oracle.a(t1) * (math.cos(mid) * x0_hat + math.sin(mid) * eps)
+    assert torch.allclose(out, want, atol=1e-12, rtol=0)
 
 
 def test_student_time_grid_and_bad_steps():
