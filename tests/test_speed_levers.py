@@ -390,3 +390,26 @@ def test_compiled_blocks_under_mm_only_match_eager_without_checkpointing():
     print("compiled mm_only vs eager none, max relative difference:", max(errs), dict(counters["stats"]))
     assert max(errs) < BAR
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_selective_recomputation_through_the_triton_function(monkeypatch):
+    """The fused path on a GPU is a Triton launch inside an autograd.Function that no policy can keep: under
+    mm_only it is recomputed. Under the Triton interpreter (float32, the GPU's code path on CPU) the gradients
+    equal the no-checkpoint network's; the recomputation repeats the same arithmetic, so they agree to round-off
+    of fp32 (observed: exactly)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def grads(mode):
+        torch.manual_seed(0)
+        net = build_network(ModelCfg(kind="dit", in_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                                     text_dim=16, dtype="float32", activation_checkpointing=mode))
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        x, t, ctx = (v.float() for v in _inputs()[:3])
+        assert kernels.flash_jvp.use_triton(x)
+        return torch.autograd.grad(net(x, t, ctx).square().sum(), list(net.parameters()))
+
+    errs = [_rel(a, b) for a, b in zip(grads("mm_only"), grads(False))]
+    print("Triton Function under mm_only vs none, max relative gradient difference:", max(errs))
+    assert max(errs) < 1e-6
