@@ -50,7 +50,13 @@ class ModelCfg:
     hidden: int = 256                       # mlp only: width
     depth: int = 4                          # mlp only: residual blocks
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"   # parameter / compute dtype
-    activation_checkpointing: bool = False  # dit: recompute each block in backward (long video latents)
+    # dit, with-grad passes: what the backward recomputes instead of keeping (long video latents; the no-grad JVP
+    # pass keeps nothing either way). false = keep every activation; true = keep each block's input, recompute the
+    # whole block; mm_only = keep the outputs of the block's matmuls (linear layers) and attention calls, recompute
+    # the elementwise work between them (norms, modulation, RoPE, GELU; the official 14B runs' "mm_only");
+    # attention_only = keep the attention outputs, recompute the rest. The two selective modes save attention
+    # only where it runs as PyTorch SDPA (model.attention sdpa_grad/sdpa): the fused kernel's forward is recomputed.
+    activation_checkpointing: Literal[False, True, "mm_only", "attention_only"] = False
     causal: bool = False                    # dit: block-causal student over chunks of latent frames (Causal rCM);
                                             # no extra weights, so the same (Wan) checkpoints load
     first_chunk_t: int = 1                  # latent frames of the first chunk (official presets 1-1, 3-3, 1-4)
@@ -261,7 +267,7 @@ class ExperimentCfg:
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -269,7 +275,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; int→float is the only silent conversion."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        # Same value and type: 1 == True in Python, but a `1` given for a true/false/string key is a mistake.
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             raise ConfigError(f"{key}={value!r} in {source}: allowed values are {_type_name(tp)[7:]}")
         return value
     if origin in (typing.Union, types.UnionType):

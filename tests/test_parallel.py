@@ -197,6 +197,36 @@ def test_context_parallel_matches_single_process(world, shape):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Selective activation recomputation (model.activation_checkpointing: mm_only) under FSDP2 and under Ulysses CP
+
+def _selective_recompute_worker(shape: MeshShape) -> None:
+    """Every rank trains on the same batch, so the reference gradient is the plain network's. FSDP2's per-block
+    hooks sit outside the policy's region (it runs inside the block's forward); CP's all-to-alls sit inside it
+    and are recomputed with the rest."""
+    from rcm_core.networks.dit import set_attention, set_recompute
+    mesh = build_mesh(shape, num_heads=HEADS, num_tokens=TOKENS)
+    plain = tiny_denoiser(0)
+    sharded = copy.deepcopy(plain)
+    parallelize_network(sharded.net, mesh)
+    for m in (plain, sharded):
+        set_attention(m.net, "sdpa_grad")          # attention outputs are kept where SDPA runs them
+    set_recompute(sharded.net, "mm_only")
+    b = sample_batch(0)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    for m in (plain, sharded):
+        m.F(b.latent, t, b.label).square().mean().backward()
+    sync_gradients(sharded)
+    for (name, p), p_sh in zip(plain.net.named_parameters(), sharded.net.parameters()):
+        assert p.grad is not None and p.grad.abs().max() > 0, f"{name} has no gradient in the reference"
+        assert_close(p_sh.grad, p.grad, f"gradient of {name} under mm_only")
+
+
+@pytest.mark.parametrize("shape", [MeshShape(1, 2, 1), MeshShape(1, 1, 2)], ids=["fsdp2", "cp2"])
+def test_selective_recomputation_under_fsdp2_and_cp(shape):
+    spawn(_selective_recompute_worker, 2, shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # FSDP2 (+ CP): three sCM steps equal one process with the same global batch
 
 def _reference_scm_run(cfg: ExperimentCfg, teacher: TrigFlowDenoiser, dp: int, steps: int):

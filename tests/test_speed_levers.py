@@ -92,10 +92,11 @@ def test_fused_path_is_opaque_to_torch_compile():
         assert bool(counters["graph_break"]) == breaks, dict(counters["graph_break"])
 
 
-def _dit(**kw) -> torch.nn.Module:
+def _dit(activation_checkpointing_=True, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     net = build_network(ModelCfg(kind="dit", in_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
-                                 text_dim=16, dtype="float64", activation_checkpointing=True, **kw))
+                                 text_dim=16, dtype="float64", activation_checkpointing=activation_checkpointing_,
+                                 **kw))
     for p in net.parameters():                       # off adaLN-zero's identity start: a real function
         torch.nn.init.normal_(p, std=0.2)
     return net
@@ -281,3 +282,134 @@ def test_block_causal_calls_keep_the_fused_kernel_and_primal_reaches_causal_layo
     with torch.no_grad():
         assert _rel(net(x, t, label), fused) < 1e-10           # one block-causal forward = the cached stream
     assert _rel(stream("sdpa"), fused) < BAR
+
+
+# ------------------------------------------------------------- lever 3: selective activation recomputation
+
+RECOMPUTE = [True, "mm_only", "attention_only"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa_grad", "fused"])
+@pytest.mark.parametrize("mode", RECOMPUTE)
+def test_recomputation_keeps_outputs_grads_and_tangent_float64(mode, attention):
+    """Every `model.activation_checkpointing` mode computes the network's function and its gradients: output,
+    every parameter gradient and the (no-grad, never checkpointed) JVP pass equal the no-checkpoint run, through
+    SDPA (kept by the selective policies) and the fused path (recomputed: on CPU its PyTorch twin)."""
+    ref = _run(_dit(attention=attention, activation_checkpointing_=False))
+    errs = [_rel(a, b) for a, b in zip(_run(_dit(attention=attention, activation_checkpointing_=mode)), ref)]
+    print(mode, attention, "max relative difference over output, grads, JVP:", max(errs))
+    assert max(errs) < BAR
+
+
+def test_selective_recomputation_in_the_rcm_student_step_float64():
+    """The rCM student iteration as training runs it (sCM with its no-grad JVP pass + DMD through the rollout's
+    last call, one backward): loss and every student gradient under mm_only equal the no-checkpoint step."""
+    from rcm_core.config import ExperimentCfg
+    from rcm_core.data.latents import LatentBatch
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.distill import build_state, distill_step
+    from rcm_core.networks.dit import set_recompute
+
+    def student_grads(mode):
+        teacher = TrigFlowDenoiser(_dit(attention="sdpa_grad", activation_checkpointing_=False), "rf_velocity")
+        cfg = ExperimentCfg(model=teacher.net.cfg)
+        cfg.distill.tangent_warmup, cfg.teacher.guidance = 0, 3.0
+        state = build_state(cfg, teacher)
+        for role in (state.student, state.fake):
+            set_recompute(role.net, mode)
+        x, _, ctx = _inputs()[:3]
+        metrics = distill_step(state, LatentBatch(latent=x, cond=ctx), cfg, torch.Generator().manual_seed(5))
+        assert metrics["phase_student"] == 1.0
+        return metrics, [p.grad for p in state.student.parameters()]
+
+    (m_ref, g_ref), (m_sac, g_sac) = student_grads(False), student_grads("mm_only")
+    assert all(g is not None for g in g_ref) and max(g.abs().max() for g in g_ref) > 0
+    errs = [_rel(a, b) for a, b in zip(g_sac, g_ref)]
+    print("rCM student step, mm_only vs none: max relative gradient difference", max(errs))
+    assert max(errs) < BAR and abs(m_sac["loss"] - m_ref["loss"]) <= BAR * abs(m_ref["loss"])
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that run while it is active (here: during the backward, i.e. what is recomputed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode,addmm,sdpa,layer_norm", [
+    (False, 0, 0, 0),                   # nothing recomputed
+    (True, 10, 2, 3),                   # the whole block: its 10 linears, 2 attentions, 3 layer norms
+    ("mm_only", 0, 0, 3),               # matmuls and attentions kept, the norms (and the rest) recomputed
+    ("attention_only", 10, 0, 3),       # attentions kept, linears and norms recomputed
+])
+def test_policy_keeps_its_ops_and_recomputes_the_rest(mode, addmm, sdpa, layer_norm):
+    """Forward ops that run again during the backward, per block: a policy that kept nothing (= true) or
+    everything (= false) fails here. A block has 10 linears (self q/k/v/o, cross q/k/v/o, FFN up/down: `addmm`),
+    two SDPA calls and three layer norms; the backward itself runs none of these forward ops."""
+    net = _dit(attention="sdpa_grad", activation_checkpointing_=mode)
+    x, t, ctx, mask = _inputs()[:4]
+    loss = net(x, t, ctx, cond_mask=mask).square().sum()
+    with _OpCounter() as seen:
+        loss.backward()
+    sdpa_ops = sum(v for k, v in seen.counts.items() if k.startswith("_scaled_dot_product") and "backward" not in k)
+    got = (seen.counts.get("addmm", 0), sdpa_ops, seen.counts.get("native_layer_norm", 0))
+    assert got == (addmm * 2, sdpa * 2, layer_norm * 2), (mode, got, seen.counts)     # 2 blocks
+
+
+def test_bad_recompute_value_is_one_line_naming_the_choices():
+    from rcm_core.config import ConfigError, load_config
+    from rcm_core.networks.dit import set_recompute
+    for bad in ("mm", 1):
+        with pytest.raises(ConfigError, match=rf"model.activation_checkpointing={bad!r} in .*: allowed values are "
+                                              r"false, true, 'mm_only', 'attention_only'$"):
+            load_config(None, [f"model.activation_checkpointing={bad}"])
+    assert load_config(None, ["model.activation_checkpointing=mm_only"]).model.activation_checkpointing == "mm_only"
+    assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing is True
+    with pytest.raises(ValueError, match="activation_checkpointing='block': use one of false, true, mm_only"):
+        set_recompute(_dit(), "block")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_mm_only_match_eager_without_checkpointing():
+    """`model.compile: blocks` + `mm_only`: the checkpoint is compiled with the block (inductor applies the policy
+    in its partitioner). Output, gradients and the eager JVP pass equal the eager no-checkpoint network, one graph
+    for both blocks. ~1 min on a loaded 2-core box."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    ref = _run(_dit(attention="sdpa_grad", activation_checkpointing_=False))
+    net = _dit(attention="sdpa_grad", activation_checkpointing_="mm_only")
+    set_compile(net, "blocks")
+    errs = [_rel(a, b) for a, b in zip(_run(net), ref)]
+    print("compiled mm_only vs eager none, max relative difference:", max(errs), dict(counters["stats"]))
+    assert max(errs) < BAR
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_selective_recomputation_through_the_triton_function(monkeypatch):
+    """The fused path on a GPU is a Triton launch inside an autograd.Function that no policy can keep: under
+    mm_only it is recomputed. Under the Triton interpreter (float32, the GPU's code path on CPU) the gradients
+    equal the no-checkpoint network's; the recomputation repeats the same arithmetic, so they agree to round-off
+    of fp32 (observed: exactly)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def grads(mode):
+        torch.manual_seed(0)
+        net = build_network(ModelCfg(kind="dit", in_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                                     text_dim=16, dtype="float32", activation_checkpointing=mode))
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        x, t, ctx = (v.float() for v in _inputs()[:3])
+        assert kernels.flash_jvp.use_triton(x)
+        return torch.autograd.grad(net(x, t, ctx).square().sum(), list(net.parameters()))
+
+    errs = [_rel(a, b) for a, b in zip(grads("mm_only"), grads(False))]
+    print("Triton Function under mm_only vs none, max relative gradient difference:", max(errs))
+    assert max(errs) < 1e-6

@@ -7,12 +7,19 @@
 One process builds the networks once (random weights, width 1536, 30 blocks, 12 heads, text 512×4096, bf16
 compute with an fp32 time path, fp32 master weights and AdamW state, per-block activation checkpointing for the
 with-grad passes) and times every variant on the same state, switching the levers in place
-(`rcm_core.networks.dit.set_attention` / `set_compile`, the same switches as `model.attention` / `model.compile`):
+(`rcm_core.networks.dit.set_attention` / `set_compile` / `set_recompute`, the same switches as `model.attention` /
+`model.compile` / `model.activation_checkpointing`):
 
     baseline            attention fused (our Triton kernel for every pass), no compile
     sdpa_grad           PyTorch SDPA (cuDNN / flash) for the with-grad passes; the JVP pass keeps the fused kernel
     sdpa_grad+compile   the same + regional torch.compile of every DiT block (passes with a tangent stay eager)
     sdpa, sdpa+compile  SDPA for every tangent-free pass, no-grad forwards included (opt-in: --variants)
+    …+mm_only           selective recomputation in the with-grad passes instead of whole-block checkpointing:
+                        matmul and SDPA outputs kept, the rest recomputed (opt-in: --variants)
+    …+attention_only    the same keeping only the SDPA outputs (opt-in: --variants)
+
+Every variant without a suffix checkpoints whole blocks (`activation_checkpointing: true`). A variant that runs
+out of GPU memory is reported as such (with the peak it reached) and the run goes on with the next one.
 
 Per variant and shape: ms of the teacher CFG forward (batch 2), one no-grad forward (batch 1), the JVP pass, a
 flow-matching step (the unit of cost), an rCM student and critic iteration and their 1:4 mean, MFU (model FLOPs,
@@ -49,7 +56,7 @@ from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.method.distill import build_state, distill_step, make_optimizer
 from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
-from rcm_core.networks.dit import set_attention, set_compile
+from rcm_core.networks.dit import set_attention, set_compile, set_recompute
 from rcm_core.run.plan import forward_flops
 from rcm_core.method.trigflow import add_noise
 
@@ -62,12 +69,17 @@ TINY = dict(kind="dit", in_channels=16, dim=64, ffn_dim=128, num_heads=2, num_la
 SHAPES = {"32k": ("32,760 tokens (21×60×104 latent, 480p×81)", (16, 21, 60, 104), 512),
           "8k": ("8,190 tokens (21×30×52 latent)", (16, 21, 30, 52), 512)}
 TINY_SHAPE = ("tiny", (16, 2, 8, 8), 8)
-VARIANTS = {                    # name: (model.attention, model.compile)
-    "baseline": ("fused", "none"),
-    "sdpa_grad": ("sdpa_grad", "none"),
-    "sdpa_grad+compile": ("sdpa_grad", "blocks"),
-    "sdpa": ("sdpa", "none"),
-    "sdpa+compile": ("sdpa", "blocks"),
+VARIANTS = {                    # name: (model.attention, model.compile, model.activation_checkpointing)
+    "baseline": ("fused", "none", True),
+    "sdpa_grad": ("sdpa_grad", "none", True),
+    "sdpa_grad+compile": ("sdpa_grad", "blocks", True),
+    "sdpa": ("sdpa", "none", True),
+    "sdpa+compile": ("sdpa", "blocks", True),
+    # issue 28, lever 3: selective recomputation (SDPA with grad, so the attention outputs can be kept)
+    "sdpa_grad+mm_only": ("sdpa_grad", "none", "mm_only"),
+    "sdpa_grad+compile+mm_only": ("sdpa_grad", "blocks", "mm_only"),
+    "sdpa_grad+attention_only": ("sdpa_grad", "none", "attention_only"),
+    "sdpa_grad+compile+attention_only": ("sdpa_grad", "blocks", "attention_only"),
 }
 DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile"
 # FLOPs of each pass in forwards (rows of the issue-9 table): JVP ≈ 3 forwards; a with-grad forward+backward 3;
@@ -156,10 +168,11 @@ class Bench:
         self.nets = [self.teacher.net, self.state.student.net, self.state.fake.net]
 
     def set_variant(self, name: str) -> None:
-        attention, compile_mode = VARIANTS[name]
+        attention, compile_mode, recompute = VARIANTS[name]
         for net in self.nets:
             set_attention(net, attention)
             set_compile(net, compile_mode)
+            set_recompute(net, recompute)
 
     def passes(self, latent: tuple, L_text: int) -> dict:
         """name → zero-argument callable running one pass on fixed inputs of this shape (batch 1)."""
@@ -299,10 +312,11 @@ def write_outputs(out: Path, results: dict, card: str, command: str, model: dict
     md += [markdown(SHAPES.get(s, TINY_SHAPE)[0], rows) for s, rows in results.items() if rows]
     (out / "rcm_step_levers.md").write_text("\n\n".join(md) + "\n")
     for variant in {r["variant"] for r in flat}:
-        attention, compile_mode = VARIANTS[variant]
+        attention, compile_mode, recompute = VARIANTS[variant]
         table = {"card": card, "date": date.today().isoformat(), "command": command,
                  "torch": torch.__version__, "variant": variant, "model.attention": attention,
-                 "model.compile": compile_mode, "model": model, "text_len": flat[0]["text_len"],
+                 "model.compile": compile_mode, "model.activation_checkpointing": recompute,
+                 "model": {**model, "activation_checkpointing": recompute}, "text_len": flat[0]["text_len"],
                  "rows": [{"tokens": r["tokens"], "student_ms": round(r["student_ms"], 1),
                            "critic_ms": round(r["critic_ms"], 1)}
                           for r in sorted(flat, key=lambda r: r["tokens"]) if r["variant"] == variant]}
@@ -344,7 +358,7 @@ def main() -> None:
     bench = Bench(TINY if args.tiny else WAN_1P3B, device)
     print(f"[{time.perf_counter() - t_start:.0f} s] networks built", flush=True)
     results: dict[str, list[dict]] = {}
-    profiles = []
+    profiles, oom = [], []
     for key, (title, latent, L_text) in shapes.items():
         results[key] = []
         for variant in variants:
@@ -352,7 +366,22 @@ def main() -> None:
                 print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: skipped (--budget-s "
                       f"{args.budget_s:.0f})", flush=True)
                 continue
-            results[key].append(bench.measure(variant, latent, L_text, args.reps))
+            try:
+                row = bench.measure(variant, latent, L_text, args.reps)
+            except torch.OutOfMemoryError:
+                row = None          # handled below, once the exception (and the frames holding tensors) is gone
+            if row is None:
+                # A selective mode may not fit at 32,760 tokens (the planner's prediction, docs/BENCHMARKS.md):
+                # a measurement too; free what the failed iteration held and go on with the next variant.
+                peak = torch.cuda.max_memory_allocated() / 2 ** 30
+                for net in bench.nets:
+                    net.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: OUT OF MEMORY (peak {peak:.1f} "
+                      f"GiB before the failed allocation)", flush=True)
+                oom.append(f"{key} {variant}: out of memory, peak {peak:.1f} GiB")
+                continue
+            results[key].append(row)
             r = results[key][-1]
             print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: fm {r['fm_step_ms']:.0f} ms, "
                   f"mean 1:4 {r['mean_1_4_ms']:.0f} ms ({r['mean_1_4_mfu']:.1f} % MFU), "
@@ -372,6 +401,10 @@ def main() -> None:
     for key, rows in results.items():
         if rows:
             print("\n" + markdown(shapes[key][0], rows))
+    for line in oom:
+        print(line)
+    if out and oom:
+        (out / "rcm_step_oom.txt").write_text("\n".join(oom) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a p
   (measured on torch 2.13 CPU), so the JVP pass runs the blocks eager, and so does every forward under a
   causal layout (block-causal, teacher forcing, KV cache). `model.attention` applies to causal forwards too,
   except that block-causal calls (`chunk_sizes`) always keep the fused kernel (kernels.attention).
+- Activation recomputation for the with-grad passes (`model.activation_checkpointing`, `set_recompute`): true
+  checkpoints each whole block (its input kept, everything recomputed); `mm_only` / `attention_only` are selective
+  (PyTorch's selective activation checkpoint: the outputs of the ops in `SAVED_OPS` are kept, the rest recomputed),
+  applied inside the block's forward so FSDP2's per-block hooks stay outside the recomputed region, and inside
+  the compiled graph under `model.compile: blocks` (inductor's partitioner then honours the policy).
 
 Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
 bias (Wan), N(0, 0.02²) for the time/text embedders (Wan) and the class embedding (DiT), and adaLN-zero (DiT): `time_proj` and every
@@ -48,6 +53,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import kernels
 from rcm_core.config import ModelCfg
@@ -228,9 +234,12 @@ class WanTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], context_mask: torch.Tensor | None,
-                layout: Layout = None, layer: int = 0) -> torch.Tensor:
+                layout: Layout = None, layer: int = 0, recompute: str | None = None) -> torch.Tensor:
         """e0 [B, 6, dim] (one time per sample) or [B, F, 6, dim] (one per latent frame, x holding F·h·w tokens in
-        frame order: the modulation then acts on the view [B, F, h·w, dim], no per-token copy)."""
+        frame order: the modulation then acts on the view [B, F, h·w, dim], no per-token copy). `recompute`: a
+        selective policy of `SAVED_OPS` for this with-grad call (WanDiT.forward passes it), None = none here."""
+        if recompute is not None and recompute not in SAVED_OPS:
+            raise ValueError(f"recompute={recompute!r}: use one of {list(SAVED_OPS)} or None")
         # A causal layout (block-causal, teacher forcing, KV cache) runs eager, the simplest correct choice: a
         # cache is mutated in place (append) and the layouts are Python objects a graph would guard on or
         # specialise to per chunk. `primal` still reaches their attention calls (rcm_core.networks.causal).
@@ -239,7 +248,9 @@ class WanTransformerBlock(nn.Module):
             # compilation per length. A hint (maybe_): a graph that must specialise still compiles.
             for t, dim in ((x, 1), (rope[0], 0), (rope[1], 0)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
-            return _compiled_block()(self, x, context, e0, rope, context_mask)
+            return _compiled_block(recompute)(self, x, context, e0, rope, context_mask)
+        if recompute is not None:
+            return _checkpointed_forward(recompute, self, x, context, e0, rope, context_mask, layout, layer)
         return self._forward(x, context, e0, rope, context_mask, layout, layer)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor,
@@ -267,13 +278,54 @@ def frame_view(x: torch.Tensor, mod: torch.Tensor):
     return (lambda t: t.unflatten(1, (frames, -1))), (lambda t: t.flatten(1, 2))
 
 
+# Selective activation recomputation (`model.activation_checkpointing`: mm_only / attention_only; issue 28, lever 3).
+# What the policy sees are the aten ops under autograd: a DiT linear is `addmm` (bias, 2-D or contiguous 3-D input)
+# or `mm`; attention through SDPA is one of the fused SDPA ops (flash / efficient / cuDNN on CUDA, flash-for-CPU).
+# Why attention outputs are kept too: at 32,760 tokens the attention matmuls are ~70 % of a block's forward FLOPs
+# (4·n·D per token against 2·(6D² + 2DF) for its linear layers, plan.forward_flops) while the op's saved output
+# is only o (D wide) and the row logsumexp, 4·D + 8·heads bytes per token over both attentions in bf16 against
+# 14·D + 2·F for the matmul outputs (rcm_core.run.plan.selective_saved_bytes): recomputing them would throw away
+# most of what the policy is for. `bmm` is not kept: in this network it only occurs inside attention
+# implementations that are not SDPA (the PyTorch twin of the fused kernel), where its output is the n×n score
+# matrix. The fused kernel's forward (a Triton launch inside an autograd.Function) is no aten op the policy could
+# keep, so with `model.attention: fused` attention is recomputed under both selective modes.
+_MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+_ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+SAVED_OPS = {"mm_only": frozenset(_MATMUL_OPS + _ATTENTION_OPS), "attention_only": frozenset(_ATTENTION_OPS)}
+
+
+def _keep_policy(saved: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of `saved` ops for the backward (MUST_SAVE), recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_context(mode: str):
+    """`context_fn` for torch.utils.checkpoint that applies the selective policy `mode` (a key of SAVED_OPS)."""
+    return functools.partial(create_selective_checkpoint_contexts, functools.partial(_keep_policy, SAVED_OPS[mode]))
+
+
+def _checkpointed_forward(mode: str, block: "WanTransformerBlock", *args) -> torch.Tensor:
+    """`block._forward(*args)` under the selective policy `mode`, non-reentrant (what the policy needs)."""
+    return torch.utils.checkpoint.checkpoint(WanTransformerBlock._forward, block, *args, use_reentrant=False,
+                                             context_fn=recompute_context(mode))
+
+
 @functools.cache
-def _compiled_block():
+def _compiled_block(recompute: str | None = None):
     """One compiled `WanTransformerBlock._forward` for every block of every network: the block is an argument,
     so its parameters are graph inputs and all blocks, and the deep copies that make student and fake score,
     share one graph per (batch, grad mode, attention switch); a compiled bound method would instead hold on to
-    the block it was made from through a deepcopy. The token dimension is marked dynamic at each call."""
-    return torch.compile(WanTransformerBlock._forward)
+    the block it was made from through a deepcopy. The token dimension is marked dynamic at each call.
+
+    With a selective `recompute` policy the checkpoint is compiled with the block (dynamo traces it, inductor's
+    partitioner keeps what the policy marks): a checkpoint around the compiled graph would see only the graph's
+    `addmm.out` calls and recompute every matmul (measured on torch 2.13 CPU), i.e. block checkpointing."""
+    if recompute is None:
+        return torch.compile(WanTransformerBlock._forward)
+    return torch.compile(functools.partial(_checkpointed_forward, recompute))
 
 
 def set_attention(net: nn.Module, primal: str) -> nn.Module:
@@ -290,6 +342,20 @@ def set_compile(net: nn.Module, mode: str) -> nn.Module:
     if mode not in ("none", "blocks"):
         raise ValueError(f"model.compile={mode!r}: use none or blocks")
     return _switch(net, WanTransformerBlock, "compile_mode", mode, "compile")
+
+
+RECOMPUTE_MODES = (False, True, *SAVED_OPS)
+
+
+def set_recompute(net: nn.Module, mode) -> nn.Module:
+    """`model.activation_checkpointing` on a built network, in place (the bench flips it between variants)."""
+    if not any(mode == m and type(mode) is type(m) for m in RECOMPUTE_MODES):
+        raise ValueError(f"model.activation_checkpointing={mode!r}: use one of false, true, "
+                         f"{', '.join(SAVED_OPS)}")
+    for m in net.modules():
+        if isinstance(m, WanDiT):
+            m.cfg = dataclasses.replace(m.cfg, activation_checkpointing=mode)
+    return net
 
 
 def _switch(net: nn.Module, kind: type, attr: str, value: str, cfg_key: str) -> nn.Module:
@@ -500,13 +566,15 @@ class WanDiT(nn.Module):
             tokens, rope = self.sequence_parallel.shard(tokens, rope)
             if timestep.dim() == 2:       # per-frame modulation: this rank's frames (whole frames, or an error)
                 temb, e0 = self.sequence_parallel.shard_frames(temb), self.sequence_parallel.shard_frames(e0)
+        # Recomputation only where a backward will follow (the JVP pass and every sampler run under no_grad).
+        recompute = self.cfg.activation_checkpointing if torch.is_grad_enabled() else False
         for i, block in enumerate(self.blocks):
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+            if recompute is True:
                 # Recompute each block in backward: at 32K tokens the saved activations of 30 blocks don't fit.
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, context, e0, rope, cond_mask, layout, i,
                                                            use_reentrant=False)
-            else:
-                tokens = block(tokens, context, e0, rope, cond_mask, layout, i)
+            else:   # a selective policy is applied inside the block's forward (module docstring)
+                tokens = block(tokens, context, e0, rope, cond_mask, layout, i, recompute=recompute or None)
         with no_autocast(x.device):
             view, flat = frame_view(tokens, e0)
             shift, scale = (m.unsqueeze(-2) for m in (self.scale_shift_table.to(temb.dtype)

@@ -17,7 +17,9 @@ b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-bat
 - `block_saved_bytes` counts what one Wan block keeps for its backward, per token (bf16 compute, fp32 norms and
   modulation, flash-style attention that keeps q, k, v, o and the row lse, never the n×n matrix); the test
   counts the same bytes from autograd's saved tensors of the real block. Without activation checkpointing the
-  backward peak is layers × that; with it, every block's bf16 input plus one block recomputed. A student step
+  backward peak is layers × that; with it, every block's bf16 input plus one block recomputed; with a selective
+  policy (`mm_only`, `attention_only`), layers × `selective_saved_bytes` (what the policy keeps, the input
+  included) plus one block recomputed. A student step
   holds one graph per with-grad forward it backs through at once: rCM/dCM+DMD hold two (the consistency
   forward and the rollout's last call; `rcm_core.method.distill._student_step` sums them before one backward),
   sCM/dCM/DMD one, the critic one.
@@ -59,6 +61,27 @@ def block_saved_bytes(dim: int, ffn_dim: int, heads: int) -> int:
     (4·F), the fp32 row lse of both attentions (8·heads) and the norms' fp32 mean/rstd (36). Counted from the
     tensors autograd saves (`tests/test_plan.py` re-counts them with saved-tensor hooks)."""
     return 64 * dim + 4 * ffn_dim + 8 * heads + 36
+
+
+def selective_saved_bytes(dim: int, ffn_dim: int, heads: int, mode: str) -> int:
+    """Bytes one Wan block keeps per latent token under a selective recomputation policy (bf16 compute,
+    rcm_core.networks.dit.SAVED_OPS), the block's bf16 input (held by the checkpoint) included:
+
+        mm_only:        2·(D  +  7·D + F  +  2·D) + 2·4·heads = 20·D + 2·F + 8·heads
+                           input  matmuls    attention o  lse
+        attention_only: 2·(D + 2·D) + 8·heads             =  6·D + 8·heads
+
+    The matmul outputs per latent token are self-attention q, k, v, o, cross-attention q, o and the FFN's down
+    projection (D wide each: 7·D) and its up projection (F); cross-attention k, v are per text token (2·D·text_len
+    per sample, not counted: 6 MB per block at Wan's 512 tokens). Each attention keeps o (D wide) and its fp32 row
+    logsumexp (heads wide). `tests/test_plan.py` measures the same per-token bytes from the storages a block
+    leaves alive after its forward. Wan2.1-1.3B: mm_only 48,736 B, attention_only 9,312 B, against 134,276 B
+    (`block_saved_bytes`) without checkpointing and 3,072 B (the input) with whole-block checkpointing."""
+    if mode == "mm_only":
+        return 20 * dim + 2 * ffn_dim + 8 * heads
+    if mode == "attention_only":
+        return 6 * dim + 8 * heads
+    raise ValueError(f"selective recomputation mode {mode!r}: use mm_only or attention_only")
 
 
 def jvp_live_bytes(dim: int, ffn_dim: int, heads: int) -> int:
@@ -156,7 +179,7 @@ def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int)
 @dataclass
 class MeshPlan:
     shape: MeshShape
-    checkpointing: bool
+    checkpointing: bool | str           # model.activation_checkpointing: false, true, mm_only, attention_only
     micro: int = 0                      # samples per forward/backward on one GPU (a divisor of the GPU's batch)
     states: dict[str, float] = field(default_factory=dict)     # bytes per GPU: student, fake, ema, teacher, fsdp
     jvp_peak: float = 0.0
@@ -186,15 +209,18 @@ def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool) -> dict[str, f
     return out
 
 
-def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: int, checkpointing: bool,
+def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: int, checkpointing: bool | str,
                         graphs: int, jvp: bool) -> tuple[float, float]:
-    """(JVP-pass peak, backward peak) in bytes on one rank holding `batch` samples of `tokens` tokens each."""
+    """(JVP-pass peak, backward peak) in bytes on one rank holding `batch` samples of `tokens` tokens each;
+    `checkpointing` is a model.activation_checkpointing value."""
     D, F, H, L = model.dim, model.ffn_dim, model.num_heads, model.num_layers
     per_block = block_saved_bytes(D, F, H) * batch * tokens
-    if checkpointing:
+    if checkpointing is True:
         kept = graphs * L * 2 * D * batch * tokens + 2 * per_block      # inputs + one block recomputed, its grads
-    else:
+    elif checkpointing is False:
         kept = graphs * L * per_block + per_block
+    else:   # selective: what the policy keeps, plus one block's recomputed activations and grads as for `true`
+        kept = graphs * L * selective_saved_bytes(D, F, H, checkpointing) * batch * tokens + 2 * per_block
     jvp_peak = jvp_live_bytes(D, F, H) * batch * tokens if jvp else 0.0
     return float(jvp_peak), float(kept)
 
@@ -218,7 +244,8 @@ def refuse_reason(shape: MeshShape, *, gpus: int, heads: int, tokens: int, batch
 
 
 def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: float, work: Workload,
-              counts: ParamCounts, checkpointing: bool, table: StepTable | None, micro: int | None = None) -> MeshPlan:
+              counts: ParamCounts, checkpointing: bool | str, table: StepTable | None,
+              micro: int | None = None) -> MeshPlan:
     """One mesh's bytes and time. `micro`: samples per forward/backward on a GPU; None = data.micro_batch_size
     (0 there = the whole per-GPU batch at once)."""
     from rcm_core.method.distill import consistency_term, uses_dmd
@@ -293,7 +320,9 @@ def plan_run(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[
              table: StepTable | None = None) -> list[MeshPlan]:
     """Every (dp_replicate, dp_shard, cp) whose product is `gpus`, with activation checkpointing off and on,
     each with the largest micro-batch that fits (gradient accumulation makes up the global batch); refused meshes
-    carry their reason. Only DiT models are planned (the MLP toys fit anywhere)."""
+    carry their reason. Only DiT models are planned (the MLP toys fit anywhere). The selective modes (mm_only,
+    attention_only) are planned where a config sets them (`check_fits`, `plan_mesh`) but not listed here: the step
+    table cannot tell their time from whole-block checkpointing's until the GPU bench has measured them."""
     if cfg.model.kind != "dit":
         raise ValueError(f"plans cover model.kind=dit; model.kind={cfg.model.kind} is a CPU toy")
     work = Workload.from_config(cfg, latent, text_len)
@@ -309,7 +338,7 @@ def recommend(plans: list[MeshPlan]) -> MeshPlan | None:
     if not fitting:
         return None
     return min(fitting, key=lambda p: (round(p.seconds, 3) if p.seconds is not None else 0.0,
-                                       p.checkpointing, p.total))
+                                       p.checkpointing is not False, p.total))
 
 
 def _divisors(n: int) -> list[int]:
@@ -334,7 +363,8 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
         if p.refused:
             continue
         s = p.states
-        rows.append([p.shape.dp_replicate, p.shape.dp_shard, p.shape.cp, "on" if p.checkpointing else "off",
+        ac = ("on" if p.checkpointing else "off") if isinstance(p.checkpointing, bool) else p.checkpointing
+        rows.append([p.shape.dp_replicate, p.shape.dp_shard, p.shape.cp, ac,
                      work.batch // p.shape.data_parallel_size, p.micro, _gib(s["student"]), _gib(s["fake"]), _gib(s["ema"]),
                      _gib(s["teacher"]), _gib(s["fsdp"]), _gib(p.jvp_peak), _gib(p.backward_peak), _gib(p.total),
                      "yes" if p.fits else "NO", f"{p.seconds:.2f}" if p.seconds is not None else "-"])
@@ -388,4 +418,5 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
 
 
 __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
-           "check_fits", "read_step_table", "refuse_reason", "block_saved_bytes", "jvp_live_bytes", "GiB"]
+           "check_fits", "read_step_table", "refuse_reason", "block_saved_bytes", "selective_saved_bytes",
+           "jvp_live_bytes", "GiB"]
