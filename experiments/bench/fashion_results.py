@@ -16,7 +16,8 @@
         --data runs/data/fashion_video --teacher runs/carry/fq/teacher.pt --classifier runs/carry/fq/feature_net.pt \\
         --student-seconds 200 --curve-points 8 --methods sCM,DMD --out /tmp/fq --archive $OUT/fq_sCM_DMD.tar.gz
     # one figure from the curves of both calls
-    python experiments/bench/fashion_results.py --replot-curves curves.png rCM/curves/rCM.json sCM_DMD/curves/*.json
+    python experiments/bench/fashion_results.py --replot-curves curves.png rCM/fashion_results/curves/rCM.json \\
+        sCM_DMD/fashion_results/curves/*.json
 
 Phases (each timed and printed): data → owned feature classifier (trained on the data set's frames, held-out
 accuracy printed) → teacher (flow matching, class-conditional DiT) → evaluation bank and the teacher's samples
