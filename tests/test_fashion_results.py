@@ -60,9 +60,12 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
     cfg = load_config(fr.DEFAULT_CONFIG, [*fr.TINY_OVERRIDES, "train.steps=6", "eval.num_samples=60"])
     out = tmp_path / "out"
     res = fr.run(cfg, data=str(tmp_path / "data"), out=out, device=torch.device("cpu"), classifier_steps=10,
-                 teacher_seconds=1.0, student_seconds=0.5, probe_iters=2)    # the budget probes run too
+                 teacher_seconds=1.0, student_seconds=0.5, probe_iters=2,   # the budget probes run too
+                 curve_points=2, curve_samples=30, curve_bootstrap=3, teacher_store="float16",
+                 export_weights=str(tmp_path / "weights"))
 
-    assert seen and all(n == cfg.eval.bootstrap for n, _ in seen)      # eval.bootstrap reaches the report
+    # eval.bootstrap reaches each method's final report, --curve-bootstrap (3) its 2 curve points
+    assert [n for n, _ in seen] == [3, 3, cfg.eval.bootstrap] * len(fr.METHODS)
     assert res.train_steps >= 10 and res.teacher_steps >= 50              # set by the probes (rounded, floors)
     assert read_manifest(str(tmp_path / "data")).source["images"] == "test-random"
     teacher_row = "teacher_nfe_8"                                     # 4 Euler steps × 2 (guidance)
@@ -88,12 +91,83 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
         assert json.loads((out / "tables" / f"{slug}.json").read_text())["nfe_2"]["fd_feat"]
         assert not (out / "runs" / slug / "checkpoints").exists()
     assert (out / "samples" / "data.png").is_file() and (out / "teacher.pt").is_file()
+    # issue 29: curves at 2 evenly spaced iterations per method, goals, comparison figures, weights exported
+    at = fr.curve_steps(res.train_steps, 2)
+    for name in fr.METHODS:
+        _, points = fr.load_curve_file(out / "curves" / f"{name}.json")
+        assert [p["iteration"] for p in points] == at
+        assert all(math.isfinite(p["metrics"][f"eval/nfe_{n}/{m}"]) for p in points for n in (1, 2, 4)
+                   for m in fr.CURVE_METRICS)
+        assert (out / "curves" / f"{name}.csv").read_text().count("\n") == 1 + 2 * 4 * len(fr.CURVE_METRICS)
+        assert (out / "comparison" / f"{name}.gif").stat().st_size > 0
+    assert (out / "curves" / "curves.png").stat().st_size > 0
+    assert [(g["method"], g["nfe"], g["metric"]) for g in res.goals] == [
+        (m, g.nfe, g.metric) for m in fr.METHODS for g in fr.GOALS]
+    goal_lines = (out / "tables" / "goals.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in goal_lines) == 1 + len(res.goals)     # header + one per goal
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["feature_net.pt", "teacher.pt"]
+    blob = torch.load(out / "teacher.pt", weights_only=True)
+    assert {v.dtype for k, v in blob["net"].items() if "weight" in k} == {torch.float16}
     md = (out / "tables" / "table2.md").read_text()
     assert all(f"### {name}" in md for name in fr.METHODS) and "| total |" in md
     archive = fr.write_archive(out, tmp_path / "a.tar.gz")
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert "fashion_results/tables/table2.md" in names and "fashion_results/samples/rCM/nfe_4.gif" in names
+    assert {"fashion_results/curves/curves.png", "fashion_results/comparison/rCM.gif",
+            "fashion_results/tables/goals.md"} <= set(names)
+
+
+def _report(rows: dict[str, dict[str, tuple[float, float, float]]], floor: dict[str, float]):
+    from rcm_core.eval.metrics import Estimate
+    from rcm_core.eval.report import StepCountReport
+    return StepCountReport({r: {k: Estimate(*v) for k, v in m.items()} for r, m in rows.items()},
+                           "teacher_nfe_100", {k: Estimate(v, v, v) for k, v in floor.items()})
+
+
+def test_goal_table_judges_each_kind_of_goal():
+    fr = _script()
+    teacher = {"class_acc": 0.68, "recall_feat": 0.97, "fd_feat": 0.09, "motion_ratio": 1.0}
+    rows = {  # (value, ci_low, ci_high)
+        "nfe_4": {"class_acc": (0.646, 0.63, 0.66),      # 0.95 × 0.68 = 0.646: met exactly at the bound
+                  "motion_ratio": (0.85, 0.8, 0.95),     # below 0.9: not met, its CI reaches in
+                  "fd_feat": (0.4, 0.3, 0.45),           # met, whole CI under 0.5
+                  "recall_feat": (0.9, 0.88, 0.92)},     # < 0.9215: not met, clear
+        "nfe_2": {"fd_feat": (math.nan, math.nan, math.nan), "recall_feat": (0.93, 0.91, 0.95)},
+    }
+    got = {(g["nfe"], g["metric"]): g for g in fr.goal_rows("rCM", _report(rows, teacher))}
+    verdict = {k: (g["met"], g["ci"]) for k, g in got.items()}
+    assert verdict == {(4, "class_acc"): (True, "straddles"), (4, "motion_ratio"): (False, "straddles"),
+                       (4, "fd_feat"): (True, "clear"), (4, "recall_feat"): (False, "clear"),
+                       (2, "fd_feat"): (False, "clear"), (2, "recall_feat"): (True, "straddles")}
+    assert got[(4, "class_acc")]["teacher"] == 0.68 and got[(4, "motion_ratio")]["target"] == "in [0.9, 1.1]"
+    md = fr.goals_markdown(list(got.values()))
+    assert "| rCM | 4 | fd_feat | ≤ 0.5 | 0.4 [0.3, 0.45] | 0.09 | yes | clear |" in md
+    rows["nfe_2"].pop("fd_feat")
+    with pytest.raises(KeyError, match="step_counts must include 2"):
+        fr.goal_rows("rCM", _report(rows, teacher))
+
+
+def test_goal_without_a_teacher_value_is_not_met():
+    fr = _script()
+    g = fr.Goal("class_acc", 4, "share", 0.95)
+    assert g.holds(0.9, 0.9) and not g.holds(0.9, None) and not g.holds(0.9, math.nan) and not g.holds(0.85, 0.9)
+    assert fr.Goal("motion_ratio", 4, "within", (0.9, 1.1)).holds(1.1)
+    assert not fr.Goal("fd_feat", 2, "at_most", 1.0).holds(1.0001)
+
+
+def test_half_state_rounds_parameters_only_and_refuses_overflow():
+    fr = _script()
+    net = torch.nn.BatchNorm1d(3)                      # parameters and fp32 buffers (running statistics)
+    torch.nn.init.normal_(net.weight, generator=torch.Generator().manual_seed(0))
+    net.running_mean.fill_(1e-7)                       # below fp16's normal range: must stay fp32
+    state, err = fr.half_state(net)
+    assert state["weight"].dtype == torch.float16 and state["running_mean"].dtype == torch.float32
+    assert 0 < err <= 2.0 ** -11 and torch.equal(state["running_mean"], net.running_mean)
+    with torch.no_grad():
+        net.bias[0] = 1e5
+    with pytest.raises(SystemExit, match="bias exceeds float16's range"):
+        fr.half_state(net)
 
 
 def test_no_fashion_mnist_and_no_sklearn_says_what_to_do(tmp_path, monkeypatch):

@@ -11,10 +11,10 @@
 Stages (each timed, its EMA network saved under <out>/runs/<stage>/ so --resume skips it): data → feature
 classifier → bidirectional teacher (flow matching; or --teacher) → bidirectional rCM student (the baseline) → `tf`
 (the teacher fine-tuned block-causal with the clean context: the causal teacher) → `tf_dcm` and `tf_scm` from the
-causal teacher, each scored every --curve-every iterations at 2 steps per chunk (the convergence comparison; the
-official claim: sCM gets there faster) → `sf_dmd` from the --sf-init student with the bidirectional teacher and a
-fake score. Chunks of one latent frame ([1 | 1 | …], model.first_chunk_t = chunk_t = 1), intermediate times the
-official 4-step ones (RF 15/16, 5/6, 5/8).
+causal teacher, each scored at --curve-points evenly spaced iterations at 2 steps per chunk (the convergence
+comparison; the official claim: sCM gets there faster) → `sf_dmd` from the --sf-init student with the
+bidirectional teacher and a fake score. Chunks of one latent frame ([1 | 1 | …], model.first_chunk_t = chunk_t = 1),
+intermediate times the official 4-step ones (RF 15/16, 5/6, 5/8).
 
 Tables (rcm_core/eval metrics against the bidirectional teacher's samples, 95 % bootstrap half-widths, the teacher's
 disjoint-seed floor last): (1) the causal student at 1/2/4 steps per chunk, the bidirectional rCM student at
@@ -45,6 +45,7 @@ import fashion_results as fr  # noqa: E402  (data, classifier, teacher and timin
 
 from rcm_core.config import ExperimentCfg, load_config, save_resolved  # noqa: E402
 from rcm_core.data.latents import MANIFEST, LatentDataset  # noqa: E402
+from rcm_core.eval.curves import CurveRecorder, curve_steps, curve_table, series  # noqa: E402
 from rcm_core.eval.evaluate import EvalBank, StepCountEvaluator, sample_in_chunks  # noqa: E402
 from rcm_core.eval.features import (  # noqa: E402
     RandomProjection,
@@ -95,16 +96,13 @@ def train_stage(name: str, cfg: ExperimentCfg, teacher, batches, device, out: Pa
         cfg.train.steps = fr.round_steps(seconds / sec)
         cfg.distill.tangent_warmup = min(cfg.distill.tangent_warmup, cfg.train.steps // 10)
         fr.log(f"{name}: {sec * 1e3:.1f} ms/iteration → {cfg.train.steps} iterations")
-    if evaluator is not None:
-        cfg.train.eval_every = max(1, cfg.train.steps // curve)
-
-    points: list[tuple[int, float]] = []
-
-    def reporter(step, metrics, ckpt_dir):
-        if "eval/nfe_2/fd_feat" in metrics:
-            points.append((step, metrics["eval/nfe_2/fd_feat"]))
-    state = run_training(cfg, batches.stream(cfg.data.batch_size, cfg.train.seed), reporter, teacher=teacher,
-                         device=device, evaluator=evaluator)
+    recorder = None
+    if evaluator is not None:        # `curve` evenly spaced points (rcm_core/eval/curves.py, shared with fashion)
+        recorder = CurveRecorder(evaluator, curve_steps(cfg.train.steps, curve))
+        cfg.train.eval_every = 1     # the loop asks every iteration; the recorder scores only its own
+    state = run_training(cfg, batches.stream(cfg.data.batch_size, cfg.train.seed), fr._quiet, teacher=teacher,
+                         device=device, evaluator=recorder)
+    points = series(recorder.points, "nfe_2", "fd_feat") if recorder is not None else []
     save_teacher(state.ema.module, cfg, path)
     (out / "runs" / name / "curve.json").write_text(json.dumps(points))
     return state.ema.module, cfg.train.steps
@@ -196,15 +194,6 @@ def extrapolation_table(cfg, causal_cfg, bidir, causal, net, bank, device, steps
                     f"  {tc.frame_cosine:9.3f}  {motion:14.3f}  {rms:11.3f}")
     head = f"{steps} steps (per chunk for the causal student), {2 * T} latent frames (trained on {T}), {n} videos"
     return head + "\n" + "\n".join(rows)
-
-
-def curve_table(curves: dict[str, list]) -> str:
-    lines = ["iteration  " + "  ".join(f"{k:>12s}" for k in curves)]
-    steps = sorted({s for pts in curves.values() for s, _ in pts})
-    for s in steps:
-        vals = [dict(pts).get(s) for pts in curves.values()]
-        lines.append(f"{s:9d}  " + "  ".join(f"{v:12.3f}" if v is not None else f"{'':12s}" for v in vals))
-    return "\n".join(lines)
 
 
 def run(cfg: ExperimentCfg, args) -> str:

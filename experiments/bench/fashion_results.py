@@ -7,6 +7,17 @@
     RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --data runs/data/fashion_video --out /tmp/fashion --archive $OUT/fashion_results.tar.gz
     # CPU smoke test of the whole pipeline (meaningless numbers, a few minutes on 2 cores)
     python experiments/bench/fashion_results.py --tiny --out /tmp/fashion_tiny
+    # issue 29, the converging run in two GPU calls: the first trains the teacher (stored fp16), the classifier and
+    # rCM and returns both files beside its archive; copy them to runs/carry/fq/ and carry that into the second
+    RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --config experiments/fashion_quality.yaml \\
+        --data runs/data/fashion_video --teacher-seconds 0 --student-seconds 270 --curve-points 8 --methods rCM \\
+        --teacher-store float16 --out /tmp/fq --export-weights $OUT/weights --archive $OUT/fq_rCM.tar.gz
+    RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --config experiments/fashion_quality.yaml \\
+        --data runs/data/fashion_video --teacher runs/carry/fq/teacher.pt --classifier runs/carry/fq/feature_net.pt \\
+        --student-seconds 200 --curve-points 8 --methods sCM,DMD --out /tmp/fq --archive $OUT/fq_sCM_DMD.tar.gz
+    # one figure from the curves of both calls
+    python experiments/bench/fashion_results.py --replot-curves curves.png rCM/fashion_results/curves/rCM.json \\
+        sCM_DMD/fashion_results/curves/*.json
 
 Phases (each timed and printed): data → owned feature classifier (trained on the data set's frames, held-out
 accuracy printed) → teacher (flow matching, class-conditional DiT) → evaluation bank and the teacher's samples
@@ -23,6 +34,15 @@ train.steps for all three students (the slowest method's pace fits the budget; t
 of train.steps); 0 uses the config's numbers as they stand. Everything lands under --out: tables/*.txt and
 tables/table2.md, samples/<method>/nfe_<N>.png|.gif, the teacher and the classifier; --archive packs the tables
 and pictures (not the weights) into one .tar.gz.
+
+Issue 29 (convergence): --curve-points N also scores each student's EMA at N evenly spaced iterations at 1/2/4
+steps (--curve-samples rows of the bank, --curve-bootstrap resamples; the teacher's samples of those rows are reused)
+→ curves/<method>.json (every metric, MLflow-keyed, so `mlflow.log_metrics(point["metrics"], step=...)` can replay
+them; this script itself stays free of MLflow) and .csv (FD_feat, class accuracy, motion ratio, recall), and
+curves/curves.png (a panel per metric, a line per step count, the teacher's level dashed). Every run also writes
+tables/goals.md (the issue's goals per method at 2 and 4 steps: measured, teacher, met, and whether the 95 % CI
+agrees) and comparison/<method>.png|.gif (teacher, 1, 2, 4 steps from the same noise and class per row).
+--teacher / --classifier reuse an earlier run's files, so calls compare in one feature space against one teacher.
 """
 from __future__ import annotations
 
@@ -38,6 +58,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,14 +67,28 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from rcm_core.config import ExperimentCfg, load_config, save_resolved
 from rcm_core.data.latents import MANIFEST, LatentBatch, LatentDataset, Manifest, write_shards
+from rcm_core.eval.curves import (
+    CURVE_METRICS,
+    CurveRecorder,
+    curve_steps,
+    curve_table,
+    load_curve_file,
+    plot_curves,
+    rows_of,
+    series,
+    teacher_value,
+    write_curve_files,
+)
 from rcm_core.eval.features import (
     FeatureNet,
     RandomProjection,
+    load_feature_net,
     save_feature_net,
     train_feature_classifier,
 )
 from rcm_core.eval.metrics import Estimate
 from rcm_core.eval.report import StepCountReport, format_table
+from rcm_core.eval.samples import save_comparison_figure
 from rcm_core.eval.evaluate import EvalBank, StepCountEvaluator
 from rcm_core.method.samplers import consistency_sample, teacher_sample
 
@@ -198,6 +233,93 @@ def round_steps(n: float, quantum: int = 10) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Issue 29's goals for a converged student, and the teacher stored at half size.
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal on one metric at `nfe` student steps. kind: "share" = value ≥ bound × the teacher's value,
+    "within" = bound[0] ≤ value ≤ bound[1], "at_most" = value ≤ bound. "The teacher's value" is the floor row:
+    the teacher on disjoint seeds scored against its own reference samples, as every student row is."""
+    metric: str
+    nfe: int
+    kind: Literal["share", "within", "at_most"]
+    bound: float | tuple[float, float]
+
+    def target(self) -> str:
+        if self.kind == "share":
+            return f"≥ {self.bound:g} × teacher"
+        if self.kind == "within":
+            return f"in [{self.bound[0]:g}, {self.bound[1]:g}]"
+        return f"≤ {self.bound:g}"
+
+    def holds(self, value: float, teacher: float | None = None) -> bool:
+        """Whether `value` meets the goal (NaN never does; a "share" goal without a teacher value cannot)."""
+        if not math.isfinite(value):
+            return False
+        if self.kind == "share":
+            return teacher is not None and math.isfinite(teacher) and value >= self.bound * teacher
+        if self.kind == "within":
+            return self.bound[0] <= value <= self.bound[1]
+        return value <= self.bound
+
+
+# Issue 29: "rCM (λ = 0.01) at 4 steps: class accuracy ≥ 0.95× the teacher's, motion ratio in [0.9, 1.1], FD_feat
+# ≤ 0.5; at 2 steps FD_feat ≤ 1.0; recall ≥ 0.95× the teacher's". The issue does not tie recall to a step count;
+# it is checked at both. Every student of a run is scored (sCM and DMD rows show what the regulariser buys).
+GOALS = (Goal("class_acc", 4, "share", 0.95), Goal("motion_ratio", 4, "within", (0.9, 1.1)),
+         Goal("fd_feat", 4, "at_most", 0.5), Goal("recall_feat", 4, "share", 0.95),
+         Goal("fd_feat", 2, "at_most", 1.0), Goal("recall_feat", 2, "share", 0.95))
+
+
+def goal_rows(method: str, report: StepCountReport, goals=GOALS) -> list[dict]:
+    """One row per goal: measured value and 95 % CI, the teacher's value, and the verdict. `met` judges the point
+    estimate; `ci` says whether the whole interval agrees ("clear") or straddles the bound ("straddles")."""
+    teacher_row = report.floor or {}
+    out = []
+    for goal in goals:
+        est = report.rows.get(f"nfe_{goal.nfe}", {}).get(goal.metric)
+        t = teacher_row.get(goal.metric)
+        t_val = t.value if t is not None else None
+        if est is None:
+            raise KeyError(f"{method}: no {goal.metric} at nfe_{goal.nfe} in the report (rows {list(report.rows)}); "
+                           f"sampler.step_counts must include {goal.nfe}")
+        met = goal.holds(est.value, t_val)
+        ends = [goal.holds(v, t_val) for v in (est.ci_low, est.ci_high)]
+        ci = "clear" if all(e == met for e in ends) else "straddles"
+        out.append({"method": method, "nfe": goal.nfe, "metric": goal.metric, "target": goal.target(),
+                    "value": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high, "teacher": t_val,
+                    "met": met, "ci": ci})
+    return out
+
+
+def goals_markdown(rows: list[dict]) -> str:
+    lines = ["| method | steps | metric | goal | measured (95 % CI) | teacher | met | CI |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        teacher = f"{r['teacher']:.4g}" if r["teacher"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['metric']} | {r['target']} | {r['value']:.4g} "
+                     f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] | {teacher} | {'yes' if r['met'] else 'no'} | "
+                     f"{r['ci']} |")
+    return "\n".join(lines)
+
+
+def half_state(net: torch.nn.Module) -> tuple[dict, float]:
+    """The network's state with its parameters rounded to float16 (buffers, e.g. frequency tables, stay fp32),
+    and the largest relative rounding error. A 7M-parameter teacher is 27 MiB in fp32, over the 16 MiB a GPU
+    call returns per file and, beside the 38 MiB data set, over the 64 MiB a call carries; in fp16 it fits both."""
+    state = net.state_dict()
+    worst = 0.0
+    for name, p in net.named_parameters():
+        h = p.detach().half()
+        if not torch.isfinite(h).all():
+            raise SystemExit(f"teacher parameter {name} exceeds float16's range (max |w| {p.abs().max():.3g}); "
+                             f"use --teacher-store float32")
+        err = ((h.float() - p.detach()).abs() / p.detach().abs().clamp(min=1e-4)).max().item()
+        worst = max(worst, err)
+        state[name] = h
+    return state, worst
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The run.
 
 @dataclass
@@ -210,6 +332,8 @@ class Result:
     teacher_steps: int
     pictures: list[Path]
     out: Path
+    goals: list[dict] = field(default_factory=list)          # goal_rows of every method
+    curves: dict[str, list[dict]] = field(default_factory=dict)   # method → CurveRecorder points
 
 
 def add_speedup(report: StepCountReport) -> None:
@@ -310,7 +434,13 @@ def teacher_time_check(cfg: ExperimentCfg, teacher, lat: torch.Tensor, lab: torc
 def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teacher_seconds: float = 0.0,
         student_seconds: float = 0.0, classifier_steps: int = 1500, teacher_path: str = "",
         methods: dict[str, list[str]] | None = None, keep_checkpoints: bool = False,
-        probe_iters: int = 20, archive: str = "") -> Result:
+        probe_iters: int = 20, archive: str = "", classifier_path: str = "", teacher_store: str = "float32",
+        curve_points: int = 0, curve_samples: int = 1000, curve_bootstrap: int = 20,
+        export_weights: str = "") -> Result:
+    """curve_points > 0: each student's EMA is also scored at that many evenly spaced iterations (curve_samples
+    bank rows, curve_bootstrap resamples). teacher_store "float16": the trained teacher is saved with fp16
+    parameters and reloaded, so this run and later ones given the file (--teacher) distil from the same weights.
+    export_weights: a folder the teacher and classifier are copied to as soon as they exist."""
     from rcm_core.run.loop import run_training
     from rcm_core.run.teacher import load_teacher, save_teacher, train_teacher
 
@@ -335,10 +465,15 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
     with clock.phase("feature classifier"):
         lat, lab = torch.from_numpy(ds.arrays["latent"]), torch.from_numpy(ds.arrays["label"])
         n_hold = max(len(ds) // 10, 1)
-        net = train_feature_classifier(lat[n_hold:], lab[n_hold:], steps=classifier_steps, seed=0, device=device,
-                                       batch_size=256)
+        if classifier_path:      # the same feature space as an earlier run: its FD_feat values compare with ours
+            net = load_feature_net(classifier_path, device=device)
+            log(f"classifier loaded from {classifier_path}")
+        else:
+            net = train_feature_classifier(lat[n_hold:], lab[n_hold:], steps=classifier_steps, seed=0,
+                                           device=device, batch_size=256)
+            save_feature_net(net, out / "feature_net.pt")
+            _export(out / "feature_net.pt", export_weights)
         held_acc = float((net.extract(lat[:n_hold]).video_logits.argmax(-1).cpu() == lab[:n_hold]).double().mean())
-        save_feature_net(net, out / "feature_net.pt")
         log(f"classifier {net.version}: held-out video accuracy {held_acc:.3f} on {n_hold} real videos")
 
     with clock.phase("teacher"):
@@ -355,7 +490,15 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
                                     device=device)
             clock.sync()
             log(f"teacher: {cfg.teacher.train_steps} steps in {time.perf_counter() - t:.1f} s")
-            save_teacher(teacher, cfg, out / "teacher.pt")
+            if teacher_store == "float16":
+                state, err = half_state(teacher.net)
+                save_teacher(teacher, cfg, out / "teacher.pt", net_state=state)
+                teacher = load_teacher(out / "teacher.pt", cfg, device)   # every student distils from the file
+                log(f"teacher stored with float16 parameters (largest relative rounding {err:.1e} for |w| ≥ 1e-4) "
+                    f"and reloaded")
+            else:
+                save_teacher(teacher, cfg, out / "teacher.pt")
+            _export(out / "teacher.pt", export_weights)
         teacher_time_check(cfg, teacher, lat, lab, device)
 
     with clock.phase("teacher samples (reference + floor)"):
@@ -381,14 +524,39 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
             cfg.train.steps, cfg.distill.tangent_warmup = steps, round(share * steps)
             log(f"students: {steps} iterations each (tangent warm-up {cfg.distill.tangent_warmup})")
 
-    reports, tables, pictures, train_rows = {}, {}, [], []
+    curve_eval, at = None, []
+    if curve_points:
+        at = curve_steps(cfg.train.steps, curve_points)          # a bad count fails here, before any student
+        curve_cfg = copy.deepcopy(cfg)
+        curve_cfg.eval.bootstrap = curve_bootstrap
+        curve_eval = evaluator.subset(curve_samples, curve_cfg)
+        log(f"curves: the EMA at iterations {at}, {curve_samples} samples, {curve_bootstrap} bootstrap resamples")
+
+    reports, tables, pictures, train_rows, goals, curves = {}, {}, [], [], [], {}
     pictures += pictures_of({"data": torch.from_numpy(ds.arrays["latent"][:16])}, m, out / "samples")
     for name, extra in methods.items():
         slug = name.replace(" ", "_").replace("λ=", "l")
         mcfg = load_config(None, [*extra, f"train.run_dir={out / 'runs' / slug}"], base=_as_dict(cfg))
+        recorder = None
+        if curve_eval is not None:
+            def keep(points, name=name, slug=slug, steps=mcfg.train.steps):
+                """After every point: files, figure and archive, so a GPU call cut mid-run returns its curve."""
+                curves[name] = points
+                write_curve_files(points, out / "curves", slug, method=name, iterations=steps,
+                                  curve_samples=curve_samples, bootstrap=curve_bootstrap)
+                plot_curves(curves, out / "curves" / "curves.png",
+                            title=f"EMA student against iterations ({curve_samples} samples per point)")
+                if archive:
+                    write_archive(out, Path(archive))
+            recorder = CurveRecorder(curve_eval, at, on_point=keep)
+            mcfg.train.eval_every = 1        # the loop asks every iteration; the recorder scores only `at`
         with clock.phase(f"distill {name}"):
             state = run_training(mcfg, batches.stream(mcfg.data.batch_size, mcfg.train.seed), _quiet,
-                                 teacher=teacher, device=device)
+                                 teacher=teacher, device=device, evaluator=recorder)
+        curve_sec = 0.0
+        if recorder is not None:
+            curve_sec = sum(p["metrics"].get("timing/eval_seconds", 0.0) for p in recorder.points)
+            log(f"\n### {name}: curves\n{curve_tables(recorder.points)}")
         with clock.phase(f"evaluate {name}"):
             report = evaluator.evaluate(state.ema.module)
             set_speed(report, cfg, state.ema.module, t_sec, bank, device)
@@ -399,10 +567,16 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
                 {row: {k: [e.value, e.ci_low, e.ci_high] for k, e in mets.items()}
                  for row, mets in report.all_rows().items()}, indent=1))
             pictures += pictures_of(evaluator.last_samples, m, out / "samples" / slug, labels=bank.labels)
+            # teacher | 1 | 2 | 4 steps from the same bank noise and class per row (PNG and GIF)
+            pictures += save_comparison_figure(evaluator.last_samples, m, out / "comparison" / f"{slug}.png",
+                                               labels=bank.labels, report=report,
+                                               title=f"{name}, {mcfg.train.steps} iterations")
             reports[name] = report
-            log(f"\n### {name}\n{tables[name]}")
+            goals += goal_rows(name, report)
+            (out / "tables" / "goals.md").write_text(goals_markdown(goals) + "\n")
+            log(f"\n### {name}\n{tables[name]}\n\n{goals_markdown([g for g in goals if g['method'] == name])}")
         train_rows.append((name, mcfg.train.steps, state.student_iter, state.critic_iter,
-                           clock.phases[f"distill {name}"]))
+                           clock.phases[f"distill {name}"], curve_sec))
         if keep_checkpoints:
             save_teacher(state.ema.module, mcfg, out / "runs" / slug / "ema_student.pt")
         else:
@@ -416,11 +590,34 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
 
     tables["all"] = summary_table(reports)
     (out / "tables" / "all.txt").write_text(tables["all"] + "\n")
-    md = markdown(cfg, m, device, net, held_acc, reports, tables, train_rows, clock.phases)
+    extra = [f"### Goals (issue 29)\n\n{goals_markdown(goals)}"]
+    extra += [f"### {name}: metrics against iterations ({curve_samples} samples, {curve_bootstrap} bootstrap "
+              f"resamples per point)\n```\n{curve_tables(pts)}\n```" for name, pts in curves.items()]
+    md = markdown(cfg, m, device, net, held_acc, reports, tables, train_rows, clock.phases,
+                  teacher_from=teacher_path, classifier_from=classifier_path, extra=extra)
     (out / "tables" / "table2.md").write_text(md)
     if archive:
         write_archive(out, Path(archive))
-    return Result(reports, tables, md, clock.phases, cfg.train.steps, cfg.teacher.train_steps, pictures, out)
+    return Result(reports, tables, md, clock.phases, cfg.train.steps, cfg.teacher.train_steps, pictures, out,
+                  goals, curves)
+
+
+def _export(path: Path, folder: str) -> None:
+    """Copy a weights file out as soon as it exists (a GPU call cut at its time limit still returns it)."""
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, Path(folder) / path.name)
+
+
+def curve_tables(points: list[dict], metrics=CURVE_METRICS) -> str:
+    """Each metric against iterations: a column per step count and the teacher's floor value in the heading."""
+    students, _ = rows_of(points)
+    parts = []
+    for metric in metrics:
+        t = teacher_value(points, metric)
+        parts.append(f"{metric} (teacher {t:.4g})" if t is not None else metric)
+        parts.append(curve_table({row: series(points, row, metric) for row in students}))
+    return "\n".join(parts)
 
 
 def _quiet(step: int, metrics: dict, ckpt_dir) -> None:
@@ -433,25 +630,28 @@ def _as_dict(cfg: ExperimentCfg) -> dict:
 
 
 def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: FeatureNet, held_acc: float,
-             reports: dict[str, StepCountReport], tables: dict[str, str], train_rows: list, phases: dict) -> str:
+             reports: dict[str, StepCountReport], tables: dict[str, str], train_rows: list, phases: dict, *,
+             teacher_from: str = "", classifier_from: str = "", extra: list[str] = ()) -> str:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     mc = cfg.model
     per_row = any(name.startswith("rCM-l") for name in tables)
     lam = "λ as in each row's name (rCM-l<λ>)" if per_row else f"λ = {cfg.distill.reg_weight}"
+    # a loaded teacher's training length is not in its file: name the file instead of the config's number
+    trained = (f"loaded from {teacher_from}" if teacher_from else
+               f"{cfg.teacher.train_steps} flow-matching steps at batch {cfg.teacher.train_batch_size}")
     lines = [
         (f"Card: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Data: {m.num_rows} videos "
          f"(images from {m.source.get('images')}), latent {m.latent_shape}. Teacher: DiT {mc.num_layers}×{mc.dim} "
-         f"({mc.num_heads} heads), {cfg.teacher.train_steps} flow-matching steps at batch "
-         f"{cfg.teacher.train_batch_size}, sampled with {cfg.sampler.teacher_steps} {cfg.sampler.teacher_solver} "
+         f"({mc.num_heads} heads), {trained}, sampled with {cfg.sampler.teacher_steps} {cfg.sampler.teacher_solver} "
          f"steps at guidance {cfg.teacher.guidance}. Students: {cfg.train.steps} iterations at batch "
          f"{cfg.data.batch_size}, tangent warm-up {cfg.distill.tangent_warmup}, 1 student : "
          f"{cfg.distill.student_update_freq - 1} critic, {lam}. Evaluation: "
          f"{cfg.eval.num_samples} samples, {cfg.eval.bootstrap} bootstrap resamples; classifier {net.version} "
-         f"(held-out video accuracy {held_acc:.3f})."),
+         f"(held-out video accuracy {held_acc:.3f}{', loaded from ' + classifier_from if classifier_from else ''})."),
         "",
-        "| method | iterations | student updates | critic updates | wall s |",
-        "|---|---|---|---|---|",
-        *[f"| {n} | {s} | {su} | {cu} | {w:.1f} |" for n, s, su, cu, w in train_rows],
+        "| method | iterations | student updates | critic updates | wall s | of which curve evaluation s |",
+        "|---|---|---|---|---|---|",
+        *[f"| {n} | {s} | {su} | {cu} | {w:.1f} | {c:.1f} |" for n, s, su, cu, w, c in train_rows],
         "",
         "| phase | wall s |",
         "|---|---|",
@@ -461,6 +661,8 @@ def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: Feature
     for name, table in tables.items():
         title = "All methods (teacher floor last)" if name == "all" else f"{name} ({cfg.train.steps} iterations)"
         lines += ["", f"### {title}", "```", table, "```"]
+    for section in extra:
+        lines += ["", section]
     return "\n".join(lines) + "\n"
 
 
@@ -468,13 +670,27 @@ def write_archive(out: Path, archive: Path) -> Path:
     """Tables and pictures (no weights) in one .tar.gz (the GPU machine returns few files)."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
-        for sub in ("tables", "samples"):
+        for sub in ("tables", "samples", "comparison", "curves"):
             if (out / sub).exists():
                 tar.add(out / sub, arcname=f"fashion_results/{sub}")
         for f in ("config/resolved.yaml",):
             if (out / f).exists():
                 tar.add(out / f, arcname=f"fashion_results/{f}")
     return archive
+
+
+def replot(paths: list[str]) -> int:
+    """--replot-curves PNG JSON...: one figure (a row per method) from the curve files of several runs."""
+    png, files = Path(paths[0]), [Path(p) for p in paths[1:]]
+    if png.suffix != ".png" or not files or any(f.suffix != ".json" or not f.is_file() for f in files):
+        raise SystemExit(f"--replot-curves {' '.join(paths)}: give the output .png first, then existing "
+                         f"curves/<method>.json files")
+    curves = dict(load_curve_file(f) for f in files)
+    plot_curves(curves, png, title="EMA student against iterations")
+    for name, points in curves.items():
+        print(f"\n### {name}\n{curve_tables(points)}")
+    print(f"wrote {png}")
+    return 0
 
 
 def pick_methods(names: str, lambdas: str) -> dict[str, list[str]]:
@@ -519,8 +735,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated, from " + ",".join({**METHODS, **MORE_METHODS}))
     ap.add_argument("--rcm-lambdas", default="", help="comma-separated λ values: one rCM student each (named "
                     "rCM-l<λ>) instead of one at distill.reg_weight; the λ ablation on this data set")
+    ap.add_argument("--classifier", default="", help="a feature_net.pt from an earlier run (skips classifier "
+                    "training; needed for FD_feat values that compare across runs)")
+    ap.add_argument("--teacher-store", choices=["float32", "float16"], default="float32",
+                    help="float16: save the trained teacher with fp16 parameters (14 MiB instead of 27) and distil "
+                         "from that file, so it comes back from a GPU call and fits the next call's carry")
+    ap.add_argument("--export-weights", default="", help="copy teacher.pt and feature_net.pt here once made")
+    ap.add_argument("--curve-points", type=int, default=0, help="score each student's EMA at this many evenly "
+                    "spaced iterations (0 = only at the end); writes curves/<method>.json|.csv and curves.png")
+    ap.add_argument("--curve-samples", type=int, default=1000, help="evaluation-bank rows per curve point "
+                    "(the first ones: every class alike); at most eval.num_samples")
+    ap.add_argument("--curve-bootstrap", type=int, default=20, help="bootstrap resamples per curve point")
+    ap.add_argument("--replot-curves", nargs="+", metavar=("PNG", "JSON"), default=None,
+                    help="draw PNG from curves/<method>.json files of earlier runs (e.g. one per GPU call) and stop")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. distill.reg_weight=0.1")
     args = ap.parse_args(argv)
+    if args.replot_curves:
+        return replot(args.replot_curves)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.overrides]
@@ -539,11 +770,25 @@ def main(argv: list[str] | None = None) -> int:
         args.student_seconds = min(args.student_seconds, 3.0)
         args.classifier_steps = min(args.classifier_steps, 30)
         args.probe_iters = min(args.probe_iters, 5)
+        args.curve_samples = min(args.curve_samples, 50)
+        args.curve_bootstrap = min(args.curve_bootstrap, 5)
+    if args.curve_points < 0:
+        raise SystemExit(f"--curve-points {args.curve_points}: give 0 (no curves) or a positive count")
+    if args.curve_points and not 0 < args.curve_samples <= cfg.eval.num_samples:
+        raise SystemExit(f"--curve-samples {args.curve_samples}: choose 1..eval.num_samples "
+                         f"({cfg.eval.num_samples}); the curve scores the evaluation bank's first rows")
+    for flag, path in (("--teacher", args.teacher), ("--classifier", args.classifier)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file (give the teacher.pt / feature_net.pt an earlier run "
+                             f"wrote, or leave {flag} out to train one)")
     t = time.perf_counter()
     res = run(cfg, data=data, out=out, device=device, teacher_seconds=args.teacher_seconds,
               student_seconds=args.student_seconds, classifier_steps=args.classifier_steps,
               teacher_path=args.teacher, keep_checkpoints=args.keep_checkpoints, probe_iters=args.probe_iters,
-              archive=args.archive, methods=pick_methods(args.methods, args.rcm_lambdas))
+              archive=args.archive, methods=pick_methods(args.methods, args.rcm_lambdas),
+              classifier_path=args.classifier, teacher_store=args.teacher_store, curve_points=args.curve_points,
+              curve_samples=args.curve_samples, curve_bootstrap=args.curve_bootstrap,
+              export_weights=args.export_weights)
     print("\n" + res.markdown, flush=True)
     print(f"wall time {time.perf_counter() - t:.1f} s; tables in {out / 'tables'}, pictures in {out / 'samples'}",
           flush=True)

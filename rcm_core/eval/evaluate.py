@@ -123,6 +123,27 @@ class StepCountEvaluator:
         self.last_report, self.last_samples = report, {**samples, "teacher_reference": ref}
         return report
 
+    def subset(self, n: int, cfg: ExperimentCfg | None = None) -> StepCountEvaluator:
+        """An evaluator on the first `n` rows of this bank (its classes cycle, so the first n stay balanced) that
+        reuses this one's teacher samples of those rows instead of sampling the teacher again; `cfg` may change
+        what only evaluation reads (e.g. eval.bootstrap) — its teacher and sampler.teacher_* must match."""
+        total = self.bank.noise.shape[0]
+        if not 0 < n <= total:
+            raise ValueError(f"subset of {n} rows: the evaluation bank has {total} (eval.num_samples); "
+                             f"choose 1..{total}")
+        if cfg is not None:
+            def key(c: ExperimentCfg) -> tuple:
+                return c.sampler.teacher_steps, c.sampler.teacher_solver, c.sampler.teacher_shift, c.teacher.guidance
+            if key(cfg) != key(self.cfg):
+                raise ValueError(f"subset: the teacher samples were made with (teacher_steps, teacher_solver, "
+                                 f"teacher_shift, guidance) = {key(self.cfg)}, the new config asks for {key(cfg)}")
+        ref, floor, t_sec = self.teacher_sets()
+        bank = EvalBank(noise=self.bank.noise[:n], labels=self.bank.labels[:n], noise_floor=self.bank.noise_floor[:n],
+                        seed=self.bank.seed)
+        return StepCountEvaluator(cfg=cfg or self.cfg, teacher=self.teacher, bank=bank, device=self.device,
+                                  extractors=self.extractors, classifier=self.classifier, gmm=self.gmm,
+                                  _teacher_cache=(ref[:n], floor[:n], t_sec))
+
     def forwards_per_evaluation(self) -> tuple[int, int]:
         """(network forwards of the teacher's two sample sets, made once per run; of the students, every time)."""
         s, n = self.cfg.sampler, self.bank.noise.shape[0]
