@@ -39,9 +39,10 @@ Because names and shapes mirror diffusers exactly, loading Wan2.1 weights is a p
 
 Initialisation (for training from scratch; loaded weights overwrite it): Xavier-uniform linears with zero
 bias (Wan), N(0, 0.02²) for the time/text embedders (Wan), N(0, 1) for the class embedding (issue 32), and
-adaLN-zero (DiT): `time_proj` and every `scale_shift_table` start at zero so all gates are 0, the ungated cross-attention output projection starts at
-zero, and `proj_out` starts at zero (Wan zero-inits its head too). Each block is then exactly the identity
-and the network outputs 0 at step 0; gradients reach every parameter from the second step on.
+adaLN-zero (DiT): `time_proj` and every `scale_shift_table` start at zero so all gates are 0, the ungated
+cross-attention output projection starts at zero, and `proj_out` starts at zero (Wan zero-inits its head
+too). Each block is then exactly the identity and the network outputs 0 at step 0; gradients reach every
+parameter from the second step on.
 """
 from __future__ import annotations
 
