@@ -34,8 +34,10 @@ def test_fsdp_and_context_parallel_under_ray_train():
     ref = tp.fsdp_reference(2)
     # Ray workers import test_parallel by name (pickled by reference, pitfall P10): put tests/ on their path.
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path,
-                                                                           "OMP_NUM_THREADS": "1"}})
+    # address="local": its own instance, not the newest `ray start` cluster recorded on the machine (a stale
+    # record made ray.init refuse num_cpus on a shared box, 2026-12-02)
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:
         trainer = TorchTrainer(_train_loop, train_loop_config={"ref": ref},
                                torch_config=TorchConfig(backend="gloo"),
