@@ -20,6 +20,7 @@ through the command line.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,46 @@ def test_the_task_reads_back_its_own_classes():
 def test_class_conditional_dit_teacher_follows_its_class():
     accuracy, speed, labels = class_accuracy(seed=0)
     assert accuracy >= BAR, (accuracy, speed[labels == 0].mean(), speed[labels == 1].mean())
+
+
+# The CLI's network (experiments/video_cpu.yaml, patches 2×2) on issue 32's 4-direction blob task
+# (experiments/bench/class_following_cli.py's data): there the class embedding's init scale decided whether the
+# teacher used its class at all. EMA teacher after 400 steps, loss with a wrong label minus with the true one, on
+# 512 held rows (/tmp probe of 2026-12-02, seeds 0-3): unit-scale init 5.65 / 5.54 / 5.10 / 1.66, DiT's 0.02 init
+# 0.43 / 0.28 / 0.43 / 0.50; through the CLI after 2,000 steps the 0.02 teacher read back 0.25 direction accuracy
+# (chance) and the unit-scale one 0.996. The bar sits between the two sets.
+GAP_BAR = 1.0
+
+
+@pytest.mark.slow
+def test_blob_direction_moves_the_cli_teachers_loss_early():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
+    from class_following_cli import moving_blobs
+    from rcm_core.method.losses import flow_matching_loss
+    from rcm_core.run.teacher import sample_train_t
+
+    seed = 0
+    x, y = moving_blobs(1024, seed)
+    x = (x - x.mean((0, 2, 3, 4), keepdims=True)) / x.std((0, 2, 3, 4), keepdims=True)   # the readers' normalisation
+    X, L = torch.tensor(x), torch.tensor(y).long()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "video_cpu.yaml",
+                      ["model.in_channels=4", "model.num_classes=4", "teacher.train_steps=400", f"train.seed={seed}"])
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            i = torch.randint(0, len(X), (cfg.teacher.train_batch_size,), generator=g)
+            yield LatentBatch(latent=X[i], label=L[i])
+
+    teacher = train_teacher(cfg, batches(), device=torch.device("cpu"), log_every=10 ** 9)
+    held = torch.Generator().manual_seed(1000 + seed)
+    rows = torch.randperm(len(X), generator=held)[:512]
+    t = sample_train_t(512, held, torch.device("cpu"))
+    eps = torch.randn((512, *X.shape[1:]), generator=held)
+    with torch.no_grad():
+        true = flow_matching_loss(teacher, X[rows], L[rows], t=t, eps=eps).loss.item()
+        wrong = flow_matching_loss(teacher, X[rows], (L[rows] + 1) % 4, t=t, eps=eps).loss.item()
+    assert wrong - true > GAP_BAR, (true, wrong)
 
 
 if __name__ == "__main__":          # the measurement behind BAR: one line per seed
