@@ -113,3 +113,11 @@ def test_subset_reuses_the_teacher_samples_of_its_rows():
     other.sampler.teacher_steps += 1
     with pytest.raises(ValueError, match="teacher_steps"):
         ev.subset(10, other)
+
+
+def test_metric_directions_agree_with_the_sweep_report():
+    """One notion of "lower is better" for the curve figure and workflows/report.py's sweep plots."""
+    from rcm_core.eval import curves
+    from workflows import report
+
+    assert curves.LOWER_IS_BETTER == report.LOWER_IS_BETTER

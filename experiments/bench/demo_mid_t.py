@@ -15,6 +15,7 @@ the teacher (the reference set) and take longer. docs/RESULTS.md §1c has the ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -23,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import load_config  # noqa: E402
-from rcm_core.eval.evaluate import sample_in_chunks  # noqa: E402
+from rcm_core.eval.evaluate import student_samples  # noqa: E402
 from rcm_core.eval.report import EvalConfig, evaluate_step_counts  # noqa: E402
 from rcm_core.method.distill import build_state  # noqa: E402
-from rcm_core.method.samplers import consistency_sample  # noqa: E402
 from rcm_core.run.checkpoint import load_checkpoint, load_into_state  # noqa: E402
 from rcm_core.run.pipeline import toy_evaluator, toy_gmm, toy_teacher  # noqa: E402
 
@@ -45,12 +45,11 @@ def mid_t_rows(student, evaluator, schedules: list[list[float]],
     `features`: also the teacher reference and the k-NN / Fréchet metrics (slower)."""
     cfg, bank = evaluator.cfg, evaluator.bank
     samples = {}
-    for mid in schedules:
-        steps = len(mid) + 1
-        g = torch.Generator().manual_seed(bank.seed + 1000 * steps)      # as rcm_core.eval.evaluate
-        run = lambda z, c: consistency_sample(student, z, c, steps=steps, sigma_max=cfg.sampler.sigma_max,  # noqa
-                                              mid_t=mid, generator=g)
-        samples[row_name(mid)] = sample_in_chunks(run, bank.noise, bank.labels, "cpu")
+    for mid in schedules:          # the evaluator's own sampling, one step count and mid-time list at a time
+        one = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, step_counts=[len(mid) + 1],
+                                                                   mid_t=mid))
+        (x, _), = student_samples(student, bank, one, torch.device("cpu")).values()
+        samples[row_name(mid)] = x
     ref, floor = (evaluator.teacher_sets()[:2] if features else (samples[row_name([])], None))
     report = evaluate_step_counts(samples, ref, reference_2=floor, labels=bank.labels,
                                   extractors=evaluator.extractors if features else (), gmm=evaluator.gmm,

@@ -23,7 +23,9 @@ from pathlib import Path
 
 # The metrics issue 29 asks to follow: quality (FD), class fidelity, motion, diversity.
 CURVE_METRICS = ("fd_feat", "class_acc", "motion_ratio", "recall_feat")
-LOWER_IS_BETTER = ("fd_", "kid_", "paired_mse")
+# The same prefixes as workflows/report.py's, which stays free of torch (importing rcm_core.eval loads it);
+# tests/test_curves.py holds the two equal.
+LOWER_IS_BETTER = ("fd_", "kid_", "gmm_mode_", "gmm_nll", "paired_mse")
 AIM_AT_ONE = ("motion_ratio", "div_ratio")          # ratios to the teacher: 1 is the teacher's value
 # Line colours per row (matplotlib's first three, then more); the teacher's line is black and dashed.
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -47,7 +49,7 @@ class CurveRecorder:
     """An evaluator for `run_training` that evaluates only at `steps` and keeps every point it made.
 
     The loop calls it whenever `train.eval_every` says so; with eval_every = 1 that is every iteration, and
-    the iterations not in `steps` return no metrics (a set lookup, no forward pass)."""
+    the iterations not in `steps` return no metrics (a membership test, no forward pass)."""
     evaluate: Evaluator
     steps: Sequence[int]
     points: list[dict] = field(default_factory=list)
