@@ -205,6 +205,8 @@ class TrainCfg:
     device: str = "cpu"                     # cpu | cuda | cuda:N; under Ray the worker takes its assigned device,
                                             # and workflows refuse one that disagrees with resources.use_gpu
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2               # Ray Train keeps the newest N (older ones are deleted); while the next is
+                                            # written N + 1 exist: plan.py prints their size
     eval_every: int = 0                     # 0 = evaluate only at the end
     log_every: int = 10
     run_dir: str = "runs/default"           # local: resolved config, checkpoint staging, eval table
@@ -436,7 +438,7 @@ def config_hash(cfg: ExperimentCfg) -> str:
 # evaluated (eval.*, sampler.*: neither touches training) and where its local files go. Every other key shapes the
 # trajectory, so a run continues only with the values it started with (workflows/storage.py check_resume).
 RESUME_FREE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.run_dir",
-                    "eval.", "sampler.")
+                    "train.keep_checkpoints", "eval.", "sampler.")
 
 
 def run_config_dict(cfg: ExperimentCfg) -> dict:
@@ -561,6 +563,8 @@ def validate(cfg: ExperimentCfg) -> None:
              "data.micro_batch_size", cfg.data.micro_batch_size,
              f"must divide data.batch_size={cfg.data.batch_size} (and the per-GPU batch it gives)")
     _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be ≥ 0")
+    _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints,
+             "must be ≥ 1 (a run resumes from its newest checkpoint; 2 keeps one more in case the newest is lost)")
     _require(cfg.eval.classifier_steps >= 1, "eval.classifier_steps", cfg.eval.classifier_steps,
              "the evaluation classifier needs at least 1 training step (default 300)")
     _require(cfg.resources.num_workers >= 0, "resources.num_workers", cfg.resources.num_workers,

@@ -64,12 +64,26 @@ def _evaluator(cfg: ExperimentCfg, teacher, manifest: dict, device: torch.device
     return StepCountEvaluator(cfg=cfg, teacher=teacher, bank=bank, device=device, extractors=extractors,
                               classifier=feature_net)
 
+def managed_checkpoint_root() -> Path | None:
+    """Where the loop writes checkpoints when Ray Train's storage is a folder (local or mounted): inside the run's
+    own Ray folder, where Ray registers them as they lie (CheckpointUploadMode.NO_UPLOAD). Written under
+    train.run_dir and reported, each was copied there and kept twice (a 1.3B state is 26 GiB: two copies of each
+    of two kept checkpoints did not fit the 64 GiB disk of a one-GPU host). None for object storage (s3://):
+    there the loop writes under train.run_dir and the reporter uploads it and deletes the local copy."""
+    storage = ray.train.get_context().get_storage()
+    if storage.storage_filesystem.type_name != "local":
+        return None
+    return Path(storage.experiment_fs_path) / "checkpoints"
+
+
 class RayReporter:
     """Forwards metrics and checkpoints to Ray Train (every rank) and MLflow (rank 0)."""
 
     def __init__(self, cfg: ExperimentCfg, rank: int, extra_state: dict, parent_run_id: str | None,
-                 stop_when: Callable[[dict[str, float]], str | None] | None = None, tags: dict[str, str] | None = None):
+                 stop_when: Callable[[dict[str, float]], str | None] | None = None, tags: dict[str, str] | None = None,
+                 checkpoint_root: Path | None = None):
         self.cfg, self.rank, self.extra, self.parent = cfg, rank, extra_state, parent_run_id
+        self.checkpoint_root = checkpoint_root      # read by the loop (rcm_core.run.loop.Reporter)
         self.stop_when = stop_when      # metrics -> reason to end the run now (sweeps: divergence)
         self.tags = tags or {}          # set on the MLflow run once it is known (e.g. the feature net's version)
         self.first_metrics: dict[str, float] = {}   # logged at step 0 with the first report (the teacher check)
@@ -95,8 +109,11 @@ class RayReporter:
             self.ensure_tracker().log_metrics(step, metrics)
             print_eval_line(step, metrics)
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None and self.rank == 0 else None
+        in_place = self.checkpoint_root is not None          # already in Ray's run folder: register, don't copy
         ray.train.report({"step": step, **{k: v for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high"))}},
-                         checkpoint=ckpt)
+                         checkpoint=ckpt, delete_local_checkpoint_after_upload=not in_place and ckpt is not None,
+                         checkpoint_upload_mode=(ray.train.CheckpointUploadMode.NO_UPLOAD if in_place
+                                                 else ray.train.CheckpointUploadMode.SYNC))
         return self.stop_when(metrics) if self.stop_when is not None and metrics else None
 
 def train_fn_per_worker(config: dict) -> None:
@@ -119,7 +136,8 @@ def train_fn_per_worker(config: dict) -> None:
     feature_net, tags = _worker_feature_net(config.get("feature_net"), device) if evaluates else (None, {})
     check = _teacher_check(config.get("teacher_probe"), teacher, cfg, device) if rank == 0 else None
     reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"), _stop_rule(config),
-                           tags={**tags, **config.get("tags", {}), **(check.tags() if check else {})})
+                           tags={**tags, **config.get("tags", {}), **(check.tags() if check else {})},
+                           checkpoint_root=managed_checkpoint_root())
     reporter.first_metrics = check.metrics() if check else {}
     evaluator = _evaluator(cfg, teacher, config["manifest"], device, feature_net) if evaluates else None
     per_group = cfg.data.batch_size // run_shape(cfg.parallel, world).data_parallel_size
@@ -191,11 +209,10 @@ def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_wei
                                          normalized=cfg.data.normalize, endpoint=cfg.data.s3_endpoint):
             tracker.log_artifact(path, "samples")
         log_comparison_figure(cfg, tracker, evaluator, manifest, labels)
-        student = save_teacher(state.ema.module, cfg, Path(tmp) / "ema_student.pt", net_state=ema_weights,
-                               data=data_card(manifest, normalized=cfg.data.normalize))
-        tracker.log_artifact(student, "student")
-        local = Path(cfg.train.run_dir) / "ema_student.pt"
-        local.write_bytes(student.read_bytes())
+    # written once, into the run folder, and logged from there (a 1.3B EMA student in fp32 is 5.3 GiB)
+    student = save_teacher(state.ema.module, cfg, Path(cfg.train.run_dir) / "ema_student.pt", net_state=ema_weights,
+                           data=data_card(manifest, normalized=cfg.data.normalize))
+    tracker.log_artifact(student, "student")
 
 def worker_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device):
     """The teacher on a worker, loaded where it lies (a released Wan2.1 folder or file, or our .pt). The one place
@@ -251,7 +268,7 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-ray", storage_path=storage, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=2),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             logging_config=train_logging_config(),         # Ray Train's console chatter only with --verbose
             callbacks=callbacks or []))
 

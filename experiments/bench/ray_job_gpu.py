@@ -18,9 +18,11 @@ released models are random-initialised in their released folder layout):
   `resources.num_workers=1`, steps and intervals; `ray job stop` once the first checkpoint is written; the same
   command again, which resumes it into the same MLflow run; the MLflow run read back (metrics, MP4s).
 Overrides beyond paths, worker count, steps and intervals, each because the shipped value cannot fit a short
-run on one GPU: `data.batch_size` (the paper's 256 is 256 micro-batches per update on one GPU, ~40 min each),
-`distill.tangent_warmup=0` (the shipped 1,000 warm-up iterations have no critic iteration to time),
-`eval.num_samples` and `sampler.teacher_steps` (the teacher's reference set is 1,600 forwards at the shipped values).
+run on one GPU: `train.keep_checkpoints=1` (a 1.3B checkpoint is 26.4 GiB: the shipped 2 kept + 1 being
+written do not fit the 64 GiB disk of the lent one-GPU host; the script checks the disk first), `data.batch_size`
+(the paper's 256 is 256 micro-batches per update on one GPU, ~40 min each), `distill.tangent_warmup=0` (the
+shipped 1,000 warm-up iterations have no critic iteration to time), `eval.num_samples` and `sampler.teacher_steps`
+(the teacher's reference set is 1,600 forwards at the shipped values).
 
 The GPU host needs Ray (with the job server), MLflow, diffusers and PyAV: `bash ../shared/tools/gpu_bundle.sh`
 with `EXTRA_PKGS=av==16.1.0` (docs/BENCHMARKS.md has the command and the preamble).
@@ -246,10 +248,27 @@ def random_latents(work: Path, rows: int, tiny: bool) -> Path:
     return url
 
 
+def check_disk(work: Path, args) -> None:
+    """Refuse before the job starts when the work folder's disk cannot hold two checkpoints (the kept one and the
+    one being written, train.keep_checkpoints=1): a full disk mid-write kills the job far from its cause."""
+    from rcm_core.config import load_config
+    from rcm_core.run.plan import checkpoint_bytes, count_params
+
+    cfg = load_config(ROOT / CONFIG, TINY_MODEL if args.tiny else [])
+    ckpt = checkpoint_bytes(cfg, count_params(cfg.model), sharded=False)
+    free = shutil.disk_usage(work).free
+    print(f"disk: {free / GIB:.1f} GiB free under {work}; a checkpoint is {ckpt / GIB:.1f} GiB, two must fit",
+          flush=True)
+    if free < 2 * ckpt + GIB:
+        raise SystemExit(f"--work {work}: {free / GIB:.1f} GiB free, the run needs {(2 * ckpt + GIB) / GIB:.1f} GiB "
+                         f"(two {ckpt / GIB:.1f} GiB checkpoints + 1 GiB); give a --work on a larger disk")
+
+
 def job_command(args, work: Path, teacher: Path, data: Path) -> list[str]:
     over = [f"teacher.checkpoint={teacher}", f"data.url={data}", "resources.num_workers=1",
             f"train.steps={args.steps}", f"train.checkpoint_every={args.stop_at}", f"train.eval_every={args.steps}",
-            "train.log_every=1", f"data.batch_size={args.batch}", "distill.tangent_warmup=0",
+            "train.log_every=1", "train.keep_checkpoints=1", f"data.batch_size={args.batch}",
+            "distill.tangent_warmup=0",
             "eval.num_samples=2", "sampler.teacher_steps=2", "name=front_door"]
     if args.tiny:
         over += TINY_MODEL + ["resources.use_gpu=false", "train.device=cpu", "resources.cpus_per_worker=1",
@@ -312,8 +331,16 @@ def wait_for(env: dict, job: str, out: Path, name: str, until, timeout: float) -
     return "TIMEOUT"
 
 
-def checkpoints(home: Path) -> list[Path]:
-    return sorted((home / "runs").glob("**/front_door-ray/checkpoint_*"))
+def checkpoints(home: Path) -> list[str]:
+    """The checkpoints Ray Train has registered for the run (its manager's snapshot names them once the report
+    went through); a folder that merely exists may still be mid-write or not yet reported."""
+    found = []
+    for snap in (home / "runs").glob("**/front_door-ray/checkpoint_manager_snapshot.json"):
+        try:
+            found.append(snap.read_text())
+        except OSError:
+            continue
+    return re.findall(r"step_\d+", " ".join(found))
 
 
 def free_port() -> int:
@@ -373,6 +400,7 @@ def stage_train(args, work: Path, out: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     home = work / "home"
+    check_disk(work, args)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NCCL_NVLS_ENABLE": "0", "RCM_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     head = start_head(env, args.tiny)

@@ -23,6 +23,7 @@ from rcm_core.run.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_into_state,
+    remove_partial_checkpoints,
     save_checkpoint,
     state_to_dict,
     write_run_config,
@@ -41,7 +42,9 @@ from rcm_core.run.teacher import load_teacher
 
 class Reporter(Protocol):
     """Receives each report; a non-empty string returned is a reason to stop the run after this step (e.g. a
-    sweep trial that diverged: stopping on the worker is deterministic, a scheduler's stop signal is not)."""
+    sweep trial that diverged: stopping on the worker is deterministic, a scheduler's stop signal is not).
+    A reporter may carry `checkpoint_root` (a folder, or None): where the loop writes checkpoints instead of
+    run_dir/checkpoints (Ray Train's own run folder, so that a checkpoint is written once, not written and copied)."""
     def __call__(self, step: int, metrics: dict[str, float], ckpt_dir: Path | None) -> str | None: ...
 
 
@@ -77,7 +80,8 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
                  grad_wrap: Callable[[TrigFlowDenoiser], TrigFlowDenoiser] | None = None,
                  extra_state: dict | None = None,
                  latent_shape: tuple[int, ...] | None = None) -> DistillState:
-    """Distil `teacher` for cfg.train.steps iterations; checkpoints go to run_dir/checkpoints/step_<N>.
+    """Distil `teacher` for cfg.train.steps iterations; checkpoints go to run_dir/checkpoints/step_<N> (or
+    `reporter.checkpoint_root`/step_<N>).
 
     resume: a checkpoint folder, or "latest" for the newest one under the run dir (None = fresh start).
     extra_state: entries saved in every checkpoint beside the state (e.g. the MLflow run id); after a
@@ -98,7 +102,9 @@ def run_training(cfg: ExperimentCfg, batches: BatchSource, reporter: Reporter = 
     if mesh is not None:
         parallelize_state(state, mesh)
     dp_rank = mesh.dp_rank if mesh is not None else rank     # a CP group draws the same noise and times
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = Path(getattr(reporter, "checkpoint_root", None) or run_dir / "checkpoints")
+    if rank == 0:
+        remove_partial_checkpoints(ckpt_root)      # a run killed mid-write left them; they can never be loaded
     resume_dir = latest_checkpoint(ckpt_root) if resume == "latest" else resume
     if resume_dir is not None:
         loaded = _resume(state, Path(resume_dir), mesh, device)

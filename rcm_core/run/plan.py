@@ -209,6 +209,17 @@ def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool) -> dict[str, f
     return out
 
 
+def checkpoint_bytes(cfg: ExperimentCfg, counts: ParamCounts, *, sharded: bool) -> float:
+    """Bytes of one checkpoint of the distillation state (rcm_core.run.checkpoint, rcm_core.parallel.dcp): per
+    trained network the fp32 parameters or masters and AdamW's second moment, plus the first moment unless β₁ = 0
+    (unsharded files leave it and the bf16 working copies out; DCP keeps both moments), and the fp32 EMA."""
+    from rcm_core.method.distill import uses_dmd
+
+    moments = 8 if sharded or cfg.optim.betas[0] != 0 else 4
+    nets = 2 if uses_dmd(cfg.distill) else 1
+    return float(counts.total * ((MASTER + moments) * nets + EMA))
+
+
 def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: int, checkpointing: bool | str,
                         graphs: int, jvp: bool) -> tuple[float, float]:
     """(JVP-pass peak, backward peak) in bytes on one rank holding `batch` samples of `tokens` tokens each;
@@ -386,6 +397,11 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
                      f"{str(best.checkpointing).lower()} data.micro_batch_size={best.micro}  "
                      f"({_gib(best.total)} of {_gib(gpu_memory)} GiB"
                      + (f", ~{best.seconds:.2f} s/iteration" if best.seconds is not None else "") + ")")
+    sharded = best.shape.dp_shard * best.shape.cp > 1 if best is not None else gpus > 1
+    ckpt, keep = checkpoint_bytes(cfg, counts, sharded=sharded), cfg.train.keep_checkpoints
+    lines.append(f"checkpoints: {_gib(ckpt)} GiB each ({'DCP, sharded' if sharded else 'state.pt'}); "
+                 f"train.keep_checkpoints={keep}: up to {_gib((keep + 1) * ckpt)} GiB of storage while the next "
+                 f"is written")
     timing = f"scaled from the {table.card} step table ({table.source}), compute only" if table else (
         "no step table found")
     lines.append(f"time: {timing}; memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
