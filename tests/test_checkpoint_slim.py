@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from test_parallel import LATENT, TINY, sample_batch, tiny_denoiser
 
@@ -22,13 +23,13 @@ STEPS = 6
 BF16 = {**TINY, "dtype": "bfloat16"}
 
 
-def _cfg(run_dir: Path, steps: int, beta1: float = 0.0):
+def _cfg(run_dir: Path, steps: int, beta1: float = 0.0, device: str = "cpu"):
     return from_dict({"model": BF16, "teacher": {"guidance": 3.0},
                       "distill": {"mode": "rcm", "tangent_warmup": 1, "student_update_freq": 2,
                                   "max_rollout_steps": 2},
                       "optim": {"lr": 1e-3, "fake_lr": 1e-3, "lr_warmup": 0, "betas": [beta1, 0.999]},
                       "train": {"steps": steps, "checkpoint_every": 3, "log_every": 1, "run_dir": str(run_dir),
-                                "device": "cpu"}})
+                                "device": device}})
 
 
 def _batches(start: int):
@@ -40,8 +41,8 @@ def _teacher():
     return t.to(torch.bfloat16)
 
 
-def _train(run_dir: Path, steps: int, resume=None, beta1: float = 0.0):
-    return run_training(_cfg(run_dir, steps, beta1), _batches, lambda *a: None, resume, teacher=_teacher(),
+def _train(run_dir: Path, steps: int, resume=None, beta1: float = 0.0, device: str = "cpu"):
+    return run_training(_cfg(run_dir, steps, beta1, device), _batches, lambda *a: None, resume, teacher=_teacher(),
                         latent_shape=LATENT)
 
 
@@ -93,3 +94,14 @@ def test_beta1_above_zero_keeps_the_first_moment(tmp_path):
     assert all("exp_avg" in s for s in data["opt_student"]["inner"]["state"].values())
     resumed = _everything(_train(tmp_path / "cut", 4, resume="latest", beta1=0.9))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_resumes_on_a_gpu(tmp_path):
+    """Resuming maps the whole file to the GPU, the CPU generator's state included; set_rng_state refused that
+    copy (the front door's resumed job on an H200 died there). The loaded state is the saved one to the bit, and
+    the resumed run steps on."""
+    saved = _everything(_train(tmp_path / "run", 3, device="cuda"))
+    loaded = _everything(_train(tmp_path / "run", 3, resume="latest", device="cuda"))
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved if ".adam" not in k or "exp_avg_sq" in k)
+    assert _train(tmp_path / "run", 4, resume="latest", device="cuda").iteration == 4

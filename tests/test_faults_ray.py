@@ -66,8 +66,9 @@ class Run:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for_checkpoint(self, step: int, timeout: float = 600) -> None:
-        path, deadline = self.dir / "run" / "checkpoints" / f"step_{step}", time.monotonic() + timeout
-        while not path.exists():
+        # the loop writes it into Ray's run folder (workflows.trainer.managed_checkpoint_root), renamed when whole
+        path, deadline = self.dir / "ray_results" / "*-ray" / "checkpoints" / f"step_{step}", time.monotonic() + timeout
+        while not list(self.dir.glob(str(path.relative_to(self.dir)))):
             assert self.proc.poll() is None, f"run ended (rc {self.proc.returncode}) before {path} appeared"
             assert time.monotonic() < deadline, f"no {path} after {timeout} s"
             time.sleep(0.2)

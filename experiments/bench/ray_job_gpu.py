@@ -248,20 +248,20 @@ def random_latents(work: Path, rows: int, tiny: bool) -> Path:
     return url
 
 
-def check_disk(work: Path, args) -> None:
-    """Refuse before the job starts when the work folder's disk cannot hold two checkpoints (the kept one and the
+def check_disk(home: Path, args) -> None:
+    """Refuse before the job starts when the disk of the job's home cannot hold two checkpoints (the kept one and the
     one being written, train.keep_checkpoints=1): a full disk mid-write kills the job far from its cause."""
     from rcm_core.config import load_config
     from rcm_core.run.plan import checkpoint_bytes, count_params
 
     cfg = load_config(ROOT / CONFIG, TINY_MODEL if args.tiny else [])
     ckpt = checkpoint_bytes(cfg, count_params(cfg.model), sharded=False)
-    free = shutil.disk_usage(work).free
-    print(f"disk: {free / GIB:.1f} GiB free under {work}; a checkpoint is {ckpt / GIB:.1f} GiB, two must fit",
+    free = shutil.disk_usage(home).free
+    print(f"disk: {free / GIB:.1f} GiB free under {home}; a checkpoint is {ckpt / GIB:.1f} GiB, two must fit",
           flush=True)
     if free < 2 * ckpt + GIB:
-        raise SystemExit(f"--work {work}: {free / GIB:.1f} GiB free, the run needs {(2 * ckpt + GIB) / GIB:.1f} GiB "
-                         f"(two {ckpt / GIB:.1f} GiB checkpoints + 1 GiB); give a --work on a larger disk")
+        raise SystemExit(f"{home}: {free / GIB:.1f} GiB free, the run needs {(2 * ckpt + GIB) / GIB:.1f} GiB (two "
+                         f"{ckpt / GIB:.1f} GiB checkpoints + 1 GiB); give --home on a larger disk")
 
 
 def job_command(args, work: Path, teacher: Path, data: Path) -> list[str]:
@@ -399,8 +399,9 @@ def stage_train(args, work: Path, out: Path) -> dict:
     res["latents"] = "encoded clips (encode stage)" if data.name == "latents" else "random (no encode stage here)"
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    home = work / "home"
-    check_disk(work, args)
+    home = Path(args.home) if args.home else work / "home"   # RCM_HOME of the job: run folder, Ray storage, MLflow
+    home.mkdir(parents=True, exist_ok=True)
+    check_disk(home, args)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "NCCL_NVLS_ENABLE": "0", "RCM_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     head = start_head(env, args.tiny)
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-at", type=int, default=2, help="`ray job stop` after this update's checkpoint")
     ap.add_argument("--batch", type=int, default=2, help="data.batch_size (micro-batches of 1 on the one GPU)")
     ap.add_argument("--timeout", type=float, default=420)
+    ap.add_argument("--home", default="", help="the job's RCM_HOME (checkpoints, MLflow; default <work>/home): a "
+                    "disk with room for two checkpoints (26.4 GiB each at 1.3B), e.g. /dev/shm on the lent H200")
     ap.add_argument("--tiny", action="store_true", help="tiny models and clips on the CPU: proves the script here")
     ap.add_argument("--stage-bench", action=argparse.BooleanOptionalAction, default=True,
                     help="after the encode pipeline, time decode / VAE / umT5 apart (encode_throughput.py, ~1 min "

@@ -117,7 +117,9 @@ def load_into_state(state, data: dict) -> dict:
     state.iteration, state.student_iter = int(data["iteration"]), int(data["student_iter"])
     state.critic_iter = int(data["critic_iter"])
     state.counters.update(data["counters"])
-    torch.set_rng_state(data["torch_rng"])
+    # the CPU generator's state, whatever device the checkpoint was mapped to (a resume on a GPU maps every tensor
+    # to it, and set_rng_state refused the CUDA copy: the first resumed job on an H200 died here, 2026-12-02)
+    torch.set_rng_state(data["torch_rng"].cpu())
     return {k: v for k, v in data.items() if k not in STATE_KEYS}
 
 
