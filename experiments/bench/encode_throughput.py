@@ -119,9 +119,32 @@ def timed(fn, n: int, device: torch.device, sampler: GpuSampler, warmup: int) ->
     return sec, util, peak
 
 
+VAE_VARIANTS = ("default", "cudnn_benchmark", "channels_last", "compile")
+
+
+def _vae_variant(vae, variant: str, device: torch.device):
+    """The encode call of one variant of the same VAE: cuDNN's benchmark mode (it times the conv3d algorithms
+    once per shape; the Wan VAE is ~all conv3d), channels-last-3d weights and inputs, or the encoder compiled
+    (diffusers' encode loops over frame chunks with a feature cache, so expect graph breaks)."""
+    torch.backends.cudnn.benchmark = variant in ("cudnn_benchmark", "channels_last", "compile")
+    fmt = torch.channels_last_3d if variant == "channels_last" else torch.contiguous_format
+    _conv3d_format(vae, fmt)
+    encoder = torch.compile(vae.encode) if variant == "compile" else vae.encode
+    return lambda x: encoder(x.contiguous(memory_format=fmt)).latent_dist.mode()
+
+
+def _conv3d_format(vae, fmt: torch.memory_format) -> None:
+    """The 5-D (conv3d) weights in `fmt`; Module.to(memory_format=channels_last_3d) also converts the VAE's 4-D conv2d
+    weights, which refuse the 3-D format."""
+    for p in vae.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=fmt)
+
+
 def bench_vae(args: argparse.Namespace, pixels: np.ndarray, device: torch.device, dtype: torch.dtype,
-              sampler: GpuSampler) -> tuple:
-    """The Wan2.1 VAE (diffusers defaults = the released config) encoding one fitted clip per call."""
+              sampler: GpuSampler) -> list[tuple]:
+    """The Wan2.1 VAE (diffusers defaults = the released config) encoding one fitted clip per call, one row per
+    `--vae-variants` entry; each variant's latent is checked against the default's before it is timed."""
     from diffusers import AutoencoderKLWan
 
     from rcm_core.data.clips import to_unit_range
@@ -129,10 +152,20 @@ def bench_vae(args: argparse.Namespace, pixels: np.ndarray, device: torch.device
     with device:
         vae = AutoencoderKLWan(**(VAE_TINY if args.tiny else {})).to(dtype).eval().requires_grad_(False)
     x = to_unit_range(torch.from_numpy(pixels)[None].to(device, torch.float32)).to(dtype)
+    rows = []
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
-        row = ("Wan2.1 VAE encode", *timed(lambda: vae.encode(x).latent_dist.mode(), args.clips, device, sampler,
-                                           args.warmup))
+        for variant in args.vae_variants.split(","):
+            try:
+                enc = _vae_variant(vae, variant, device)
+                err = ((enc(x).float() - z.float()).abs().max() / z.float().abs().max()).item()
+                name = "Wan2.1 VAE encode" + ("" if variant == "default" else f" ({variant}, max rel diff {err:.1e})")
+                rows.append((name, *timed(lambda: enc(x), args.clips, device, sampler, args.warmup)))
+            except Exception as e:          # a variant that cannot run here is a finding, printed, not a stop
+                print(f"VAE variant {variant}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            finally:
+                torch.backends.cudnn.benchmark = False
+                _conv3d_format(vae, torch.contiguous_format)
         if args.memory_clips:
             rss0 = rss_gib()
             for i in range(1, args.memory_clips + 1):
@@ -144,7 +177,7 @@ def bench_vae(args: argparse.Namespace, pixels: np.ndarray, device: torch.device
                           f"(start {rss0:.2f})", flush=True)
     print(f"latent {tuple(z.shape[1:])}, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters",
           flush=True)
-    return row
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the synthetic clip's own size (fitted to --height × --width like a real clip)")
     ap.add_argument("--clips", type=int, default=8, help="timed clips per stage")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--vae-variants", default="default",
+                    help=f"comma-separated VAE encode variants to time, from {', '.join(VAE_VARIANTS)}")
     ap.add_argument("--text-batch", type=int, default=8, help="captions per umT5 call")
     ap.add_argument("--tokens", type=int, default=120, help="real tokens per caption (the rest is padding to 512)")
     ap.add_argument("--text-len", type=int, default=512)
@@ -197,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.device("cpu")), args.warmup))]
 
     # 2. VAE (in a function: its activations and weights are freed before umT5 is built)
-    rows.append(bench_vae(args, pixels, device, dtype, sampler))
+    vae_rows = bench_vae(args, pixels, device, dtype, sampler)
+    rows += vae_rows
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -218,12 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, sec, util, peak in rows:
         print(f"| {name} | {sec * 1e3:.1f} | {1 / sec:.2f} | {'-' if util is None else f'{util:.0f}'} | "
               f"{'-' if peak != peak else f'{peak:.1f}'} |")
-    gpu_sec = rows[1][1] + rows[2][1]
+    if not vae_rows:
+        raise SystemExit(f"no VAE variant of --vae-variants={args.vae_variants} ran (their errors are above)")
+    vae_best = min(vae_rows, key=lambda r: r[1])          # the fastest variant that ran
+    gpu_sec = vae_best[1] + rows[-1][1]
     per_gpu = 1 / gpu_sec
     cores = rows[0][1] * per_gpu
-    bound = "VAE" if rows[1][1] > rows[2][1] else "umT5"
-    print(f"\none encoding GPU: {per_gpu:.2f} clips/s (VAE + umT5 on the same GPU; {bound} dominates), needs "
-          f"{cores:.1f} CPU cores of decoding to stay fed; keeps {per_gpu * args.train_seconds_per_sample:.1f} "
+    bound = "VAE" if vae_best[1] > rows[-1][1] else "umT5"
+    print(f"\none encoding GPU: {per_gpu:.2f} clips/s ({vae_best[0]} + umT5 on the same GPU; {bound} dominates), "
+          f"needs {cores:.1f} CPU cores of decoding to stay fed; keeps {per_gpu * args.train_seconds_per_sample:.1f} "
           f"training GPUs fed at {args.train_seconds_per_sample:g} s per sample (target ≥ 8)")
     print(f"command: python experiments/bench/encode_throughput.py {' '.join(argv or sys.argv[1:])}  "
           f"(pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
