@@ -155,9 +155,11 @@ def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
     # Two workers as one context-parallel group: the mesh the run logged, and the run's last checkpoint at its
     # last step (a CP-only mesh is not sharded, so rank 0 writes one state.pt).
     assert (params["resources.num_workers"], params["parallel.cp"]) == ("2", "2")
-    assert (tmp_path / "run" / "checkpoints" / "step_10" / "state.pt").is_file()
     ray_checkpoint = Path(out.split("checkpoint:", 1)[1].split()[0])     # the one main() prints for the user
     assert ray_checkpoint.is_dir() and tmp_path in ray_checkpoint.parents
+    # written once, in Ray's run folder (workflows.trainer.managed_checkpoint_root), not also under the run folder
+    assert ray_checkpoint.name == "step_10" and (ray_checkpoint / "state.pt").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10]
 
     # CP = 2 against CP = 1: the same loss at every logged step and the same evaluation, within CP_TOLERANCE
