@@ -126,7 +126,7 @@ def _vae_variant(vae, variant: str, device: torch.device):
     """The encode call of one variant of the same VAE: cuDNN's benchmark mode (it times the conv3d algorithms
     once per shape; the Wan VAE is ~all conv3d), channels-last-3d weights and inputs, or the encoder compiled
     (diffusers' encode loops over frame chunks with a feature cache, so expect graph breaks)."""
-    torch.backends.cudnn.benchmark = variant in ("cudnn_benchmark", "channels_last", "compile")
+    torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"      # one lever per row
     fmt = torch.channels_last_3d if variant == "channels_last" else torch.contiguous_format
     _conv3d_format(vae, fmt)
     encoder = torch.compile(vae.encode) if variant == "compile" else vae.encode

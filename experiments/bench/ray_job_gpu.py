@@ -15,7 +15,7 @@ released models are random-initialised in their released folder layout):
 - train: a random-init Wan2.1-1.3B teacher exported in the diffusers layout (`transformer/`); latents from the
   encode stage when it ran in this `--work`, else random 480p latents; `ray start --head`; `ray job submit` of
   `workflows/distill.py --config experiments/wan21_t2v_1p3b_rcm.yaml` with overrides for paths,
-  `resources.num_workers=1`, steps and intervals; `ray job stop` once the first checkpoint is written; the same
+  `resources.num_workers=1`, steps and intervals; `ray job stop` once Ray registered the first checkpoint; the same
   command again, which resumes it into the same MLflow run; the MLflow run read back (metrics, MP4s).
 Overrides beyond paths, worker count, steps and intervals, each because the shipped value cannot fit a short
 run on one GPU: `train.keep_checkpoints=1` (a 1.3B checkpoint is 26.4 GiB: the shipped 2 kept + 1 being
