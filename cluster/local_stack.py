@@ -456,8 +456,9 @@ class Stack:
                                           "metrics_export_port")}
         lo = 20000 + 100 * secrets.randbelow(120)       # a random window of worker ports below the ephemeral range
         env = _env(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                   # Ray Data's Parquet reader would start 32 footer-reader processes per read (workflows/data.py)
-                   RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=os.environ.get("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2"),
+                   # Ray Data's Parquet reader would start 32 footer-reader processes per read; one, as
+                   # workflows/data.py's FOOTER_ACTORS says why
+                   RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=os.environ.get("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1"),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                    # `ray job submit -- python x.py` runs through a shell: `python` must be this environment's
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))

@@ -1,6 +1,8 @@
 """workflows/distill.py end to end on local Ray: Ray Data input, Ray Train workers, MLflow (SQLite) tracking,
 checkpoints, a second invocation of the same command resuming the same run, a changed config refused instead of
 continuing it, and the finished command run again printing its table."""
+from pathlib import Path
+
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -41,6 +43,13 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capf
     # The printout: a table for a 100-column terminal (floor row last), then the figure and the run's MLflow page.
     out, err = capfd.readouterr()
     log = out + err
+    # The "Failed to kill actor" wart's source: Ray Data kills its Parquet footer-reader actors once the footers
+    # are read, and killing one still being created (given no footer batch) made the GCS print it, in about one
+    # run of three. The GCS logs every such cancelled creation, so counting them fails on every run, not one in
+    # three: 1-2 per run with two footer readers (issue 27, 2026-12-02), none with one (workflows/data.py).
+    from ray._common.utils import get_default_ray_temp_dir
+    gcs_log = Path(get_default_ray_temp_dir()) / "session_latest" / "logs" / "gcs_server.out"
+    assert "SchedulingCancelled" not in gcs_log.read_text(errors="replace"), "an actor was killed while being created"
     assert log.count("\n") <= MAX_DEMO_LINES, f"{log.count(chr(10))} lines:\n{log}"
     for wart in ("Failed to kill actor", "not writable", "INFO mlflow"):
         assert wart not in log, wart

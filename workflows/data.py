@@ -52,7 +52,11 @@ log = logging.getLogger(__name__)
 
 
 MAP_RETRIES = 10          # per map task, for storage errors only (DataContext.retried_io_errors patterns)
-FOOTER_ACTORS = 2         # Parquet footer-reader actors per dataset execution (Ray's default is 32)
+# Parquet footer-reader actors per listing (Ray's default is 32). One: Ray kills the pool as soon as the footers it
+# needs are read, and an actor still being created then (one that got no footer batch, e.g. the second of two for
+# a data set of under 10 files) makes the GCS print "Failed to kill actor … Socket closed" (issue 27; seen in 3 of 9
+# demo-path runs with 2). One actor reads up to 128 footers at once on its own threads.
+FOOTER_ACTORS = 1
 
 
 class StorageError(DatasetError):
