@@ -48,7 +48,7 @@ from rcm_core.config import (ConfigError, ExperimentCfg, apply_overrides, flatte
                              read_yaml, redact_url, to_dict)
 from workflows.cli import add_debug_flag, run_cli  # noqa: E402
 from workflows.console import setup_output  # noqa: E402
-from workflows.trainer import divergence  # noqa: E402,F401  (sweeps stop diverged trials by it)
+from workflows.trainer import OUTCOME_TAG, divergence  # noqa: E402,F401  (sweeps stop diverged trials by it)
 
 TOP_KEYS = ("name", "base", "metric", "search_space", "num_samples", "search", "scheduler", "resources",
             "max_concurrent", "overrides", "storage", "seed")
@@ -422,7 +422,7 @@ def mark_trial_run(client, parent_run_id: str, run_name: str, outcome: str, reas
         return False
     if outcome == "stopped_early" and run.info.status == "FINISHED":
         outcome = "finished"          # the scheduler's stop landed after the trial had run to its last step
-    client.set_tag(run.info.run_id, "rcm.sweep.outcome", outcome)
+    client.set_tag(run.info.run_id, OUTCOME_TAG, outcome)
     if outcome == "diverged":
         client.set_tag(run.info.run_id, "diverged", "true")
         client.set_tag(run.info.run_id, "diverged_reason", reason[:5000])

@@ -21,6 +21,8 @@ from workflows.console import log_comparison_figure, print_eval_line, quiet_work
 from workflows.driver import check_device, check_model_fits_data, feature_net_card, teacher_probe
 from workflows.storage import run_storage
 
+OUTCOME_TAG = "rcm.sweep.outcome"       # how a sweep trial ended: finished | stopped_early | diverged | error
+
 # rCM masks non-finite samples out of its losses (rcm_core/method/losses.py), so a blown-up student shows a loss of 0
 # rather than NaN: divergence is a non-finite loss or a window where most samples of a batch were non-finite.
 NAN_SAMPLE_KEYS = ("train/scm_nan_samples", "train/dmd_nan_samples", "train/critic_nan_samples")
@@ -157,7 +159,19 @@ def train_fn_per_worker(config: dict) -> None:
         tracker = reporter.ensure_tracker()
         _log_final_artifacts(cfg, tracker, state, evaluator, config["manifest"], ema_weights)
         write_step_count_tables(cfg.train.run_dir, tracker, evaluator.last_report)
-        tracker.finish()
+        end_run(tracker, sweep_trial=bool(config.get("parent_run_id")))
+
+
+def end_run(tracker, sweep_trial: bool) -> None:
+    """End a run that ran to its last step. A sweep trial then tags itself finished, after its end state: the
+    driver's Tune callback may have marked it stopped early (and KILLED) already, when the scheduler's stop overtook
+    the trial's last report (CI, 2026-12-03: a trial tagged stopped_early had ended FINISHED, evaluated at every
+    step, while the trial still wrote its final artifacts). The two writers can still cross inside the driver's own
+    two requests (tag, then end state): a window of milliseconds, not the seconds of a trial's final artifacts."""
+    tracker.finish()
+    if sweep_trial:
+        tracker.client.set_tag(tracker.run_id, OUTCOME_TAG, "finished")
+
 
 def _teacher_check(probe: dict | None, teacher, cfg: ExperimentCfg, device: torch.device):
     """The teacher's JVP-vs-central-difference time-derivative check (rcm_core.method.tangent_check) on the driver's probe
