@@ -168,12 +168,13 @@ def _device():
 class VAEStage:
     """Actor: the Wan VAE, loaded once; replaces `video` by `latent` (zeros for skipped clips)."""
 
-    def __init__(self, encoders: str, dtype: str, endpoint: str, cache: str, latent_shape: list[int]):
+    def __init__(self, encoders: str, dtype: str, endpoint: str, cache: str, latent_shape: list[int],
+                 compile: bool = False):
         from rcm_core.data.encoders import WanVAE, resolve_dtype
 
         device = _device()
         self.vae = WanVAE.load(encoders, device=device, dtype=resolve_dtype(dtype, device), endpoint=endpoint,
-                               cache=cache)
+                               cache=cache, compile=compile)
         self.shape = latent_shape
 
     def __call__(self, batch: dict) -> dict:
@@ -291,7 +292,8 @@ def encode_videos(d: DataCfg, url: str, *, progress_bar: Any = None) -> Manifest
             "clips": v.clips, "endpoint": d.s3_endpoint, "frames": v.frames, "height": v.height, "width": v.width})
         ds = ds.map_batches(VAEStage, batch_size=v.batch_size, compute=ActorPoolStrategy(size=v.vae_actors),
                             num_gpus=gpus,
-                            fn_constructor_kwargs={**models, "latent_shape": latent_shape})
+                            fn_constructor_kwargs={**models, "latent_shape": latent_shape,
+                                                   "compile": v.vae_compile})
         ds = ds.map_batches(TextStage, batch_size=v.batch_size, compute=ActorPoolStrategy(size=v.text_actors),
                             num_gpus=gpus,
                             fn_constructor_kwargs={**models, "cond_shape": cond_shape})

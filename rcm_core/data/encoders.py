@@ -135,18 +135,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class WanVAE:
     """AutoencoderKLWan with uint8-in / float32-out helpers."""
 
-    def __init__(self, model: Any, *, device: torch.device, dtype: torch.dtype, url: str = ""):
+    def __init__(self, model: Any, *, device: torch.device, dtype: torch.dtype, url: str = "", compile: bool = False):
         self.model, self.device, self.dtype, self.url = model, device, dtype, url
+        # The encoder compiled (data.video.vae_compile): the VAE is the whole cost of encoding a clip, and inductor
+        # fuses the norm/activation work between its conv3d layers; diffusers' frame-chunk loop graph-breaks, harmlessly.
+        self._encode = torch.compile(model.encode) if compile else model.encode
 
     @classmethod
     def load(cls, url: str, *, device: torch.device, dtype: torch.dtype | None = None, endpoint: str = "",
-             cache: str | Path | None = None) -> WanVAE:
+             cache: str | Path | None = None, compile: bool = False) -> WanVAE:
         from diffusers import AutoencoderKLWan
 
         folder = local_folder(component(url, "vae", "config.json", endpoint=endpoint), endpoint=endpoint, cache=cache)
         dtype = dtype or resolve_dtype("auto", device)
         model = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype).to(device).eval()
-        return cls(model.requires_grad_(False), device=device, dtype=dtype, url=url)
+        return cls(model.requires_grad_(False), device=device, dtype=dtype, url=url, compile=compile)
 
     @torch.no_grad()
     def encode(self, video: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -154,7 +157,7 @@ class WanVAE:
         from rcm_core.data.clips import to_unit_range
 
         x = to_unit_range(torch.as_tensor(video).to(self.device, torch.float32)).to(self.dtype)
-        return self.model.encode(x).latent_dist.mode().float().cpu()
+        return self._encode(x).latent_dist.mode().float().cpu()
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
