@@ -5,6 +5,9 @@ config → stop → resubmit (resumes) → MP4s of the student, every stage time
     python3 experiments/bench/ray_job_gpu.py --stage train --out $OUT      # the job, stopped and resubmitted
     python3 experiments/bench/ray_job_gpu.py --tiny                         # the CPU proof (tiny sizes, ~5 min)
 
+Under a time limit (a lent GPU's call) give `--deadline-s` a little under it: the job waits are cut so the table,
+with whatever was measured, still prints (and `front_door.json` is written) before the limit.
+
 What it does, as README "Your own videos" tells a user (nothing can be downloaded on the GPU host, so the
 released models are random-initialised in their released folder layout):
 - encode: writes `--clips` synthetic clips (moving shapes, 81 frames, 480×832) with captions.jsonl; writes a
@@ -310,6 +313,17 @@ def save_logs(env: dict, job: str, path: Path) -> str:
 
 
 _SHOWN: dict[str, int] = {}          # job id → characters of its log already printed
+DEADLINE: float | None = None        # perf_counter time by which the script must have printed its table
+JOB2_SUBMITTED_MS: int | None = None  # wall clock (ms) when job 2 was submitted: its metrics are the ones after it
+RESERVE_S = 90.0                     # kept back from the waits: stopping the head (≤ 60 s), reading MLflow, the table
+
+
+def wait_budget(timeout: float, now: float, deadline: float | None, reserve: float = RESERVE_S) -> float:
+    """How long a wait may last: its own timeout, cut so that `reserve` seconds are left before the deadline.
+    (2026-12-03: a device call's limit killed the script mid-wait and its clean-up; nothing came back.)"""
+    if deadline is None:
+        return timeout
+    return max(0.0, min(timeout, deadline - reserve - now))
 
 
 def wait_for(env: dict, job: str, out: Path, name: str, until, timeout: float) -> str:
@@ -318,6 +332,7 @@ def wait_for(env: dict, job: str, out: Path, name: str, until, timeout: float) -
     the console of a run killed from outside still shows how far the job got (on 2026-12-02 a cut device call
     returned nothing else)."""
     t0 = time.perf_counter()
+    timeout = wait_budget(timeout, t0, DEADLINE)
     while time.perf_counter() - t0 < timeout:
         status = job_status(env, job)
         text = save_logs(env, job, out / f"{name}.log")
@@ -383,12 +398,8 @@ def stop_head(head: subprocess.Popen) -> None:
         os.killpg(head.pid, signal.SIGKILL)
 
 
-def stage_train(args, work: Path, out: Path) -> dict:
-    from rcm_core.config import load_config
-    from rcm_core.run.plan import GiB as PLAN_GIB, Workload, count_params, plan_mesh
-    from rcm_core.parallel.mesh import shape_from_config
-
-    res: dict = {}
+def stage_train(args, work: Path, out: Path, res: dict) -> None:
+    """Fills `res` as it goes, so a job cut short (a deadline, a failure) still leaves what was measured before it."""
     device = torch.device("cpu" if args.tiny else "cuda")
     teacher = work / "Wan2.1-T2V-1.3B-random"
     t0 = time.perf_counter()
@@ -397,6 +408,7 @@ def stage_train(args, work: Path, out: Path) -> dict:
     res["teacher made (s)"] = time.perf_counter() - t0
     data = work / "latents" if (work / "latents" / "manifest.json").is_file() else random_latents(work, 4, args.tiny)
     res["latents"] = "encoded clips (encode stage)" if data.name == "latents" else "random (no encode stage here)"
+    res["plan: predicted peak per GPU (GiB)"] = planned_peak_gib(args, data, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     home = Path(args.home) if args.home else work / "home"   # RCM_HOME of the job: run folder, Ray storage, MLflow
@@ -406,36 +418,59 @@ def stage_train(args, work: Path, out: Path) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     head = start_head(env, args.tiny)
     try:
-        cmd = job_command(args, work, teacher, data)
-        (out / "job_command.txt").write_text("ray job submit --working-dir . " + " ".join(cmd) + "\n")
-        t0 = time.perf_counter()
-        first = submit(env, cmd, out, "job1")
-        status = wait_for(env, first, out, "job1", lambda: bool(checkpoints(home)), timeout=args.timeout)
-        res["job 1: submit → first checkpoint (s)"] = time.perf_counter() - t0
-        if status != "RUNNING":
-            raise SystemExit(f"job 1 ended {status} before its first checkpoint; see job1.log")
-        run([ray_exe(), "job", "stop", "--address", ADDRESS, first], env=env)
-        status = wait_for(env, first, out, "job1", lambda: False, timeout=120)
-        res["job 1 status after `ray job stop`"] = status
-        t0 = time.perf_counter()
-        second = submit(env, cmd, out, "job2")
-        status = wait_for(env, second, out, "job2", lambda: False, timeout=args.timeout)
-        res["job 2: resubmit → end (s)"] = time.perf_counter() - t0
-        res["job 2 status"] = status
-        log2 = (out / "job2.log").read_text()
-        print(log2[-3000:], flush=True)
+        stop_and_resubmit(args, out, env, home, job_command(args, work, teacher, data), res)
     finally:
         stop_head(head)
-    res.update(read_run(home, out, args))
+        if (home / "runs" / "mlflow.db").is_file():
+            res.update(read_run(home, out, args))       # what MLflow holds, also when a job was cut short
+
+
+def stop_and_resubmit(args, out: Path, env: dict, home: Path, cmd: list[str], res: dict) -> None:
+    """Job 1 until Ray registered its first checkpoint, `ray job stop`, the same command again (job 2) to its end."""
+    (out / "job_command.txt").write_text("ray job submit --working-dir . " + " ".join(cmd) + "\n")
+    t0 = time.perf_counter()
+    first = submit(env, cmd, out, "job1")
+    status = wait_for(env, first, out, "job1", lambda: bool(checkpoints(home)), timeout=args.timeout)
+    res["job 1: submit → first checkpoint (s)"] = time.perf_counter() - t0
+    if status != "RUNNING":
+        raise SystemExit(f"job 1 ended {status} before its first checkpoint; see job1.log")
+    run([ray_exe(), "job", "stop", "--address", ADDRESS, first], env=env)
+    status = wait_for(env, first, out, "job1", lambda: False, timeout=120)
+    res["job 1 status after `ray job stop`"] = status
+    t0 = time.perf_counter()
+    global JOB2_SUBMITTED_MS
+    JOB2_SUBMITTED_MS = int(time.time() * 1000)       # MLflow's clock for metrics (the worker's, on this host)
+    second = submit(env, cmd, out, "job2")
+    status = wait_for(env, second, out, "job2", lambda: False, timeout=args.timeout)
+    res["job 2: resubmit → end (s)"] = time.perf_counter() - t0
+    res["job 2 status"] = status
+    print((out / "job2.log").read_text()[-3000:], flush=True)
+
+
+def planned_peak_gib(args, data: Path, device: torch.device) -> float:
+    """The planner's peak memory per GPU for the job's own mesh and micro-batch, printed beside the measured one."""
+    from rcm_core.config import load_config
+    from rcm_core.data.latents import read_manifest
+    from rcm_core.parallel.mesh import shape_from_config
+    from rcm_core.run.plan import GiB as PLAN_GIB, Workload, count_params, plan_mesh
+
     cfg = load_config(ROOT / CONFIG, ["resources.num_workers=1", f"data.batch_size={args.batch}"])
     memory = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 141 * PLAN_GIB
-    from rcm_core.data.latents import read_manifest
     m = read_manifest(str(data))
     work_ = Workload.from_config(cfg, tuple(m.latent_shape), (m.cond_shape or [512])[0])
     plan = plan_mesh(cfg, shape_from_config(cfg.parallel, 1), gpus=1, gpu_memory=memory, work=work_,
                      counts=count_params(cfg.model), checkpointing=cfg.model.activation_checkpointing, table=None)
-    res["plan: predicted peak per GPU (GiB)"] = plan.total / PLAN_GIB
-    return res
+    return plan.total / PLAN_GIB
+
+
+def job2_steps(logged: list[tuple[int, int]], submitted_ms: int | None) -> list[int]:
+    """The steps job 2 logged: those logged (step, ms) after its submission, in time order. Job 2 starts after the
+    last checkpoint job 1 wrote, so it may re-run steps job 1 logged past it, or none when the stop landed right at
+    a checkpoint (the CPU proof of 2026-12-03: steps 1..12 once each, which the old check, looking for a step that
+    goes back, called not resumed)."""
+    if submitted_ms is None:
+        return []
+    return [step for step, ms in sorted(logged, key=lambda st: st[1]) if ms >= submitted_ms]
 
 
 def read_run(home: Path, out: Path, args) -> dict:
@@ -449,13 +484,11 @@ def read_run(home: Path, out: Path, args) -> dict:
         return res
     run_ = runs[0]
     hist = lambda key: client.get_metric_history(run_.info.run_id, key)     # noqa: E731
-    steps = [m.step for m in sorted(hist("train/loss"), key=lambda m: m.timestamp)]
-    res["train/loss logged at steps (in time order)"] = steps
-    # Job 2 starts after the last checkpoint job 1 wrote; the steps job 1 ran past it are run (and logged) again.
-    back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    res["job 2 began at step (want: a checkpoint step + 1, > 1)"] = steps[back[0]] if back else None
-    res["resumed, not restarted"] = (bool(back) and steps[back[0]] > 1 and steps[-1] == args.steps
-                                     and steps[back[0]:] == list(range(steps[back[0]], args.steps + 1)))
+    logged = sorted(((m.step, m.timestamp) for m in hist("train/loss")), key=lambda st: st[1])
+    res["train/loss logged at steps (in time order)"] = [step for step, _ in logged]
+    job2 = job2_steps(logged, JOB2_SUBMITTED_MS)
+    res["job 2 began at step (want: a checkpoint step + 1, > 1)"] = job2[0] if job2 else None
+    res["resumed, not restarted"] = bool(job2) and job2[0] > 1 and job2 == list(range(job2[0], args.steps + 1))
     # the first student and critic iterations include Triton autotuning: leave each kind's first report out
     for kind in ("student", "critic"):
         values = [m.value for m in sorted(hist(f"train/seconds_{kind}"), key=lambda m: m.step)]
@@ -487,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=420)
     ap.add_argument("--home", default="", help="the job's RCM_HOME (checkpoints, MLflow; default <work>/home): a "
                     "disk with room for two checkpoints (26.4 GiB each at 1.3B), e.g. /dev/shm on the lent H200")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="print the table within this many seconds of the start, cutting the job waits short (a "
+                         "device call: its limit minus ~30 s); 0: no deadline")
     ap.add_argument("--tiny", action="store_true", help="tiny models and clips on the CPU: proves the script here")
     ap.add_argument("--stage-bench", action=argparse.BooleanOptionalAction, default=True,
                     help="after the encode pipeline, time decode / VAE / umT5 apart (encode_throughput.py, ~1 min "
@@ -501,10 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.perf_counter()
-    if args.stage in ("encode", "all"):
-        res.update(stage_encode(args, work, out))
-    if args.stage in ("train", "all"):
-        res.update(stage_train(args, work, out))
+    global DEADLINE
+    DEADLINE = t0 + args.deadline_s if args.deadline_s else None
+    code = 0
+    try:
+        if args.stage in ("encode", "all"):
+            res.update(stage_encode(args, work, out))
+        if args.stage in ("train", "all"):
+            stage_train(args, work, out, res)
+    except SystemExit as e:          # a stage refused or a job ended badly: still print what was measured
+        res["stopped"], code = str(e)[:500], 1
     res["whole script (s)"] = time.perf_counter() - t0
     stages = res.pop("encode stages", None)
     print("\n| what | value |\n| --- | --- |")
@@ -513,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     if stages:
         print("\nencode stages (experiments/bench/encode_throughput.py):\n" + stages)
     (out / "front_door.json").write_text(json.dumps({**res, "encode stages": stages}, indent=1, default=str))
-    return 0
+    return code
 
 
 if __name__ == "__main__":
