@@ -137,8 +137,8 @@ class WanVAE:
 
     def __init__(self, model: Any, *, device: torch.device, dtype: torch.dtype, url: str = "", compile: bool = False):
         self.model, self.device, self.dtype, self.url = model, device, dtype, url
-        # The encoder compiled (data.video.vae_compile): the VAE is the whole cost of encoding a clip, and inductor
-        # fuses the norm/activation work between its conv3d layers; diffusers' frame-chunk loop graph-breaks, harmlessly.
+        # The encoder compiled (data.video.vae_compile): the VAE is the whole cost of encoding a clip, and compiled
+        # it took 753 instead of 1,122 ms per 81×480×832 clip on an H200 (docs/BENCHMARKS.md, issue 26).
         self._encode = torch.compile(model.encode) if compile else model.encode
 
     @classmethod
