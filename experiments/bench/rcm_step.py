@@ -23,8 +23,9 @@ out of GPU memory is reported as such (with the peak it reached) and the run goe
 
 Per variant and shape: ms of the teacher CFG forward (batch 2), one no-grad forward (batch 1), the JVP pass, a
 flow-matching step (the unit of cost), an rCM student and critic iteration and their 1:4 mean, MFU (model FLOPs,
-2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward, student iteration over the flow-matching
-step, peak memory, and the warm-up calls' seconds, which hold compilation and autotuning. The plain passes get one
+2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward beside the same ratio in FLOPs
+(`plan.jvp_flops`: 2.36 at 8,190 tokens, 2.70 at 32,760, what a JVP pass reaches when it runs as fast per FLOP as
+the forward), student iteration over the flow-matching step, peak memory, and the warm-up calls' seconds, which hold compilation and autotuning. The plain passes get one
 warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
 (pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
 FLOP counts assume; they need no warm-up (the passes before them ran every kernel and graph they use), and if a
@@ -57,7 +58,7 @@ from rcm_core.method.distill import build_state, distill_step, make_optimizer
 from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
 from rcm_core.networks.dit import set_attention, set_compile, set_recompute
-from rcm_core.run.plan import forward_flops
+from rcm_core.run.plan import forward_flops, jvp_flops
 from rcm_core.method.trigflow import add_noise
 
 PEAK = 989e12
@@ -82,7 +83,8 @@ VARIANTS = {                    # name: (model.attention, model.compile, model.a
     "sdpa_grad+compile+attention_only": ("sdpa_grad", "blocks", "attention_only"),
 }
 DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile"
-# FLOPs of each pass in forwards (rows of the issue-9 table): JVP ≈ 3 forwards; a with-grad forward+backward 3;
+# FLOPs of each pass in forwards (rows of the issue-9 table, kept so MFU columns compare across days): JVP ≈ 3
+# forwards (exactly 2 + self-attention's share, plan.jvp_flops: 2.36-2.70 at 1.3B, so its MFU reads high); a with-grad forward+backward 3;
 # a student iteration = sCM (teacher CFG 2, JVP 3, fwd+bwd 3) + DMD (rollout ≈ 2.5 forwards with the last one
 # backed through, fake 1, teacher CFG 2, backward 2) ≈ 15.5; a critic iteration = rollout 2.5 + fake fwd+bwd 3.
 FORWARDS = {"teacher_cfg": 2.0, "forward": 1.0, "jvp": 3.0, "fm_step": 3.0, "student": 15.5, "critic": 5.5,
@@ -246,6 +248,7 @@ class Bench:
         for name, n_fwd in FORWARDS.items():
             row[f"{name}_mfu"] = n_fwd * fwd / (row[f"{name}_ms"] / 1e3) / PEAK * 100
         row["jvp_over_forward"] = row["jvp_ms"] / row["forward_ms"]
+        row["jvp_flop_ratio"] = jvp_flops(self.cfg.model, L, L, L_text) / fwd      # the ratio at equal FLOP rates
         row["student_over_fm"] = row["student_ms"] / row["fm_step_ms"]
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
         row["warmup_s"] = first
@@ -278,7 +281,9 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("teacher forward ×2 (CFG, batch 2) ms", "teacher_cfg_ms", ".0f"), ("  MFU %", "teacher_cfg_mfu", ".1f"),
         ("one forward (no grad, batch 1) ms", "forward_ms", ".0f"),
         ("JVP pass ms", "jvp_ms", ".0f"), ("  MFU %", "jvp_mfu", ".1f"),
-        ("JVP pass / one forward", "jvp_over_forward", ".2f"), ("student iteration / flow-matching step",
+        ("JVP pass / one forward", "jvp_over_forward", ".2f"),
+        ("  the same in FLOPs (reached at equal FLOP rates)", "jvp_flop_ratio", ".2f"),
+        ("student iteration / flow-matching step",
                                                                   "student_over_fm", ".2f"),
         ("peak memory GiB", "peak_gib", ".1f"), ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 

@@ -69,6 +69,7 @@ from rcm_core.networks.causal import (
 )
 from rcm_core.networks.layers import (
     FP32LayerNorm,
+    Linear,
     RMSNorm,
     TimestepEmbedder,
     apply_rope,
@@ -110,9 +111,9 @@ class TextProjection(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
         self.act_1 = nn.GELU(approximate="tanh")
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act_1(self.linear_1(x)))
@@ -127,7 +128,7 @@ class ConditionEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.time_embedder = TimestepEmbedder(freq_dim, dim)
         self.act_fn = nn.SiLU()
-        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.time_proj = Linear(dim, 6 * dim)
         self.text_embedder = TextProjection(text_dim, dim)
         if num_classes > 0:
             # Row num_classes is the CFG null label, as in `label_embedding`: dropping a label drops both paths.
@@ -168,11 +169,11 @@ class WanAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
+        self.to_q = Linear(dim, dim)
+        self.to_k = Linear(dim, dim)
+        self.to_v = Linear(dim, dim)
         # Slot 1 is diffusers' Dropout; an Identity keeps the parameter name `to_out.0`.
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
+        self.to_out = nn.ModuleList([Linear(dim, dim), nn.Identity()])
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
         # Optional replacement op: in self-attention called as `fn(q, k, v, attend=..., primal=...)`, `attend` being
@@ -211,8 +212,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
         proj_in = nn.Module()
-        proj_in.proj = nn.Linear(dim, ffn_dim)
-        self.net = nn.ModuleList([proj_in, nn.Identity(), nn.Linear(ffn_dim, dim)])   # slot 1: dropout
+        proj_in.proj = Linear(dim, ffn_dim)
+        self.net = nn.ModuleList([proj_in, nn.Identity(), Linear(ffn_dim, dim)])   # slot 1: dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
@@ -386,7 +387,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanTransformerBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.eps)
                                     for _ in range(cfg.num_layers))
         self.norm_out = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.proj_out = nn.Linear(cfg.dim, cfg.in_channels * math.prod(self.patch_size))
+        self.proj_out = Linear(cfg.dim, cfg.in_channels * math.prod(self.patch_size))
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, cfg.dim))
         if cfg.num_classes > 0:
             self.label_embedding = nn.Parameter(torch.zeros(cfg.num_classes + 1, cfg.label_tokens, cfg.text_dim))

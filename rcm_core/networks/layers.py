@@ -12,6 +12,7 @@ import contextlib
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,6 +45,27 @@ def sinusoidal_embedding(timestep: torch.Tensor, dim: int, max_period: float = 1
     omega = torch.exp(exponent / half)
     angles = timestep[:, None] * omega[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward-mode JVP costs two matmuls, as it should, not three.
+
+    Under `torch.autograd.forward_ad` PyTorch differentiates `x @ Wᵀ` by its product rule x_t·Wᵀ + x·W_tᵀ, and for a
+    weight without a tangent it materialises W_t as zeros and runs the second matmul anyway (torch 2.13: `mm` on a
+    zeros-expanded tensor, no short cut): every linear layer of sCM's JVP pass cost 3 matmuls where 2 carry
+    information (`tests/test_jvp_flops.py` counts them). Here a dual input whose weight carries no tangent is split:
+    the primal through the layer, the tangent through the weight alone, the same values to the bit. Anything else
+    (no tangent, a weight with a tangent, a pass that records gradients, code being compiled) takes nn.Linear's path.
+    Same parameter names, so checkpoints and FSDP2 see an nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return super().forward(x)
+        primal, tangent = fwAD.unpack_dual(x)
+        if tangent is None or any(fwAD.unpack_dual(p).tangent is not None for p in (self.weight, self.bias)
+                                  if p is not None):
+            return super().forward(x)
+        return fwAD.make_dual(F.linear(primal, self.weight, self.bias), F.linear(tangent, self.weight))
 
 
 def linear_in(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

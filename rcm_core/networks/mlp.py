@@ -19,6 +19,7 @@ from torch import nn
 
 from rcm_core.config import ModelCfg
 from rcm_core.networks.layers import (
+    Linear,
     TimestepEmbedder,
     compute_dtype,
     no_autocast,
@@ -32,9 +33,9 @@ class ResBlock(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
-        self.fc1 = nn.Linear(hidden, 4 * hidden)
-        self.fc2 = nn.Linear(4 * hidden, hidden)
-        self.modulation = nn.Linear(hidden, 3 * hidden)
+        self.fc1 = Linear(hidden, 4 * hidden)
+        self.fc2 = Linear(4 * hidden, hidden)
+        self.modulation = Linear(hidden, 3 * hidden)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(F.silu(emb)).chunk(3, dim=-1)
@@ -46,13 +47,13 @@ class ResidualMLP(nn.Module):
     def __init__(self, cfg: ModelCfg):
         super().__init__()
         self.cfg = cfg
-        self.in_proj = nn.Linear(cfg.in_channels, cfg.hidden)
+        self.in_proj = Linear(cfg.in_channels, cfg.hidden)
         self.time_embedder = TimestepEmbedder(cfg.freq_dim, cfg.hidden)
         if cfg.num_classes > 0:
             self.label_embedding = nn.Embedding(cfg.num_classes + 1, cfg.hidden)
         self.blocks = nn.ModuleList(ResBlock(cfg.hidden) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.hidden, elementwise_affine=False)
-        self.out_proj = nn.Linear(cfg.hidden, cfg.in_channels)
+        self.out_proj = Linear(cfg.hidden, cfg.in_channels)
         self.reset_parameters()
 
     @torch.no_grad()

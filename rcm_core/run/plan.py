@@ -176,6 +176,20 @@ def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int)
     return model.num_layers * (linear + attention)
 
 
+def jvp_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> float:
+    """FLOPs of sCM's JVP pass (primal and tangent together, forward-mode AD along x_t and t) of one sample, on the
+    same terms as `forward_flops`. A matmul gains one tangent matmul per factor that carries a tangent: every block
+    linear but cross-attention's k, v (the text has none) doubles; self-attention's q·kᵀ and p·v have two tangent
+    factors each, so it triples (the fused kernel's 12 FLOPs per pair and head-dim element against the forward's 4);
+    cross-attention's q·kᵀ and p·v one each, so it doubles. Hence JVP ÷ forward is 2 + the self-attention share of
+    a forward's FLOPs (less a little for the text): 2.36 at 8,190 tokens and 2.70 at 32,760 for Wan2.1-1.3B, the
+    ratio of times a JVP pass can reach only by running faster per FLOP than the forward it is compared with."""
+    D, F = model.dim, model.ffn_dim
+    linear = 2 * 2 * q_tokens * (6 * D * D + 2 * D * F) + 2 * text_len * 2 * D * D
+    attention = 3 * 4 * q_tokens * kv_tokens * D + 2 * 4 * q_tokens * text_len * D
+    return model.num_layers * (linear + attention)
+
+
 @dataclass
 class MeshPlan:
     shape: MeshShape
@@ -435,4 +449,4 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
 
 __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
            "check_fits", "read_step_table", "refuse_reason", "block_saved_bytes", "selective_saved_bytes",
-           "jvp_live_bytes", "GiB"]
+           "jvp_live_bytes", "forward_flops", "jvp_flops", "GiB"]
