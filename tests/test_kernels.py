@@ -152,30 +152,41 @@ def _make_case(case, gen):
     return (q, k, v, qt, kt, vt), mask
 
 
+def jvp_draw(case, dtype, device: str, seed: int) -> dict:
+    """One draw of the JVP test at `seed`: {output: (kernel's, float64 reference, u)} for o, o_t, lse, lse_t, plus
+    the lse -inf pattern's agreement ("lse_pattern") and the rows of a fully masked batch item ("masked_rows").
+    The test checks one fixed seed per case; `experiments/bench/kernel_bar_draws.py` runs many to place the bars."""
+    gen = torch.Generator().manual_seed(seed)
+    xs64, mask = _make_case(case, gen)
+    mask_dev = None if mask is None else mask.to(device)
+    exact = [_rounded(x, dtype) for x in xs64]
+    o_ref, ot_ref = _jvp_torch(*exact, mask)
+    _, _, lse_ref, lset_ref = kernels.attention_jvp_lse_ref(*exact, key_padding_mask=mask)
+    xs = [_cast(x, dtype, device) for x in xs64]
+    o, ot, lse, lse_t = kernels.attention_jvp(*xs, key_padding_mask=mask_dev, return_lse=True)
+    assert o.dtype == ot.dtype == dtype and o.shape == xs[0].shape
+    fin = torch.isfinite(lse_ref)
+    out = {"o": (o, o_ref, U[dtype]), "o_t": (ot, ot_ref, U[dtype]), "lse": (lse.cpu()[fin], lse_ref[fin], U_LSE),
+           "lse_t": (lse_t, lset_ref, U_LSE), "lse_pattern": torch.equal(torch.isfinite(lse.cpu()), fin)}
+    if mask is not None and case[0] > 1:
+        out["masked_rows"] = (o[1], ot[1])
+    return out
+
+
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2]}x{c[3]}d{c[4]}-{c[5]}")
 def test_attention_jvp_matches_float64(triton_mode, dtype, case):
     """o, o_t, lse and lse_t against float64 (BARS["jvp"]). lse_t's bar is ~1e-6 absolute: a kernel returning
     lse_t ≡ 0 (|lse_t| ≈ 0.5–3 here) fails it by five orders of magnitude."""
-    seed, gen = _seeded(CASES.index(case))
-    xs64, mask = _make_case(case, gen)
-    mask_dev = None if mask is None else mask.to(triton_mode)
-    exact = [_rounded(x, dtype) for x in xs64]
-    o_ref, ot_ref = _jvp_torch(*exact, mask)
-    _, _, lse_ref, lset_ref = kernels.attention_jvp_lse_ref(*exact, key_padding_mask=mask)
-    xs = [_cast(x, dtype, triton_mode) for x in xs64]
-    o, ot, lse, lse_t = kernels.attention_jvp(*xs, key_padding_mask=mask_dev, return_lse=True)
-    assert o.dtype == ot.dtype == dtype and o.shape == xs[0].shape
-    bars = BARS["jvp"]
-    _check("o", o, o_ref, bars["o"][dtype], U[dtype], seed)
-    _check("o_t", ot, ot_ref, bars["o_t"][dtype], U[dtype], seed)
-    fin = torch.isfinite(lse_ref)
-    assert torch.equal(torch.isfinite(lse.cpu()), fin), f"lse -inf pattern (seed {seed})"
-    _check("lse", lse.cpu()[fin], lse_ref[fin], bars["lse"][dtype], U_LSE, seed)
-    _check("lse_t", lse_t, lset_ref, bars["lse_t"][dtype], U_LSE, seed)
-    if mask is not None and case[0] > 1:
-        assert (o[1] == 0).all() and (ot[1] == 0).all(), "fully masked rows must be exactly 0"
+    seed = CASES.index(case)
+    draw = jvp_draw(case, dtype, triton_mode, seed)
+    for name in ("o", "o_t", "lse", "lse_t"):
+        ours, ref, u = draw[name]
+        _check(name, ours, ref, BARS["jvp"][name][dtype], u, seed)
+    assert draw["lse_pattern"], f"lse -inf pattern (seed {seed})"
+    if "masked_rows" in draw:
+        assert all((t == 0).all() for t in draw["masked_rows"]), "fully masked rows must be exactly 0"
 
 
 def _loss_grads(fn, xs, w):
@@ -185,30 +196,42 @@ def _loss_grads(fn, xs, w):
     return o.detach(), [x.grad for x in xs]
 
 
+def backward_draw(case, dtype, device: str, seed: int) -> dict:
+    """One draw of the backward test at `seed`: {output: (kernel's, float64 reference, u)} for o, dq, dk, dv (dq, dk,
+    dv on the batch items with a valid key), plus the gradients of a fully masked batch item ("masked_grads")."""
+    gen = torch.Generator().manual_seed(seed)
+    (q, k, v, *_), mask = _make_case(case, gen)
+    mask_dev = None if mask is None else mask.to(device)
+    w = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    ref_fn = lambda m: (lambda q_, k_, v_: attention_ref(q_, k_, v_, key_padding_mask=m))
+    # The kernel's cotangent is w rounded to its dtype (the gradient of o.double()·w reaching o): so is the ref's.
+    o_ref, g_ref = _loss_grads(ref_fn(mask), [_rounded(x, dtype) for x in (q, k, v)], _rounded(w, dtype))
+    xs = [_cast(x, dtype, device) for x in (q, k, v)]
+    o, g = _loss_grads(lambda q_, k_, v_: kernels.attention(q_, k_, v_, key_padding_mask=mask_dev), xs,
+                       w.to(device))
+    out = {"o": (o, o_ref, U[dtype])}
+    keep = slice(0, 1) if (mask is not None and q.shape[0] > 1) else slice(None)  # ref grads are NaN on batch 1
+    for name, a, c in zip(("dq", "dk", "dv"), g, g_ref):
+        assert a.shape == c.shape and a.dtype == dtype
+        out[name] = (a[keep], c[keep], U[dtype])
+    if keep != slice(None):
+        out["masked_grads"] = tuple(a[1] for a in g)
+    return out
+
+
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[2]}x{c[3]}d{c[4]}-{c[5]}")
 def test_attention_backward_matches_float64(triton_mode, dtype, case):
     """o, dq, dk, dv against the exact float64 gradient of Σ w·o at the rounded inputs and cotangent, in units of
     bf16's (fp16's, fp32's) own rounding of that gradient (BARS["bwd"])."""
-    seed, gen = _seeded(CASES.index(case))
-    (q, k, v, *_), mask = _make_case(case, gen)
-    mask_dev = None if mask is None else mask.to(triton_mode)
-    w = torch.randn(q.shape, generator=gen, dtype=torch.float64)
-    ref_fn = lambda m: (lambda q_, k_, v_: attention_ref(q_, k_, v_, key_padding_mask=m))
-    # The kernel's cotangent is w rounded to its dtype (the gradient of o.double()·w reaching o): so is the ref's.
-    o_ref, g_ref = _loss_grads(ref_fn(mask), [_rounded(x, dtype) for x in (q, k, v)], _rounded(w, dtype))
-    xs = [_cast(x, dtype, triton_mode) for x in (q, k, v)]
-    o, g = _loss_grads(lambda q_, k_, v_: kernels.attention(q_, k_, v_, key_padding_mask=mask_dev), xs,
-                       w.to(triton_mode))
-    bars = BARS["bwd"]
-    _check("o", o, o_ref, bars["o"][dtype], U[dtype], seed)
-    keep = slice(0, 1) if (mask is not None and q.shape[0] > 1) else slice(None)  # ref grads are NaN on batch 1
-    for name, a, c in zip(("dq", "dk", "dv"), g, g_ref):
-        assert a.shape == c.shape and a.dtype == dtype
-        _check(name, a[keep], c[keep], bars[name][dtype], U[dtype], seed)
-        if keep != slice(None):
-            assert (a[1] == 0).all(), f"{name}: a batch with no valid key has zero gradient"
+    seed = CASES.index(case)
+    draw = backward_draw(case, dtype, triton_mode, seed)
+    for name in ("o", "dq", "dk", "dv"):
+        ours, ref, u = draw[name]
+        _check(name, ours, ref, BARS["bwd"][name][dtype], u, seed)
+    for name, grad in zip(("dq", "dk", "dv"), draw.get("masked_grads", ())):
+        assert (grad == 0).all(), f"{name}: a batch with no valid key has zero gradient"
 
 
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
