@@ -8,7 +8,9 @@
 One uninterrupted run with the same seed is the reference for the loss trajectory, which must match bit for bit:
 the same data order (Ray Data's preserve_order, kept through Ray Train by workflows.trainer.GroupReaderDataConfig),
 the same noise (seeded per step and rank) and the data stream replayed to the checkpoint's step on resume
-(workflows.data.resumable_batches). All invocations share one module fixture (about 4 minutes on 2 cores). Numbers measured here are in docs/RELIABILITY.md.
+(workflows.data.resumable_batches). All invocations share one module fixture (about 3.5 minutes on 2 cores; 4.2
+before the reference and the re-run used the session's 0.2 s Ray Train poll, tests/conftest.py). Numbers measured
+here are in docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -60,9 +62,16 @@ class Run:
         self.proc: subprocess.Popen | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> None:
+    def start(self, *, ray_train_poll: str | None = None) -> None:
+        """ray_train_poll: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for this invocation, None = the session's (0.2 s,
+        tests/conftest.py); "" = Ray's default (2 s)."""
+        env = dict(self.env)
+        if ray_train_poll == "":
+            env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        elif ray_train_poll is not None:
+            env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = ray_train_poll
         log = open(self.dir / "driver.log", "ab")
-        self.proc = subprocess.Popen(self.args, cwd=self.dir.parent, env=self.env, stdout=log,
+        self.proc = subprocess.Popen(self.args, cwd=self.dir.parent, env=env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for_checkpoint(self, step: int, timeout: float = 600) -> None:
@@ -108,7 +117,12 @@ def killed_and_reference(tmp_path_factory):
         out["reference_s"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        run.start()
+        # Ray's default 2 s poll for the invocation whose driver is killed: after a driver's SIGKILL its Ray Train
+        # controller still takes reports for about 2-3 s (fate sharing is not instant). At the session's 0.2 s poll a
+        # step takes ~0.2 s, so the run reported 8 more steps, its step-32 checkpoint included, after a kill at 24
+        # (measured, STEPS=32 EVERY=8): the re-run then had nothing to resume. At 2 s a step takes ~2.4 s and no
+        # further checkpoint is reported (the assertion on the resume step checks that).
+        run.start(ray_train_poll="")
         run.wait_for_checkpoint(2 * EVERY)        # step 2·EVERY written, so an earlier one is reported to Ray
         workers = run.processes("ray::RayTrainWorker")
         assert len(workers) == 1, workers
