@@ -2,6 +2,7 @@
 
     python3 experiments/bench/rcm_step.py                  # on the GPU: 8,190 and 32,760 tokens, every lever
     python3 experiments/bench/rcm_step.py --profile        # + torch.profiler top CUDA kernels per pass (8,190)
+    python3 experiments/bench/rcm_step.py --linear-ab      # + the JVP pass under PyTorch's linear rule vs ours
     python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
 
 One process builds the networks once (random weights, width 1536, 30 blocks, 12 heads, text 512×4096, bf16
@@ -328,6 +329,34 @@ def write_outputs(out: Path, results: dict, card: str, command: str, model: dict
         (out / f"step_table_{variant.replace('+', '_')}.json").write_text(json.dumps(table, indent=1) + "\n")
 
 
+def linear_rule_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int) -> dict:
+    """The JVP pass with `rcm_core.networks.layers.Linear`'s rule (two matmuls per linear) against PyTorch's own
+    forward-mode rule (three: the weight's zero tangent materialised and multiplied), in one process, interleaved
+    call by call; the two tangents must agree to the bit (they differ by a matmul by zeros)."""
+    from rcm_core.networks import layers
+    bench.set_variant(variant)
+    jvp = bench.passes(latent, L_text)["jvp"]
+    ours_forward = layers.Linear.forward
+    rules = {"ours": ours_forward, "pytorch": torch.nn.Linear.forward}
+    outs, times = {}, {name: [] for name in rules}
+    try:
+        for rep in range(reps + 1):                     # call 0 of each rule is its warm-up
+            for name, rule in rules.items():
+                layers.Linear.forward = rule
+                sync(bench.device)
+                t0 = time.perf_counter()
+                outs[name] = jvp()
+                sync(bench.device)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        layers.Linear.forward = ours_forward
+    finite("jvp (linear A/B)", outs["ours"])
+    equal = all(torch.equal(a, b) for a, b in zip(outs["ours"], outs["pytorch"]))
+    ours, theirs = (statistics.median(times[n]) * 1e3 for n in rules)
+    return {"ours_ms": ours, "pytorch_ms": theirs, "change_pct": (ours / theirs - 1) * 100, "bit_equal": equal}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
@@ -338,6 +367,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile every pass per variant at --profile-shape")
     ap.add_argument("--profile-shape", choices=list(SHAPES), default="8k")
     ap.add_argument("--profile-top", type=int, default=12, help="kernels per pass in the profile tables")
+    ap.add_argument("--linear-ab", action="store_true",
+                    help="first, per shape: the JVP pass with layers.Linear's rule against PyTorch's (first variant)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new variant after this many seconds (0: no limit); the tables still print")
     args = ap.parse_args()
@@ -364,6 +395,13 @@ def main() -> None:
     print(f"[{time.perf_counter() - t_start:.0f} s] networks built", flush=True)
     results: dict[str, list[dict]] = {}
     profiles, oom = [], []
+    ab_lines = []
+    for key, (title, latent, L_text) in shapes.items() if args.linear_ab else ():
+        ab = linear_rule_ab(bench, variants[0], latent, L_text, max(args.reps, 3))
+        ab_lines.append(f"| {title} | {ab['pytorch_ms']:.0f} | {ab['ours_ms']:.0f} | {ab['change_pct']:+.1f} % | "
+                        f"{ab['bit_equal']} |")
+        print(f"[{time.perf_counter() - t_start:.0f} s] {key} JVP pass, linear rule A/B: PyTorch's "
+              f"{ab['pytorch_ms']:.0f} ms, ours {ab['ours_ms']:.0f} ms, tangents bit-equal {ab['bit_equal']}", flush=True)
     for key, (title, latent, L_text) in shapes.items():
         results[key] = []
         for variant in variants:
@@ -406,6 +444,9 @@ def main() -> None:
     for key, rows in results.items():
         if rows:
             print("\n" + markdown(shapes[key][0], rows))
+    if ab_lines:
+        print(f"\n| JVP pass ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | PyTorch's linear "
+              f"rule ms | layers.Linear ms | change | tangents bit-equal |\n|---|---|---|---|---|\n" + "\n".join(ab_lines))
     for line in oom:
         print(line)
     if out and oom:
