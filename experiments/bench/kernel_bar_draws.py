@@ -2,6 +2,7 @@
 
     python experiments/bench/kernel_bar_draws.py --seeds 0-199 --workers 14 --out draws.json   # Triton interpreter
     python experiments/bench/kernel_bar_draws.py --merge a.json b.json --out draws.json          # draws of several runs
+    python experiments/bench/kernel_bar_draws.py --table --out draws.json                        # the table alone
 
 `tests/test_kernels.py` checks each case at one fixed seed (its index), against `BARS` in units of u·max|ref|.
 This script runs the same draws (`jvp_draw`, `backward_draw` of that test file, imported from it: one code path) at
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--budget-s", type=float, default=0.0, help="cancel the draws not yet started after this many seconds")
     ap.add_argument("--out", default="kernel_draws.json")
-    ap.add_argument("--merge", nargs="*", default=[], help="JSON files of earlier runs to add to --out, then print")
+    ap.add_argument("--merge", nargs="+", default=[], help="JSON files of earlier runs to add to --out, then print")
+    ap.add_argument("--table", action="store_true", help="print the table of what --out holds; run no draw")
     args = ap.parse_args(argv)
     out = Path(args.out)
     draws = json.loads(out.read_text()) if out.is_file() else {}
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, by_seed in outputs.items():
                         for seed, err in by_seed.items():
                             merge(draws, test, case, dtype, int(seed), {name: err})
-    if not args.merge:
+    if not (args.merge or args.table):
         t = load_tests()
         jobs = [(test, i, dtype, seed) for seed in parse_seeds(args.seeds) for test in args.tests.split(",")
                 for i in range(len(t.CASES) if test == "jvp" else 2) for dtype in args.dtypes.split(",")]
