@@ -26,7 +26,8 @@ Per variant and shape: ms of the teacher CFG forward (batch 2), one no-grad forw
 flow-matching step (the unit of cost), an rCM student and critic iteration and their 1:4 mean, MFU (model FLOPs,
 2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward beside the same ratio in FLOPs
 (`plan.jvp_flops`: 2.36 at 8,190 tokens, 2.70 at 32,760, what a JVP pass reaches when it runs as fast per FLOP as
-the forward), student iteration over the flow-matching step, peak memory, and the warm-up calls' seconds, which hold compilation and autotuning. The plain passes get one
+the forward), student iteration over the flow-matching step, peak memory, and the warm-up calls' seconds, which
+hold compilation and autotuning. The plain passes get one
 warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
 (pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
 FLOP counts assume; they need no warm-up (the passes before them ran every kernel and graph they use), and if a
@@ -85,7 +86,8 @@ VARIANTS = {                    # name: (model.attention, model.compile, model.a
 }
 DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile"
 # FLOPs of each pass in forwards (rows of the issue-9 table, kept so MFU columns compare across days): JVP ≈ 3
-# forwards (exactly 2 + self-attention's share, plan.jvp_flops: 2.36-2.70 at 1.3B, so its MFU reads high); a with-grad forward+backward 3;
+# forwards (exactly 2 + self-attention's share, plan.jvp_flops: 2.36-2.70 at 1.3B, so its MFU reads high); a
+# with-grad forward+backward 3;
 # a student iteration = sCM (teacher CFG 2, JVP 3, fwd+bwd 3) + DMD (rollout ≈ 2.5 forwards with the last one
 # backed through, fake 1, teacher CFG 2, backward 2) ≈ 15.5; a critic iteration = rollout 2.5 + fake fwd+bwd 3.
 FORWARDS = {"teacher_cfg": 2.0, "forward": 1.0, "jvp": 3.0, "fm_step": 3.0, "student": 15.5, "critic": 5.5,
@@ -284,8 +286,7 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("JVP pass ms", "jvp_ms", ".0f"), ("  MFU %", "jvp_mfu", ".1f"),
         ("JVP pass / one forward", "jvp_over_forward", ".2f"),
         ("  the same in FLOPs (reached at equal FLOP rates)", "jvp_flop_ratio", ".2f"),
-        ("student iteration / flow-matching step",
-                                                                  "student_over_fm", ".2f"),
+        ("student iteration / flow-matching step", "student_over_fm", ".2f"),
         ("peak memory GiB", "peak_gib", ".1f"), ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 
 

@@ -59,7 +59,8 @@ class Linear(nn.Linear):
     Same parameter names, so checkpoints and FSDP2 see an nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        # No dual level open (every plain forward: rollouts, teacher, samplers): no `_unpack_dual` dispatch either.
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or getattr(fwAD, "_current_level", 0) < 0:
             return super().forward(x)
         primal, tangent = fwAD.unpack_dual(x)
         if tangent is None or any(fwAD.unpack_dual(p).tangent is not None for p in (self.weight, self.bias)

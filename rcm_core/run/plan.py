@@ -166,14 +166,18 @@ def read_step_table(path: str | Path) -> StepTable | None:
     return table
 
 
+def _flop_parts(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> tuple[float, float, float, float]:
+    """One forward of one sample, per layer and 2 FLOPs per MAC: (linears on the latent tokens: self q,k,v,o +
+    cross q,o (6·D²) and the FFN; cross-attention's k,v on the text (2·D²); self-attention; cross-attention)."""
+    D, F = model.dim, model.ffn_dim
+    return (2 * q_tokens * (6 * D * D + 2 * D * F), 2 * text_len * 2 * D * D,
+            4 * q_tokens * kv_tokens * D, 4 * q_tokens * text_len * D)
+
+
 def forward_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> float:
     """FLOPs of one forward of one sample whose rank holds `q_tokens` of `kv_tokens` (2 per MAC): block linear
     layers, self-attention over all keys, cross-attention over the text."""
-    D, F = model.dim, model.ffn_dim
-    # self q,k,v,o + cross q,o (6·D²) and the FFN per latent token; cross k,v (2·D²) per text token
-    linear = 2 * q_tokens * (6 * D * D + 2 * D * F) + 2 * text_len * 2 * D * D
-    attention = 4 * q_tokens * (kv_tokens + text_len) * D
-    return model.num_layers * (linear + attention)
+    return model.num_layers * sum(_flop_parts(model, q_tokens, kv_tokens, text_len))
 
 
 def jvp_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> float:
@@ -184,10 +188,8 @@ def jvp_flops(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> 
     cross-attention's q·kᵀ and p·v one each, so it doubles. Hence JVP ÷ forward is 2 + the self-attention share of
     a forward's FLOPs (less a little for the text): 2.36 at 8,190 tokens and 2.70 at 32,760 for Wan2.1-1.3B, the
     ratio of times a JVP pass can reach only by running faster per FLOP than the forward it is compared with."""
-    D, F = model.dim, model.ffn_dim
-    linear = 2 * 2 * q_tokens * (6 * D * D + 2 * D * F) + 2 * text_len * 2 * D * D
-    attention = 3 * 4 * q_tokens * kv_tokens * D + 2 * 4 * q_tokens * text_len * D
-    return model.num_layers * (linear + attention)
+    latent_linear, text_linear, self_attention, cross_attention = _flop_parts(model, q_tokens, kv_tokens, text_len)
+    return model.num_layers * (2 * latent_linear + text_linear + 3 * self_attention + 2 * cross_attention)
 
 
 @dataclass
