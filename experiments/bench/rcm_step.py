@@ -3,6 +3,8 @@
     python3 experiments/bench/rcm_step.py                  # on the GPU: 8,190 and 32,760 tokens, every lever
     python3 experiments/bench/rcm_step.py --profile        # + torch.profiler top CUDA kernels per pass (8,190)
     python3 experiments/bench/rcm_step.py --linear-ab      # + the JVP pass under PyTorch's linear rule vs ours
+    python3 experiments/bench/rcm_step.py --islands-ab --variants sdpa_grad+compile+attention_only
+                                                           # + the JVP pass, elementwise islands fused vs eager
     python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
 
 One process builds the networks once (random weights, width 1536, 30 blocks, 12 heads, text 512×4096, bf16
@@ -40,6 +42,7 @@ adopted variant's file to docs/results/gpu/step_table.json) and, with --profile,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -330,32 +333,62 @@ def write_outputs(out: Path, results: dict, card: str, command: str, model: dict
         (out / f"step_table_{variant.replace('+', '_')}.json").write_text(json.dumps(table, indent=1) + "\n")
 
 
-def linear_rule_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int) -> dict:
-    """The JVP pass with `rcm_core.networks.layers.Linear`'s rule (two matmuls per linear) against PyTorch's own
-    forward-mode rule (three: the weight's zero tangent materialised and multiplied), in one process, interleaved
-    call by call; the two tangents must agree to the bit (they differ by a matmul by zeros)."""
-    from rcm_core.networks import layers
+def jvp_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int, arms: dict) -> dict:
+    """The JVP pass under two arms (name → a function returning a context manager; the first arm is the product's
+    path), in one process, interleaved call by call; the largest relative difference between the two tangents."""
     bench.set_variant(variant)
     jvp = bench.passes(latent, L_text)["jvp"]
-    ours_forward = layers.Linear.forward
-    rules = {"ours": ours_forward, "pytorch": torch.nn.Linear.forward}
-    outs, times = {}, {name: [] for name in rules}
-    try:
-        for rep in range(reps + 1):                     # call 0 of each rule is its warm-up
-            for name, rule in rules.items():
-                layers.Linear.forward = rule
+    outs, times = {}, {name: [] for name in arms}
+    for rep in range(reps + 1):                     # call 0 of each arm is its warm-up
+        for name, arm in arms.items():
+            with arm():
                 sync(bench.device)
                 t0 = time.perf_counter()
                 outs[name] = jvp()
                 sync(bench.device)
-                if rep:
-                    times[name].append(time.perf_counter() - t0)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    (ours, a), (theirs, b) = ((n, outs[n]) for n in arms)
+    finite(f"jvp ({ours} / {theirs})", a)
+    diff = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(a, b))
+    t_ours, t_theirs = (statistics.median(times[n]) * 1e3 for n in arms)
+    return {"ours_ms": t_ours, "theirs_ms": t_theirs, "change_pct": (t_ours / t_theirs - 1) * 100,
+            "bit_equal": all(torch.equal(x, y) for x, y in zip(a, b)), "max_rel_diff": diff}
+
+
+@contextlib.contextmanager
+def _linear_rule(rule):
+    from rcm_core.networks import layers
+    ours = layers.Linear.forward
+    layers.Linear.forward = rule
+    try:
+        yield
     finally:
-        layers.Linear.forward = ours_forward
-    finite("jvp (linear A/B)", outs["ours"])
-    equal = all(torch.equal(a, b) for a, b in zip(outs["ours"], outs["pytorch"]))
-    ours, theirs = (statistics.median(times[n]) * 1e3 for n in rules)
-    return {"ours_ms": ours, "pytorch_ms": theirs, "change_pct": (ours / theirs - 1) * 100, "bit_equal": equal}
+        layers.Linear.forward = ours
+
+
+def linear_rule_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int) -> dict:
+    """`rcm_core.networks.layers.Linear`'s forward-mode rule (two matmuls per linear) against PyTorch's own (three:
+    the weight's zero tangent materialised and multiplied); the tangents must agree to the bit (they differ by a
+    matmul by zeros)."""
+    from rcm_core.networks import layers
+    ours = layers.Linear.forward
+    return jvp_ab(bench, variant, latent, L_text, reps,
+                  {"layers.Linear": lambda: _linear_rule(ours),
+                   "PyTorch's rule": lambda: _linear_rule(torch.nn.Linear.forward)})
+
+
+def islands_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int) -> dict:
+    """Under a compiled variant: the JVP pass with its elementwise islands fused (primal + tangent compiled,
+    rcm_core/networks/tangent_islands.py) against the eager dual path (`tangent_islands.unfused()`); the two
+    tangents differ by rounding only (different op orders in bf16/fp32)."""
+    from rcm_core.networks import tangent_islands
+    if "compile" not in variant:
+        raise SystemExit(f"--islands-ab needs a compiled first variant (islands fuse under model.compile=blocks); "
+                         f"got {variant!r}: put e.g. sdpa_grad+compile+attention_only first in --variants")
+    return jvp_ab(bench, variant, latent, L_text, reps,
+                  {"fused islands": contextlib.nullcontext, "eager dual": tangent_islands.unfused})
 
 
 def main() -> None:
@@ -370,6 +403,9 @@ def main() -> None:
     ap.add_argument("--profile-top", type=int, default=12, help="kernels per pass in the profile tables")
     ap.add_argument("--linear-ab", action="store_true",
                     help="first, per shape: the JVP pass with layers.Linear's rule against PyTorch's (first variant)")
+    ap.add_argument("--islands-ab", action="store_true",
+                    help="first, per shape: the JVP pass with its elementwise islands fused against the eager dual "
+                         "path (the first variant, which must be compiled)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new variant after this many seconds (0: no limit); the tables still print")
     args = ap.parse_args()
@@ -397,12 +433,16 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     profiles, oom = [], []
     ab_lines = []
-    for key, (title, latent, L_text) in shapes.items() if args.linear_ab else ():
-        ab = linear_rule_ab(bench, variants[0], latent, L_text, max(args.reps, 3))
-        ab_lines.append(f"| {title} | {ab['pytorch_ms']:.0f} | {ab['ours_ms']:.0f} | {ab['change_pct']:+.1f} % | "
-                        f"{ab['bit_equal']} |")
-        print(f"[{time.perf_counter() - t_start:.0f} s] {key} JVP pass, linear rule A/B: PyTorch's "
-              f"{ab['pytorch_ms']:.0f} ms, ours {ab['ours_ms']:.0f} ms, tangents bit-equal {ab['bit_equal']}", flush=True)
+    abs_ = [("linear rule: PyTorch's → layers.Linear", linear_rule_ab)] if args.linear_ab else []
+    abs_ += [("islands: eager dual → fused", islands_ab)] if args.islands_ab else []
+    for what, ab_fn in abs_:
+        for key, (title, latent, L_text) in shapes.items():
+            ab = ab_fn(bench, variants[0], latent, L_text, max(args.reps, 3))
+            ab_lines.append(f"| {what} | {title} | {ab['theirs_ms']:.0f} | {ab['ours_ms']:.0f} | "
+                            f"{ab['change_pct']:+.1f} % | {ab['bit_equal']} | {ab['max_rel_diff']:.1e} |")
+            print(f"[{time.perf_counter() - t_start:.0f} s] {key} JVP pass, {what}: {ab['theirs_ms']:.0f} → "
+                  f"{ab['ours_ms']:.0f} ms, tangents bit-equal {ab['bit_equal']}, max rel diff "
+                  f"{ab['max_rel_diff']:.1e}", flush=True)
     for key, (title, latent, L_text) in shapes.items():
         results[key] = []
         for variant in variants:
@@ -446,8 +486,9 @@ def main() -> None:
         if rows:
             print("\n" + markdown(shapes[key][0], rows))
     if ab_lines:
-        print(f"\n| JVP pass ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | PyTorch's linear "
-              f"rule ms | layers.Linear ms | change | tangents bit-equal |\n|---|---|---|---|---|\n" + "\n".join(ab_lines))
+        print(f"\n| JVP pass A/B ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
+              f"| after ms | change | outputs bit-equal | max rel diff |\n|---|---|---|---|---|---|---|\n"
+              + "\n".join(ab_lines))
     for line in oom:
         print(line)
     if out and oom:

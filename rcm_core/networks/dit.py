@@ -72,7 +72,6 @@ from rcm_core.networks.layers import (
     Linear,
     RMSNorm,
     TimestepEmbedder,
-    apply_rope,
     compute_dtype,
     linear_in,
     no_autocast,
@@ -80,6 +79,13 @@ from rcm_core.networks.layers import (
     rope_angles,
     sinusoidal_embedding,
     unpatchify,
+)
+from rcm_core.networks.tangent_islands import (
+    TangentFusedLayerNorm,
+    gated_residual,
+    gelu_tanh,
+    modulated_norm,
+    qk_heads,
 )
 
 # Modules whose parameters stay fp32 when the rest of the network is cast to bf16 (Wan keeps the time path,
@@ -181,6 +187,7 @@ class WanAttention(nn.Module):
         # rcm_core.parallel.context installs Ulysses attention in the self-attention here. The model never shards.
         self.attention_fn = None
         self.primal = "fused"        # kernels.attention's `primal`: model.attention, set by `set_attention`
+        self.compile_mode = "none"   # model.compile, set by `set_compile`: "blocks" fuses the JVP's QK work
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)      # [B, L, D] → [B, heads, L, hd]
@@ -191,11 +198,12 @@ class WanAttention(nn.Module):
         """Self-attention (context None) under `layout` (rcm_core.networks.causal; None = full), or
         cross-attention to `context` with an optional key padding mask."""
         kv = x if context is None else context
-        q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(kv)))
+        cos, sin = rope if rope is not None else (None, None)
+        fuse = self.compile_mode == "blocks"
+        q = qk_heads(self.to_q(x), self.norm_q.weight, cos, sin, eps=self.norm_q.eps, heads=self.num_heads, fuse=fuse)
+        k = qk_heads(self.to_k(kv), self.norm_k.weight, cos, sin, eps=self.norm_k.eps, heads=self.num_heads,
+                     fuse=fuse)
         v = self._heads(self.to_v(kv))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if context is None:
             attend = functools.partial(self_attention, layout=layout, layer=layer, primal=self.primal)
             o = attend(q, k, v) if self.attention_fn is None else self.attention_fn(q, k, v, attend=attend,
@@ -214,9 +222,10 @@ class FeedForward(nn.Module):
         proj_in = nn.Module()
         proj_in.proj = Linear(dim, ffn_dim)
         self.net = nn.ModuleList([proj_in, nn.Identity(), Linear(ffn_dim, dim)])   # slot 1: dropout
+        self.compile_mode = "none"   # model.compile, set by `set_compile`: "blocks" fuses the JVP's GELU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](gelu_tanh(self.net[0].proj(x), fuse=self.compile_mode == "blocks"))
 
 
 class WanTransformerBlock(nn.Module):
@@ -227,7 +236,7 @@ class WanTransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, num_heads, eps)
-        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.norm2 = TangentFusedLayerNorm(dim, eps, elementwise_affine=True)
         self.attn2 = WanAttention(dim, num_heads, eps)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
@@ -260,15 +269,18 @@ class WanTransformerBlock(nn.Module):
                  layout: Layout = None, layer: int = 0) -> torch.Tensor:
         dt = e0.dtype                                                       # ≥ fp32
         view, flat = frame_view(x, e0)
+        # In sCM's JVP pass with model.compile=blocks each elementwise island runs its primal and tangent as one
+        # compiled function (networks/tangent_islands.py); everywhere else these are the plain functions.
+        fuse = self.compile_mode == "blocks"
         with no_autocast(x.device):
             mod = (self.scale_shift_table.to(dt) + e0).unbind(-2)
             shift, scale, gate, c_shift, c_scale, c_gate = (m.unsqueeze(-2) for m in mod)
-            h = flat(self.norm1(view(x).to(dt)) * (1 + scale) + shift).to(x.dtype)
-        x = flat(view(x).to(dt) + view(self.attn1(h, rope=rope, layout=layout, layer=layer)) * gate).to(x.dtype)
+            h = flat(modulated_norm(view(x), scale, shift, eps=self.norm1.eps, fuse=fuse))
+        x = flat(gated_residual(view(x), view(self.attn1(h, rope=rope, layout=layout, layer=layer)), gate, fuse=fuse))
         x = x + self.attn2(self.norm2(x), context=context, key_padding_mask=context_mask)
         with no_autocast(x.device):
-            h = flat(self.norm3(view(x).to(dt)) * (1 + c_scale) + c_shift).to(x.dtype)
-        return flat(view(x).to(dt) + view(self.ffn(h)).to(dt) * c_gate).to(x.dtype)
+            h = flat(modulated_norm(view(x), c_scale, c_shift, eps=self.norm3.eps, fuse=fuse))
+        return flat(gated_residual(view(x), view(self.ffn(h)).to(dt), c_gate, fuse=fuse))
 
 
 def frame_view(x: torch.Tensor, mod: torch.Tensor):
@@ -340,10 +352,13 @@ def set_attention(net: nn.Module, primal: str) -> nn.Module:
 
 def set_compile(net: nn.Module, mode: str) -> nn.Module:
     """`model.compile` on a built network, in place: "blocks" compiles each transformer block on its first
-    tangent-free call, "none" runs them eager."""
+    tangent-free call and, in sCM's JVP pass (which runs eager: inductor drops dual tensors' tangents), the
+    elementwise islands of the block, its attentions, feed-forward and norm2 (tangent_islands.py); "none" runs
+    everything eager."""
     if mode not in ("none", "blocks"):
         raise ValueError(f"model.compile={mode!r}: use none or blocks")
-    return _switch(net, WanTransformerBlock, "compile_mode", mode, "compile")
+    return _switch(net, (WanTransformerBlock, WanAttention, FeedForward, TangentFusedLayerNorm), "compile_mode",
+                   mode, "compile")
 
 
 RECOMPUTE_MODES = (False, True, *SAVED_OPS)
@@ -360,7 +375,7 @@ def set_recompute(net: nn.Module, mode) -> nn.Module:
     return net
 
 
-def _switch(net: nn.Module, kind: type, attr: str, value: str, cfg_key: str) -> nn.Module:
+def _switch(net: nn.Module, kind: type | tuple[type, ...], attr: str, value: str, cfg_key: str) -> nn.Module:
     """Set `attr` on every `kind` module of `net`, and the network's `cfg.<cfg_key>` to match."""
     for m in net.modules():
         if isinstance(m, kind):

@@ -92,14 +92,27 @@ class TimestepEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Norms computed in (at least) fp32, as Wan's FP32LayerNorm / WanRMSNorm
 
+def fp32_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim evaluated in ≥ fp32 and cast back to x's dtype (Wan's FP32LayerNorm)."""
+    dt = compute_dtype(x.dtype)
+    weight = None if weight is None else weight.to(dt)
+    bias = None if bias is None else bias.to(dt)
+    return F.layer_norm(x.to(dt), x.shape[-1:], weight, bias, eps).to(x.dtype)
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm evaluated in ≥ fp32 and cast back; affine parameters optional (Wan norm1/norm3 have none)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(x.dtype)
-        weight = None if self.weight is None else self.weight.to(dt)
-        bias = None if self.bias is None else self.bias.to(dt)
-        return F.layer_norm(x.to(dt), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return fp32_layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x·rsqrt(mean(x²) + eps) over the last dim in ≥ fp32, cast to x's dtype, times the gain in x's dtype (Wan)."""
+    xf = x.to(compute_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -112,10 +125,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(x.dtype)
-        xf = x.to(dt)
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 # ----------------------------------------------------------------------------------------------------------

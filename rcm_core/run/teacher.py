@@ -39,8 +39,8 @@ CAUSAL_MODEL_FIELDS = ("causal", "first_chunk_t", "chunk_t")
 # step), so that editing sCM does not retire every cached teacher. tests/test_teacher_cache.py traces a teacher's
 # training and fails if it runs rcm_core code outside these lists. (It replaced a hand-bumped schema number.)
 TEACHER_MODULES = ("rcm_core.run.teacher", "rcm_core.networks", "rcm_core.networks.mlp", "rcm_core.networks.dit",
-                   "rcm_core.networks.causal", "rcm_core.networks.layers", "rcm_core.method.denoiser",
-                   "rcm_core.method.ema", "rcm_core.method.trigflow")
+                   "rcm_core.networks.causal", "rcm_core.networks.layers", "rcm_core.networks.tangent_islands",
+                   "rcm_core.method.denoiser", "rcm_core.method.ema", "rcm_core.method.trigflow")
 TEACHER_FUNCTIONS = ("rcm_core.method.losses:flow_matching_loss", "rcm_core.method.losses:_per_sample_sum",
                      "rcm_core.method.losses:_ctx", "rcm_core.method.losses:LossOut",
                      "rcm_core.method.distill:batch_condition")
