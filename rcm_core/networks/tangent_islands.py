@@ -11,8 +11,8 @@ So each island is two functions: `fn`, the one definition of its maths, which ev
 returns `(fn(...), its tangent)` from primals and tangents as plain tensors, the tangent written out by hand. When
 asked (`fuse=True`: the block's `model.compile` is "blocks") and an input is a dual tensor of an open `forward_ad`
 level with gradients off (sCM's JVP pass), `Island.__call__` unpacks the inputs, runs the compiled `rule` and
-returns a dual tensor; every other call (plain forwards, with-grad passes, `torch.func.jvp`, code being compiled,
-`fuse=False`) is `fn` itself. `tests/test_tangent_islands.py` holds each rule to forward-mode AD through `fn` in
+returns a dual tensor; every other call (plain forwards, with-grad passes, code being compiled, `fuse=False`) is
+`fn` itself. `tests/test_tangent_islands.py` holds each rule to forward-mode AD through `fn` in
 float64; tests/test_speed_levers.py's compiled-blocks tests hold a DiT's JVP pass with compiled islands to the eager
 one. The primal of every island is `fn`, bit for bit the block's former inline code.
 """
