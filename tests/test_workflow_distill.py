@@ -88,8 +88,24 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capf
     assert check_resume(prepare_data(changed), allow_changed=True) == {
         FORCED_TAG: "distill.reg_weight: 0.01 -> 0.1", RESUMED_TAG: "train.steps: 20 -> 30"}
 
-    # The same command with more steps: resumes at step 20 and continues the same MLflow run, recording the change.
+    # The same command with more steps: resumes at step 20 and continues the same MLflow run, recording the change;
+    # the driver says so in one line, without Ray's three-line snapshot notice (printed twice before, 2026-12-03).
+    # Ray's handler writes to the stderr it found at import (pytest's, not capfd's): its records are watched here,
+    # with the `ray` logger at INFO as in a new driver process (Ray's import sets it; the first main() above left it
+    # at WARNING through ray.init's logging_level, which is why the notice only showed in a second process).
+    import logging
+
+    from workflows.storage import _SNAPSHOT_LOGGER
+    notices = []
+    watch = logging.Handler()
+    watch.emit = lambda record: notices.append(record.getMessage())
+    logging.getLogger(_SNAPSHOT_LOGGER).addHandler(watch)
+    ray_log = logging.getLogger("ray")
+    monkeypatch.setattr(ray_log, "level", ray_log.level)        # restored after the test
+    ray_log.setLevel(logging.INFO)
+    capfd.readouterr()
     assert main(["train.steps=30", *common]) == 0
+    assert "resumes from its checkpoint at step 20" in capfd.readouterr().out
     client, runs = _runs(uri, "wf-test")
     assert len(runs) == 1 and runs[0].data.tags[RESUMED_TAG] == "train.steps: 20 -> 30"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
@@ -99,6 +115,8 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capf
     capfd.readouterr()
     assert main(["train.steps=30", *common]) == 0
     out = capfd.readouterr().out
+    logging.getLogger(_SNAPSHOT_LOGGER).removeHandler(watch)
+    assert not notices, notices                 # neither the resumed nor the finished run's look at the snapshot
     assert "finished its 30 steps before: nothing to train" in out and "nfe_4" in out and "teacher_nfe_39" in out and "(no evaluation table written)" not in out
     client, runs = _runs(uri, "wf-test")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -2,7 +2,9 @@
 checkpoint of a run, the config it was trained with, and whether the same command may continue it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -45,14 +47,34 @@ def run_storage(cfg: ExperimentCfg) -> tuple[str, object]:
 
 RESUMED_TAG, FORCED_TAG = "rcm.resume.changed", "rcm.resume.forced"
 
+# Ray Train's checkpoint manager logs three lines at INFO whenever it reads a run's snapshot ("A run snapshot was
+# found … configure a new, unique `RunConfig(name)` or delete the existing folder"): advice for a trainer about to
+# start, printed twice on every resumed or finished run by the driver's two read-only looks below (seen in `make
+# demo` run again, 2026-12-03, and in the front door's resubmitted job). The driver says what it found in its own
+# line (workflows/distill.py); the trainer's own read, on the controller, still logs it when --verbose shows Ray.
+_SNAPSHOT_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
+@contextlib.contextmanager
+def _reading_snapshot():
+    log = logging.getLogger(_SNAPSHOT_LOGGER)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def latest_ray_checkpoint(cfg: ExperimentCfg):
     """The newest checkpoint of the Ray Train run `{name}-ray` (what a run of this config resumes from) and the
-    metrics reported with it, or None when there is none yet."""
+    metrics reported with it, or None when there is none yet. Read only, without Ray's snapshot notice."""
     from ray.train.v2.api.result import Result
 
     path, fs = run_storage(cfg)
     try:
-        result = Result.from_path(f"{path.rstrip('/')}/{cfg.name}-ray", storage_filesystem=fs)
+        with _reading_snapshot():
+            result = Result.from_path(f"{path.rstrip('/')}/{cfg.name}-ray", storage_filesystem=fs)
     except RuntimeError:                       # no run folder, or no checkpoint written yet
         return None
     return None if result.checkpoint is None else (result.checkpoint, result.metrics or {})
@@ -74,11 +96,16 @@ def latest_run_config(cfg: ExperimentCfg) -> dict | None:
 
 def finished_checkpoint(cfg: ExperimentCfg) -> str | None:
     """The path of the run's checkpoint if it already reached train.steps (the same command run again): then
-    there is nothing to train, and no worker needs to start."""
+    there is nothing to train, and no worker needs to start. Otherwise, when a checkpoint exists, says in one line
+    where the run resumes from."""
     latest = latest_ray_checkpoint(cfg)
-    if latest is None or latest[1].get("step", -1) < cfg.train.steps:
+    if latest is None:
         return None
-    return latest[0].path
+    step = latest[1].get("step", -1)
+    if step >= cfg.train.steps:
+        return latest[0].path
+    print(f"run '{cfg.name}' resumes from its checkpoint at step {step}: {latest[0].path}", flush=True)
+    return None
 
 def check_resume(cfg: ExperimentCfg, *, allow_changed: bool = False) -> dict[str, str]:
     """Before a run resumes its checkpoint, compare the config it was trained with: keys that shape training must
