@@ -114,9 +114,15 @@ def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
     # ~1.3 s a step here): the test took 122 s with 30, 107-110 s with 10; the bars that rest on measured values are the
     # classifier's (trained from the data, not the teacher) and CP_TOLERANCE (re-measured above).
     import ray
+
+    from workflows.ray_session import init_ray
     common = ["--config", str(REPO / "experiments" / "video_cpu.yaml"), f"data.url={tmp_path}/data",
               f"tracking.tracking_uri={uri}", "teacher.train_steps=10", "eval.classifier_steps=60"]
     try:
+        # One local Ray for both runs, started as main() starts it (workflows.ray_session.init_ray); main() finds it
+        # running and leaves it up (its own start and stop are tests/test_workflow_distill.py's): one start and one
+        # stop fewer, ~10 s on 2 cores.
+        assert init_ray(None)
         assert main([*common, "resources.num_workers=2", "parallel.cp=2", f"train.run_dir={tmp_path}/run",
                      "tracking.experiment=video-test"]) == 0
         out = capsys.readouterr().out
@@ -125,7 +131,7 @@ def test_video_run_with_context_parallel_workers(tmp_path, monkeypatch, capsys):
         assert main([*common, "name=video_cpu_cp1", "resources.num_workers=1", "parallel.cp=1",
                      f"train.run_dir={tmp_path}/run_cp1", "tracking.experiment=video-cp1"]) == 0
     finally:
-        ray.shutdown()       # main() started a local Ray in this process; later tests connect to their own
+        ray.shutdown()       # the local Ray of this test; later tests connect to their own
     images = read_manifest(str(tmp_path / "data")).source["images"]
     assert images in ("fashion-mnist", "sklearn-digits")
     if images != "fashion-mnist":              # in pytest's warnings summary: the run was tested, on other images
