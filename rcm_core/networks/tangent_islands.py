@@ -15,8 +15,9 @@ returns a dual tensor; every other call (plain forwards, with-grad passes, code 
 `fn` itself. `tests/test_tangent_islands.py` holds each rule to forward-mode AD through `fn` in
 float64; tests/test_speed_levers.py's compiled-blocks tests hold a DiT's JVP pass with compiled islands to the eager
 one. Every island's `fn` is, bit for bit, the block's former inline code; compiled (inside the fused JVP, as in
-`model.compile=blocks`' plain forwards) it rounds as inductor orders it: a bf16 DiT's JVP pass measured 4.0e-3
-(primal) and 4.7e-3 (tangent) from float64 fused, 4.2e-3 and 4.7e-3 eager (CPU, 2026-12-03).
+`model.compile=blocks`' plain forwards) it rounds as inductor orders it: a bf16 DiT's JVP pass is 4.83e-3
+(primal) and 6.00e-3 (tangent) from float64 fused, 4.89e-3 and 7.11e-3 eager (experiments/bench/forward_ad_cost.py,
+CPU, 2026-12-03).
 """
 from __future__ import annotations
 
