@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
-from ray_job_gpu import job2_steps, parse_job_status, wait_budget  # noqa: E402
+from ray_job_gpu import job2_steps, job_command, parse_job_status, wait_budget  # noqa: E402
 
 JOB = "raysubmit_LnRbSXwBV6x2ygfS"
 HEAD = "2026-12-02 17:03:24,230\tINFO cli.py:42 -- Job submission server address: http://127.0.0.1:42181\n"
@@ -43,3 +43,16 @@ def test_job_2_steps_are_those_logged_after_its_submission():
     restarted = [(s, 1000 * s) for s in range(1, 8)] + [(s, 10_000 + 1000 * s) for s in range(1, 13)]
     assert job2_steps(restarted, submitted_ms=9000)[0] == 1                  # began again: not resumed
     assert job2_steps(once, submitted_ms=None) == []
+
+
+def test_one_job_checkpoints_only_at_its_end():
+    """`--jobs one` runs to its end without a stop: its one checkpoint is the final one (a step-2 checkpoint of the
+    1.3B config is 26.4 GiB written for nothing); the stop-and-resume modes checkpoint where the stop lands."""
+    import argparse
+
+    def every(jobs: str) -> list[str]:
+        args = argparse.Namespace(steps=4, stop_at=2, batch=1, tiny=False, jobs=jobs)
+        cmd = job_command(args, Path("/w"), Path("/w/teacher"), Path("/w/latents"))
+        return [c for c in cmd if c.startswith("train.checkpoint_every=")]
+    assert every("one") == ["train.checkpoint_every=4"]
+    assert every("both") == every("first") == every("second") == ["train.checkpoint_every=2"]

@@ -274,7 +274,8 @@ def check_disk(home: Path, args) -> None:
 
 def job_command(args, work: Path, teacher: Path, data: Path) -> list[str]:
     over = [f"teacher.checkpoint={teacher}", f"data.url={data}", "resources.num_workers=1",
-            f"train.steps={args.steps}", f"train.checkpoint_every={args.stop_at}", f"train.eval_every={args.steps}",
+            f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+            f"train.checkpoint_every={args.steps if args.jobs == 'one' else args.stop_at}",
             "train.log_every=1", "train.keep_checkpoints=1", f"data.batch_size={args.batch}",
             "distill.tangent_warmup=0",
             "eval.num_samples=2", "sampler.teacher_steps=2", "name=front_door"]
@@ -446,6 +447,9 @@ def stop_and_resubmit(args, out: Path, env: dict, home: Path, cmd: list[str], re
     `--jobs first` / `--jobs second` run the halves in two invocations (two device calls), each with its own head:
     job 2 then resumes across a restarted Ray head, from what the run's storage holds (as after a cluster restart)."""
     (out / "job_command.txt").write_text("ray job submit --working-dir . " + " ".join(cmd) + "\n")
+    if args.jobs == "one":
+        one_job(args, out, env, cmd, res)
+        return
     if args.jobs in ("both", "first"):
         t0 = time.perf_counter()
         first = submit(env, cmd, out, "job1")
@@ -469,6 +473,17 @@ def stop_and_resubmit(args, out: Path, env: dict, home: Path, cmd: list[str], re
     res["job 2: resubmit → end (s)"] = time.perf_counter() - t0
     res["job 2 status"] = status
     print((out / "job2.log").read_text()[-3000:], flush=True)
+
+
+def one_job(args, out: Path, env: dict, cmd: list[str], res: dict) -> None:
+    """`--jobs one`: the command submitted once and waited on to its end (final checkpoint, evaluation, MP4s), no
+    stop: the path to the samples in one device call when stop and resume were already seen in earlier calls."""
+    t0 = time.perf_counter()
+    job = submit(env, cmd, out, "job")
+    status = wait_for(env, job, out, "job", lambda: False, timeout=args.timeout)
+    res["job: submit → end (s)"] = time.perf_counter() - t0
+    res["job status"] = status
+    print((out / "job.log").read_text()[-3000:], flush=True)
 
 
 def planned_peak_gib(args, data: Path, device: torch.device) -> float:
@@ -510,7 +525,7 @@ def read_run(home: Path, out: Path, args) -> dict:
     hist = lambda key: client.get_metric_history(run_.info.run_id, key)     # noqa: E731
     logged = sorted(((m.step, m.timestamp) for m in hist("train/loss")), key=lambda st: st[1])
     res["train/loss logged at steps (in time order)"] = [step for step, _ in logged]
-    if args.jobs != "first":             # job 1 alone has nothing to resume yet
+    if args.jobs in ("both", "second"):  # job 1 alone, or one job, has nothing resumed
         job2 = job2_steps(logged, JOB2_SUBMITTED_MS)
         res["job 2 began at step (want: a checkpoint step + 1, > 1)"] = job2[0] if job2 else None
         res["resumed, not restarted"] = bool(job2) and job2[0] > 1 and job2 == list(range(job2[0], args.steps + 1))
@@ -548,10 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline-s", type=float, default=0.0,
                     help="print the table within this many seconds of the start, cutting the job waits short (a "
                          "device call: its limit minus ~30 s); 0: no deadline")
-    ap.add_argument("--jobs", choices=["both", "first", "second"], default="both",
+    ap.add_argument("--jobs", choices=["both", "first", "second", "one"], default="both",
                     help="train stage: both jobs in this invocation, or only job 1 (submit, first checkpoint, stop) "
                          "or only job 2 (resubmit on a fresh head, to the end): for time limits that cannot hold "
-                         "both (one device call ran out 28 s after job 2's evaluation, 2026-12-03)")
+                         "both (one device call ran out 28 s after job 2's evaluation, 2026-12-03); or one job "
+                         "to its end without a stop (the samples in one call)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and clips on the CPU: proves the script here")
     ap.add_argument("--stage-bench", action=argparse.BooleanOptionalAction, default=True,
                     help="after the encode pipeline, time decode / VAE / umT5 apart (encode_throughput.py, ~1 min "
