@@ -91,6 +91,33 @@ def test_mp4_round_trip_and_fit_clip(tmp_path):
         decode_frames(str(tmp_path / "bad.mp4"), 9)
 
 
+def test_previews_of_480p_videos_stay_small(tmp_path):
+    """A run's end wrote every frame of 480p × 81 samples into its PNG and GIF (185 and 84 MiB for two videos, 147 s
+    here, 2026-12-03): the MP4 keeps them all at full size, the GIF is shrunk, the PNG a strip of 8 frames."""
+    import av
+    from PIL import Image
+
+    from rcm_core.eval.video_samples import shrink, strip_frames, write_videos
+
+    t = np.arange(81)
+    assert strip_frames(t[None]).tolist() == [[0, 11, 23, 34, 46, 57, 69, 80]]      # first and last included
+    assert strip_frames(t[None, :5]).tolist() == [[0, 1, 2, 3, 4]]                   # short clips whole
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (2, 3, 240, 416, 3), dtype=np.uint8)
+    big = blocks.repeat(2, axis=2).repeat(2, axis=3)                                  # 480 × 832, 2×2 constant
+    assert np.array_equal(shrink(big), blocks)                                         # the box filter is exact
+    assert shrink(big[:, :, :, :400]).shape == (2, 3, 240, 200, 3)                    # factor 2: 480 > 416
+    assert shrink(blocks) is blocks                                                    # fits: untouched
+    assert shrink(np.array([0, 255, 0, 254], np.uint8).repeat(3).reshape(1, 1, 2, 2, 3), max_side=1).tolist() == [
+        [[[[127, 127, 127]]]]]                                                         # the box's mean, rounded
+    mp4, gif = write_videos(big, tmp_path / "s", fps=16)
+    with av.open(str(mp4)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (2 + 480 + 2, 2 + 2 * (832 + 2), 3)   # two videos, full size
+    with Image.open(gif) as g:
+        assert g.n_frames == 3 and g.size == (2 + 2 * (416 + 2), 2 + 240 + 2)
+
+
 def test_encoders_load_from_released_layout_and_pad_text_like_wan(encoders):
     from rcm_core.data.encoders import UMT5Text, WanVAE, read_configs, vae_latent_shape
 

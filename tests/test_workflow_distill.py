@@ -74,6 +74,13 @@ def test_distill_tracks_every_step_count_and_resumes(tmp_path, monkeypatch, capf
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "samples")}
     assert {"samples/nfe_1.png", "samples/nfe_2.png", "samples/nfe_4.png"} <= arts
     assert runs[0].data.params["distill.mode"] == "rcm" and runs[0].data.tags["config_hash"]
+    # the run's end, silent for 215 s at 1.3B (2026-12-03), says what it spent; the worker's set-up and the
+    # checkpoint write are timed too
+    assert "final artifacts: samples " in out and " · EMA student " in out
+    for key in ("timing/final_samples_seconds", "timing/final_comparison_figure_seconds",
+                "timing/final_EMA_student_seconds", "timing/checkpoint_seconds", "timing/teacher_load_seconds",
+                "timing/teacher_check_seconds"):
+        assert metrics[key] > 0, key
     # written once, where Ray Train keeps it (runs/ray_results/<name>-ray), not also under the run folder
     assert len(list((tmp_path / "ray_results").glob("*-ray/checkpoints/step_20/state.pt"))) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -12,8 +12,10 @@ Test: `.venv/bin/python -m pytest -q tests/test_cli.py` (and the printout in tes
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 VERBOSE_VAR = "RCM_VERBOSE"          # "1": --verbose was given (read again in Tune trial processes)
@@ -148,6 +150,28 @@ def final_printout(*, table: str, run_dir: Path, uri: str, experiment: str, chec
 # Rank 0 at the end of a run: tables and the comparison figure, beside the run and in MLflow
 
 RUN_INFO = "mlflow_run.json"          # in the run folder: the run's MLflow ids, for the driver's printout
+
+
+class Phases:
+    """Seconds per named phase of work that prints nothing while it runs (a run's end: samples through the VAE,
+    the EMA student), for one line and MLflow metrics `timing/final_<phase>_seconds` afterwards."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+
+    def line(self) -> str:
+        return "final artifacts: " + " · ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/final_{k.replace(' ', '_')}_seconds": v for k, v in self.seconds.items()}
 
 
 def print_eval_line(step: int, metrics: dict[str, float]) -> None:

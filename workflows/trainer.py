@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,8 @@ from rcm_core.config import ConfigError, ExperimentCfg, from_dict, to_dict
 from rcm_core.data.latents import read_manifest
 from rcm_core.method.distill import batch_line, micro_batches
 from rcm_core.parallel.sharding import full_state_dict, is_collective, run_shape
-from workflows.console import log_comparison_figure, print_eval_line, quiet_worker_logs, write_step_count_tables
+from workflows.console import (Phases, log_comparison_figure, print_eval_line, quiet_worker_logs,
+                               write_step_count_tables)
 from workflows.driver import check_device, check_model_fits_data, feature_net_card, teacher_probe
 from workflows.storage import run_storage
 
@@ -130,17 +132,22 @@ def train_fn_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+    t0 = time.perf_counter()
     teacher = worker_teacher(config["teacher_path"], cfg, device)
+    setup = {"timing/teacher_load_seconds": time.perf_counter() - t0}     # a 1.3B teacher: tens of seconds
     shard = ray.train.get_dataset_shard("train")
     extra: dict = {}
     collective = is_collective(cfg.parallel, world)      # FSDP/CP: every rank joins evaluation forwards
     evaluates = rank == 0 or collective
     feature_net, tags = _worker_feature_net(config.get("feature_net"), device) if evaluates else (None, {})
+    t0 = time.perf_counter()
     check = _teacher_check(config.get("teacher_probe"), teacher, cfg, device) if rank == 0 else None
+    if check is not None:
+        setup["timing/teacher_check_seconds"] = time.perf_counter() - t0
     reporter = RayReporter(cfg, rank, extra, config.get("parent_run_id"), _stop_rule(config),
                            tags={**tags, **config.get("tags", {}), **(check.tags() if check else {})},
                            checkpoint_root=managed_checkpoint_root())
-    reporter.first_metrics = check.metrics() if check else {}
+    reporter.first_metrics = {**(check.metrics() if check else {}), **setup}
     evaluator = _evaluator(cfg, teacher, config["manifest"], device, feature_net) if evaluates else None
     per_group = cfg.data.batch_size // run_shape(cfg.parallel, world).data_parallel_size
     ckpt = ray.train.get_checkpoint()
@@ -217,16 +224,27 @@ def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_wei
     from rcm_core.eval.video_samples import data_card
 
     tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
+    # at 1.3B and 480p × 81 this took 215 s on an H200 host with no line printed (2026-12-03): say what runs when
+    # the samples go through the VAE, and how long each part took
+    if (manifest.get("encoder") or {}).get("name") == "wan2.1":
+        print("writing the final artifacts: samples through the Wan VAE (PNG, GIF, MP4), comparison figure, EMA "
+              "student", flush=True)
+    phase = Phases()
     with tempfile.TemporaryDirectory() as tmp:
         labels = evaluator.bank.labels if evaluator.bank.labels.dim() == 1 else None
-        for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels,
-                                         normalized=cfg.data.normalize, endpoint=cfg.data.s3_endpoint):
-            tracker.log_artifact(path, "samples")
-        log_comparison_figure(cfg, tracker, evaluator, manifest, labels)
+        with phase("samples"):
+            for path in save_sample_pictures(evaluator.last_samples, manifest, Path(tmp), labels=labels,
+                                             normalized=cfg.data.normalize, endpoint=cfg.data.s3_endpoint):
+                tracker.log_artifact(path, "samples")
+        with phase("comparison figure"):
+            log_comparison_figure(cfg, tracker, evaluator, manifest, labels)
     # written once, into the run folder, and logged from there (a 1.3B EMA student in fp32 is 5.3 GiB)
-    student = save_teacher(state.ema.module, cfg, Path(cfg.train.run_dir) / "ema_student.pt", net_state=ema_weights,
-                           data=data_card(manifest, normalized=cfg.data.normalize))
-    tracker.log_artifact(student, "student")
+    with phase("EMA student"):
+        student = save_teacher(state.ema.module, cfg, Path(cfg.train.run_dir) / "ema_student.pt",
+                               net_state=ema_weights, data=data_card(manifest, normalized=cfg.data.normalize))
+        tracker.log_artifact(student, "student")
+    tracker.log_metrics(state.iteration, phase.metrics())
+    print(phase.line(), flush=True)
 
 def worker_teacher(path: str | Path, cfg: ExperimentCfg, device: torch.device):
     """The teacher on a worker, loaded where it lies (a released Wan2.1 folder or file, or our .pt). The one place

@@ -538,6 +538,10 @@ def read_run(home: Path, out: Path, args) -> dict:
     peak = [m.value for m in hist("train/peak_memory_gib")]
     res["peak GPU memory (GiB)"] = max(peak) if peak else None
     res["eval seconds"] = [round(m.value, 1) for m in hist("timing/eval_seconds")]
+    # where a submission's fixed costs go (the worker's set-up, checkpoints, the run's end): seconds, newest last
+    for key in ("teacher_load", "teacher_check", "checkpoint", "final_samples", "final_comparison_figure",
+                "final_EMA_student"):
+        res[f"{key.replace('_', ' ')} seconds"] = [round(m.value, 1) for m in hist(f"timing/{key}_seconds")]
     res["loss finite"] = bool(np.all(np.isfinite([m.value for m in hist("train/loss")])))
     files = [a.path for a in client.list_artifacts(run_.info.run_id, "samples")]
     res["samples in MLflow"] = files

@@ -12,6 +12,7 @@ set's own coordinates, which is what the VAE decodes.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,43 @@ def decode(raw: torch.Tensor, vae: Any, *, chunk: int = 1) -> np.ndarray:
     return np.concatenate(out)
 
 
+# Previews of 480p × 81-frame videos (2 videos side by side, random-init 1.3B samples, this 2-core box, 2026-12-03):
+# the GIF of every frame at full size took 112 s and 84 MiB, a PNG of all 81 frames 35 s and 185 MiB, the MP4 27 s
+# and 41 MiB; on the H200 host the run's end (4 sample sets, the EMA student) took 215 s with no line printed.
+# The MP4 keeps every frame at full resolution; the GIF is a preview at most GIF_MAX_SIDE pixels per video side,
+# the PNG a strip of PNG_FRAMES frames spread over the clip.
+GIF_MAX_SIDE = 416
+PNG_FRAMES = 8
+
+
+def strip_frames(videos: np.ndarray, n: int = PNG_FRAMES) -> np.ndarray:
+    """[N, T, ...] → [N, ≤n, ...]: n frames evenly spread over the clip, its first and last included."""
+    idx = np.unique(np.linspace(0, videos.shape[1] - 1, min(n, videos.shape[1])).round().astype(int))
+    return videos[:, idx]
+
+
+def shrink(videos: np.ndarray, max_side: int = GIF_MAX_SIDE) -> np.ndarray:
+    """uint8 RGB [N, T, H, W, 3] → the same videos box-filtered by the smallest integer factor that brings H and W to
+    at most `max_side` (Pillow's `reduce`: 1.3 s for two 480p × 81 videos here, a NumPy mean over the boxes 9.7 s);
+    unchanged when they already fit."""
+    from PIL import Image
+
+    s = math.ceil(max(videos.shape[2:4]) / max_side)
+    if s <= 1:
+        return videos
+    return np.stack([np.stack([np.asarray(Image.fromarray(f).reduce(s)) for f in v]) for v in videos])
+
+
 def write_videos(videos: np.ndarray, stem: str | Path, *, fps: int, gif: bool = True) -> list[Path]:
-    """uint8 [N, T, H, W, 3] → `<stem>.mp4` (one grid of all N, frame by frame) and `<stem>.gif`."""
+    """uint8 [N, T, H, W, 3] → `<stem>.mp4` (one grid of all N, every frame at full size) and `<stem>.gif` (the same
+    grid as a preview: each video shrunk to at most GIF_MAX_SIDE pixels a side)."""
     from rcm_core.data.clips import video_grid, write_mp4
     from rcm_core.eval.visualize import save_gif
 
-    grid = video_grid(videos)
-    paths = [write_mp4(grid, Path(f"{stem}.mp4"), fps=fps)]
+    paths = [write_mp4(video_grid(videos), Path(f"{stem}.mp4"), fps=fps)]
     if gif:
-        paths.append(save_gif(grid[None].transpose(0, 4, 1, 2, 3), Path(f"{stem}.gif"), ncol=1, scale=1, pad=0,
+        preview = video_grid(shrink(videos))
+        paths.append(save_gif(preview[None].transpose(0, 4, 1, 2, 3), Path(f"{stem}.gif"), ncol=1, scale=1, pad=0,
                               fps=fps, value_range=(0, 255)))
     return paths
 
@@ -96,8 +125,9 @@ MAX_DECODED = 4         # videos decoded per step count for the evaluation's fil
 
 def save_decoded_samples(samples: dict[str, torch.Tensor], card: dict, out_dir: Path, *, endpoint: str = "",
                          vae: Any = None, max_items: int = MAX_DECODED) -> list[Path]:
-    """Per sample set (name → [N, C, T, H, W] in the model's coordinates): `<name>.png` (one row of frames per
-    video), `<name>.gif` and `<name>.mp4`, decoded by the data set's VAE."""
+    """Per sample set (name → [N, C, T, H, W] in the model's coordinates): `<name>.png` (one row per video of
+    PNG_FRAMES frames spread over it), `<name>.gif` (preview) and `<name>.mp4` (every frame), decoded by the data
+    set's VAE."""
     from rcm_core.eval.visualize import save_grid_png
 
     vae = vae or decoder_for(card, endpoint=endpoint)
@@ -105,7 +135,7 @@ def save_decoded_samples(samples: dict[str, torch.Tensor], card: dict, out_dir: 
     paths = []
     for name, x in samples.items():
         videos = decode(to_dataset_coordinates(x[:max_items].float(), card), vae)      # [N, T, H, W, 3]
-        paths.append(save_grid_png(videos.transpose(0, 4, 1, 2, 3), out_dir / f"{name}.png", scale=1,
+        paths.append(save_grid_png(strip_frames(videos).transpose(0, 4, 1, 2, 3), out_dir / f"{name}.png", scale=1,
                                    value_range=(0, 255), layout="videos"))
         paths += write_videos(videos, out_dir / name, fps=fps)
     return paths
