@@ -562,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="optimiser updates of the run")
     ap.add_argument("--stop-at", type=int, default=2, help="`ray job stop` after this update's checkpoint")
     ap.add_argument("--batch", type=int, default=2, help="data.batch_size (micro-batches of 1 on the one GPU)")
-    ap.add_argument("--timeout", type=float, default=420)
+    ap.add_argument("--timeout", type=float, default=660,
+                    help="seconds to wait for each job (H200, 2026-12-03: one job 421 s from submit to its end, "
+                         "215 s of it the run's end before its previews were shrunk)")
     ap.add_argument("--home", default="", help="the job's RCM_HOME (checkpoints, MLflow; default <work>/home): a "
                     "disk with room for two checkpoints (26.4 GiB each at 1.3B), e.g. /dev/shm on the lent H200")
     ap.add_argument("--deadline-s", type=float, default=0.0,
