@@ -74,13 +74,18 @@ class Run:
         self.proc = subprocess.Popen(self.args, cwd=self.dir.parent, env=env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
+    def wait_for(self, folder: Path, pattern: str, timeout: float = 600) -> None:
+        """Until `folder` holds a path matching `pattern` (written whole: renamed into place) while this run lives."""
+        deadline = time.monotonic() + timeout
+        while not list(folder.glob(pattern)):
+            assert self.proc.poll() is None, (f"run ended (rc {self.proc.returncode}) before {folder}/{pattern} "
+                                              f"appeared:\n" + (self.dir / "driver.log").read_text()[-3000:])
+            assert time.monotonic() < deadline, f"no {folder}/{pattern} after {timeout} s"
+            time.sleep(0.2)
+
     def wait_for_checkpoint(self, step: int, timeout: float = 600) -> None:
         # the loop writes it into Ray's run folder (workflows.trainer.managed_checkpoint_root), renamed when whole
-        path, deadline = self.dir / "ray_results" / "*-ray" / "checkpoints" / f"step_{step}", time.monotonic() + timeout
-        while not list(self.dir.glob(str(path.relative_to(self.dir)))):
-            assert self.proc.poll() is None, f"run ended (rc {self.proc.returncode}) before {path} appeared"
-            assert time.monotonic() < deadline, f"no {path} after {timeout} s"
-            time.sleep(0.2)
+        self.wait_for(self.dir, f"ray_results/*-ray/checkpoints/step_{step}", timeout)
 
     def processes(self, title: str) -> list[int]:
         return [p for p in session_members(self.proc.pid) if _cmdline(p).startswith(title)]
@@ -119,11 +124,7 @@ def killed_and_reference(tmp_path_factory):
         # when the reference had finished. Timing only: each run's losses are its own, compared bit for bit below.
         t0 = time.monotonic()
         ref.start()
-        teachers, deadline = base / ".cache" / "teachers", time.monotonic() + 600
-        while not list(teachers.glob("teacher-*.pt")):
-            assert ref.proc.poll() is None, (ref.dir / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no teacher in {teachers} after 600 s"
-            time.sleep(0.2)
+        ref.wait_for(base / ".cache" / "teachers", "teacher-*.pt")
 
         t1 = time.monotonic()
         # Ray's default 2 s poll for the invocation whose driver is killed: after a driver's SIGKILL its Ray Train

@@ -221,12 +221,12 @@ def _log_final_artifacts(cfg, tracker, state, evaluator, manifest: dict, ema_wei
     from rcm_core.config import dump_yaml
     from rcm_core.eval.samples import save_sample_pictures
     from rcm_core.run.teacher import save_teacher
-    from rcm_core.eval.video_samples import data_card
+    from rcm_core.eval.video_samples import data_card, decodable
 
     tracker.log_text(dump_yaml(cfg), "config/resolved.yaml")
     # at 1.3B and 480p × 81 this took 215 s on an H200 host with no line printed (2026-12-03): say what runs when
     # the samples go through the VAE, and how long each part took
-    if (manifest.get("encoder") or {}).get("name") == "wan2.1":
+    if decodable(manifest):
         print("writing the final artifacts: samples through the Wan VAE (PNG, GIF, MP4), comparison figure, EMA "
               "student", flush=True)
     phase = Phases()

@@ -446,10 +446,11 @@ def stage_train(args, work: Path, out: Path, res: dict) -> None:
 def stop_and_resubmit(args, out: Path, env: dict, home: Path, cmd: list[str], res: dict) -> None:
     """Job 1 until Ray registered its first checkpoint, `ray job stop`, the same command again (job 2) to its end.
     `--jobs first` / `--jobs second` run the halves in two invocations (two device calls), each with its own head:
-    job 2 then resumes across a restarted Ray head, from what the run's storage holds (as after a cluster restart)."""
+    job 2 then resumes across a restarted Ray head, from what the run's storage holds (as after a cluster restart).
+    `--jobs one`: the command once, to its end, no stop."""
     (out / "job_command.txt").write_text("ray job submit --working-dir . " + " ".join(cmd) + "\n")
-    if args.jobs == "one":
-        one_job(args, out, env, cmd, res)
+    if args.jobs == "one":        # submitted once, to its end: the samples in one call once stop/resume were seen
+        res["job: submit → end (s)"], res["job status"] = job_to_end(args, out, env, cmd, "job")
         return
     if args.jobs in ("both", "first"):
         t0 = time.perf_counter()
@@ -466,25 +467,17 @@ def stop_and_resubmit(args, out: Path, env: dict, home: Path, cmd: list[str], re
     if args.jobs == "second" and not checkpoints(home):
         raise SystemExit(f"--jobs second: no checkpoint registered under {home}; run `--jobs first` with the same "
                          "--home and --work before it")
-    t0 = time.perf_counter()
     global JOB2_SUBMITTED_MS
     JOB2_SUBMITTED_MS = int(time.time() * 1000)       # MLflow's clock for metrics (the worker's, on this host)
-    second = submit(env, cmd, out, "job2")
-    status = wait_for(env, second, out, "job2", lambda: False, timeout=args.timeout)
-    res["job 2: resubmit → end (s)"] = time.perf_counter() - t0
-    res["job 2 status"] = status
-    print((out / "job2.log").read_text()[-3000:], flush=True)
+    res["job 2: resubmit → end (s)"], res["job 2 status"] = job_to_end(args, out, env, cmd, "job2")
 
 
-def one_job(args, out: Path, env: dict, cmd: list[str], res: dict) -> None:
-    """`--jobs one`: the command submitted once and waited on to its end (final checkpoint, evaluation, MP4s), no
-    stop: the path to the samples in one device call when stop and resume were already seen in earlier calls."""
+def job_to_end(args, out: Path, env: dict, cmd: list[str], name: str) -> tuple[float, str]:
+    """Submit `cmd` and wait for its end (final checkpoint, evaluation, MP4s); seconds and the status it ended in."""
     t0 = time.perf_counter()
-    job = submit(env, cmd, out, "job")
-    status = wait_for(env, job, out, "job", lambda: False, timeout=args.timeout)
-    res["job: submit → end (s)"] = time.perf_counter() - t0
-    res["job status"] = status
-    print((out / "job.log").read_text()[-3000:], flush=True)
+    status = wait_for(env, submit(env, cmd, out, name), out, name, lambda: False, timeout=args.timeout)
+    print((out / f"{name}.log").read_text()[-3000:], flush=True)
+    return time.perf_counter() - t0, status
 
 
 def planned_peak_gib(args, data: Path, device: torch.device) -> float:
