@@ -80,14 +80,22 @@ def stage_cfg(base: ExperimentCfg, name: str, out: Path) -> ExperimentCfg:
 
 def train_stage(name: str, cfg: ExperimentCfg, teacher, batches, device, out: Path, *, seconds: float,
                 probe_iters: int, resume: bool, student_init=None, evaluator=None, curve=None):
-    """Train one stage (or load its saved EMA network with --resume); returns (EMA network, iterations)."""
+    """Train one stage (or load its saved EMA network with --resume); returns (EMA network, {"iterations",
+    "seconds"}): the seconds include the budget probe and the curve points, and a resumed stage keeps the numbers of
+    the call that trained it, so the table's header is the same whether or not the run was cut."""
     from rcm_core.run.loop import run_training
     from rcm_core.run.teacher import load_teacher, save_teacher
 
     path = out / "runs" / name / "ema.pt"
+    record = path.with_name("stage.json")      # what the saved network was trained with, for the table's header
     if resume and path.is_file():
-        fr.log(f"{name}: loaded {path}")
-        return load_teacher(path, cfg, device), cfg.train.steps
+        if not record.is_file():
+            raise SystemExit(f"--resume: {path} has no {record.name} beside it (saved by an older version of this "
+                             f"script), so its iteration count is unknown: delete {path.parent} and train it again")
+        done = json.loads(record.read_text())
+        fr.log(f"{name}: loaded {path} ({done['iterations']} iterations, trained in {done['seconds']:.0f} s)")
+        return load_teacher(path, cfg, device), done
+    t0 = time.perf_counter()
     if seconds > 0:
         probe = copy.deepcopy(cfg)
         if student_init is not None:
@@ -105,7 +113,9 @@ def train_stage(name: str, cfg: ExperimentCfg, teacher, batches, device, out: Pa
     points = series(recorder.points, "nfe_2", "fd_feat") if recorder is not None else []
     save_teacher(state.ema.module, cfg, path)
     (out / "runs" / name / "curve.json").write_text(json.dumps(points))
-    return state.ema.module, cfg.train.steps
+    done = {"iterations": cfg.train.steps, "seconds": time.perf_counter() - t0}
+    record.write_text(json.dumps(done))
+    return state.ema.module, done
 
 
 def stream_fn(model, steps: int, cfg: ExperimentCfg, seed: int = 0):
@@ -276,8 +286,9 @@ def run(cfg: ExperimentCfg, args) -> str:
     save_resolved(cfg, out)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     head = (f"Card: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Data: {m.num_rows} videos, latent "
-            f"{m.latent_shape}; classifier held-out accuracy {held:.3f}. Iterations: "
-            + ", ".join(f"{k} {v}" for k, v in iters.items()) + f"; sf_dmd from {args.sf_init}. Chunks [1 | 1 | …], "
+            f"{m.latent_shape}; classifier held-out accuracy {held:.3f}. Iterations (training s): "
+            + ", ".join(f"{k} {v['iterations']} ({v['seconds']:.0f} s)" for k, v in iters.items())
+            + f"; sf_dmd from {args.sf_init}. Chunks [1 | 1 | …], "
             f"mid times RF 15/16, 5/6, 5/8. Phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()))
     md = head + "\n" + "\n".join(f"\n### {k}\n```\n{v}\n```" for k, v in tables.items()) + "\n"
     (out / "tables" / "causal.md").write_text(md)
