@@ -62,10 +62,11 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
     res = fr.run(cfg, data=str(tmp_path / "data"), out=out, device=torch.device("cpu"), classifier_steps=10,
                  teacher_seconds=1.0, student_seconds=0.5, probe_iters=2,   # the budget probes run too
                  curve_points=2, curve_samples=30, curve_bootstrap=3, teacher_store="float16",
-                 export_weights=str(tmp_path / "weights"))
+                 export_weights=str(tmp_path / "weights"), mid_t_sweep=[[1.0], [0.3], [1.0, 0.6, 0.3]])
 
-    # eval.bootstrap reaches each method's final report, --curve-bootstrap (3) its 2 curve points
-    assert [n for n, _ in seen] == [3, 3, cfg.eval.bootstrap] * len(fr.METHODS)
+    # eval.bootstrap reaches each method's final report, --curve-bootstrap (3) its 2 curve points and the 3
+    # schedules of the intermediate-time sweep
+    assert [n for n, _ in seen] == [3, 3, cfg.eval.bootstrap, 3, 3, 3] * len(fr.METHODS)
     assert res.train_steps >= 10 and res.teacher_steps >= 50              # set by the probes (rounded, floors)
     assert read_manifest(str(tmp_path / "data")).source["images"] == "test-random"
     teacher_row = "teacher_nfe_8"                                     # 4 Euler steps × 2 (guidance)
@@ -105,9 +106,19 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
         (m, g.nfe, g.metric) for m in fr.METHODS for g in fr.GOALS]
     goal_lines = (out / "tables" / "goals.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in goal_lines) == 1 + len(res.goals)     # header + one per goal
-    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["feature_net.pt", "teacher.pt"]
-    blob = torch.load(out / "teacher.pt", weights_only=True)
-    assert {v.dtype for k, v in blob["net"].items() if "weight" in k} == {torch.float16}
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == sorted(
+        ["feature_net.pt", "teacher.pt", *(f"{m}_ema.pt" for m in fr.METHODS)])
+    for blob in [torch.load(out / "teacher.pt", weights_only=True),
+                 *(torch.load(tmp_path / "weights" / f"{m}_ema.pt", weights_only=True) for m in fr.METHODS)]:
+        assert {v.dtype for k, v in blob["net"].items() if "weight" in k} == {torch.float16}
+    # the sweep: one row per method and schedule, the schedule reaches the sampler (2 steps at t = 1.0 and at
+    # t = 0.3 re-noise differently from the same first step, so their samples and FD differ)
+    sweep = [line for line in (out / "tables" / "mid_t.md").read_text().splitlines()[2:]]
+    assert [line.split(" | ")[:3] for line in sweep] == [
+        [f"| {m}", s, t] for m in fr.METHODS for s, t in (("2", "1"), ("2", "0.3"), ("4", "1, 0.6, 0.3"))]
+    for m in fr.METHODS:
+        fd = {row.split(" | ")[2]: row.split(" | ")[3] for row in sweep if row.startswith(f"| {m} |")}
+        assert fd["1"] != fd["0.3"], m
     md = (out / "tables" / "table2.md").read_text()
     assert all(f"### {name}" in md for name in fr.METHODS) and "| total |" in md
     archive = fr.write_archive(out, tmp_path / "a.tar.gz")
@@ -123,6 +134,14 @@ def _report(rows: dict[str, dict[str, tuple[float, float, float]]], floor: dict[
     from rcm_core.eval.report import StepCountReport
     return StepCountReport({r: {k: Estimate(*v) for k, v in m.items()} for r, m in rows.items()},
                            "teacher_nfe_100", {k: Estimate(v, v, v) for k, v in floor.items()})
+
+
+def test_mid_t_sweep_parses_schedules_and_names_a_bad_one():
+    fr = _script()
+    assert fr.parse_mid_t_sweep("1.3; 0.6;1.3,1.0,0.6;") == [[1.3], [0.6], [1.3, 1.0, 0.6]]
+    for bad in ("1.3;x", "0.6,1.0", "2.0"):
+        with pytest.raises(SystemExit, match="--mid-t-sweep"):
+            fr.parse_mid_t_sweep(bad)
 
 
 def test_goal_table_judges_each_kind_of_goal():

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -302,7 +303,7 @@ def goals_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def half_state(net: torch.nn.Module) -> tuple[dict, float]:
+def half_state(net: torch.nn.Module, what: str = "teacher") -> tuple[dict, float]:
     """The network's state with its parameters rounded to float16 (buffers, e.g. frequency tables, stay fp32),
     and the largest relative rounding error. A 7M-parameter teacher is 27 MiB in fp32, over the 16 MiB a GPU
     call returns per file and, beside the 38 MiB data set, over the 64 MiB a call carries; in fp16 it fits both."""
@@ -311,12 +312,56 @@ def half_state(net: torch.nn.Module) -> tuple[dict, float]:
     for name, p in net.named_parameters():
         h = p.detach().half()
         if not torch.isfinite(h).all():
-            raise SystemExit(f"teacher parameter {name} exceeds float16's range (max |w| {p.abs().max():.3g}); "
-                             f"use --teacher-store float32")
+            fix = "use --teacher-store float32" if what == "teacher" else "leave --export-weights out"
+            raise SystemExit(f"{what} parameter {name} exceeds float16's range (max |w| {p.abs().max():.3g}); "
+                             f"{fix}")
         err = ((h.float() - p.detach()).abs() / p.detach().abs().clamp(min=1e-4)).max().item()
         worst = max(worst, err)
         state[name] = h
     return state, worst
+
+
+MID_T_METRICS = ("fd_feat", "class_acc", "motion_ratio", "recall_feat", "precision_feat")
+
+
+def parse_mid_t_sweep(text: str) -> list[list[float]]:
+    """'1.3;0.6;1.3,1.0,0.6' → [[1.3], [0.6], [1.3, 1.0, 0.6]]: schedules separated by ';', each the k − 1
+    intermediate TrigFlow times of a k-step sampler, in (0, π/2) and decreasing."""
+    schedules = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            times = [float(t) for t in part.split(",")]
+        except ValueError:
+            raise SystemExit(f"--mid-t-sweep {text!r}: {part!r} is not a comma list of numbers; "
+                             f"e.g. '1.3;0.6;1.3,1.0,0.6'") from None
+        if not all(0 < t < math.pi / 2 for t in times) or any(a <= b for a, b in itertools.pairwise(times)):
+            raise SystemExit(f"--mid-t-sweep: {part!r} must be decreasing TrigFlow times in (0, {math.pi / 2:.4f})")
+        schedules.append(times)
+    return schedules
+
+
+def mid_time_rows(name: str, student, evaluator: StepCountEvaluator, cfg: ExperimentCfg,
+                  schedules: list[list[float]], bootstrap: int) -> list[tuple]:
+    """The student at each schedule on the evaluator's whole bank (its teacher samples reused): rows of
+    (method, steps, times, {metric: Estimate})."""
+    rows = []
+    for times in schedules:
+        scfg = copy.deepcopy(cfg)
+        scfg.sampler.step_counts, scfg.sampler.mid_t = [len(times) + 1], list(times)
+        scfg.eval.bootstrap = bootstrap
+        report = evaluator.subset(evaluator.bank.noise.shape[0], scfg).evaluate(student)
+        metrics = report.all_rows()[f"nfe_{len(times) + 1}"]
+        rows.append((name, len(times) + 1, times, {k: metrics[k] for k in MID_T_METRICS}))
+    return rows
+
+
+def mid_time_markdown(rows: list[tuple]) -> str:
+    head = "| method | steps | intermediate times | " + " | ".join(MID_T_METRICS) + " |"
+    lines = [head, "|---" * (3 + len(MID_T_METRICS)) + "|"]
+    for name, steps, times, m in rows:
+        cells = [f"{m[k].value:.4g} [{m[k].ci_low:.4g}, {m[k].ci_high:.4g}]" for k in MID_T_METRICS]
+        lines.append(f"| {name} | {steps} | {', '.join(f'{t:g}' for t in times)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,11 +481,14 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         methods: dict[str, list[str]] | None = None, keep_checkpoints: bool = False,
         probe_iters: int = 20, archive: str = "", classifier_path: str = "", teacher_store: str = "float32",
         curve_points: int = 0, curve_samples: int = 1000, curve_bootstrap: int = 20,
-        export_weights: str = "") -> Result:
+        export_weights: str = "", mid_t_sweep: list[list[float]] = ()) -> Result:
     """curve_points > 0: each student's EMA is also scored at that many evenly spaced iterations (curve_samples
     bank rows, curve_bootstrap resamples). teacher_store "float16": the trained teacher is saved with fp16
     parameters and reloaded, so this run and later ones given the file (--teacher) distil from the same weights.
-    export_weights: a folder the teacher and classifier are copied to as soon as they exist."""
+    export_weights: a folder the teacher and classifier are copied to as soon as they exist, and each EMA student
+    (fp16 parameters, `<method>_ema.pt`) once distilled. mid_t_sweep: intermediate-time schedules (k − 1 TrigFlow
+    times for k steps) each final EMA student is also scored with, on the whole bank (curve_bootstrap resamples):
+    `tables/mid_t.md`."""
     from rcm_core.run.loop import run_training
     from rcm_core.run.teacher import load_teacher, save_teacher, train_teacher
 
@@ -532,7 +580,7 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         curve_eval = evaluator.subset(curve_samples, curve_cfg)
         log(f"curves: the EMA at iterations {at}, {curve_samples} samples, {curve_bootstrap} bootstrap resamples")
 
-    reports, tables, pictures, train_rows, goals, curves = {}, {}, [], [], [], {}
+    reports, tables, pictures, train_rows, goals, curves, sweep_rows = {}, {}, [], [], [], {}, []
     pictures += pictures_of({"data": torch.from_numpy(ds.arrays["latent"][:16])}, m, out / "samples")
     for name, extra in methods.items():
         slug = name.replace(" ", "_").replace("λ=", "l")
@@ -575,6 +623,14 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
             goals += goal_rows(name, report)
             (out / "tables" / "goals.md").write_text(goals_markdown(goals) + "\n")
             log(f"\n### {name}\n{tables[name]}\n\n{goals_markdown([g for g in goals if g['method'] == name])}")
+        if mid_t_sweep:
+            with clock.phase(f"mid-time sweep {name}"):
+                sweep_rows += mid_time_rows(name, state.ema.module, evaluator, cfg, mid_t_sweep, curve_bootstrap)
+                (out / "tables" / "mid_t.md").write_text(mid_time_markdown(sweep_rows) + "\n")
+                log(f"\n### {name}: intermediate times\n{mid_time_markdown([r for r in sweep_rows if r[0] == name])}")
+        if export_weights:
+            half, _ = half_state(state.ema.module.net, what=f"{name} student")
+            save_teacher(state.ema.module, mcfg, Path(export_weights) / f"{slug}_ema.pt", net_state=half)
         train_rows.append((name, mcfg.train.steps, state.student_iter, state.critic_iter,
                            clock.phases[f"distill {name}"], curve_sec))
         if keep_checkpoints:
@@ -591,6 +647,10 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
     tables["all"] = summary_table(reports)
     (out / "tables" / "all.txt").write_text(tables["all"] + "\n")
     extra = [f"### Goals (issue 29)\n\n{goals_markdown(goals)}"]
+    if sweep_rows:
+        extra.append(f"### Intermediate times ({cfg.eval.num_samples} samples, {curve_bootstrap} bootstrap "
+                     f"resamples; the same bank noise and re-noising draws for every schedule of one step count)"
+                     f"\n\n{mid_time_markdown(sweep_rows)}")
     extra += [f"### {name}: metrics against iterations ({curve_samples} samples, {curve_bootstrap} bootstrap "
               f"resamples per point)\n```\n{curve_tables(pts)}\n```" for name, pts in curves.items()]
     md = markdown(cfg, m, device, net, held_acc, reports, tables, train_rows, clock.phases,
@@ -740,7 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-store", choices=["float32", "float16"], default="float32",
                     help="float16: save the trained teacher with fp16 parameters (14 MiB instead of 27) and distil "
                          "from that file, so it comes back from a GPU call and fits the next call's carry")
-    ap.add_argument("--export-weights", default="", help="copy teacher.pt and feature_net.pt here once made")
+    ap.add_argument("--export-weights", default="", help="copy teacher.pt and feature_net.pt here once made, "
+                    "and each EMA student (fp16, <method>_ema.pt) once distilled")
+    ap.add_argument("--mid-t-sweep", default="", help="also score each final student with these intermediate-time "
+                    "schedules, ';'-separated, k − 1 TrigFlow times for k steps: e.g. '1.3;1.0;0.6;1.3,1.0,0.6'")
     ap.add_argument("--curve-points", type=int, default=0, help="score each student's EMA at this many evenly "
                     "spaced iterations (0 = only at the end); writes curves/<method>.json|.csv and curves.png")
     ap.add_argument("--curve-samples", type=int, default=1000, help="evaluation-bank rows per curve point "
@@ -788,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
               archive=args.archive, methods=pick_methods(args.methods, args.rcm_lambdas),
               classifier_path=args.classifier, teacher_store=args.teacher_store, curve_points=args.curve_points,
               curve_samples=args.curve_samples, curve_bootstrap=args.curve_bootstrap,
-              export_weights=args.export_weights)
+              export_weights=args.export_weights, mid_t_sweep=parse_mid_t_sweep(args.mid_t_sweep))
     print("\n" + res.markdown, flush=True)
     print(f"wall time {time.perf_counter() - t:.1f} s; tables in {out / 'tables'}, pictures in {out / 'samples'}",
           flush=True)
