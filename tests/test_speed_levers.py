@@ -138,6 +138,7 @@ def test_dit_attention_switch_keeps_outputs_grads_and_tangent():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("scalar_cpu_kernels")
 def test_compiled_blocks_match_eager_and_keep_the_tangent():
     """Inductor on CPU at a tiny shape: output, every parameter gradient and the JVP pass's tangent with
     `model.compile=blocks` (the JVP pass's elementwise islands compiled too) equal eager; the two blocks, a deep copy and another token count share one compiled
@@ -384,6 +385,7 @@ def test_bad_recompute_value_is_one_line_naming_the_choices():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("scalar_cpu_kernels")
 def test_compiled_blocks_under_mm_only_match_eager_without_checkpointing():
     """`model.compile: blocks` + `mm_only`: the checkpoint is compiled with the block (inductor applies the policy
     in its partitioner). Output, gradients and the JVP pass (eager blocks, compiled islands) equal the eager

@@ -118,6 +118,7 @@ def test_previews_of_480p_videos_stay_small(tmp_path):
         assert g.n_frames == 3 and g.size == (2 + 2 * (416 + 2), 2 + 240 + 2)
 
 
+@pytest.mark.usefixtures("scalar_cpu_kernels")
 def test_encoders_load_from_released_layout_and_pad_text_like_wan(encoders):
     from rcm_core.data.encoders import UMT5Text, WanVAE, read_configs, vae_latent_shape
 
