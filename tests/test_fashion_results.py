@@ -113,7 +113,7 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
         assert {v.dtype for k, v in blob["net"].items() if "weight" in k} == {torch.float16}
     # the sweep: one row per method and schedule, the schedule reaches the sampler (2 steps at t = 1.0 and at
     # t = 0.3 re-noise differently from the same first step, so their samples and FD differ)
-    sweep = [line for line in (out / "tables" / "mid_t.md").read_text().splitlines()[2:]]
+    sweep = (out / "tables" / "mid_t.md").read_text().splitlines()[2:]
     assert [line.split(" | ")[:3] for line in sweep] == [
         [f"| {m}", s, t] for m in fr.METHODS for s, t in (("2", "1"), ("2", "0.3"), ("4", "1, 0.6, 0.3"))]
     for m in fr.METHODS:

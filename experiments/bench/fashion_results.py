@@ -321,7 +321,7 @@ def half_state(net: torch.nn.Module, what: str = "teacher") -> tuple[dict, float
     return state, worst
 
 
-MID_T_METRICS = ("fd_feat", "class_acc", "motion_ratio", "recall_feat", "precision_feat")
+MID_T_METRICS = (*CURVE_METRICS, "precision_feat")     # the curves' metrics and precision
 
 
 def parse_mid_t_sweep(text: str) -> list[list[float]]:
@@ -623,14 +623,14 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
             goals += goal_rows(name, report)
             (out / "tables" / "goals.md").write_text(goals_markdown(goals) + "\n")
             log(f"\n### {name}\n{tables[name]}\n\n{goals_markdown([g for g in goals if g['method'] == name])}")
+        if export_weights:              # before the sweep: a call cut during it still returns the student
+            half, _ = half_state(state.ema.module.net, what=f"{name} student")
+            save_teacher(state.ema.module, mcfg, Path(export_weights) / f"{slug}_ema.pt", net_state=half)
         if mid_t_sweep:
             with clock.phase(f"mid-time sweep {name}"):
                 sweep_rows += mid_time_rows(name, state.ema.module, evaluator, cfg, mid_t_sweep, curve_bootstrap)
                 (out / "tables" / "mid_t.md").write_text(mid_time_markdown(sweep_rows) + "\n")
                 log(f"\n### {name}: intermediate times\n{mid_time_markdown([r for r in sweep_rows if r[0] == name])}")
-        if export_weights:
-            half, _ = half_state(state.ema.module.net, what=f"{name} student")
-            save_teacher(state.ema.module, mcfg, Path(export_weights) / f"{slug}_ema.pt", net_state=half)
         train_rows.append((name, mcfg.train.steps, state.student_iter, state.critic_iter,
                            clock.phases[f"distill {name}"], curve_sec))
         if keep_checkpoints:
