@@ -128,12 +128,55 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
     assert {"fashion_results/curves/curves.png", "fashion_results/comparison/rCM.gif",
             "fashion_results/tables/goals.md"} <= set(names)
 
+    # --student-weights: the exported rCM student is scored and swept again without training; the module evaluated
+    # is the file's (fp16 parameters, exactly), not the teacher or a fresh network
+    import rcm_core.run.teacher as T
+    loaded, scored = {}, []
+    real_load, real_eval = T.load_teacher, fr.StepCountEvaluator.evaluate
+
+    def load_spy(path, cfg, device):
+        loaded[Path(path).name] = module = real_load(path, cfg, device)
+        return module
+
+    def eval_spy(self, student):
+        scored.append(student)
+        return real_eval(self, student)
+    monkeypatch.setattr(T, "load_teacher", load_spy)
+    monkeypatch.setattr(fr.StepCountEvaluator, "evaluate", eval_spy)
+    out2 = tmp_path / "again"
+    again = fr.run(cfg, data=str(tmp_path / "data"), out=out2, device=torch.device("cpu"),
+                   teacher_path=str(out / "teacher.pt"), classifier_path=str(out / "feature_net.pt"),
+                   methods={"rCM": fr.METHODS["rCM"]}, student_weights=str(tmp_path / "weights"),
+                   mid_t_sweep=[[1.0]], curve_bootstrap=3)
+    student = loaded["rCM_ema.pt"]
+    file_state = torch.load(tmp_path / "weights" / "rCM_ema.pt", weights_only=True)["net"]
+    assert all(torch.equal(v, file_state[k].to(v.dtype)) for k, v in student.net.state_dict().items())
+    assert student is not loaded["teacher.pt"] and scored[0] is student and scored[1] is student   # table, sweep
+    assert list(again.reports) == ["rCM"] and not (out2 / "runs" / "rCM").exists()       # nothing trained
+    md2 = (out2 / "tables" / "table2.md").read_text()
+    assert f"| rCM | loaded from {tmp_path / 'weights' / 'rCM_ema.pt'} |" in md2
+    assert (out2 / "tables" / "mid_t.md").read_text().count("| rCM | 2 | 1 |") == 1
+
 
 def _report(rows: dict[str, dict[str, tuple[float, float, float]]], floor: dict[str, float]):
     from rcm_core.eval.metrics import Estimate
     from rcm_core.eval.report import StepCountReport
     return StepCountReport({r: {k: Estimate(*v) for k, v in m.items()} for r, m in rows.items()},
                            "teacher_nfe_100", {k: Estimate(v, v, v) for k, v in floor.items()})
+
+
+def test_student_weights_refuses_what_it_cannot_score(tmp_path):
+    fr = _script()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "rCM_ema.pt").write_bytes(b"")
+    base = ["--student-weights", str(tmp_path / "w"), "--methods", "rCM"]
+    with pytest.raises(SystemExit, match="also give --teacher and --classifier"):
+        fr.main(base)
+    pair = ["--teacher", str(tmp_path / "t.pt"), "--classifier", str(tmp_path / "c.pt")]
+    with pytest.raises(SystemExit, match="no DMD_ema.pt for method DMD"):
+        fr.main([*base[:-1], "rCM,DMD", *pair])
+    with pytest.raises(SystemExit, match="no curve; leave --curve-points out"):
+        fr.main([*base, *pair, "--curve-points", "4"])
 
 
 def test_mid_t_sweep_parses_schedules_and_names_a_bad_one():

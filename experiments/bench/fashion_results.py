@@ -481,14 +481,16 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         methods: dict[str, list[str]] | None = None, keep_checkpoints: bool = False,
         probe_iters: int = 20, archive: str = "", classifier_path: str = "", teacher_store: str = "float32",
         curve_points: int = 0, curve_samples: int = 1000, curve_bootstrap: int = 20,
-        export_weights: str = "", mid_t_sweep: list[list[float]] = ()) -> Result:
+        export_weights: str = "", mid_t_sweep: list[list[float]] = (), student_weights: str = "") -> Result:
     """curve_points > 0: each student's EMA is also scored at that many evenly spaced iterations (curve_samples
     bank rows, curve_bootstrap resamples). teacher_store "float16": the trained teacher is saved with fp16
     parameters and reloaded, so this run and later ones given the file (--teacher) distil from the same weights.
     export_weights: a folder the teacher and classifier are copied to as soon as they exist, and each EMA student
     (fp16 parameters, `<method>_ema.pt`) once distilled. mid_t_sweep: intermediate-time schedules (k − 1 TrigFlow
     times for k steps) each final EMA student is also scored with, on the whole bank (curve_bootstrap resamples):
-    `tables/mid_t.md`."""
+    `tables/mid_t.md`. student_weights: a folder an earlier run's export_weights filled; each method's
+    `<method>_ema.pt` there is scored (and swept) instead of distilled, so a short GPU call re-evaluates a student
+    that took a long one to train."""
     from rcm_core.run.loop import run_training
     from rcm_core.run.teacher import load_teacher, save_teacher, train_teacher
 
@@ -560,7 +562,7 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         log(f"teacher: {t_sec * 1e3:.3f} ms per sample ({cfg.sampler.teacher_steps} {cfg.sampler.teacher_solver} "
             f"steps, guidance {cfg.teacher.guidance})")
 
-    if student_seconds > 0:
+    if student_seconds > 0 and not student_weights:
         with clock.phase("student budget probe"):
             pace = {}
             for name, extra in methods.items():
@@ -583,7 +585,7 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
     reports, tables, pictures, train_rows, goals, curves, sweep_rows = {}, {}, [], [], [], {}, []
     pictures += pictures_of({"data": torch.from_numpy(ds.arrays["latent"][:16])}, m, out / "samples")
     for name, extra in methods.items():
-        slug = name.replace(" ", "_").replace("λ=", "l")
+        slug = slug_of(name)
         mcfg = load_config(None, [*extra, f"train.run_dir={out / 'runs' / slug}"], base=_as_dict(cfg))
         recorder = None
         if curve_eval is not None:
@@ -598,16 +600,23 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
                     write_archive(out, Path(archive))
             recorder = CurveRecorder(curve_eval, at, on_point=keep)
             mcfg.train.eval_every = 1        # the loop asks every iteration; the recorder scores only `at`
-        with clock.phase(f"distill {name}"):
-            state = run_training(mcfg, batches.stream(mcfg.data.batch_size, mcfg.train.seed), _quiet,
-                                 teacher=teacher, device=device, evaluator=recorder)
+        if student_weights:
+            path = Path(student_weights) / f"{slug}_ema.pt"
+            with clock.phase(f"load {name}"):
+                student = load_teacher(path, mcfg, device)     # the file save_teacher wrote at export
+            log(f"{name}: EMA student loaded from {path}")
+        else:
+            with clock.phase(f"distill {name}"):
+                state = run_training(mcfg, batches.stream(mcfg.data.batch_size, mcfg.train.seed), _quiet,
+                                     teacher=teacher, device=device, evaluator=recorder)
+            student = state.ema.module
         curve_sec = 0.0
         if recorder is not None:
             curve_sec = sum(p["metrics"].get("timing/eval_seconds", 0.0) for p in recorder.points)
             log(f"\n### {name}: curves\n{curve_tables(recorder.points)}")
         with clock.phase(f"evaluate {name}"):
-            report = evaluator.evaluate(state.ema.module)
-            set_speed(report, cfg, state.ema.module, t_sec, bank, device)
+            report = evaluator.evaluate(student)
+            set_speed(report, cfg, student, t_sec, bank, device)
             tables[name] = format_table(report, columns=COLUMNS)
             (out / "tables" / f"{slug}.txt").write_text(tables[name] + "\n")
             (out / "tables" / f"{slug}_full.txt").write_text(format_table(report) + "\n")
@@ -618,26 +627,30 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
             # teacher | 1 | 2 | 4 steps from the same bank noise and class per row (PNG and GIF)
             pictures += save_comparison_figure(evaluator.last_samples, m, out / "comparison" / f"{slug}.png",
                                                labels=bank.labels, report=report,
-                                               title=f"{name}, {mcfg.train.steps} iterations")
+                                               title=f"{name}, {trained_for(mcfg, student_weights)}")
             reports[name] = report
             goals += goal_rows(name, report)
             (out / "tables" / "goals.md").write_text(goals_markdown(goals) + "\n")
             log(f"\n### {name}\n{tables[name]}\n\n{goals_markdown([g for g in goals if g['method'] == name])}")
-        if export_weights:              # before the sweep: a call cut during it still returns the student
-            half, _ = half_state(state.ema.module.net, what=f"{name} student")
-            save_teacher(state.ema.module, mcfg, Path(export_weights) / f"{slug}_ema.pt", net_state=half)
+        if export_weights and not student_weights:   # before the sweep: a call cut during it still returns it
+            half, _ = half_state(student.net, what=f"{name} student")
+            save_teacher(student, mcfg, Path(export_weights) / f"{slug}_ema.pt", net_state=half)
         if mid_t_sweep:
             with clock.phase(f"mid-time sweep {name}"):
-                sweep_rows += mid_time_rows(name, state.ema.module, evaluator, cfg, mid_t_sweep, curve_bootstrap)
+                sweep_rows += mid_time_rows(name, student, evaluator, cfg, mid_t_sweep, curve_bootstrap)
                 (out / "tables" / "mid_t.md").write_text(mid_time_markdown(sweep_rows) + "\n")
                 log(f"\n### {name}: intermediate times\n{mid_time_markdown([r for r in sweep_rows if r[0] == name])}")
-        train_rows.append((name, mcfg.train.steps, state.student_iter, state.critic_iter,
-                           clock.phases[f"distill {name}"], curve_sec))
-        if keep_checkpoints:
-            save_teacher(state.ema.module, mcfg, out / "runs" / slug / "ema_student.pt")
+        if student_weights:
+            train_rows.append((name, f"loaded from {path}", "-", "-", clock.phases[f"load {name}"], 0.0))
         else:
-            shutil.rmtree(out / "runs" / slug / "checkpoints", ignore_errors=True)
-        del state
+            train_rows.append((name, mcfg.train.steps, state.student_iter, state.critic_iter,
+                               clock.phases[f"distill {name}"], curve_sec))
+            if keep_checkpoints:
+                save_teacher(student, mcfg, out / "runs" / slug / "ema_student.pt")
+            else:
+                shutil.rmtree(out / "runs" / slug / "checkpoints", ignore_errors=True)
+            del state
+        del student
         if archive:                              # after every method: a run cut short still returns its tables
             write_archive(out, Path(archive))
         if device.type == "cuda":
@@ -654,12 +667,24 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
     extra += [f"### {name}: metrics against iterations ({curve_samples} samples, {curve_bootstrap} bootstrap "
               f"resamples per point)\n```\n{curve_tables(pts)}\n```" for name, pts in curves.items()]
     md = markdown(cfg, m, device, net, held_acc, reports, tables, train_rows, clock.phases,
-                  teacher_from=teacher_path, classifier_from=classifier_path, extra=extra)
+                  teacher_from=teacher_path, classifier_from=classifier_path, extra=extra,
+                  students_from=student_weights)
     (out / "tables" / "table2.md").write_text(md)
     if archive:
         write_archive(out, Path(archive))
     return Result(reports, tables, md, clock.phases, cfg.train.steps, cfg.teacher.train_steps, pictures, out,
                   goals, curves)
+
+
+def slug_of(method: str) -> str:
+    """A method's name as it appears in file names (runs/<slug>, tables/<slug>.txt, <slug>_ema.pt)."""
+    return method.replace(" ", "_").replace("λ=", "l")
+
+
+def trained_for(cfg: ExperimentCfg, student_weights: str) -> str:
+    """A figure or table title's training length: the run's iterations, or where a loaded student came from (its
+    file does not record how long it trained)."""
+    return f"loaded from {student_weights}" if student_weights else f"{cfg.train.steps} iterations"
 
 
 def _export(path: Path, folder: str) -> None:
@@ -691,7 +716,8 @@ def _as_dict(cfg: ExperimentCfg) -> dict:
 
 def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: FeatureNet, held_acc: float,
              reports: dict[str, StepCountReport], tables: dict[str, str], train_rows: list, phases: dict, *,
-             teacher_from: str = "", classifier_from: str = "", extra: list[str] = ()) -> str:
+             teacher_from: str = "", classifier_from: str = "", extra: list[str] = (),
+             students_from: str = "") -> str:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     mc = cfg.model
     per_row = any(name.startswith("rCM-l") for name in tables)
@@ -703,9 +729,11 @@ def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: Feature
         (f"Card: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Data: {m.num_rows} videos "
          f"(images from {m.source.get('images')}), latent {m.latent_shape}. Teacher: DiT {mc.num_layers}×{mc.dim} "
          f"({mc.num_heads} heads), {trained}, sampled with {cfg.sampler.teacher_steps} {cfg.sampler.teacher_solver} "
-         f"steps at guidance {cfg.teacher.guidance}. Students: {cfg.train.steps} iterations at batch "
-         f"{cfg.data.batch_size}, tangent warm-up {cfg.distill.tangent_warmup}, 1 student : "
-         f"{cfg.distill.student_update_freq - 1} critic, {lam}. Evaluation: "
+         f"steps at guidance {cfg.teacher.guidance}. Students: "
+         + (f"EMA students loaded from {students_from} (not trained here), {lam}. " if students_from else
+            f"{cfg.train.steps} iterations at batch {cfg.data.batch_size}, tangent warm-up "
+            f"{cfg.distill.tangent_warmup}, 1 student : {cfg.distill.student_update_freq - 1} critic, {lam}. ")
+         + f"Evaluation: "
          f"{cfg.eval.num_samples} samples, {cfg.eval.bootstrap} bootstrap resamples; classifier {net.version} "
          f"(held-out video accuracy {held_acc:.3f}{', loaded from ' + classifier_from if classifier_from else ''})."),
         "",
@@ -719,7 +747,7 @@ def markdown(cfg: ExperimentCfg, m: Manifest, device: torch.device, net: Feature
         f"| total | {sum(phases.values()):.1f} |",
     ]
     for name, table in tables.items():
-        title = "All methods (teacher floor last)" if name == "all" else f"{name} ({cfg.train.steps} iterations)"
+        title = "All methods (teacher floor last)" if name == "all" else f"{name} ({trained_for(cfg, students_from)})"
         lines += ["", f"### {title}", "```", table, "```"]
     for section in extra:
         lines += ["", section]
@@ -751,6 +779,24 @@ def replot(paths: list[str]) -> int:
         print(f"\n### {name}\n{curve_tables(points)}")
     print(f"wrote {png}")
     return 0
+
+
+def check_student_weights(args: argparse.Namespace) -> None:
+    """--student-weights scores finished students: each file must exist, and the teacher (reference samples) and
+    classifier (feature space) must be the ones they were scored against when trained, so both are required."""
+    if not args.student_weights:
+        return
+    if not (args.teacher and args.classifier):
+        raise SystemExit(f"--student-weights {args.student_weights}: also give --teacher and --classifier (the "
+                         f"teacher.pt and feature_net.pt of the run that exported these students)")
+    if args.curve_points:
+        raise SystemExit(f"--curve-points {args.curve_points} with --student-weights: loaded students are not "
+                         f"trained here, so there is no curve; leave --curve-points out")
+    for name in pick_methods(args.methods, args.rcm_lambdas):
+        path = Path(args.student_weights) / f"{slug_of(name)}_ema.pt"
+        if not path.is_file():
+            raise SystemExit(f"--student-weights {args.student_weights}: no {path.name} for method {name} (an "
+                             f"--export-weights run writes <method>_ema.pt; pick --methods among those present)")
 
 
 def pick_methods(names: str, lambdas: str) -> dict[str, list[str]]:
@@ -802,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
                          "from that file, so it comes back from a GPU call and fits the next call's carry")
     ap.add_argument("--export-weights", default="", help="copy teacher.pt and feature_net.pt here once made, "
                     "and each EMA student (fp16, <method>_ema.pt) once distilled")
+    ap.add_argument("--student-weights", default="", help="a folder an earlier --export-weights filled: score "
+                    "(and --mid-t-sweep) each method's <method>_ema.pt there instead of distilling it; needs "
+                    "--teacher and --classifier from the same run")
     ap.add_argument("--mid-t-sweep", default="", help="also score each final student with these intermediate-time "
                     "schedules, ';'-separated, k − 1 TrigFlow times for k steps: e.g. '1.3;1.0;0.6;1.3,1.0,0.6'")
     ap.add_argument("--curve-points", type=int, default=0, help="score each student's EMA at this many evenly "
@@ -840,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.curve_points and not 0 < args.curve_samples <= cfg.eval.num_samples:
         raise SystemExit(f"--curve-samples {args.curve_samples}: choose 1..eval.num_samples "
                          f"({cfg.eval.num_samples}); the curve scores the evaluation bank's first rows")
+    check_student_weights(args)
     for flag, path in (("--teacher", args.teacher), ("--classifier", args.classifier)):
         if path and not Path(path).is_file():
             raise SystemExit(f"{flag} {path}: no such file (give the teacher.pt / feature_net.pt an earlier run "
@@ -851,7 +901,8 @@ def main(argv: list[str] | None = None) -> int:
               archive=args.archive, methods=pick_methods(args.methods, args.rcm_lambdas),
               classifier_path=args.classifier, teacher_store=args.teacher_store, curve_points=args.curve_points,
               curve_samples=args.curve_samples, curve_bootstrap=args.curve_bootstrap,
-              export_weights=args.export_weights, mid_t_sweep=parse_mid_t_sweep(args.mid_t_sweep))
+              export_weights=args.export_weights, mid_t_sweep=parse_mid_t_sweep(args.mid_t_sweep),
+              student_weights=args.student_weights)
     print("\n" + res.markdown, flush=True)
     print(f"wall time {time.perf_counter() - t:.1f} s; tables in {out / 'tables'}, pictures in {out / 'samples'}",
           flush=True)
