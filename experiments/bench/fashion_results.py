@@ -7,14 +7,19 @@
     RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --data runs/data/fashion_video --out /tmp/fashion --archive $OUT/fashion_results.tar.gz
     # CPU smoke test of the whole pipeline (meaningless numbers, a few minutes on 2 cores)
     python experiments/bench/fashion_results.py --tiny --out /tmp/fashion_tiny
-    # issue 29, the converging run in two GPU calls: the first trains the teacher (stored fp16), the classifier and
-    # rCM and returns both files beside its archive; copy them to runs/carry/fq/ and carry that into the second
+    # issue 29 (docs/RESULTS.md section 2), in GPU calls of under 10 minutes: the first trains the teacher (stored
+    # fp16), the classifier and rCM and returns both files beside its archive; copy them to runs/carry/fq/ and carry
+    # that into the others
     RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --config experiments/fashion_quality.yaml \\
         --data runs/data/fashion_video --teacher-seconds 0 --student-seconds 270 --curve-points 8 --methods rCM \\
         --teacher-store float16 --out /tmp/fq --export-weights $OUT/weights --archive $OUT/fq_rCM.tar.gz
     RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --config experiments/fashion_quality.yaml \\
         --data runs/data/fashion_video --teacher runs/carry/fq/teacher.pt --classifier runs/carry/fq/feature_net.pt \\
-        --student-seconds 200 --curve-points 8 --methods sCM,DMD --out /tmp/fq --archive $OUT/fq_sCM_DMD.tar.gz
+        --student-seconds 150 --curve-points 8 --methods sCM,DMD --out /tmp/fq --archive $OUT/fq_sCM_DMD.tar.gz
+    # a student exported by --export-weights (runs/carry/fq/rCM_ema.pt), scored at other intermediate times
+    RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/fashion_results.py --config experiments/fashion_quality.yaml \\
+        --data runs/data/fashion_video --teacher runs/carry/fq/teacher.pt --classifier runs/carry/fq/feature_net.pt \\
+        --student-weights runs/carry/fq --methods rCM --out /tmp/sweep --mid-t-sweep "1.3;1.0;0.6;1.3,1.0,0.6"
     # one figure from the curves of both calls
     python experiments/bench/fashion_results.py --replot-curves curves.png rCM/fashion_results/curves/rCM.json \\
         sCM_DMD/fashion_results/curves/*.json
