@@ -147,7 +147,7 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
     again = fr.run(cfg, data=str(tmp_path / "data"), out=out2, device=torch.device("cpu"),
                    teacher_path=str(out / "teacher.pt"), classifier_path=str(out / "feature_net.pt"),
                    methods={"rCM": fr.METHODS["rCM"]}, student_weights=str(tmp_path / "weights"),
-                   mid_t_sweep=[[1.0]], curve_bootstrap=3)
+                   mid_t_sweep=[[1.0]], curve_bootstrap=3, renoise_times=[1.0, 0.3])
     student = loaded["rCM_ema.pt"]
     file_state = torch.load(tmp_path / "weights" / "rCM_ema.pt", weights_only=True)["net"]
     assert all(torch.equal(v, file_state[k].to(v.dtype)) for k, v in student.net.state_dict().items())
@@ -156,6 +156,13 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
     md2 = (out2 / "tables" / "table2.md").read_text()
     assert f"| rCM | loaded from {tmp_path / 'weights' / 'rCM_ema.pt'} |" in md2
     assert (out2 / "tables" / "mid_t.md").read_text().count("| rCM | 2 | 1 |") == 1
+    # --renoise-test: the 1-step samples, then each time's student and teacher rows from the same x_t, the floor last
+    renoise = (out2 / "tables" / "renoise_rCM.txt").read_text().splitlines()
+    assert [line.split()[0] for line in renoise[2:]] == [
+        "student_1_step", "student_from_t1", "teacher_from_t1", "student_from_t0.3", "teacher_from_t0.3",
+        "teacher_vs_teacher"]
+    assert renoise[0].split()[1:] == list(fr.RENOISE_COLUMNS)
+    assert "re-noised to t" in md2
 
 
 def _report(rows: dict[str, dict[str, tuple[float, float, float]]], floor: dict[str, float]):
@@ -177,6 +184,15 @@ def test_student_weights_refuses_what_it_cannot_score(tmp_path):
         fr.main([*base[:-1], "rCM,DMD", *pair])
     with pytest.raises(SystemExit, match="no curve; leave --curve-points out"):
         fr.main([*base, *pair, "--curve-points", "4"])
+
+
+def test_renoise_times_parse_and_a_bad_one_is_named():
+    fr = _script()
+    assert fr.parse_renoise_times("1.3; 1.0;0.6") == [1.3, 1.0, 0.6] and fr.parse_renoise_times("") == []
+    with pytest.raises(SystemExit, match="'x' is not a number"):
+        fr.parse_renoise_times("1.0;x")
+    with pytest.raises(SystemExit, match="1.6 is outside"):
+        fr.parse_renoise_times("1.6")
 
 
 def test_mid_t_sweep_parses_schedules_and_names_a_bad_one():

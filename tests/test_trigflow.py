@@ -165,3 +165,37 @@ def test_teacher_sampler_on_exact_gmm_teacher_lands_on_modes():
     d = torch.cdist(x.reshape(400, 2), gmm.means)
     own = gmm.mode_class[d.argmin(1)] == labels
     assert own.float().mean() > 0.98 and (d.min(1).values < 4 * gmm.std).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_teacher_sampler_started_midway_continues_the_solve_exactly(solver):
+    """start_t (SDEdit, fashion_results --renoise-test): from the state a 12-step solve reaches at grid time k, the
+    solve started there ends where the whole solve does (float64, the same operations: bit-equal), π/2 is the plain
+    solve, and a start between grid times takes only the grid's times below it."""
+    from rcm_core.method.timesteps import teacher_time_grid
+
+    gmm = default_gmm()
+    teacher = TrigFlowDenoiser(ExactGMMVelocity(gmm), "rf_velocity")
+    z = torch.randn(64, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.arange(64) % gmm.num_classes
+    kw = dict(steps=12, guidance=2.0, shift=3.0, solver=solver)
+    seen, real = [], teacher.F_guided
+
+    def spy(x, t, cond, guidance):
+        seen.append((float(t[0]), x.clone()))
+        return real(x, t, cond, guidance)
+    teacher.F_guided = spy
+    whole = teacher_sample(teacher, z, labels, **kw)
+    grid = teacher_time_grid(12, shift=3.0)
+    k = 5
+    # the state the solve reached at grid time k: the last call there (Heun's corrector at grid k comes first, at
+    # the predicted state)
+    x_k = [x for t, x in seen if t == float(grid[k])][-1]
+    seen.clear()
+    assert torch.equal(teacher_sample(teacher, x_k, labels, **kw, start_t=float(grid[k])), whole)
+    assert len(seen) == (12 - k) * (1 if solver == "euler" else 2) - (solver == "heun")
+    assert torch.equal(teacher_sample(teacher, z, labels, **kw, start_t=math.pi / 2), whole)
+    seen.clear()
+    mid = 0.5 * float(grid[k] + grid[k + 1])
+    teacher_sample(teacher, x_k, labels, **kw, start_t=mid)
+    assert [t for t, _ in seen][:: 1 if solver == "euler" else 2] == [mid, *map(float, grid[k + 1:-1])]

@@ -48,6 +48,10 @@ curves/curves.png (a panel per metric, a line per step count, the teacher's leve
 tables/goals.md (the issue's goals per method at 2 and 4 steps: measured, teacher, met, and whether the 95 % CI
 agrees) and comparison/<method>.png|.gif (teacher, 1, 2, 4 steps from the same noise and class per row).
 --teacher / --classifier reuse an earlier run's files, so calls compare in one feature space against one teacher.
+Why 4 steps can trail 2 (RESULTS section 2): --mid-t-sweep scores the final student at other intermediate times;
+--renoise-test re-noises its 1-step samples to each given t and denoises that x_t twice, by the student (one step)
+and by the teacher's ODE from t (`teacher_sample(start_t=t)`): what the teacher keeps and the student loses is the
+student's map at t. Both work on a student loaded with --student-weights (no re-training).
 """
 from __future__ import annotations
 
@@ -93,10 +97,11 @@ from rcm_core.eval.features import (
     train_feature_classifier,
 )
 from rcm_core.eval.metrics import Estimate
-from rcm_core.eval.report import StepCountReport, format_table
+from rcm_core.eval.report import EvalConfig, StepCountReport, evaluate_step_counts, format_table
 from rcm_core.eval.samples import save_comparison_figure
-from rcm_core.eval.evaluate import EvalBank, StepCountEvaluator
+from rcm_core.eval.evaluate import EvalBank, StepCountEvaluator, sample_in_chunks
 from rcm_core.method.samplers import consistency_sample, teacher_sample
+from rcm_core.method.trigflow import add_noise
 
 DEFAULT_CONFIG = ROOT / "experiments" / "fashion_video.yaml"
 METHODS = {"sCM": ["distill.mode=scm"], "DMD": ["distill.mode=dmd"], "rCM": ["distill.mode=rcm"]}
@@ -345,6 +350,21 @@ def parse_mid_t_sweep(text: str) -> list[list[float]]:
     return schedules
 
 
+def parse_renoise_times(text: str) -> list[float]:
+    """'1.3;1.0;0.6' → [1.3, 1.0, 0.6]: TrigFlow times in (0, π/2)."""
+    times = []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        try:
+            t = float(part)
+        except ValueError:
+            raise SystemExit(f"--renoise-test {text!r}: {part!r} is not a number; give ';'-separated TrigFlow "
+                             f"times, e.g. '1.3;1.0;0.6'") from None
+        if not 0 < t < math.pi / 2:
+            raise SystemExit(f"--renoise-test: {t:g} is outside (0, {math.pi / 2:.4f}), the TrigFlow times")
+        times.append(t)
+    return times
+
+
 def mid_time_rows(name: str, student, evaluator: StepCountEvaluator, cfg: ExperimentCfg,
                   schedules: list[list[float]], bootstrap: int) -> list[tuple]:
     """The student at each schedule on the evaluator's whole bank (its teacher samples reused): rows of
@@ -358,6 +378,41 @@ def mid_time_rows(name: str, student, evaluator: StepCountEvaluator, cfg: Experi
         metrics = report.all_rows()[f"nfe_{len(times) + 1}"]
         rows.append((name, len(times) + 1, times, {k: metrics[k] for k in MID_T_METRICS}))
     return rows
+
+
+RENOISE_COLUMNS = ("fd_feat", "class_acc", "motion_ratio", "recall_feat", "paired_mse")
+
+
+@torch.no_grad()
+def renoise_table(student, evaluator: StepCountEvaluator, cfg: ExperimentCfg, times: list[float],
+                  bootstrap: int) -> str:
+    """The multistep sampler's second step taken apart: the student's 1-step samples x̂0 re-noised to each t
+    (x_t = cos t·x̂0 + sin t·ε, one ε per bank row), then denoised by the student (one consistency step: what the
+    2-step sampler with mid time t does) and by the teacher's guided ODE from that x_t (its N-step grid below t).
+    Both start from the same x_t, so where the teacher's row keeps motion and the student's loses it, the student's
+    map at t loses it; where both lose it, re-noising x̂0 does."""
+    ref, floor, _ = evaluator.teacher_sets()
+    bank, dev, s = evaluator.bank, evaluator.device, cfg.sampler
+    one_step = lambda z, c: consistency_sample(student, z, c, steps=1, sigma_max=s.sigma_max, mid_t=[])  # noqa
+    x0 = sample_in_chunks(one_step, bank.noise, bank.labels, dev)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(bank.seed + 7))
+    samples = {"student_1_step": x0}
+    for t in times:
+        x_t = add_noise(x0.double(), eps.double(), torch.full((x0.shape[0],), t, dtype=torch.float64)).float()
+        at_t = lambda z, t=t: torch.full((z.shape[0],), t, dtype=torch.float64, device=z.device)  # noqa
+        samples[f"student_from_t{t:g}"] = sample_in_chunks(lambda z, c: student.f(z, at_t(z), c), x_t,
+                                                           bank.labels, dev)
+        samples[f"teacher_from_t{t:g}"] = sample_in_chunks(
+            lambda z, c, t=t: teacher_sample(evaluator.teacher, z, c, steps=s.teacher_steps,
+                                             guidance=cfg.teacher.guidance, shift=s.teacher_shift,
+                                             solver=s.teacher_solver, start_t=t), x_t, bank.labels, dev)
+    labels = bank.labels if bank.labels.dim() == 1 else None
+    on = lambda x: None if x is None else x.to(dev)  # noqa
+    report = evaluate_step_counts({k: on(v) for k, v in samples.items()}, on(ref), reference_2=on(floor),
+                                  labels=on(labels), extractors=evaluator.extractors,
+                                  classifier=evaluator.classifier, floor_name="teacher_vs_teacher",
+                                  cfg=EvalConfig(num_resamples=bootstrap))
+    return format_table(report, columns=RENOISE_COLUMNS)
 
 
 def mid_time_markdown(rows: list[tuple]) -> str:
@@ -486,7 +541,8 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         methods: dict[str, list[str]] | None = None, keep_checkpoints: bool = False,
         probe_iters: int = 20, archive: str = "", classifier_path: str = "", teacher_store: str = "float32",
         curve_points: int = 0, curve_samples: int = 1000, curve_bootstrap: int = 20,
-        export_weights: str = "", mid_t_sweep: list[list[float]] = (), student_weights: str = "") -> Result:
+        export_weights: str = "", mid_t_sweep: list[list[float]] = (), student_weights: str = "",
+        renoise_times: list[float] = ()) -> Result:
     """curve_points > 0: each student's EMA is also scored at that many evenly spaced iterations (curve_samples
     bank rows, curve_bootstrap resamples). teacher_store "float16": the trained teacher is saved with fp16
     parameters and reloaded, so this run and later ones given the file (--teacher) distil from the same weights.
@@ -495,7 +551,8 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
     times for k steps) each final EMA student is also scored with, on the whole bank (curve_bootstrap resamples):
     `tables/mid_t.md`. student_weights: a folder an earlier run's export_weights filled; each method's
     `<method>_ema.pt` there is scored (and swept) instead of distilled, so a short GPU call re-evaluates a student
-    that took a long one to train."""
+    that took a long one to train. renoise_times: also `renoise_table` of each final student at these times
+    (`tables/renoise_<method>.txt`)."""
     from rcm_core.run.loop import run_training
     from rcm_core.run.teacher import load_teacher, save_teacher, train_teacher
 
@@ -587,7 +644,7 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         curve_eval = evaluator.subset(curve_samples, curve_cfg)
         log(f"curves: the EMA at iterations {at}, {curve_samples} samples, {curve_bootstrap} bootstrap resamples")
 
-    reports, tables, pictures, train_rows, goals, curves, sweep_rows = {}, {}, [], [], [], {}, []
+    reports, tables, pictures, train_rows, goals, curves, sweep_rows, renoise = {}, {}, [], [], [], {}, [], {}
     pictures += pictures_of({"data": torch.from_numpy(ds.arrays["latent"][:16])}, m, out / "samples")
     for name, extra in methods.items():
         slug = slug_of(name)
@@ -645,6 +702,12 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
                 sweep_rows += mid_time_rows(name, student, evaluator, cfg, mid_t_sweep, curve_bootstrap)
                 (out / "tables" / "mid_t.md").write_text(mid_time_markdown(sweep_rows) + "\n")
                 log(f"\n### {name}: intermediate times\n{mid_time_markdown([r for r in sweep_rows if r[0] == name])}")
+        if renoise_times:
+            with clock.phase(f"re-noise test {name}"):
+                renoise[name] = renoise_table(student, evaluator, cfg, renoise_times, curve_bootstrap)
+                (out / "tables" / f"renoise_{slug}.txt").write_text(renoise[name] + "\n")
+                log(f"\n### {name}: re-noised 1-step samples, denoised by the student and by the teacher\n"
+                    f"{renoise[name]}")
         if student_weights:
             train_rows.append((name, f"loaded from {path}", "-", "-", clock.phases[f"load {name}"], 0.0))
         else:
@@ -669,6 +732,9 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
         extra.append(f"### Intermediate times ({cfg.eval.num_samples} samples, {curve_bootstrap} bootstrap "
                      f"resamples; the same bank noise and re-noising draws for every schedule of one step count)"
                      f"\n\n{mid_time_markdown(sweep_rows)}")
+    extra += [f"### {name}: 1-step samples re-noised to t, then denoised by the student (one step) and by the teacher "
+              f"(its ODE from t); {cfg.eval.num_samples} samples, {curve_bootstrap} bootstrap resamples\n```\n{table}\n```"
+              for name, table in renoise.items()]
     extra += [f"### {name}: metrics against iterations ({curve_samples} samples, {curve_bootstrap} bootstrap "
               f"resamples per point)\n```\n{curve_tables(pts)}\n```" for name, pts in curves.items()]
     md = markdown(cfg, m, device, net, held_acc, reports, tables, train_rows, clock.phases,
@@ -856,6 +922,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-weights", default="", help="a folder an earlier --export-weights filled: score "
                     "(and --mid-t-sweep) each method's <method>_ema.pt there instead of distilling it; needs "
                     "--teacher and --classifier from the same run")
+    ap.add_argument("--renoise-test", default="", help="times t (';'-separated, e.g. '1.3;1.0;0.6'): also score "
+                    "each final student's 1-step samples re-noised to t and denoised by the student and, from the "
+                    "same x_t, by the teacher's ODE (where multistep sampling loses what the teacher keeps)")
     ap.add_argument("--mid-t-sweep", default="", help="also score each final student with these intermediate-time "
                     "schedules, ';'-separated, k − 1 TrigFlow times for k steps: e.g. '1.3;1.0;0.6;1.3,1.0,0.6'")
     ap.add_argument("--curve-points", type=int, default=0, help="score each student's EMA at this many evenly "
@@ -907,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
               classifier_path=args.classifier, teacher_store=args.teacher_store, curve_points=args.curve_points,
               curve_samples=args.curve_samples, curve_bootstrap=args.curve_bootstrap,
               export_weights=args.export_weights, mid_t_sweep=parse_mid_t_sweep(args.mid_t_sweep),
-              student_weights=args.student_weights)
+              student_weights=args.student_weights, renoise_times=parse_renoise_times(args.renoise_test))
     print("\n" + res.markdown, flush=True)
     print(f"wall time {time.perf_counter() - t:.1f} s; tables in {out / 'tables'}, pictures in {out / 'samples'}",
           flush=True)

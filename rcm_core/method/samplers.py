@@ -42,14 +42,19 @@ def _trig_step(x: torch.Tensor, F: torch.Tensor, t: torch.Tensor, t_next: torch.
 
 @torch.no_grad()
 def teacher_sample(teacher: TrigFlowDenoiser, noise: torch.Tensor, cond: torch.Tensor, *, steps: int,
-                   guidance: float, shift: float = 5.0,
-                   solver: Literal["euler", "heun"] = "euler") -> torch.Tensor:
+                   guidance: float, shift: float = 5.0, solver: Literal["euler", "heun"] = "euler",
+                   start_t: float | None = None) -> torch.Tensor:
     """Solve the guided PF-ODE dx/dt = F_T from t = π/2 (x = z) to 0 on a shifted RF grid.
 
     `euler` is the first-order trigonometric (DDIM) step, `heun` adds Heun's corrector on all but the last
-    step (2N − 1 network evaluations per sample, each doubled by guidance).
+    step (2N − 1 network evaluations per sample, each doubled by guidance). `start_t`: `noise` is the state x_t at
+    that time instead (e.g. a re-noised sample, SDEdit), solved on the N-step grid's times below it; at a grid time
+    this continues an N-step solve exactly, and π/2 is the plain solve.
     """
     times = teacher_time_grid(steps, shift=shift, device=noise.device)
+    if start_t is not None:
+        times = torch.cat([times.new_tensor([start_t]), times[times < start_t]])
+        steps = times.numel() - 1
     B = noise.shape[0]
     x = noise.double()
     for i in range(steps):
