@@ -2,7 +2,9 @@
 
     # 1. the data set, as for fashion_results.py (carry runs/data/fashion_video to the GPU machine)
     python experiments/bench/fashion_results.py --prepare-only --data runs/data/fashion_video
-    # 2. on one GPU (a 10-minute device call; --resume continues a cut run from its saved stages)
+    # 2. on one GPU (a 10-minute device call; --resume continues a cut run: finished stages are loaded, a stage cut
+    #    mid-way continues from its last checkpoint, so --stage-seconds may exceed one call; keep --out where the
+    #    next call finds it, e.g. /tmp of a machine still warm)
     RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/causal_results.py --data runs/data/fashion_video \
         --out /tmp/causal --archive $OUT/causal_results.tar.gz
     # CPU smoke test of the whole pipeline (meaningless numbers, a few minutes on 2 cores)
@@ -32,6 +34,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,16 +81,26 @@ def stage_cfg(base: ExperimentCfg, name: str, out: Path) -> ExperimentCfg:
     return load_config(None, [*extra, f"train.run_dir={out / 'runs' / name}"], base=fr._as_dict(base))
 
 
+STAGE_CHECKPOINTS = 10    # checkpoints per stage: a call cut mid-stage loses at most a tenth of it (--resume)
+
+
 def train_stage(name: str, cfg: ExperimentCfg, teacher, batches, device, out: Path, *, seconds: float,
                 probe_iters: int, resume: bool, student_init=None, evaluator=None, curve=None):
     """Train one stage (or load its saved EMA network with --resume); returns (EMA network, {"iterations",
     "seconds"}): the seconds include the budget probe and the curve points, and a resumed stage keeps the numbers of
-    the call that trained it, so the table's header is the same whether or not the run was cut."""
+    the call that trained it, so the table's header is the same whether or not the run was cut.
+
+    A stage longer than one call: its plan (iterations, curve points so far, seconds so far) is written to
+    plan.json when it starts and at each of its STAGE_CHECKPOINTS checkpoints; --resume continues it from the last
+    checkpoint with the planned iterations (no new budget probe) and the curve points recorded up to there, so the
+    finished stage equals an uncut one (the loop resumes exactly)."""
+    from rcm_core.run.checkpoint import latest_checkpoint
     from rcm_core.run.loop import run_training
     from rcm_core.run.teacher import load_teacher, save_teacher
 
     path = out / "runs" / name / "ema.pt"
     record = path.with_name("stage.json")      # what the saved network was trained with, for the table's header
+    plan_file = path.with_name("plan.json")    # a stage in progress
     if resume and path.is_file():
         if not record.is_file():
             raise SystemExit(f"--resume: {path} has no {record.name} beside it (saved by an older version of this "
@@ -96,25 +109,56 @@ def train_stage(name: str, cfg: ExperimentCfg, teacher, batches, device, out: Pa
         fr.log(f"{name}: loaded {path} ({done['iterations']} iterations, trained in {done['seconds']:.0f} s)")
         return load_teacher(path, cfg, device), done
     t0 = time.perf_counter()
-    if seconds > 0:
-        probe = copy.deepcopy(cfg)
-        if student_init is not None:
-            probe.distill.student_checkpoint = ""
-        sec = fr.student_iter_time(probe, teacher, batches, device, probe_iters)
-        cfg.train.steps = fr.round_steps(seconds / sec)
-        cfg.distill.tangent_warmup = min(cfg.distill.tangent_warmup, cfg.train.steps // 10)
-        fr.log(f"{name}: {sec * 1e3:.1f} ms/iteration → {cfg.train.steps} iterations")
+    ckpt = latest_checkpoint(path.parent / "checkpoints") if resume and plan_file.is_file() else None
+    if ckpt is not None:
+        plan = json.loads(plan_file.read_text())
+        cfg.train.steps, cfg.distill.tangent_warmup = plan["iterations"], plan["tangent_warmup"]
+        at = int(ckpt.name.split("_")[1])
+        plan["points"] = [p for p in plan["points"] if p["iteration"] <= at]   # later ones are scored again
+        fr.log(f"{name}: resuming at iteration {at} of {cfg.train.steps} from {ckpt}")
+    else:
+        if seconds > 0:
+            probe = copy.deepcopy(cfg)
+            if student_init is not None:
+                probe.distill.student_checkpoint = ""
+            sec = fr.student_iter_time(probe, teacher, batches, device, probe_iters)
+            cfg.train.steps = fr.round_steps(seconds / sec)
+            cfg.distill.tangent_warmup = min(cfg.distill.tangent_warmup, cfg.train.steps // 10)
+            fr.log(f"{name}: {sec * 1e3:.1f} ms/iteration → {cfg.train.steps} iterations")
+        plan = {"iterations": cfg.train.steps, "tangent_warmup": cfg.distill.tangent_warmup, "points": [],
+                "seconds": 0.0}
+    cfg.train.checkpoint_every = max(cfg.train.steps // STAGE_CHECKPOINTS, 1)
+    before = plan["seconds"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(points=None):
+        """At each checkpoint and curve point: the plan as it stands, for a call that is cut next."""
+        if points is not None:
+            plan["points"] = points
+        plan["seconds"] = before + time.perf_counter() - t0
+        plan_file.write_text(json.dumps(plan))
+
+    keep()
     recorder = None
     if evaluator is not None:        # `curve` evenly spaced points (rcm_core/eval/curves.py, shared with fashion)
-        recorder = CurveRecorder(evaluator, curve_steps(cfg.train.steps, curve))
+        done_at = {p["iteration"] for p in plan["points"]}
+        recorder = CurveRecorder(evaluator, [i for i in curve_steps(cfg.train.steps, curve) if i not in done_at],
+                                 points=list(plan["points"]), on_point=keep)
         cfg.train.eval_every = 1     # the loop asks every iteration; the recorder scores only its own
-    state = run_training(cfg, batches.stream(cfg.data.batch_size, cfg.train.seed), fr._quiet, teacher=teacher,
-                         device=device, evaluator=recorder)
+
+    def reporter(step, metrics, ckpt_dir):
+        if ckpt_dir is not None:
+            keep()
+
+    state = run_training(cfg, batches.stream(cfg.data.batch_size, cfg.train.seed), reporter,
+                         "latest" if ckpt is not None else None, teacher=teacher, device=device, evaluator=recorder)
     points = series(recorder.points, "nfe_2", "fd_feat") if recorder is not None else []
     save_teacher(state.ema.module, cfg, path)
     (out / "runs" / name / "curve.json").write_text(json.dumps(points))
-    done = {"iterations": cfg.train.steps, "seconds": time.perf_counter() - t0}
+    done = {"iterations": cfg.train.steps, "seconds": before + time.perf_counter() - t0}
     record.write_text(json.dumps(done))
+    plan_file.unlink()
+    shutil.rmtree(path.parent / "checkpoints", ignore_errors=True)      # the stage is done: ema.pt is what is kept
     return state.ema.module, done
 
 
