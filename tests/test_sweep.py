@@ -36,8 +36,6 @@ overrides: [optim.lr_warmup=0]
 def _run_sweep(folder: Path, mlflow_uri: str, *extra: str) -> None:
     import os
 
-    import ray
-
     from workflows.sweep import main
 
     old = os.getcwd()
@@ -47,22 +45,30 @@ def _run_sweep(folder: Path, mlflow_uri: str, *extra: str) -> None:
                      "tracking.experiment=sweep-test", *extra]) == 0
     finally:
         os.chdir(old)
-        ray.shutdown()    # the sweep started a local Ray in this process; later tests start their own
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, mlflow_uri):
-    """Run the sweep once for the module: (parent run id, MLflow client, folder, sweep stdout)."""
+    """Run the sweep once for the module: (parent run id, MLflow client, folder, sweep stdout).
+
+    The local Ray the sweep starts (workflows.ray_session.init_ray, as main() starts it) stays up for the module:
+    the resume test's sweep finds it running and joins it, one Ray start and stop fewer; it stops at the module's
+    end, and later tests start their own. (All 4 trials in one round instead, max_concurrent 4, was tried and
+    rejected on 2 cores: the trials took 4-6 min each instead of 1.5, and one never finished, 2026-12-03.)"""
+    import ray
     from mlflow.tracking import MlflowClient
 
     folder = tmp_path_factory.mktemp("sweep")
     (folder / "lr.yaml").write_text(SWEEP + f"storage: {folder}/sweeps\n")
-    _run_sweep(folder, mlflow_uri)
-    client = MlflowClient(mlflow_uri)
-    exp = client.get_experiment_by_name("sweep-test").experiment_id
-    parents = client.search_runs([exp], filter_string="tags.`rcm.sweep` = 'true'")
-    assert len(parents) == 1
-    return parents[0].info.run_id, client, folder
+    try:
+        _run_sweep(folder, mlflow_uri)
+        client = MlflowClient(mlflow_uri)
+        exp = client.get_experiment_by_name("sweep-test").experiment_id
+        parents = client.search_runs([exp], filter_string="tags.`rcm.sweep` = 'true'")
+        assert len(parents) == 1
+        yield parents[0].info.run_id, client, folder
+    finally:
+        ray.shutdown()    # the sweep's local Ray, started in this process
 
 
 def _children(client, parent_id):
