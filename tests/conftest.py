@@ -161,3 +161,18 @@ def scalar_cpu_kernels():
     with inductor_config.patch({"cpp.simdlen": 1}):
         yield
 
+
+
+@pytest.fixture
+def random_items(monkeypatch):
+    """moving_fashion's items from seeded random images (200, ten classes): no Fashion-MNIST or scikit-learn needed."""
+    import numpy as np
+
+    from rcm_core.data import moving_fashion
+
+    def items(split: str = "train"):
+        rng = np.random.default_rng(0)
+        labels = np.arange(200) % 10
+        images = (rng.random((200, 28, 28)) * 255 * (0.3 + labels[:, None, None] / 15)).astype(np.uint8)
+        return images, labels.astype(np.int64), "test-random"
+    monkeypatch.setattr(moving_fashion, "load_items", items)

@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,7 +18,6 @@ sys.path.insert(0, str(REPO))
 
 import rcm_core.run.loop as loop
 from rcm_core.config import load_config
-from rcm_core.data import moving_fashion
 from rcm_core.data.latents import LatentDataset
 from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.networks import build_network
@@ -34,19 +32,11 @@ def _causal_results():
     return mod
 
 
-def _random_items(split: str = "train"):
-    rng = np.random.default_rng(0)
-    labels = np.arange(200) % 10
-    images = (rng.random((200, 28, 28)) * 255 * (0.3 + labels[:, None, None] / 15)).astype(np.uint8)
-    return images, labels.astype(np.int64), "test-random"
-
-
 class Cut(Exception):
     """The device call's time limit, arriving right after a checkpoint."""
 
 
-def test_a_stage_cut_at_a_checkpoint_resumes_to_the_uncut_result(tmp_path, monkeypatch):
-    monkeypatch.setattr(moving_fashion, "load_items", _random_items)
+def test_a_stage_cut_at_a_checkpoint_resumes_to_the_uncut_result(tmp_path, monkeypatch, random_items):
     cr = _causal_results()
     fr = cr.fr
     cfg = load_config(fr.DEFAULT_CONFIG, [*fr.TINY_OVERRIDES, "train.device=cpu"])

@@ -14,7 +14,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,18 +32,6 @@ def _script():
     sys.modules[spec.name] = mod                    # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
-
-
-def _random_items(split: str = "train"):
-    rng = np.random.default_rng(0)
-    labels = np.arange(200) % 10
-    images = (rng.random((200, 28, 28)) * 255 * (0.3 + labels[:, None, None] / 15)).astype(np.uint8)
-    return images, labels.astype(np.int64), "test-random"
-
-
-@pytest.fixture
-def random_items(monkeypatch):
-    monkeypatch.setattr(moving_fashion, "load_items", _random_items)
 
 
 def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monkeypatch):
