@@ -154,6 +154,12 @@ def test_cli_prints_the_table_and_the_recommendation(capsys):
           "data.batch_size=8"])
     out = capsys.readouterr().out
     assert "recommended: parallel.dp_replicate=" in out and "(1, 1, 8): cp=8 does not divide" in out
+    # the shipped table is the variant the Wan configs run, so no note; another attention gets one naming both
+    table = read_step_table(STEP_TABLE)
+    assert table.attention == "sdpa_grad" and "measured with model.attention" not in out
+    main(["--config", str(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml"), "--gpus", "8", "--gpu-memory", "80GiB",
+          "data.batch_size=8", "model.attention=fused"])
+    assert "measured with model.attention=sdpa_grad, this run uses fused" in capsys.readouterr().out
 
 
 def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):

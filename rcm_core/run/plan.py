@@ -141,6 +141,7 @@ class StepTable:
     critic_ms: tuple[float, ...]
     card: str
     source: str = ""             # the file it was read from, for the plan's footer
+    attention: str = ""          # model.attention the table was measured with ("" in files that predate it)
 
 
 def read_step_table(path: str | Path) -> StepTable | None:
@@ -157,7 +158,8 @@ def read_step_table(path: str | Path) -> StepTable | None:
                           tokens=tuple(int(r["tokens"]) for r in rows),
                           student_ms=tuple(float(r["student_ms"]) for r in rows),
                           critic_ms=tuple(float(r["critic_ms"]) for r in rows),
-                          card=str(data["card"]), source=str(path))
+                          card=str(data["card"]), source=str(path),
+                          attention=str(data.get("model.attention", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"step table {path}: {e!r}; expected the JSON experiments/bench/rcm_step.py writes "
                          "(card, model, text_len, rows of tokens / student_ms / critic_ms)") from None
@@ -420,6 +422,10 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
                  f"is written")
     timing = f"scaled from the {table.card} step table ({table.source}), compute only" if table else (
         "no step table found")
+    if table and table.attention and table.attention != cfg.model.attention:
+        # the times stay usable (same network, same FLOPs), but the user should know they are another variant's
+        timing += (f" — measured with model.attention={table.attention}, this run uses {cfg.model.attention}: "
+                   f"re-measure with `rcm_step.py --variants` or pass --step-table")
     lines.append(f"time: {timing}; memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
     return "\n".join(lines)
 
