@@ -83,3 +83,38 @@ def test_a_stage_cut_at_a_checkpoint_resumes_to_the_uncut_result(tmp_path, monke
     assert done2["iterations"] == done["iterations"] == 20
     left = sorted(p.name for p in (tmp_path / "cut" / "runs" / "rCM").iterdir())
     assert "plan.json" not in left and "checkpoints" not in left and {"ema.pt", "stage.json"} <= set(left)
+
+
+def test_first_chunk_schedule_and_the_per_frame_table():
+    """The "4+2" row streams its first chunk exactly as the 4-step stream does (same noise, same re-noising draws)
+    and its later chunks with 2 steps; the per-frame table scores each latent frame, and a set equal to the
+    teacher's reads as the teacher (accuracy row equal, RMS 1)."""
+    cr = _causal_results()
+    fr = cr.fr
+    cfg = load_config(fr.DEFAULT_CONFIG, [*fr.TINY_OVERRIDES, "train.device=cpu", *cr.CAUSAL])
+    torch.manual_seed(0)
+    student = TrigFlowDenoiser(build_network(cfg.model), cfg.teacher.parametrization).requires_grad_(False).eval()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 16, 4, 4, 4, generator=g)                # the tiny latent [C, T, H, W]: 4 one-frame chunks
+    c = torch.arange(4) % 10
+    four = cr.stream_fn(student, 4, cfg, seed=5)(z, c)
+    two = cr.stream_fn(student, 2, cfg, seed=5)(z, c)
+    mixed = cr.stream_fn(student, cr.FIRST_CHUNK_STEPS, cfg, seed=5, later_steps=2)(z, c)
+    assert torch.equal(mixed[:, :, :1], four[:, :, :1])          # the first chunk: one latent frame, 4 steps
+    assert not torch.equal(mixed[:, :, 1:], four[:, :, 1:]) and not torch.equal(mixed, two)
+
+    class FrameNet(torch.nn.Module):     # frame logits = the mean of each frame's first 10 channels
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def extract(self, x):
+            from types import SimpleNamespace
+            return SimpleNamespace(frame_logits=x[:, :10].mean(dim=(3, 4)).transpose(1, 2))
+    labels = torch.arange(4) % 10
+    table = cr.per_frame_table({"same": four.clone(), "half": four * 0.5}, four, labels, FrameNet())
+    acc, rms = table.split("\n\n")
+    rows = {line[:24].strip(): line[24:].split() for line in acc.splitlines()[2:]}
+    assert rows["same"] == rows["teacher (bidirectional)"] and len(rows["same"]) == z.shape[2]
+    rms_rows = {line[:24].strip(): [float(v) for v in line[24:].split()] for line in rms.splitlines()[2:]}
+    assert rms_rows["same"] == [1.0] * z.shape[2] and rms_rows["half"] == [0.5] * z.shape[2]

@@ -19,9 +19,11 @@ bidirectional teacher and a fake score. Chunks of one latent frame ([1 | 1 | …
 intermediate times the official 4-step ones (RF 15/16, 5/6, 5/8).
 
 Tables (rcm_core/eval metrics against the bidirectional teacher's samples, 95 % bootstrap half-widths, the teacher's
-disjoint-seed floor last): (1) the causal student at 1/2/4 steps per chunk, the bidirectional rCM student at
-1/2/4 steps and the causal teacher (its guided Euler ODE streamed chunk by chunk); (2) fd_feat at 2 steps per chunk
-against iterations, tf_dcm beside tf_scm; (3) latency at batch --latency-batch: time to the first chunk and per
+disjoint-seed floor last): (1) the causal student at 1/2/4 steps per chunk and at the official per-chunk counts
+(4 for the first chunk, 2 after: "causal/4+2", its nfe the mean per chunk), the bidirectional rCM student at 1/2/4
+steps and the causal teacher (its guided Euler ODE streamed chunk by chunk); (1b) per latent frame, every set of
+(1) and the teacher: class accuracy and RMS over the teacher's (a weak first chunk shows in the first columns);
+(2) fd_feat at 2 steps per chunk against iterations, tf_dcm beside tf_scm; (3) latency at batch --latency-batch: time to the first chunk and per
 chunk of the causal student beside the time to the whole video of the bidirectional one; (4) 2× the trained frames
 (extrapolation): class accuracy in the first and in the extra frames, label agreement, motion and latent RMS of the
 second half over the first (≈ 1: no collapse, ≪ 1: frozen or faded). Budgets: --stage-seconds times a few
@@ -74,6 +76,7 @@ STAGES = {  # name → overrides on top of the base config (the causal ones add 
     "sf_dmd": ["distill.mode=sf_dmd", "distill.sf_steps_per_chunk=[4]"],
 }
 TINY_STAGE_STEPS = 6
+FIRST_CHUNK_STEPS = 4     # official inference: 4 steps for the first chunk (no context yet), 2 for the later ones
 
 
 def stage_cfg(base: ExperimentCfg, name: str, out: Path) -> ExperimentCfg:
@@ -162,14 +165,36 @@ def train_stage(name: str, cfg: ExperimentCfg, teacher, batches, device, out: Pa
     return state.ema.module, done
 
 
-def stream_fn(model, steps: int, cfg: ExperimentCfg, seed: int = 0):
+def stream_fn(model, steps: int, cfg: ExperimentCfg, seed: int = 0, later_steps: int | None = None):
+    """Stream with `steps` per chunk, or `steps` for the first chunk and `later_steps` for every later one."""
     g = torch.Generator(device=model.net.patch_embedding.weight.device).manual_seed(seed)
-    return lambda z, c: stream_sample(model, z, c, steps_per_chunk=[steps], mid_t_per_chunk=[cfg.sampler.mid_t],
+    per_chunk = [steps] if later_steps is None else [steps, later_steps]
+    return lambda z, c: stream_sample(model, z, c, steps_per_chunk=per_chunk, mid_t_per_chunk=[cfg.sampler.mid_t],
                                       sigma_max=cfg.sampler.sigma_max, generator=g)
 
 
+def per_frame_table(samples: dict[str, torch.Tensor], reference: torch.Tensor, labels: torch.Tensor, net) -> str:
+    """Table 2: class accuracy of each latent frame (the frame classifier's per-frame logits) and each frame's RMS
+    over the teacher's, per sample set: where a causal student is weak (the first chunk has no context) shows as
+    its first columns, beside the bidirectional student and the teachers on the same bank."""
+    sets = {"teacher (bidirectional)": reference, **samples}
+    rms_ref = reference.float().square().mean(dim=(0, 1, 3, 4)).sqrt()
+    acc_rows, rms_rows = [], []
+    for name, x in sets.items():
+        x = x.float()
+        logits = net.extract(x.to(next(net.parameters()).device)).frame_logits.cpu()
+        right = (logits.argmax(-1) == labels[:, None].cpu()).double().mean(dim=0)
+        rms = x.square().mean(dim=(0, 1, 3, 4)).sqrt() / rms_ref
+        acc_rows.append(f"{name:24s}" + "".join(f"{v:7.3f}" for v in right.tolist()))
+        rms_rows.append(f"{name:24s}" + "".join(f"{v:7.3f}" for v in rms.tolist()))
+    head = f"{'frame':24s}" + "".join(f"{i:7d}" for i in range(reference.shape[2]))
+    return ("class accuracy per latent frame\n" + head + "\n" + "\n".join(acc_rows)
+            + "\n\nRMS per latent frame / the teacher's\n" + head + "\n" + "\n".join(rms_rows))
+
+
 def causal_table(cfg, causal_cfg, bidir, causal, causal_teacher, evaluator: StepCountEvaluator, bank, device):
-    """Table 1: causal student at 1/2/4 steps per chunk, bidirectional rCM at 1/2/4, the causal teacher."""
+    """Table 1: causal student at 1/2/4 steps per chunk and with the official per-chunk counts (FIRST_CHUNK_STEPS
+    for the first chunk, 2 after), bidirectional rCM at 1/2/4, the causal teacher."""
     ref, floor, _ = evaluator.teacher_sets()
     s, samples, costs = cfg.sampler, {}, {}
     for steps in s.step_counts:
@@ -180,6 +205,13 @@ def causal_table(cfg, causal_cfg, bidir, causal, causal_teacher, evaluator: Step
         for name, fn in ((f"causal/nfe_{steps}", ca), (f"rCM/nfe_{steps}", bi)):
             samples[name] = sample_in_chunks(fn, bank.noise, bank.labels, device)
             costs[name] = {"nfe": float(steps), "sec_per_sample": fr.seconds_per_sample(fn, bank, device)}
+    # the official inference schedule: more steps where there is no context yet (the first chunk), 2 after it
+    first = stream_fn(causal, FIRST_CHUNK_STEPS, causal_cfg, bank.seed + 999, later_steps=2)
+    name = f"causal/{FIRST_CHUNK_STEPS}+2"
+    samples[name] = sample_in_chunks(first, bank.noise, bank.labels, device)
+    n_chunks = len(causal.net.chunks.chunk_spans(bank.noise.shape[2]))
+    costs[name] = {"nfe": (FIRST_CHUNK_STEPS + 2 * (n_chunks - 1)) / n_chunks,
+                   "sec_per_sample": fr.seconds_per_sample(first, bank, device)}
     ct = lambda z, c: stream_teacher_sample(causal_teacher, z, c, steps=s.teacher_steps,  # noqa: E731
                                             guidance=cfg.teacher.guidance, shift=s.teacher_shift)
     samples["causal_teacher"] = sample_in_chunks(ct, bank.noise, bank.labels, device)
@@ -318,7 +350,10 @@ def run(cfg: ExperimentCfg, args) -> str:
     with clock.phase("tables"):
         report, samples = causal_table(cfg, causal_cfg, nets["rCM"], nets["sf_dmd"], nets["tf"], evaluator, bank,
                                        device)
-        tables = {"causal": format_table(report, columns=fr.COLUMNS), "convergence": curve_table(curves),
+        ref = evaluator.teacher_sets()[0]
+        tables = {"causal": format_table(report, columns=fr.COLUMNS),
+                  "per_frame": per_frame_table(samples, ref, bank.labels, net),
+                  "convergence": curve_table(curves),
                   "latency": latency_table(cfg, causal_cfg, nets["rCM"], nets["sf_dmd"], bank, device,
                                            args.latency_batch),
                   "extrapolation": extrapolation_table(cfg, causal_cfg, nets["rCM"], nets["sf_dmd"], net, bank,
