@@ -7,6 +7,9 @@
     #    next call finds it, e.g. /tmp of a machine still warm)
     RCM_KERNELS_AUTOTUNE=0 python3 experiments/bench/causal_results.py --data runs/data/fashion_video \
         --out /tmp/causal --archive $OUT/causal_results.tar.gz
+    # or from fashion_results.py's teacher and classifier (its --export-weights), so FD_feat compares with its tables
+    #   ... --config experiments/fashion_quality.yaml --teacher runs/carry/fq/teacher.pt \
+    #       --classifier runs/carry/fq/feature_net.pt
     # CPU smoke test of the whole pipeline (meaningless numbers, a few minutes on 2 cores)
     python experiments/bench/causal_results.py --tiny --out /tmp/causal_tiny
 
@@ -54,6 +57,7 @@ from rcm_core.eval.curves import CurveRecorder, curve_steps, curve_table, series
 from rcm_core.eval.evaluate import EvalBank, StepCountEvaluator, sample_in_chunks  # noqa: E402
 from rcm_core.eval.features import (  # noqa: E402
     RandomProjection,
+    load_feature_net,
     save_feature_net,
     train_feature_classifier,
 )
@@ -300,8 +304,11 @@ def run(cfg: ExperimentCfg, args) -> str:
     with clock.phase("feature classifier"):
         lat, lab = torch.from_numpy(ds.arrays["latent"]), torch.from_numpy(ds.arrays["label"])
         n_hold = max(len(ds) // 10, 1)
-        net = train_feature_classifier(lat[n_hold:], lab[n_hold:], steps=args.classifier_steps, seed=0,
-                                       device=device, batch_size=256)
+        if args.classifier:      # section 2's feature space: FD_feat here compares with fashion_results' tables
+            net = load_feature_net(args.classifier, device=device)
+        else:
+            net = train_feature_classifier(lat[n_hold:], lab[n_hold:], steps=args.classifier_steps, seed=0,
+                                           device=device, batch_size=256)
         held = float((net.extract(lat[:n_hold]).video_logits.argmax(-1).cpu() == lab[:n_hold]).double().mean())
         save_feature_net(net, out / "feature_net.pt")
     with clock.phase("teacher"):
@@ -365,7 +372,8 @@ def run(cfg: ExperimentCfg, args) -> str:
     save_resolved(cfg, out)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     head = (f"Card: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Data: {m.num_rows} videos, latent "
-            f"{m.latent_shape}; classifier held-out accuracy {held:.3f}. Iterations (training s): "
+            f"{m.latent_shape}; classifier held-out accuracy {held:.3f}"
+            + (f" (loaded from {args.classifier})" if args.classifier else "") + ". Iterations (training s): "
             + ", ".join(f"{k} {v['iterations']} ({v['seconds']:.0f} s)" for k, v in iters.items())
             + f"; sf_dmd from {args.sf_init}. Chunks [1 | 1 | …], "
             f"mid times RF 15/16, 5/6, 5/8. Phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.phases.items()))
@@ -398,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-seconds", type=float, default=90.0)
     ap.add_argument("--stage-seconds", type=float, default=45.0, help="per stage; 0 = train.steps as configured")
     ap.add_argument("--classifier-steps", type=int, default=1500)
+    ap.add_argument("--classifier", default="", help="a feature_net.pt from an earlier run (fashion_results.py's), "
+                    "so FD_feat compares across the tables; default: train one here")
     ap.add_argument("--probe-iters", type=int, default=10)
     ap.add_argument("--curve-points", type=int, default=6, help="evaluations along tf_dcm and tf_scm")
     ap.add_argument("--curve-samples", type=int, default=500)
