@@ -146,8 +146,9 @@ def test_tiny_run_has_every_row_column_and_picture(tmp_path, random_items, monke
     # --renoise-test: the 1-step samples, then each time's student and teacher rows from the same x_t, the floor last
     renoise = (out2 / "tables" / "renoise_rCM.txt").read_text().splitlines()
     assert [line.split()[0] for line in renoise[2:]] == [
-        "student_1_step", "student_from_t1", "teacher_from_t1", "student_from_t0.3", "teacher_from_t0.3",
-        "teacher_vs_teacher"]
+        "student_1_step", "data", "student_from_t1", "teacher_from_t1", "student_from_data_t1",
+        "teacher_from_data_t1", "student_from_t0.3", "teacher_from_t0.3", "student_from_data_t0.3",
+        "teacher_from_data_t0.3", "teacher_vs_teacher"]
     assert renoise[0].split()[1:] == list(fr.RENOISE_COLUMNS)
     assert "re-noised to t" in md2
 
@@ -171,6 +172,18 @@ def test_student_weights_refuses_what_it_cannot_score(tmp_path):
         fr.main([*base[:-1], "rCM,DMD", *pair])
     with pytest.raises(SystemExit, match="no curve; leave --curve-points out"):
         fr.main([*base, *pair, "--curve-points", "4"])
+
+
+def test_videos_like_bank_match_each_row_class_and_cycle():
+    """One real video per bank row, of the row's class, in data-set order per class; a class with fewer videos than
+    the bank asks for repeats them; a class the data set lacks is named."""
+    fr = _script()
+    latents = torch.arange(6, dtype=torch.float16)[:, None, None, None, None].expand(6, 2, 1, 1, 1)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    got = fr.videos_like_bank(latents, labels, torch.tensor([0, 1, 2, 0, 1, 2, 0, 0]))
+    assert got[:, 0, 0, 0, 0].tolist() == [0, 1, 3, 2, 4, 3, 5, 0]
+    with pytest.raises(ValueError, match="no video of class 7"):
+        fr.videos_like_bank(latents, labels, torch.tensor([7]))
 
 
 def test_renoise_times_parse_and_a_bad_one_is_named():

@@ -26,8 +26,9 @@ disjoint-seed floor last): (1) the causal student at 1/2/4 steps per chunk and a
 (4 for the first chunk, 2 after: "causal/4+2", its nfe the mean per chunk), the bidirectional rCM student at 1/2/4
 steps and the causal teacher (its guided Euler ODE streamed chunk by chunk); (1b) per latent frame, every set of
 (1) and the teacher: class accuracy and RMS over the teacher's (a weak first chunk shows in the first columns);
-(2) fd_feat at 2 steps per chunk against iterations, tf_dcm beside tf_scm; (3) latency at batch --latency-batch: time to the first chunk and per
-chunk of the causal student beside the time to the whole video of the bidirectional one; (4) 2× the trained frames
+(2) fd_feat at 2 steps per chunk against iterations, tf_dcm beside tf_scm; (3) latency at batch --latency-batch:
+time to the first chunk and per chunk of the causal student beside the time to the whole video of the
+bidirectional one; (4) 2× the trained frames
 (extrapolation): class accuracy in the first and in the extra frames, label agreement, motion and latent RMS of the
 second half over the first (≈ 1: no collapse, ≪ 1: frozen or faded). Budgets: --stage-seconds times a few
 iterations of each stage first and sets its iterations; 0 keeps the config's train.steps.
@@ -178,7 +179,7 @@ def stream_fn(model, steps: int, cfg: ExperimentCfg, seed: int = 0, later_steps:
 
 
 def per_frame_table(samples: dict[str, torch.Tensor], reference: torch.Tensor, labels: torch.Tensor, net) -> str:
-    """Table 2: class accuracy of each latent frame (the frame classifier's per-frame logits) and each frame's RMS
+    """Table 1b: class accuracy of each latent frame (the frame classifier's per-frame logits) and each frame's RMS
     over the teacher's, per sample set: where a causal student is weak (the first chunk has no context) shows as
     its first columns, beside the bidirectional student and the teachers on the same bank."""
     sets = {"teacher (bidirectional)": reference, **samples}

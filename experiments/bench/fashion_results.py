@@ -51,7 +51,8 @@ agrees) and comparison/<method>.png|.gif (teacher, 1, 2, 4 steps from the same n
 Why 4 steps can trail 2 (RESULTS section 2): --mid-t-sweep scores the final student at other intermediate times;
 --renoise-test re-noises its 1-step samples to each given t and denoises that x_t twice, by the student (one step)
 and by the teacher's ODE from t (`teacher_sample(start_t=t)`): what the teacher keeps and the student loses is the
-student's map at t. Both work on a student loaded with --student-weights (no re-training).
+student's map at t; the same two rows from re-noised real videos of the same classes ("data_t…") say whether the
+teacher loses motion from any re-noised video or only from the student's. Both work on a student loaded with --student-weights (no re-training).
 """
 from __future__ import annotations
 
@@ -383,29 +384,46 @@ def mid_time_rows(name: str, student, evaluator: StepCountEvaluator, cfg: Experi
 RENOISE_COLUMNS = ("fd_feat", "class_acc", "motion_ratio", "recall_feat", "paired_mse")
 
 
+def videos_like_bank(latents: torch.Tensor, labels: torch.Tensor, bank_labels: torch.Tensor) -> torch.Tensor:
+    """One real video per bank row, of the row's class: each class's rows in data-set order, cycling when the
+    bank asks for more of a class than the data set holds (so a 2000-row copy serves a 2000-sample bank)."""
+    out = torch.empty((len(bank_labels), *latents.shape[1:]), dtype=torch.float32)
+    for c in bank_labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        if len(rows) == 0:
+            raise ValueError(f"the data set has no video of class {c}, which the evaluation bank asks for")
+        want = (bank_labels == c).nonzero().flatten()
+        out[want] = latents[rows[torch.arange(len(want)) % len(rows)]].float()
+    return out
+
+
 @torch.no_grad()
 def renoise_table(student, evaluator: StepCountEvaluator, cfg: ExperimentCfg, times: list[float],
-                  bootstrap: int) -> str:
+                  bootstrap: int, real: torch.Tensor | None = None) -> str:
     """The multistep sampler's second step taken apart: the student's 1-step samples x̂0 re-noised to each t
     (x_t = cos t·x̂0 + sin t·ε, one ε per bank row), then denoised by the student (one consistency step: what the
     2-step sampler with mid time t does) and by the teacher's guided ODE from that x_t (its N-step grid below t).
     Both start from the same x_t, so where the teacher's row keeps motion and the student's loses it, the student's
-    map at t loses it; where both lose it, re-noising x̂0 does."""
+    map at t loses it; where both lose it, re-noising x̂0 does. `real` (one data-set video per bank row, same class:
+    `videos_like_bank`) adds the same two rows from re-noised real videos: if the teacher keeps the data's motion
+    from there, what it loses from x̂0 is x̂0's, not a property of re-noising and denoising as such."""
     ref, floor, _ = evaluator.teacher_sets()
     bank, dev, s = evaluator.bank, evaluator.device, cfg.sampler
     one_step = lambda z, c: consistency_sample(student, z, c, steps=1, sigma_max=s.sigma_max, mid_t=[])  # noqa
     x0 = sample_in_chunks(one_step, bank.noise, bank.labels, dev)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(bank.seed + 7))
-    samples = {"student_1_step": x0}
+    starts = {"": x0} if real is None else {"": x0, "data_": real.to(x0.dtype)}
+    samples = {"student_1_step": x0} if real is None else {"student_1_step": x0, "data": starts["data_"]}
     for t in times:
-        x_t = add_noise(x0.double(), eps.double(), torch.full((x0.shape[0],), t, dtype=torch.float64)).float()
-        at_t = lambda z, t=t: torch.full((z.shape[0],), t, dtype=torch.float64, device=z.device)  # noqa
-        samples[f"student_from_t{t:g}"] = sample_in_chunks(lambda z, c: student.f(z, at_t(z), c), x_t,
-                                                           bank.labels, dev)
-        samples[f"teacher_from_t{t:g}"] = sample_in_chunks(
-            lambda z, c, t=t: teacher_sample(evaluator.teacher, z, c, steps=s.teacher_steps,
-                                             guidance=cfg.teacher.guidance, shift=s.teacher_shift,
-                                             solver=s.teacher_solver, start_t=t), x_t, bank.labels, dev)
+        for tag, start in starts.items():
+            x_t = add_noise(start.double(), eps.double(), torch.full((x0.shape[0],), t, dtype=torch.float64)).float()
+            at_t = lambda z, t=t: torch.full((z.shape[0],), t, dtype=torch.float64, device=z.device)  # noqa: E731
+            samples[f"student_from_{tag}t{t:g}"] = sample_in_chunks(lambda z, c: student.f(z, at_t(z), c), x_t,
+                                                                    bank.labels, dev)
+            samples[f"teacher_from_{tag}t{t:g}"] = sample_in_chunks(
+                lambda z, c, t=t: teacher_sample(evaluator.teacher, z, c, steps=s.teacher_steps,
+                                                 guidance=cfg.teacher.guidance, shift=s.teacher_shift,
+                                                 solver=s.teacher_solver, start_t=t), x_t, bank.labels, dev)
     labels = bank.labels if bank.labels.dim() == 1 else None
     on = lambda x: None if x is None else x.to(dev)  # noqa
     report = evaluate_step_counts({k: on(v) for k, v in samples.items()}, on(ref), reference_2=on(floor),
@@ -704,7 +722,8 @@ def run(cfg: ExperimentCfg, *, data: str, out: Path, device: torch.device, teach
                 log(f"\n### {name}: intermediate times\n{mid_time_markdown([r for r in sweep_rows if r[0] == name])}")
         if renoise_times:
             with clock.phase(f"re-noise test {name}"):
-                renoise[name] = renoise_table(student, evaluator, cfg, renoise_times, curve_bootstrap)
+                real = videos_like_bank(lat, lab, bank.labels)
+                renoise[name] = renoise_table(student, evaluator, cfg, renoise_times, curve_bootstrap, real=real)
                 (out / "tables" / f"renoise_{slug}.txt").write_text(renoise[name] + "\n")
                 log(f"\n### {name}: re-noised 1-step samples, denoised by the student and by the teacher\n"
                     f"{renoise[name]}")
