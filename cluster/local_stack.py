@@ -132,6 +132,12 @@ def alive(rec: dict) -> bool:
     return f is not None and f[0] != "Z" and int(f[19]) == rec.get("start_time")
 
 
+# Seconds each service gets between SIGTERM and SIGKILL. Ray 2.60's GCS server does not exit on SIGTERM (seen
+# 2026-12-04: the head's session still held it after the full 15 s, every time), so waiting longer only delays
+# the SIGKILL that ends it; its raylet and workers exit within a second. The rest shut down cleanly on SIGTERM.
+GRACE_S = {"ray": 2.0}
+
+
 def stop_session(rec: dict, sig: int = signal.SIGTERM, grace: float = 15.0) -> list[int]:
     """Signal every process of the session `rec` started, wait, then SIGKILL what is left. Returns the PIDs."""
     sid = rec["pid"]
@@ -290,7 +296,7 @@ class Stack:
                 rec = self.state[name]
                 if name == "postgres" and alive(rec):
                     self._pg_ctl_stop(rec)           # a clean, fast shutdown before any signal
-                stopped[name] = stop_session(rec)
+                stopped[name] = stop_session(rec, grace=GRACE_S.get(name, 15.0))
                 left = session_members(rec["pid"])
                 if left:
                     raise StackError(f"{name}: processes {left} survived SIGKILL; they stay in {self.state_file}")
