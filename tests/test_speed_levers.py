@@ -178,6 +178,8 @@ def test_wide_d64_space_adds_tiles_at_head_dim_64_only(monkeypatch):
         kept = {katt._tile(c) for c in katt._prune_fwd(wide, {}, BLOCK_D=d, HAS_TANGENT=tangent)}
         narrow = {katt._tile(c) for c in katt._prune_fwd(katt._fwd_configs(), {}, BLOCK_D=d, HAS_TANGENT=tangent)}
         assert kept == (narrow | extra if d == 64 else narrow)
+    monkeypatch.delenv("RCM_KERNELS_D64_SPACE", raising=False)
+    assert katt.d64_space() == "wide"                                 # the default since it measured ahead
     monkeypatch.setenv("RCM_KERNELS_D64_SPACE", "huge")
     with pytest.raises(ValueError, match="RCM_KERNELS_D64_SPACE='huge'"):
         katt.d64_space()
