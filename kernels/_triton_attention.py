@@ -223,13 +223,11 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
-def _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, DQ_base, start_m, offs_m0, offs_d, offs_n,
-               key_ok, dk, dv, s_qm, LQ, D, qk_scale, scale,
+def _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
+               dk, dv, s_qm, LQ, D, qk_scale,
                UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr,
-               CHUNK_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity. ATOMIC_DQ:
-    also this key tile's share of the query tile's dQ (dSᵀ·K), added to the fp32 DQ_base in memory."""
+               CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
     offs_m = start_m + offs_m0
     q = _load_rows(Q_base, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D)
     do = _load_rows(DO_base, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D)
@@ -246,31 +244,20 @@ def _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, DQ_base, st
     dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST, PREC)
-    if ATOMIC_DQ:
-        # The fifth GEMM of the one-pass backward: the separate dQ pass would recompute S and dP (two GEMMs)
-        # to get the same product. fp32 atomics: the order of the key tiles' adds varies on the GPU.
-        dq = _dot(tl.trans(ds_t.to(q.dtype)), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
-        ptrs = DQ_base + offs_m[:, None] * D + offs_d[None, :]
-        if IN_BOUNDS and EVEN_D:
-            tl.atomic_add(ptrs, dq * scale, sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, dq * scale, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV, DQ_ACC,
+def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
                    H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                    HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV for BLOCK_N keys: stream the query tiles that see them, recompute Pᵀ from the saved lse (FA2
     backward). dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is
     exact too. With chunks, query tiles before the keys' chunk are skipped and only the tiles a chunk
-    boundary crosses are masked. ATOMIC_DQ: dQ too, accumulated in the fp32 DQ_ACC [B, H, LQ, D] (zeroed by
-    the launcher): the whole backward in one pass of 5 GEMMs per tile pair instead of 4 here + 3 in _attn_bwd_dq."""
+    boundary crosses are masked."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -285,7 +272,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     DO_base = DO + pid_bh * LQ * D
     LSE_row = LSE + pid_bh * LQ
     DELTA_row = DELTA + pid_bh * LQ
-    DQ_base = DQ_ACC + pid_bh * LQ * D
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -299,14 +285,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
         m_full = 0
     # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
     for start_m in range(m_full, LQ, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, DQ_base, start_m, offs_m0,
-                            offs_d, offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, scale, UPCAST, PREC, EVEN_M,
-                            EVEN_D, False, ATOMIC_DQ, BLOCK_M, BLOCK_N, BLOCK_D)
+        dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                            offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, EVEN_M, EVEN_D, False,
+                            BLOCK_M, BLOCK_N)
     if HAS_CHUNKS:
         for start_m in range(m_lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, DQ_base, start_m, offs_m0,
-                                offs_d, offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, scale, UPCAST, PREC, False,
-                                EVEN_D, True, ATOMIC_DQ, BLOCK_M, BLOCK_N, BLOCK_D)
+            dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                                offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
+                                BLOCK_M, BLOCK_N)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)

@@ -102,8 +102,8 @@ _WIDE_D64_TILES = [(128, 64, 4, 4), (128, 64, 8, 5), (128, 32, 4, 4), (128, 32, 
 
 def d64_space() -> str:
     """"wide" (default) or "narrow": the autotune space of the fused forward at head dim 64. Wide adds 4-warp,
-    BLOCK_N=32 and deeper-pipeline tiles; it was ahead in both H200 runs (+3 %, +5 % at H=24, N=8K, 2026-12-03,
-    docs/BENCHMARKS.md) for a longer first autotune; narrow is the space of the other head dims."""
+    BLOCK_N=32 and deeper-pipeline tiles; it was ahead in all three H200 runs (+3 %, +5 %, +5 % at H=24, N=8K,
+    2026-12-03/04, docs/BENCHMARKS.md) for a longer first autotune; narrow is the space of the other head dims."""
     space = os.environ.get("RCM_KERNELS_D64_SPACE", "wide")
     if space not in ("narrow", "wide"):
         raise ValueError(f"RCM_KERNELS_D64_SPACE={space!r}: use narrow or wide")
@@ -194,12 +194,9 @@ def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
     if name == "_attn_fwd_jvp":
         tuner = triton.autotune(_fwd_configs(d64), key=_TUNE_KEY + ["HAS_TANGENT"],
                                 prune_configs_by={"early_config_prune": _prune_fwd})
-    elif name.endswith("dkdv"):
-        # reset_to_zero: the one-pass backward adds dQ into DQ_ACC, and each timed config would add again.
-        tuner = triton.autotune(_bwd_configs("dkdv"), key=_TUNE_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
-                                prune_configs_by={"early_config_prune": _prune_bwd})
     else:
-        tuner = triton.autotune(_bwd_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY,
+                                prune_configs_by={"early_config_prune": _prune_bwd})
     return tuner(fn)
 
 
@@ -298,24 +295,9 @@ def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=
     return (o, o_t, lse, lse_t) if tangent else (o, lse)
 
 
-BWD_MODES = ("one_pass", "two_pass")
-
-
-def bwd_mode() -> str:
-    """How the backward gets dQ. "one_pass" (default): the dK/dV pass also adds each tile pair's dQ share into an
-    fp32 buffer with atomics (5 GEMMs per tile pair, as FA2); the order of those adds varies between GPU runs, so
-    dQ can differ in its last fp32 bit before rounding to the input dtype. "two_pass": a separate dQ pass
-    recomputes S and dP (7 GEMMs) and is bitwise reproducible; taken whenever
-    `torch.use_deterministic_algorithms(True)` is on, or by RCM_KERNELS_BWD=two_pass."""
-    mode = os.environ.get("RCM_KERNELS_BWD", "one_pass")
-    if mode not in BWD_MODES:
-        raise ValueError(f"RCM_KERNELS_BWD={mode!r}: use one of {BWD_MODES}")
-    return "two_pass" if torch.are_deterministic_algorithms_enabled() else mode
-
-
 def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, chunk_sizes=None):
-    """FA2-style backward from the saved lse: delta = rowsum(dO⊙O) − dlse, then one pass over key blocks for
-    dK, dV and (atomically) dQ, or that pass and a dQ pass over query blocks (`bwd_mode`)."""
+    """FA2-style backward from the saved lse: delta = rowsum(dO⊙O) − dlse, then a dK/dV pass over key blocks
+    and a dQ pass over query blocks (two launches, no atomics)."""
     q, k, v = (_unit_stride(x) for x in (q, k, v))
     c = _common(q, k, v, scale, key_padding_mask, chunk_sizes)
     B, H, LQ, D = q.shape
@@ -325,20 +307,16 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
-    one_pass = bwd_mode() == "one_pass"
+    dq = _empty((B, H, LQ, D), q, q.dtype)
     dk = _empty((B, H, LK, D), q, q.dtype)
     dv = _empty((B, H, LK, D), q, q.dtype)
-    dq_acc = torch.zeros((B, H, LQ, D), device=q.device, dtype=torch.float32) if one_pass else dk
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
               c["LQ_KEY"], c["LK_KEY"])
     flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
              "BLOCK_D": c["BLOCK_D"]}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
-         q, k, v, do, *bounds, lse, delta, dk, dv, dq_acc, *common, ATOMIC_DQ=one_pass, **flags)
-    if one_pass:
-        return dq_acc.to(q.dtype), dk, dv
-    dq = _empty((B, H, LQ, D), q, q.dtype)
+         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
          q, k, v, do, *bounds, lse, delta, dq, *common, **flags)
     return dq, dk, dv

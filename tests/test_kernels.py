@@ -220,38 +220,12 @@ def backward_draw(case, dtype, device: str, seed: int) -> dict:
     return out
 
 
-@pytest.fixture(params=katt.BWD_MODES)
-def bwd(request, monkeypatch):
-    """Both backward paths: one pass with atomic dQ (the default) and the two-pass twin."""
-    monkeypatch.setenv("RCM_KERNELS_BWD", request.param)
-    return request.param
-
-
-def test_bwd_mode_is_read_at_call_time_and_checked(monkeypatch):
-    """The default is the one-pass backward; torch's deterministic switch takes the bitwise-reproducible two-pass
-    one (the atomic dQ adds are unordered on a GPU); a misspelt mode is an error naming the choices."""
-    monkeypatch.delenv("RCM_KERNELS_BWD", raising=False)
-    assert katt.bwd_mode() == "one_pass"
-    monkeypatch.setenv("RCM_KERNELS_BWD", "two_pass")
-    assert katt.bwd_mode() == "two_pass"
-    monkeypatch.setenv("RCM_KERNELS_BWD", "one_pass")
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert katt.bwd_mode() == "two_pass"
-    finally:
-        torch.use_deterministic_algorithms(was)
-    monkeypatch.setenv("RCM_KERNELS_BWD", "atomic")
-    with pytest.raises(ValueError, match="RCM_KERNELS_BWD='atomic': use one of"):
-        katt.bwd_mode()
-
-
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[2]}x{c[3]}d{c[4]}-{c[5]}")
-def test_attention_backward_matches_float64(triton_mode, dtype, case, bwd):
+def test_attention_backward_matches_float64(triton_mode, dtype, case):
     """o, dq, dk, dv against the exact float64 gradient of Σ w·o at the rounded inputs and cotangent, in units of
-    bf16's (fp16's, fp32's) own rounding of that gradient (BARS["bwd"]), for both backward modes."""
+    bf16's (fp16's, fp32's) own rounding of that gradient (BARS["bwd"])."""
     seed = CASES.index(case)
     draw = backward_draw(case, dtype, triton_mode, seed)
     for name in ("o", "dq", "dk", "dv"):
@@ -402,7 +376,7 @@ GPU_SHAPES = [(2, 3, 1000, 1333, 128), (1, 2, 515, 999, 64), (1, 2, 256, 300, 25
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_gpu_large_shapes(dtype, shape, monkeypatch, bwd):
+def test_gpu_large_shapes(dtype, shape, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -560,7 +534,7 @@ def test_block_causal_jvp_matches_float64(triton_mode, dtype, layout, masked, se
 
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_block_causal_backward_matches_float64(triton_mode, dtype, bwd):
+def test_block_causal_backward_matches_float64(triton_mode, dtype):
     """dq, dk, dv through kernels.attention(chunk_sizes=CHUNKS) against autograd over the float64 twin, same
     rule; packed layout with a padding mask (batch 1 fully masked: zero gradient there). Measured over seeds 0-9:
     kernel / PyTorch error ≤ 2.23 (fp32 dq: 8e-8 over 2×, floor 1e-5), ≤ 1.16 (fp16), ≤ 2.14 (bf16 dv: 7.5e-4
@@ -603,7 +577,7 @@ def test_block_causal_forward_mode_through_attention(triton_mode):
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")   # the planted NaN rows, by design
 @pytest.mark.parametrize("triton_mode", ["cpu"], indirect=True)
-def test_block_causal_kernels_never_read_skipped_tiles(triton_mode, bwd):
+def test_block_causal_kernels_never_read_skipped_tiles(triton_mode):
     """The tile skipping itself: chunks (64, 136) on 64×64 tiles. Query tile 0 (forward, dQ) must never load key
     tiles 1-3, and the dK/dV programs of chunk 1's keys must never load query tile 0. NaN planted in a skipped
     tile would reach the outputs through 0·NaN in the tile GEMMs (a mask alone does not hide it: checked by
@@ -668,7 +642,7 @@ def test_block_causal_bench_runs_under_the_interpreter(monkeypatch, tmp_path, ca
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunks", [(1560,) * 3, (500, 156, 1, 1000, 77)], ids=["3x1560", "ragged"])
-def test_gpu_block_causal(dtype, chunks, monkeypatch, bwd):
+def test_gpu_block_causal(dtype, chunks, monkeypatch):
     """Compiled kernels at latent-frame-sized chunks (1,560 tokens = one Wan 480p latent frame), fwd+JVP and
     backward, by the file's rule against the float64 twin on the GPU."""
     if not torch.cuda.is_available():

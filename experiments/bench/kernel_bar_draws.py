@@ -11,7 +11,9 @@ those units per seed to `--out` (JSON, merged with what the file already holds, 
 machines adds up). It prints per test, output and dtype: the draws, the worst, 1.5× the worst (the rule the bars
 follow) and the bar in the test, marked TOO LOW where a draw would fail it. On CPU the kernels run under the Triton
 interpreter, as in CI: ~2 s a draw on this project's 2-core box (28 s for a seed's 15 case × dtype draws, so 200
-seeds are ~93 core-minutes), so run it where cores are idle, e.g. a GPU host's CPUs while its GPU works.
+seeds are ~93 core-minutes), so run it where cores are idle. Not on the lent H200 host: its Triton 3.6 interpreter
+(Python 3.12, its own NumPy) fails every draw in the forward's key loop ("only 0-dimensional arrays can be converted
+to Python scalars", 2026-12-04), so its 16 cores cannot stand in for this box's interpreter.
 """
 from __future__ import annotations
 
