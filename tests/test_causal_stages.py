@@ -118,3 +118,29 @@ def test_first_chunk_schedule_and_the_per_frame_table():
     assert rows["same"] == rows["teacher (bidirectional)"] and len(rows["same"]) == z.shape[2]
     rms_rows = {line[:24].strip(): [float(v) for v in line[24:].split()] for line in rms.splitlines()[2:]}
     assert rms_rows["same"] == [1.0] * z.shape[2] and rms_rows["half"] == [0.5] * z.shape[2]
+
+
+def test_resume_scores_with_the_saved_classifier(tmp_path, monkeypatch):
+    """--resume loads <out>/feature_net.pt instead of training another (the curve points recorded before a cut
+    were scored in its feature space; on 2026-12-04 a resumed GPU run retrained it); without --resume, or with
+    no saved net, it trains; --classifier wins over both."""
+    from argparse import Namespace
+    cr = _causal_results()
+    g = torch.Generator().manual_seed(7)
+    latents, labels = torch.randn(32, 16, 4, 4, 4, generator=g), torch.arange(32) % 4
+    args = Namespace(classifier="", resume=False, classifier_steps=2)
+    first = cr.feature_classifier(args, tmp_path, latents, labels, torch.device("cpu"))
+    assert (tmp_path / "feature_net.pt").is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained a classifier where a saved one should have been loaded")
+    monkeypatch.setattr(cr, "train_feature_classifier", no_training)
+    resumed = cr.feature_classifier(Namespace(**{**vars(args), "resume": True}), tmp_path, latents, labels, torch.device("cpu"))
+    assert resumed.content_hash() == first.content_hash()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(AssertionError, match="trained a classifier"):   # nothing saved there: it must train
+        cr.feature_classifier(Namespace(**{**vars(args), "resume": True}), other, latents, labels, torch.device("cpu"))
+    given = cr.feature_classifier(Namespace(**{**vars(args), "classifier": str(tmp_path / "feature_net.pt")}),
+                                  other, latents, labels, torch.device("cpu"))
+    assert given.content_hash() == first.content_hash() and (other / "feature_net.pt").is_file()

@@ -305,13 +305,8 @@ def run(cfg: ExperimentCfg, args) -> str:
     with clock.phase("feature classifier"):
         lat, lab = torch.from_numpy(ds.arrays["latent"]), torch.from_numpy(ds.arrays["label"])
         n_hold = max(len(ds) // 10, 1)
-        if args.classifier:      # section 2's feature space: FD_feat here compares with fashion_results' tables
-            net = load_feature_net(args.classifier, device=device)
-        else:
-            net = train_feature_classifier(lat[n_hold:], lab[n_hold:], steps=args.classifier_steps, seed=0,
-                                           device=device, batch_size=256)
+        net = feature_classifier(args, out, lat[n_hold:], lab[n_hold:], device)
         held = float((net.extract(lat[:n_hold]).video_logits.argmax(-1).cpu() == lab[:n_hold]).double().mean())
-        save_feature_net(net, out / "feature_net.pt")
     with clock.phase("teacher"):
         path = Path(args.teacher or out / "teacher.pt")
         if path.is_file() and (args.teacher or args.resume):
@@ -394,6 +389,23 @@ def write_archive(out: Path, archive: Path) -> None:
                 tar.add(out / sub, arcname=f"causal_results/{sub}")
         for curve in (out / "runs").glob("*/curve.json"):
             tar.add(curve, arcname=f"causal_results/curves/{curve.parent.name}.json")
+
+
+def feature_classifier(args, out: Path, latents: torch.Tensor, labels: torch.Tensor, device):
+    """The feature net every table is scored with, saved as <out>/feature_net.pt: --classifier's (section 2's
+    feature space, so FD_feat compares with fashion_results' tables), else with --resume the one saved there (the
+    curve points recorded before a cut were scored with it; retrained, the same seed is not bit-equal on a GPU),
+    else trained on (latents, labels)."""
+    saved = out / "feature_net.pt"
+    if args.classifier:
+        net = load_feature_net(args.classifier, device=device)
+    elif args.resume and saved.is_file():
+        net = load_feature_net(saved, device=device)
+    else:
+        net = train_feature_classifier(latents, labels, steps=args.classifier_steps, seed=0, device=device,
+                                       batch_size=256)
+    save_feature_net(net, saved)
+    return net
 
 
 def main(argv: list[str] | None = None) -> int:
