@@ -184,6 +184,15 @@ def bench_shape(B: int, H: int, N: int, D: int, *, math_max_n: int, dtype=torch.
     qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
     og = F.scaled_dot_product_attention(qg, kg, vg)
     row["sdpa_bwd_ms"] = do_bench(lambda: torch.autograd.grad(og, (qg, kg, vg), dout, retain_graph=True))
+    # The timed gradients checked against SDPA's (both bf16; they differ by rounding, ~3e-3 relative when tuned
+    # tiles are right): a tile config that computes garbage fast must not report a time.
+    ours = _bwd(dout, q, k, v, o, lse)
+    theirs = torch.autograd.grad(og, (qg, kg, vg), dout, retain_graph=True)
+    row["bwd_max_rel_vs_sdpa"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                     for a, b in zip(ours, theirs))
+    if not row["bwd_max_rel_vs_sdpa"] <= 0.03:
+        raise RuntimeError(f"D={D} H={H} N={N}: our backward differs from SDPA's by {row['bwd_max_rel_vs_sdpa']:.2e} "
+                           "relative (> 0.03); no time reported")
     return row
 
 

@@ -427,3 +427,16 @@ def test_selective_recomputation_through_the_triton_function(monkeypatch):
     errs = [_rel(a, b) for a, b in zip(grads("mm_only"), grads(False))]
     print("Triton Function under mm_only vs none, max relative gradient difference:", max(errs))
     assert max(errs) < 1e-6
+
+
+def test_backward_tiles_fit_the_head_dim():
+    """The backward autotune spaces: 128×128 tiles only at head dim ≤ 64, ≤ 64×64 at 256, and every kind keeps
+    at least one tile at every head dim (a pruned-empty space would fall back to an arbitrary config)."""
+    pytest.importorskip("triton")
+    for kind in ("dkdv", "dq"):
+        configs = katt._bwd_configs(kind)
+        for d, limit in ((16, 128 * 128), (64, 128 * 128), (128, 64 * 128), (256, 64 * 64)):
+            kept = katt._prune_bwd(configs, {}, BLOCK_D=d)
+            areas = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept]
+            assert kept and max(areas) <= limit and max(areas) == max(a for a in (
+                c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs) if a <= limit), (kind, d)
