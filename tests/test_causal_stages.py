@@ -129,18 +129,19 @@ def test_resume_scores_with_the_saved_classifier(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(7)
     latents, labels = torch.randn(32, 16, 4, 4, 4, generator=g), torch.arange(32) % 4
     args = Namespace(classifier="", resume=False, classifier_steps=2)
-    first = cr.feature_classifier(args, tmp_path, latents, labels, torch.device("cpu"))
+    pick = lambda out, **change: cr.feature_classifier(Namespace(**{**vars(args), **change}), out, latents, labels,
+                                                       torch.device("cpu"))
+    first = pick(tmp_path)
     assert (tmp_path / "feature_net.pt").is_file()
 
     def no_training(*a, **k):
         raise AssertionError("trained a classifier where a saved one should have been loaded")
     monkeypatch.setattr(cr, "train_feature_classifier", no_training)
-    resumed = cr.feature_classifier(Namespace(**{**vars(args), "resume": True}), tmp_path, latents, labels, torch.device("cpu"))
+    resumed = pick(tmp_path, resume=True)
     assert resumed.content_hash() == first.content_hash()
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(AssertionError, match="trained a classifier"):   # nothing saved there: it must train
-        cr.feature_classifier(Namespace(**{**vars(args), "resume": True}), other, latents, labels, torch.device("cpu"))
-    given = cr.feature_classifier(Namespace(**{**vars(args), "classifier": str(tmp_path / "feature_net.pt")}),
-                                  other, latents, labels, torch.device("cpu"))
+        pick(other, resume=True)
+    given = pick(other, classifier=str(tmp_path / "feature_net.pt"))
     assert given.content_hash() == first.content_hash() and (other / "feature_net.pt").is_file()
