@@ -15,6 +15,7 @@ What runs (every port picked free at start, so parallel stacks and test sessions
             401. PostgreSQL backend store, proxied artifacts in s3://mlflow-artifacts (a local folder when s3 is
             not part of the stack); job runner off, 1 worker (reference P12). Two accounts: `admin` (creates the
             other; its password stays in secrets.json) and `rcm`, the non-admin account clients log runs with.
+            A verified password is cached for 60 s (MLflow's auth_cache_ttl_seconds; each check costs ~0.5 s).
             Every secret reaches the server through its environment (PGPASSWORD, MLFLOW_AUTH_ADMIN_PASSWORD,
             MLFLOW_FLASK_SERVER_SECRET_KEY), never its command line, which `ps` shows to every user: both store
             URIs name no password.
@@ -62,6 +63,7 @@ PG_URI_VAR = "RCM_STACK_POSTGRES_URI"                # only in stack.env (mode 6
 AUTH_DB = "mlflow_auth"                              # MLflow's users and permissions, beside the runs' `mlflow`
 MLFLOW_ADMIN = "admin"
 MLFLOW_CLIENT = "rcm"                                # the account tests, jobs and Ray workers log runs with
+MLFLOW_AUTH_CACHE_S = 60                             # how long the server trusts a verified password
 SERVICES = ("s3", "postgres", "mlflow", "ray")
 NEEDS = {"mlflow": ("postgres",)}                   # mlflow without its backend store makes no sense
 BUCKETS = ("mlflow-artifacts", "rcm-data", "rcm-checkpoints")
@@ -403,9 +405,16 @@ class Stack:
         port, sec = free_port(), self.secrets()
         self._create_db(AUTH_DB)
         auth_ini = self.state_dir / "mlflow_auth.ini"            # no secret in it: the URI names no password
+        # auth_cache_ttl_seconds: MLflow checks the password of every request against its scrypt hash, which took
+        # 0.56 s of the server's one worker per request on the 2-core box (0.04 s with the cache, 2026-12-04): a
+        # Ray Train run's metrics and artifacts queued behind it. MLflow's own cache remembers a verified account
+        # for 60 s; a password changed through the server's API (as `_ensure_mlflow_client` does) drops it at once,
+        # only a change written straight into the user database waits out the 60 s. (cluster/tracking/mlflow.yaml
+        # keeps MLflow's default, no cache: its account script rewrites the database before the server starts.)
         auth_ini.write_text(f"[mlflow]\ndefault_permission = READ\n"
                             f"database_uri = {self._pg_uri(AUTH_DB, sqlalchemy=True, password=False)}\n"
-                            f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                            f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                            f"auth_cache_ttl_seconds = {MLFLOW_AUTH_CACHE_S}\n")
         env = _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",          # P12: no huey job consumers
                    PGUSER="postgres", PGPASSWORD=sec["postgres_password"],   # libpq reads them for both stores
                    MLFLOW_AUTH_CONFIG_PATH=str(auth_ini), MLFLOW_AUTH_ADMIN_USERNAME=MLFLOW_ADMIN,

@@ -130,34 +130,58 @@ def test_fixture_services_answer(local_stack, s3_endpoint, mlflow_uri, ray_addre
 @pytest.mark.services
 @needs_postgres
 @pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")   # MLflow's server, imported here
-def test_kubernetes_account_script_sets_the_accounts_from_secrets(local_stack, mlflow_uri, monkeypatch, capsys):
+def test_kubernetes_account_script_sets_the_accounts_from_secrets(local_stack, mlflow_uri, monkeypatch, capsys,
+                                                                  tmp_path):
     """cluster/tracking/mlflow.yaml's accounts.py (run in the MLflow pod before `mlflow server`), here on the stack's
     real auth database with the environment the pod gives it (PGUSER/PGPASSWORD, the admin's and the Ray account's
     Secrets): the Ray account is created and logs in; run again with a rotated Secret, the new password works and the
     old one is refused; the admin keeps the password of its Secret. Nothing secret is printed. (In this process:
-    a subprocess would pay MLflow's import twice, ~20 s on the loaded 2-core box.)"""
+    a subprocess would pay MLflow's import twice, ~20 s on the loaded 2-core box.)
+
+    The logins go to an MLflow server started here on the same databases with the ConfigMap's own basic_auth.ini
+    (MLflow's default: no credential cache), as in the pod: the stack's server caches a verified password for 60 s
+    (cluster/local_stack.py), so it would still take the old password of a rotation written straight into the
+    database, which in the pod happens only before its server starts."""
+    import re
     import runpy
+
+    from cluster.local_stack import AUTH_DB, free_port, http_ok, spawn, stop_session, wait_until
 
     maps = {d["metadata"]["name"]: d for d in yaml.safe_load_all((REPO / "cluster/tracking/mlflow.yaml").read_text())
             if d and d["kind"] == "ConfigMap"}
     script = local_stack.state_dir / "accounts.py"
     script.write_text(maps["mlflow-auth"]["data"]["accounts.py"])
+    ini = maps["mlflow-auth"]["data"]["basic_auth.ini"]
+    assert "auth_cache_ttl_seconds" not in ini
+    pg = f"127.0.0.1:{local_stack.state['postgres']['port']}"
+    (tmp_path / "basic_auth.ini").write_text(re.sub(r"//[^/@]+:5432/", f"//{pg}/", ini))   # the pod's, on this PostgreSQL
+    assert f"{pg}/{AUTH_DB}" in (tmp_path / "basic_auth.ini").read_text()
     sec, user = local_stack.secrets(), f"ray-{uuid.uuid4().hex[:8]}"
-    for k, v in {"MLFLOW_AUTH_CONFIG_PATH": str(local_stack.state_dir / "mlflow_auth.ini"), "PGUSER": "postgres",
+    for k, v in {"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"), "PGUSER": "postgres",
                  "PGPASSWORD": sec["postgres_password"], "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
                  "MLFLOW_AUTH_ADMIN_PASSWORD": sec["mlflow_admin_password"], "RCM_RAY_MLFLOW_USERNAME": user}.items():
         monkeypatch.setenv(k, v)
-    url = f"{mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    first, rotated = uuid.uuid4().hex, uuid.uuid4().hex
-    for password in (first, rotated):
-        monkeypatch.setenv("RCM_RAY_MLFLOW_PASSWORD", password)
-        runpy.run_path(str(script), run_name="__main__")
-        printed = capsys.readouterr()
-        assert f"MLflow account {user!r}" in printed.out
-        assert password not in printed.out + printed.err and sec["mlflow_admin_password"] not in printed.out
-        assert http_status(url, (user, password)) == 200
-    assert http_status(url, (user, first)) == 401
-    assert http_status(url, ("admin", sec["mlflow_admin_password"])) == 200
+    port = free_port()
+    server = spawn([str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+                    "--backend-store-uri", f"postgresql+psycopg2://{pg}/mlflow", "--artifacts-destination",
+                    str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                   tmp_path / "mlflow.log", {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                                             "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["mlflow_flask_secret_key"]})
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        first, rotated = uuid.uuid4().hex, uuid.uuid4().hex
+        for password in (first, rotated):
+            monkeypatch.setenv("RCM_RAY_MLFLOW_PASSWORD", password)
+            runpy.run_path(str(script), run_name="__main__")
+            printed = capsys.readouterr()
+            assert f"MLflow account {user!r}" in printed.out
+            assert password not in printed.out + printed.err and sec["mlflow_admin_password"] not in printed.out
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), "mlflow server", 120, server)
+            assert http_status(url, (user, password)) == 200
+        assert http_status(url, (user, first)) == 401
+        assert http_status(url, ("admin", sec["mlflow_admin_password"])) == 200
+    finally:
+        stop_session(server)
 
 
 @pytest.mark.services
