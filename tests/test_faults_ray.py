@@ -6,7 +6,7 @@
      checkpoint step, in the same MLflow run.
 
 One uninterrupted run with the same seed is the reference for the loss trajectory, which must match bit for bit:
-the same data order (Ray Data's preserve_order, kept through Ray Train by workflows.trainer.GroupReaderDataConfig),
+the same data order (Ray Data's preserve_order, kept through Ray Train by workflows.data_config.GroupReaderDataConfig),
 the same noise (seeded per step and rank) and the data stream replayed to the checkpoint's step on resume
 (workflows.data.resumable_batches). All invocations share one module fixture (about 3 minutes on 2 loaded cores
 with the reference beside the killed run, 3.8 with the two in a row; 4.2 before the reference and the re-run used the

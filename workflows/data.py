@@ -20,7 +20,7 @@ resumed run sees the batches the uninterrupted one would have seen. That holds b
 reproducible: the dataset keeps Ray Data's `preserve_order` on (without it two executions of the same seeded
 shuffle differ, measured) and a fresh execution of the dataset replays epoch 0, 1, … with the same seeds. Ray
 Train rebuilds a dataset's execution options when it splits it, so its DataConfig must keep the flag too
-(`workflows.trainer.GroupReaderDataConfig`).
+(`workflows.data_config.GroupReaderDataConfig`).
 
 S3 reads go through pyarrow's S3 client, wrapped by Ray Data in its retry layer: "AWS Error NETWORK_CONNECTION"
 (a refused or dropped connection) and the other transient errors in `DataContext.retried_io_errors` are retried

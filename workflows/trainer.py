@@ -20,6 +20,7 @@ from rcm_core.method.distill import batch_line, micro_batches
 from rcm_core.parallel.sharding import full_state_dict, is_collective, run_shape
 from workflows.console import (Phases, log_comparison_figure, print_eval_line, quiet_worker_logs,
                                write_step_count_tables)
+from workflows.data_config import GroupReaderDataConfig
 from workflows.driver import check_device, check_model_fits_data, feature_net_card, teacher_probe
 from workflows.storage import run_storage
 
@@ -303,36 +304,3 @@ def build_trainer(cfg: ExperimentCfg, teacher_path: Path, *, feature_net_path: P
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             logging_config=train_logging_config(),         # Ray Train's console chatter only with --verbose
             callbacks=callbacks or []))
-
-class GroupReaderDataConfig(ray.train.DataConfig):
-    """Ray Train's default splits the data set into one stream per worker; with context parallelism the cp
-    ranks of a group train on the same samples, so split it into one stream per group and hand it to the
-    group's first rank (rank = group·cp + c, rcm_core.parallel.mesh), which sends each batch to the others
-    (rcm_core.parallel.sharding.share_batch). The other ranks hold the same iterator but never pull from it."""
-
-    def __init__(self, cp: int = 1):
-        super().__init__()
-        self.cp = cp
-
-    def _resolve_execution_options(self, name: str):
-        # Ray Train replaces the dataset's execution options with ones built from the *global* DataContext,
-        # which drops the preserve_order that workflows.data sets; without it two runs with the same seed get
-        # their batches in different orders (measured: train/loss 91.85 vs 93.90 at step 1), and a resumed
-        # worker could not replay the stream to its checkpoint's position.
-        options = super()._resolve_execution_options(name)
-        options.preserve_order = True
-        return options
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if self.cp == 1:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        groups = world_size // self.cp
-        out = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            leaders = worker_node_ids[::self.cp] if (worker_node_ids and self._enable_shard_locality) else None
-            for g, split in enumerate(ds.streaming_split(groups, equal=True, locality_hints=leaders)):
-                for c in range(self.cp):
-                    out[g * self.cp + c][name] = split
-        return out
