@@ -190,6 +190,35 @@ def test_attention_jvp_matches_float64(triton_mode, dtype, case):
         assert all((t == 0).all() for t in draw["masked_rows"]), "fully masked rows must be exactly 0"
 
 
+@pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_jvp_with_scores_rising_along_the_keys_matches_float64(triton_mode, dtype):
+    """The online softmax rescales its running sums (l, acc, and the tangent's r, acc_t) by 2^(m_old − m_new)
+    whenever a row's max rises. Keys with a ramp along q's constant direction make every row's max rise ~5 (exp2
+    units) per 64-key tile, so the rescale does real work on every tile; random inputs rescale mostly in the first
+    tiles. o, o_t by the file's block-causal rule (≤ 2× the same-dtype PyTorch error + FLOOR; the logits reach ~17,
+    so the random-input BARS do not apply): over seeds 400-529 the kernel's error was at most 0.92 of that bound.
+    lse, lse_t ≤ 14 u·max|ref| in fp32 units: 1.5× the worst over the same seeds (9.2, fp16 lse_t). Broken variants
+    caught (2026-12-04, every dtype): acc_t not rescaled (o_t err 29 against 0.01), l not rescaled (o err 1.2).
+    Written for the lazy-rescaling experiment (docs/BENCHMARKS.md, issue 28 lever 5; measured slower, not kept)."""
+    seed, gen = _seeded(411)
+    B, H, LQ, LK, D = 1, 2, 128, 320, 64
+    q, qt = _draw((B, H, LQ, D), gen), _draw((B, H, LQ, D), gen)
+    k, kt, v, vt = (_draw((B, H, LK, D), gen) for _ in range(4))
+    q[..., 0] = 2.0
+    k[..., 0] += 0.22 * torch.arange(LK, dtype=torch.float64)    # Δ rowmax ≈ 2·0.22·64/8·log2(e) ≈ 5 per tile
+    xs64 = [_rounded(x, dtype) for x in (q, k, v, qt, kt, vt)]
+    o_ref, ot_ref = _jvp_torch(*xs64, None)
+    xs = [_cast(x, dtype, triton_mode) for x in xs64]
+    o_pt, ot_pt = _jvp_torch(*xs, None)
+    o, ot, lse, lse_t = kernels.attention_jvp(*xs, return_lse=True)
+    _check_vs_torch("o", o, o_pt, o_ref, dtype, seed)
+    _check_vs_torch("o_t", ot, ot_pt, ot_ref, dtype, seed)
+    _, _, lse_ref, lset_ref = kernels.attention_jvp_lse_ref(*xs64)
+    for name, ours, ref in (("lse", lse, lse_ref), ("lse_t", lse_t, lset_ref)):
+        _check(name, ours, ref, 14, U_LSE, seed)
+
+
 def _loss_grads(fn, xs, w):
     xs = [x.detach().requires_grad_(True) for x in xs]
     o = fn(*xs)
