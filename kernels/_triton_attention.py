@@ -19,6 +19,8 @@ and finish with o = acc/l, μ = r/l, ȯ = acc_t/l − μ·o, lse = m + log l, ls
     and exp2: μ and the P̃⊙Ṡ product need the true tangent logits.
   * No normalisation inside the loop: all four running sums share the factor exp2(−m), so one α rescales
     them and the division by l happens once at the end (DMF renormalises every step; that costs more).
+  * The row max is taken over the raw scores q·kᵀ and then scaled (scale > 0, checked by the launcher), so
+    each score costs one FMA, s·scale·log2(e) − m, instead of a multiply before the max and the FMA after it.
 
 Block-causal masks (HAS_CHUNKS, issue 30). CHUNK_END[i] is the end of token i's chunk and CHUNK_START[j] its
 start, so query i sees keys j < CHUNK_END[i], and key j is seen by queries i ≥ CHUNK_START[j]; both arrays are
@@ -109,13 +111,15 @@ def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, off
     offs_kn = start_n + offs_n
     k = _load_rows(K_base, offs_kn, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D)
     v = _load_rows(V_base, offs_kn, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D)
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
+    # Raw scores q·kᵀ: the exp2 argument s·qk_scale − m is then one FMA per score (qk_scale > 0, so the scaled
+    # row max of the raw scores is the row max of the scaled ones).
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
     if KEY_MASK or CHUNK_MASK:
         valid = _tile_valid(MASK_base, offs_kn, LK, CHUNK_END, offs_m, LQ, HAS_MASK, KEY_MASK, CHUNK_MASK)
         s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p_lp = p.to(k.dtype)
     acc = _dot(p_lp, v, acc * alpha[:, None], UPCAST, PREC)

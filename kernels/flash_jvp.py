@@ -259,13 +259,17 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         raise ValueError(f"head dim {D} > 256 is not supported by the Triton kernel")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of fp16/bf16/fp32 for all")
+    scale = float(1.0 / math.sqrt(D) if scale is None else scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale {scale}: the Triton kernel needs a positive, finite softmax scale (it scales the "
+                         "row max of the raw scores); leave it None for 1/sqrt(head dim), or negate q for a negative one")
     import triton
     mask = q if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
     if key_padding_mask is not None and mask.shape != (B, LK):
         raise ValueError(f"key_padding_mask {tuple(mask.shape)} != [B, Lk] = {(B, LK)}")
     chunks = check_chunk_sizes(chunk_sizes, LQ, LK)
     chunk_end, chunk_start = (q, q) if chunks is None else _chunk_bounds(chunks, q.device)
-    return {"H": H, "LQ": LQ, "LK": LK, "D": D, "scale": float(1.0 / math.sqrt(D) if scale is None else scale),
+    return {"H": H, "LQ": LQ, "LK": LK, "D": D, "scale": scale,
             "LQ_KEY": _bucket(LQ), "LK_KEY": _bucket(LK), "mask": mask, "s_mb": mask.stride(0) if mask.dim() == 2 else 0,
             "HAS_MASK": key_padding_mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D)),
             "chunk_end": chunk_end, "chunk_start": chunk_start, "HAS_CHUNKS": chunks is not None,

@@ -486,6 +486,18 @@ def test_jvp_through_two_block_dit_matches_twin(monkeypatch):
 CHUNKS = (64, 37, 1, 98)
 
 
+def test_kernel_refuses_a_scale_it_cannot_fold(monkeypatch):
+    """The forward takes the row max of the raw scores and scales it afterwards, which needs scale > 0 (and a
+    masked score −∞ times 0 would be NaN): zero, negative and non-finite scales end in one ValueError naming the
+    value and the fix, before any launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 1, 8, 16, generator=torch.Generator().manual_seed(5))
+    for bad in (0.0, -0.25, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"scale {bad}: .*positive, finite.*negate q"):
+            kernels.attention(q, q, q, scale=bad)
+    assert torch.isfinite(kernels.attention(q, q, q, scale=0.25)).all()
+
+
 def test_chunk_sizes_are_checked():
     """A wrong sum, q/k lengths that differ, or a non-positive entry raise one ValueError naming the values,
     on the twin and on the kernel's dispatch alike (the check runs before either)."""
