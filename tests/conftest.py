@@ -65,19 +65,6 @@ def _import_triton_for_the_interpreter() -> None:
 _import_triton_for_the_interpreter()
 
 
-def pytest_collection_finish(session):
-    """Modules that wait more than they compute start their work here, in a thread, while the tests before them
-    run (tests/test_faults_ray.py: two `distill.py` invocations, ~3 minutes mostly spent in Ray Train's polls)."""
-    if session.config.option.collectonly:
-        return
-    modules = {item.module for item in session.items if item.module.__name__.endswith("test_faults_ray")}
-    for module in modules:
-        base = Path(tempfile.mkdtemp(prefix="rcm-faults-", dir="/tmp"))
-        session.config.add_cleanup(lambda base=base: shutil.rmtree(base, ignore_errors=True))
-        session.config.add_cleanup(module.stop_background)
-        module.start_in_background(base)
-
-
 @pytest.fixture(scope="session")
 def local_stack():
     from cluster.local_stack import Stack

@@ -10,18 +10,14 @@ the same data order (Ray Data's preserve_order, kept through Ray Train by workfl
 the same noise (seeded per step and rank) and the data stream replayed to the checkpoint's step on resume
 (workflows.data.resumable_batches). All invocations share one module fixture (about 3 minutes on 2 loaded cores
 with the reference beside the killed run, 3.8 with the two in a row; 4.2 before the reference and the re-run used the
-session's 0.2 s Ray Train poll, tests/conftest.py), which tests/conftest.py starts in a thread when the session
-begins (start_in_background). Numbers measured here are in docs/RELIABILITY.md.
+session's 0.2 s Ray Train poll, tests/conftest.py). Numbers measured here are in docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -61,10 +57,7 @@ class Run:
                      str(ROOT / "experiments" / "smoke.yaml"), *TINY, f"data.url={base}/data",
                      f"tracking.tracking_uri={self.uri}", f"train.run_dir={self.dir}/run",
                      f"train.storage_path={self.dir}/ray_results"]
-        # RAY_TMPDIR: this invocation's Ray sessions live under its own short root (socket paths stay short), so
-        # they never become the `session_latest` of another Ray the tests start (see start_in_background)
-        self.ray_tmp = tempfile.mkdtemp(prefix="rcmf-", dir="/tmp")
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": self.ray_tmp}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.env.pop("RAY_ADDRESS", None)              # a local Ray per invocation, owned by its driver
         self.proc: subprocess.Popen | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -117,12 +110,10 @@ class Run:
         return [(m.step, m.value) for m in sorted(hist, key=lambda m: (m.timestamp, m.step))], runs
 
 
-def kill_and_reference(base: Path, runs: list) -> dict:
-    """Both invocations, start to end: the killed run (worker, then driver, then the same command again) and the
-    uninterrupted reference; returns what the tests read. `runs` receives the two Run objects as they are made, so a
-    session that ends early can kill what is left (stop_background)."""
+@pytest.fixture(scope="module")
+def killed_and_reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults")
     ref, run = Run(base, "reference"), Run(base, "killed")
-    runs += [ref, run]
     out = {}
     try:
         # The reference runs beside the killed run, not before it: the killed run spends most of its time waiting
@@ -164,52 +155,10 @@ def kill_and_reference(base: Path, runs: list) -> dict:
         out["reference_s"] = time.monotonic() - t0
         out["reference"], out["reference_runs"] = ref.history()
         out["killed"], out["killed_runs"] = run.history()
-        return out
+        yield out
     finally:
-        for r in (ref, run):
-            r.cleanup()
-            shutil.rmtree(r.ray_tmp, ignore_errors=True)
-
-
-# The two invocations take ~3 minutes, most of it waiting (Ray Train's 2 s poll, Ray starts): tests/conftest.py
-# starts them in a thread as soon as this module's tests are collected (start_in_background), so the tests before
-# this module run meanwhile, and the module fixture below only joins the thread (the suite: ~2 min shorter on 2
-# cores). Each invocation gets its own Ray temp root (RAY_TMPDIR): the Ray sessions they start never become the
-# `session_latest` that another test's local Ray reads (tests/test_workflow_distill.py reads its GCS log there).
-_BACKGROUND: dict = {}
-
-
-def start_in_background(base: Path) -> None:
-    runs: list = []
-
-    def target() -> None:
-        try:
-            _BACKGROUND["out"] = kill_and_reference(base, runs)
-        except BaseException as e:      # re-raised in the fixture, in the test that reads the result
-            _BACKGROUND["error"] = e
-
-    thread = threading.Thread(target=target, name="test_faults_ray", daemon=True)
-    _BACKGROUND.update(thread=thread, runs=runs, base=base)
-    thread.start()
-
-
-def stop_background() -> None:
-    """At the session's end: kill whatever the thread started and has not finished (a session cut short)."""
-    for run in _BACKGROUND.get("runs", []):
+        ref.cleanup()
         run.cleanup()
-
-
-@pytest.fixture(scope="module")
-def killed_and_reference(tmp_path_factory):
-    thread = _BACKGROUND.get("thread")
-    if thread is None:                  # not started by conftest (this module run without its hook): run it here
-        yield kill_and_reference(tmp_path_factory.mktemp("faults"), [])
-        return
-    thread.join(timeout=1800)
-    assert not thread.is_alive(), "the killed/reference runs did not end within 30 minutes"
-    if "error" in _BACKGROUND:
-        raise _BACKGROUND["error"]
-    yield _BACKGROUND["out"]
 
 
 def _restarts(history: list[tuple[int, float]]) -> list[int]:
