@@ -259,7 +259,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         raise ValueError(f"head dim {D} > 256 is not supported by the Triton kernel")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of fp16/bf16/fp32 for all")
-    scale = float(1.0 / math.sqrt(D) if scale is None else scale)
+    scale = _resolve_scale(scale, q)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale {scale}: the Triton kernel needs a positive, finite softmax scale (it scales the "
                          "row max of the raw scores); leave it None for 1/sqrt(head dim), or negate q for a negative one")
