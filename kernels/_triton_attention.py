@@ -16,9 +16,7 @@ and finish with o = acc/l, μ = r/l, ȯ = acc_t/l − μ·o, lse = m + log l, ls
   * Ṡ = Q̇Kᵀ + QK̇ᵀ is likewise two dots chained into one accumulator, i.e. one GEMM over the doubled inner
     dimension [Q̇ | Q]·[K | K̇]ᵀ without materialising the concatenation (wgmma chains the K-loop anyway).
   * Ṡ stays in natural units (scale applied once per tile), while the primal exponent uses scale·log2(e)
-    and exp2: μ and the P̃⊙Ṡ product need the true tangent logits. When the scale is a power of two (head
-    dim 64: 1/8) and tangents are on (SCALE_IN_Q), q and q̇ are scaled once per program instead: exact in
-    every dtype (fp16 subnormals aside), so the scores and Ṡ arrive scaled and each tangent score saves a multiply.
+    and exp2: μ and the P̃⊙Ṡ product need the true tangent logits.
   * No normalisation inside the loop: all four running sums share the factor exp2(−m), so one α rescales
     them and the division by l happens once at the end (DMF renormalises every step; that costs more).
   * The row max is taken over the raw scores q·kᵀ and then scaled (scale > 0, checked by the launcher), so
@@ -108,7 +106,7 @@ def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, off
               m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
               HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
               IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
-              SCALE_IN_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of the online-softmax forward (+ tangent) update. IN_BOUNDS: every key row exists."""
     offs_kn = start_n + offs_n
     k = _load_rows(K_base, offs_kn, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D)
@@ -133,10 +131,7 @@ def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, off
         st = _dot(q, tl.trans(kt), st, UPCAST, PREC)
         if KEY_MASK or CHUNK_MASK:
             st = tl.where(valid, st, 0.0)        # Ṡ = 0 off the valid keys: 0·(garbage) can be NaN
-        if SCALE_IN_Q:
-            hm = p * st                          # q, q̇ came scaled: Ṡ is already in natural units
-        else:
-            hm = p * (st * scale)                # P̃⊙Ṡ in natural units
+        hm = p * (st * scale)                    # P̃⊙Ṡ in natural units
         r_i = r_i * alpha + tl.sum(hm, 1)
         # P̃·V̇ + (P̃⊙Ṡ)·V into ONE accumulator. Casting P̃⊙Ṡ to the input dtype is the largest bf16
         # rounding in the kernel (jvp_attention.md §2); it is what a bf16 PyTorch JVP does too.
@@ -151,11 +146,10 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
                   s_tqb, s_tqh, s_tqm, s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn, s_mb,
                   H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                   HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr,
-                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCALE_IN_Q: tl.constexpr,
+                  UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """One program = BLOCK_M query rows of one (batch, head); streams the key tiles it can see once.
-    SCALE_IN_Q (launcher: tangents on and scale a power of two) scales q and q̇ here, once."""
+    """One program = BLOCK_M query rows of one (batch, head); streams the key tiles it can see once."""
     pid_m = tl.program_id(0)
     if HAS_CHUNKS:
         # Later query tiles see more keys: launch them first so the short ones fill the tail of the grid.
@@ -175,12 +169,7 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
     qt = q
     if HAS_TANGENT:
         qt = _load_rows(QT + b * s_tqb + h * s_tqh, offs_m, offs_d, s_tqm, LQ, D, EVEN_M, EVEN_D)
-    if SCALE_IN_Q:
-        q = (q.to(tl.float32) * scale).to(q.dtype)          # exact (scale = 2^k), fp16 subnormals aside
-        qt = (qt.to(tl.float32) * scale).to(qt.dtype)
-        qk_scale = _LOG2E
-    else:
-        qk_scale = scale * _LOG2E
+    qk_scale = scale * _LOG2E
     # Finite start for m: a row whose keys are all masked then gives p = exp2(-inf) = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,7 +188,7 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
         m_i, l_i, r_i, acc, acc_t = _fwd_tile(
             q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
             m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
-            HAS_TANGENT, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False, SCALE_IN_Q, BLOCK_M, BLOCK_N)
+            HAS_TANGENT, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False, BLOCK_M, BLOCK_N)
     # Without chunks this is the ragged last tile (none when EVEN_N: then not even compiled); with chunks the
     # tiles a chunk boundary crosses, whose block-causal mask also covers keys past LK (chunk ends are <= LK).
     if HAS_CHUNKS or not EVEN_N:
@@ -207,8 +196,7 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
             m_i, l_i, r_i, acc, acc_t = _fwd_tile(
                 q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
                 m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
-                HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, SCALE_IN_Q,
-                BLOCK_M, BLOCK_N)
+                HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
     # Fully masked rows (l = 0) give o = ȯ = 0 and lse = -inf (the right weight for merging partials).
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o = acc * inv_l[:, None]

@@ -304,14 +304,8 @@ def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=
          *_strides(q), *_strides(k), *_strides(v), *_strides(q_t), *_strides(k_t), *_strides(v_t), c["s_mb"],
          c["H"], LQ, c["LK"], D, c["scale"], c["LQ_KEY"], c["LK_KEY"],
          HAS_TANGENT=tangent, HAS_MASK=c["HAS_MASK"], HAS_CHUNKS=c["HAS_CHUNKS"], UPCAST=c["UPCAST"],
-         PREC=c["PREC"], SCALE_IN_Q=tangent and _power_of_two(c["scale"]), BLOCK_D=c["BLOCK_D"])
+         PREC=c["PREC"], BLOCK_D=c["BLOCK_D"])
     return (o, o_t, lse, lse_t) if tangent else (o, lse)
-
-
-def _power_of_two(x: float) -> bool:
-    # Multiplying by 2^k is exact, so the forward + JVP kernel may move the scale into q and q̇ (one multiply per
-    # query element instead of one per tangent score).
-    return math.frexp(x)[0] == 0.5
 
 
 def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, chunk_sizes=None):
