@@ -20,7 +20,9 @@ demo: $(STAMP)
 	$(PY) workflows/distill.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15   # the slowest tests listed: keep the suite under 25 min on 2 cores
+	# Two workers (pytest-xdist), whole files each: one alone left ~30 % of 2 cores idle (Ray start-ups, polls, the
+	# one-thread tests). The slowest tests listed: keep the suite under 25 min on 2 cores.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # A local copy of the real service stack (S3 server, PostgreSQL, MLflow server, Ray head) on loopback.
 stack-up: $(STAMP)

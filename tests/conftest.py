@@ -40,6 +40,15 @@ for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
                    "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ.setdefault(key, value)
 
+# `make test` runs the suite in two pytest-xdist workers (-n 2 --dist loadfile: a file's tests stay in one worker, so
+# module fixtures start once). Each worker gets its own Ray temp folder: a local Ray's `session_latest` (read by
+# tests/test_workflow_distill.py) and the `ray_current_cluster` record are then always the worker's own, never the
+# other worker's; every Ray process a worker starts (local Ray, distill.py subprocesses) inherits it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _ray_tmp = Path(tempfile.gettempdir()) / f"rcm-ray-{os.environ['PYTEST_XDIST_WORKER']}"
+    _ray_tmp.mkdir(exist_ok=True)
+    os.environ.setdefault("RAY_TMPDIR", str(_ray_tmp))
+
 
 def _import_triton_for_the_interpreter() -> None:
     """On CPU, the kernel tests run Triton's interpreter. triton.jit fixes a function's mode when it is
@@ -176,3 +185,11 @@ def random_items(monkeypatch):
         images = (rng.random((200, 28, 28)) * 255 * (0.3 + labels[:, None, None] / 15)).astype(np.uint8)
         return images, labels.astype(np.int64), "test-random"
     monkeypatch.setattr(moving_fashion, "load_items", items)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Files holding a `slow` test run first (in their usual order, each file's tests in theirs): with two xdist
+    workers taking whole files, a long file started last would leave the other worker idle for its whole length;
+    started first, the short files fill the gaps. Stable, so every worker collects the same order (xdist needs it)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
