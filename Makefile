@@ -20,9 +20,10 @@ demo: $(STAMP)
 	$(PY) workflows/distill.py
 
 test: $(STAMP)
-	# Two workers (pytest-xdist), whole files each: one alone left ~30 % of 2 cores idle (Ray start-ups, polls, the
-	# one-thread tests). The slowest tests listed: keep the suite under 25 min on 2 cores.
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	# Two workers (pytest-xdist), whole files each, in tests/conftest.py's order (files with slow tests first; xdist
+	# would otherwise start the files with the most tests first): one worker alone left ~25 % of 2 cores idle (Ray
+	# start-ups, polls, the one-thread tests). The slowest tests listed: keep the suite under 25 min on 2 cores.
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # A local copy of the real service stack (S3 server, PostgreSQL, MLflow server, Ray head) on loopback.
 stack-up: $(STAMP)

@@ -185,6 +185,15 @@ def http_ok(url: str) -> bool:
         return r.status == 200
 
 
+def http_status(url: str) -> int:
+    """The HTTP status a GET of `url` answers with (an error status too); raises when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The stack.
 
@@ -491,12 +500,18 @@ class Stack:
         rec = spawn(cmd, self.logs / "ray.log", env)
         rec.update(ports)
         self.state["ray"] = rec
-        wait_until(self._health_ray, "ray head", 120, rec)
+        wait_until(self._health_ray, "ray head", 240, rec)      # its agent took 72 s on a loaded 2-core box
         return rec
 
     def _health_ray(self) -> bool:
-        # /api/jobs/ answers only once the job manager is up, which `ray job submit` needs
-        return http_ok(f"http://127.0.0.1:{self.state['ray']['dashboard_port']}/api/jobs/")
+        # `ray job submit` needs the head's job API (/api/jobs/ answers once its job manager is up) and the head
+        # node's dashboard agent, which starts the job's driver: the head waits only 10 s for the agent to
+        # register, and on a loaded 2-core box the agent came up 72 s after `ray start` (2026-12-04), so the
+        # first submission failed with "No available agent to submit job". The agent also listens on 127.0.0.1;
+        # once its job module serves, it answers a job it does not know with 404.
+        rec = self.state["ray"]
+        agent = f"http://127.0.0.1:{rec['dashboard_agent_listen_port']}/api/job_agent/jobs/rcm-stack-health/logs"
+        return http_ok(f"http://127.0.0.1:{rec['dashboard_port']}/api/jobs/") and http_status(agent) == 404
 
 
 def _env(**extra: str) -> dict[str, str]:

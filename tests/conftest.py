@@ -44,10 +44,15 @@ for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
 # module fixtures start once). Each worker gets its own Ray temp folder: a local Ray's `session_latest` (read by
 # tests/test_workflow_distill.py) and the `ray_current_cluster` record are then always the worker's own, never the
 # other worker's; every Ray process a worker starts (local Ray, distill.py subprocesses) inherits it.
+# And one torch (OpenMP) thread per worker, set before torch is imported (subprocesses and Ray workers inherit it):
+# two workers of two threads each on 2 cores spin in each other's OpenMP barriers. Measured on this project's 2-core
+# box (2026-12-04): a small 2-thread training loop took 3-5 s alone and 34 s beside a second copy; at one thread each,
+# two copies took 5.5 s side by side.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _ray_tmp = Path(tempfile.gettempdir()) / f"rcm-ray-{os.environ['PYTEST_XDIST_WORKER']}"
     _ray_tmp.mkdir(exist_ok=True)
     os.environ.setdefault("RAY_TMPDIR", str(_ray_tmp))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _import_triton_for_the_interpreter() -> None:
