@@ -193,8 +193,19 @@ def random_items(monkeypatch):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Files holding a `slow` test run first (in their usual order, each file's tests in theirs): with two xdist
-    workers taking whole files, a long file started last would leave the other worker idle for its whole length;
-    started first, the short files fill the gaps. Stable, so every worker collects the same order (xdist needs it)."""
+    """How `make test`'s two xdist workers (--dist loadgroup) share the files. Every file whose tests start a Ray
+    cluster or the local stack's services (marked `ray` or `services`) joins one group, "cluster", which one
+    worker runs file after file; every other file is a group of its own, so each file's tests stay together (its
+    module fixtures start once). Two Ray clusters starting side by side on 2 cores missed Ray's own deadlines:
+    `ray start --head` gave up after its fixed 30 s for the raylet to register (2026-12-04, a fresh clone, the CLI
+    stack test beside the sweep). The cluster files go first and then the other files with a slow test, each file
+    in its usual order: the short files fill the end. Stable, so every worker collects the same order (xdist
+    needs it). Without xdist the marks do nothing and only the order changes."""
+    def needs_cluster(item):
+        return item.get_closest_marker("ray") or item.get_closest_marker("services")
+    cluster_files = {item.path for item in items if needs_cluster(item)}
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    for item in items:
+        group = "cluster" if item.path in cluster_files else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: (item.path not in cluster_files, item.path not in slow_files))
