@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(PY) workflows/distill.py
 
 test: $(STAMP)
-	# Two workers (pytest-xdist) in the groups and order of tests/conftest.py (one worker runs every file that starts
-	# Ray or the services, the other the rest; xdist would otherwise start the groups with the most tests first):
-	# one worker alone left ~25 % of 2 cores idle (Ray start-ups, polls, the one-thread tests). The slowest tests
-	# listed: keep the suite under 25 min on 2 cores.
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	# Two workers (pytest-xdist) with tests/conftest.py's scheduler and order (one worker runs the files that start
+	# Ray or the services, one after another; files are never split; xdist would otherwise start the units with the
+	# most tests first): one worker alone left ~25 % of 2 cores idle (Ray start-ups, polls, the one-thread tests).
+	# The slowest tests listed: keep the suite under 25 min on 2 cores.
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 # A local copy of the real service stack (S3 server, PostgreSQL, MLflow server, Ray head) on loopback.
 stack-up: $(STAMP)

@@ -23,6 +23,8 @@ What runs (every port picked free at start, so parallel stacks and test sessions
             (P11), PYTHONPATH = this checkout (P10), 4 logical CPUs (P6), session files under <state>/ray.
             Ray refuses 127.0.0.1 as a node IP, so GCS/raylet listen on the machine's address too; the dashboard
             (job submission) listens on 127.0.0.1 only. Ray worker ports: a random window in 20000–31999.
+            Healthy (and `up` done) once the job API and the head's dashboard agent, which runs a job's driver,
+            both answer: the first `ray job submit` is then never refused for want of an agent.
             The head's environment holds the MLflow account (MLFLOW_TRACKING_USERNAME/PASSWORD, which MLflow's
             client reads), so every Ray worker inherits it from its node, as the KubeRay pods get it from a
             Secret: never through a job's runtime_env, which Ray keeps in its job table and writes to its logs.

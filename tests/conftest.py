@@ -192,20 +192,45 @@ def random_items(monkeypatch):
     monkeypatch.setattr(moving_fashion, "load_items", items)
 
 
+# `make test`'s two xdist workers share the files this way: every file whose tests start a Ray cluster or the
+# local stack's services (marked `ray` or `services`) is one unit of work, run file after file by one worker; every
+# other file is a unit of its own (its tests together, so its module fixtures start once), taken by whichever
+# worker is free. Two Ray clusters starting side by side on 2 cores missed Ray's own deadlines (2026-12-04, fresh
+# clones: `ray start --head` gave up after its fixed 30 s for the raylet to register, the CLI stack test beside the
+# sweep). xdist's own groups (`xdist_group` with --dist loadgroup) do not work with pytest 9.2, which no longer
+# reads the node id xdist 3.8 rewrites, hence the scheduler below. The controller does not collect, so it finds
+# the cluster files by their mark in the source; each worker checks that against the marks it collected.
+CLUSTER_MARKS = ("pytest.mark.ray", "pytest.mark.services")
+
+
+def cluster_files() -> set[str]:
+    """tests/ files (as "tests/test_x.py") whose source marks a test `ray` or `services`."""
+    here = Path(__file__).parent
+    return {f"{here.name}/{f.name}" for f in here.glob("test_*.py")
+            if any(mark in f.read_text() for mark in CLUSTER_MARKS)}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    cluster = cluster_files()
+
+    class ClusterFilesInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "cluster" if path in cluster else path
+
+    return ClusterFilesInOneWorker(config, log)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """How `make test`'s two xdist workers (--dist loadgroup) share the files. Every file whose tests start a Ray
-    cluster or the local stack's services (marked `ray` or `services`) joins one group, "cluster", which one
-    worker runs file after file; every other file is a group of its own, so each file's tests stay together (its
-    module fixtures start once). Two Ray clusters starting side by side on 2 cores missed Ray's own deadlines:
-    `ray start --head` gave up after its fixed 30 s for the raylet to register (2026-12-04, a fresh clone, the CLI
-    stack test beside the sweep). The cluster files go first and then the other files with a slow test, each file
-    in its usual order: the short files fill the end. Stable, so every worker collects the same order (xdist
-    needs it). Without xdist the marks do nothing and only the order changes."""
-    def needs_cluster(item):
-        return item.get_closest_marker("ray") or item.get_closest_marker("services")
-    cluster_files = {item.path for item in items if needs_cluster(item)}
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    for item in items:
-        group = "cluster" if item.path in cluster_files else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: (item.path not in cluster_files, item.path not in slow_files))
+    """The cluster files first, then the other files with a slow test, each file in its usual order: the short
+    files fill the end. Stable, so every xdist worker collects the same order (xdist needs it)."""
+    rel = lambda item: item.nodeid.split("::", 1)[0]
+    marked = {rel(item) for item in items if item.get_closest_marker("ray") or item.get_closest_marker("services")}
+    cluster = cluster_files()
+    if not marked <= cluster:
+        raise pytest.UsageError(f"tests/conftest.py: {sorted(marked - cluster)} mark tests `ray`/`services` in a way "
+                                f"cluster_files() does not see in their source; write it as {' or '.join(CLUSTER_MARKS)}")
+    slow = {rel(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (rel(item) not in cluster, rel(item) not in slow))
