@@ -210,6 +210,7 @@ def cluster_files() -> set[str]:
             if any(mark in f.read_text() for mark in CLUSTER_MARKS)}
 
 
+@pytest.hookimpl(optionalhook=True)      # a hook of xdist: without xdist installed, pytest would refuse it
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
