@@ -40,8 +40,8 @@ for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
                    "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ.setdefault(key, value)
 
-# `make test` runs the suite in two pytest-xdist workers (-n 2 --dist loadfile: a file's tests stay in one worker, so
-# module fixtures start once). Each worker gets its own Ray temp folder: a local Ray's `session_latest` (read by
+# `make test` runs the suite in two pytest-xdist workers (the scheduler at the end of this file says which worker
+# takes what). Each worker gets its own Ray temp folder: a local Ray's `session_latest` (read by
 # tests/test_workflow_distill.py) and the `ray_current_cluster` record are then always the worker's own, never the
 # other worker's; every Ray process a worker starts (local Ray, distill.py subprocesses) inherits it.
 # And one torch (OpenMP) thread per worker, set before torch is imported (subprocesses and Ray workers inherit it):
