@@ -67,6 +67,29 @@ def _store_rows(base, x, offs_r, offs_d, stride_r, n_rows, D, EVEN_R: tl.constex
 
 
 @triton.jit
+def _row_source(base, n_rows, D, stride_r, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    # Where a streamed [n_rows, D] operand of one (batch, head) is read from. TMA (sm_90+, issue 28): a tensor
+    # descriptor, so each tile is one bulk copy into shared memory issued by one thread, with no per-element
+    # address registers (the launcher checked the 16-byte alignment TMA needs). Otherwise the base pointer.
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[stride_r, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _load_tile(src, start_r, offs_r, offs_d, stride_r, n_rows, D, EVEN_R: tl.constexpr, EVEN_D: tl.constexpr,
+               TMA: tl.constexpr):
+    # Rows [start_r, start_r + BLOCK_R) of a `_row_source`; offs_r is that range. Rows past n_rows and columns
+    # past D read as 0 on both paths (TMA fills out-of-bounds elements with zeros).
+    if TMA:
+        return src.load([start_r, 0])
+    else:
+        return _load_rows(src, offs_r, offs_d, stride_r, n_rows, D, EVEN_R, EVEN_D)
+
+
+@triton.jit
 def _key_valid(MASK, offs_n, LK, HAS_MASK: tl.constexpr):
     # Keys past the ragged end, and keys the padding mask turns off, are invalid.
     valid = offs_n < LK
@@ -102,15 +125,15 @@ def _tile_bounds(CHUNK, n_rows, first, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+def _fwd_tile(q, qt, K_src, V_src, KT_src, VT_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
               m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
               HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
               IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online-softmax forward (+ tangent) update. IN_BOUNDS: every key row exists."""
     offs_kn = start_n + offs_n
-    k = _load_rows(K_base, offs_kn, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D)
-    v = _load_rows(V_base, offs_kn, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D)
+    k = _load_tile(K_src, start_n, offs_kn, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D, TMA)
+    v = _load_tile(V_src, start_n, offs_kn, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D, TMA)
     # Raw scores q·kᵀ: the exp2 argument s·qk_scale − m is then one FMA per score (qk_scale > 0, so the scaled
     # row max of the raw scores is the row max of the scaled ones).
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
@@ -124,8 +147,8 @@ def _fwd_tile(q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, off
     p_lp = p.to(k.dtype)
     acc = _dot(p_lp, v, acc * alpha[:, None], UPCAST, PREC)
     if HAS_TANGENT:
-        kt = _load_rows(KT_base, offs_kn, offs_d, s_tkn, LK, D, IN_BOUNDS, EVEN_D)
-        vt = _load_rows(VT_base, offs_kn, offs_d, s_tvn, LK, D, IN_BOUNDS, EVEN_D)
+        kt = _load_tile(KT_src, start_n, offs_kn, offs_d, s_tkn, LK, D, IN_BOUNDS, EVEN_D, TMA)
+        vt = _load_tile(VT_src, start_n, offs_kn, offs_d, s_tvn, LK, D, IN_BOUNDS, EVEN_D, TMA)
         # Ṡ = Q̇Kᵀ + QK̇ᵀ: one accumulator over the doubled inner dimension.
         st = _dot(qt, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC)
         st = _dot(q, tl.trans(kt), st, UPCAST, PREC)
@@ -148,7 +171,7 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
                   HAS_TANGENT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr,
                   UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
     """One program = BLOCK_M query rows of one (batch, head); streams the key tiles it can see once."""
     pid_m = tl.program_id(0)
     if HAS_CHUNKS:
@@ -160,10 +183,13 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    K_base = K + b * s_kb + h * s_kh
-    V_base = V + b * s_vb + h * s_vh
-    KT_base = KT + b * s_tkb + h * s_tkh
-    VT_base = VT + b * s_tvb + h * s_tvh
+    K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, TMA)
+    V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, TMA)
+    KT_src = K_src
+    VT_src = V_src
+    if HAS_TANGENT:
+        KT_src = _row_source(KT + b * s_tkb + h * s_tkh, LK, D, s_tkn, BLOCK_N, BLOCK_D, TMA)
+        VT_src = _row_source(VT + b * s_tvb + h * s_tvh, LK, D, s_tvn, BLOCK_N, BLOCK_D, TMA)
     MASK_base = MASK + b * s_mb
     q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
     qt = q
@@ -186,17 +212,17 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, r_i, acc, acc_t = _fwd_tile(
-            q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+            q, qt, K_src, V_src, KT_src, VT_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
             m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
-            HAS_TANGENT, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False, BLOCK_M, BLOCK_N)
+            HAS_TANGENT, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False, BLOCK_M, BLOCK_N, TMA)
     # Without chunks this is the ragged last tile (none when EVEN_N: then not even compiled); with chunks the
     # tiles a chunk boundary crosses, whose block-causal mask also covers keys past LK (chunk ends are <= LK).
     if HAS_CHUNKS or not EVEN_N:
         for start_n in range(n_full, hi_end, BLOCK_N):
             m_i, l_i, r_i, acc, acc_t = _fwd_tile(
-                q, qt, K_base, V_base, KT_base, VT_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
+                q, qt, K_src, V_src, KT_src, VT_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n, offs_d,
                 m_i, l_i, r_i, acc, acc_t, s_kn, s_vn, s_tkn, s_tvn, LK, D, scale, qk_scale,
-                HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
+                HAS_TANGENT, HAS_MASK, UPCAST, PREC, False, EVEN_D, TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, TMA)
     # Fully masked rows (l = 0) give o = ȯ = 0 and lse = -inf (the right weight for merging partials).
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o = acc * inv_l[:, None]
@@ -227,14 +253,14 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
-def _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
+def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
                dk, dv, s_qm, LQ, D, qk_scale,
                UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr,
-               CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
     offs_m = start_m + offs_m0
-    q = _load_rows(Q_base, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D)
-    do = _load_rows(DO_base, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D)
+    q = _load_tile(Q_src, start_m, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D, TMA)
+    do = _load_tile(DO_src, start_m, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D, TMA)
     lse, delta = _row_stats(LSE_row, DELTA_row, offs_m, LQ)
     s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
                UPCAST, PREC) * qk_scale
@@ -257,7 +283,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
                    H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                    HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
     """dK, dV for BLOCK_N keys: stream the query tiles that see them, recompute Pᵀ from the saved lse (FA2
     backward). dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is
     exact too. With chunks, query tiles before the keys' chunk are skipped and only the tiles a chunk
@@ -272,8 +298,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     k = _load_rows(K + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
     v = _load_rows(V + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
     key_ok = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
-    Q_base = Q + b * s_qb + h * s_qh
-    DO_base = DO + pid_bh * LQ * D
+    Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, TMA)
+    DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, TMA)
     LSE_row = LSE + pid_bh * LQ
     DELTA_row = DELTA + pid_bh * LQ
     qk_scale = scale * _LOG2E
@@ -289,29 +315,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
         m_full = 0
     # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
     for start_m in range(m_full, LQ, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+        dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                             offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, EVEN_M, EVEN_D, False,
-                            BLOCK_M, BLOCK_N)
+                            BLOCK_M, BLOCK_N, TMA)
     if HAS_CHUNKS:
         for start_m in range(m_lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, Q_base, DO_base, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+            dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                                 offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
-                                BLOCK_M, BLOCK_N)
+                                BLOCK_M, BLOCK_N, TMA)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
 
 
 @triton.jit
-def _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d, dq,
+def _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d, dq,
              s_kn, s_vn, LK, D, qk_scale,
              HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
              EVEN_D: tl.constexpr, KEY_MASK: tl.constexpr, CHUNK_MASK: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One key tile's contribution to dQ."""
     offs_n = start_n + offs_n0
-    k = _load_rows(K_base, offs_n, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D)
-    v = _load_rows(V_base, offs_n, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D)
+    k = _load_tile(K_src, start_n, offs_n, offs_d, s_kn, LK, D, IN_BOUNDS, EVEN_D, TMA)
+    v = _load_tile(V_src, start_n, offs_n, offs_d, s_vn, LK, D, IN_BOUNDS, EVEN_D, TMA)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if KEY_MASK or CHUNK_MASK:
@@ -327,7 +353,7 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                  H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                  HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
     """dQ for BLOCK_M query rows: stream the key tiles they see (a separate pass, so no atomics are needed);
     the same full / partial / skipped split of key tiles as the forward."""
     pid_m = tl.program_id(0)
@@ -342,8 +368,8 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
     do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
     lse, delta = _row_stats(LSE + pid_bh * LQ, DELTA + pid_bh * LQ, offs_m, LQ)
-    K_base = K + b * s_kb + h * s_kh
-    V_base = V + b * s_vb + h * s_vh
+    K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, TMA)
+    V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, TMA)
     MASK_base = MASK + b * s_mb
     qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -355,13 +381,13 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
+        dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
                       dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
-                      BLOCK_M, BLOCK_N)
+                      BLOCK_M, BLOCK_N, TMA)
     if HAS_CHUNKS or not EVEN_N:
         for start_n in range(n_full, hi_end, BLOCK_N):
-            dq = _dq_tile(q, do, lse, delta, K_base, V_base, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
+            dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
                           offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,
-                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N)
+                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, TMA)
     dq = dq * scale
     _store_rows(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)

@@ -18,6 +18,11 @@ TFLOP/s, ours/peer speed and the max |o − o_peer|, |ȯ − ȯ_peer| (the two m
 `--d64-space both` times our D=64 rows twice, with the default autotune space and with the wide one
 (RCM_KERNELS_D64_SPACE=wide, kernels/flash_jvp.py), in the same process.
 
+Pointer loads against TMA descriptors (issue 28; RCM_KERNELS_TMA, kernels/flash_jvp.py), one command:
+`python3 -m kernels.bench --shapes 64:24:8192,128:12:8192 --tma-ab 4` interleaves the two load paths over 4 rounds
+in one process (each autotuned on its own) and prints, per shape and pass (fwd+JVP, fwd, bwd), both times, their
+ratio, the rounds TMA won, the tiles each picked and how far their outputs differ.
+
 Block-causal masks (issue 30): `python -m kernels.bench --block-causal` times the same kernels with
 `chunk_sizes` against the unmasked kernel at the default Wan 480p × 81-frame shape, 21 chunks of one latent
 frame (1,560 tokens each, 32,760 in all), H=12, D=128, bf16; one row per pass (fwd+JVP, fwd, bwd) and a CSV in
@@ -127,17 +132,22 @@ def _modules(extra: dict):
 
 
 @contextlib.contextmanager
-def d64_space(space: str):
-    """Our D=64 autotune space for the calls inside (kernels.flash_jvp reads the variable at each launch)."""
-    old = os.environ.get("RCM_KERNELS_D64_SPACE")
-    os.environ["RCM_KERNELS_D64_SPACE"] = space
+def _env(name: str, value: str):
+    """An environment variable for the calls inside (kernels.flash_jvp reads its variables at each launch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("RCM_KERNELS_D64_SPACE")
+            os.environ.pop(name)
         else:
-            os.environ["RCM_KERNELS_D64_SPACE"] = old
+            os.environ[name] = old
+
+
+def d64_space(space: str):
+    """Our D=64 autotune space for the calls inside."""
+    return _env("RCM_KERNELS_D64_SPACE", space)
 
 
 def bench_shape(B: int, H: int, N: int, D: int, *, math_max_n: int, dtype=torch.bfloat16,
@@ -224,6 +234,77 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
         return [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shapes {text!r}: give D:H:N items, e.g. 64:24:8192,128:12:16384")
+
+
+# ------------------------------------------------------------------------------- TMA A/B
+
+def _tuned_tile(name: str) -> str:
+    """The tile the autotuner picked in the last launch of kernel `name` ("-" when autotuning is off)."""
+    from kernels import flash_jvp
+    space = flash_jvp.d64_space() if name == "_attn_fwd_jvp" else "narrow"
+    tuner = flash_jvp._launcher(name, False, flash_jvp._autotune(), space)
+    cfg = getattr(tuner, "best_config", None)
+    return "-" if cfg is None else "{}x{} w{} s{}".format(*flash_jvp._tile(cfg))
+
+
+def tma_ab(shapes: list[tuple[int, int, int]], rounds: int) -> list[dict]:
+    """Pointer loads (RCM_KERNELS_TMA=off) against TMA descriptors (auto), interleaved over `rounds` rounds in one
+    process, each path autotuned on its own (TMA is part of the tuning key). Per shape and pass: the median over
+    rounds of each path's do_bench median, how many rounds TMA was faster, the tiles each picked, and the largest
+    difference between the two paths' outputs relative to the output's max (bf16 rounding apart; they may pick
+    different tiles, which sum in another order)."""
+    return [row for d, h, n in shapes for row in _tma_ab_shape(d, h, n, rounds)]
+
+
+def _tma_ab_shape(d: int, h: int, n: int, rounds: int) -> list[dict]:
+    import triton
+
+    from kernels.flash_jvp import _bwd, _fwd
+    do_bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    gen = torch.Generator(device="cuda").manual_seed(n + d)
+    q, k, v, qt, kt, vt, dout = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                                 for _ in range(7))
+    o, lse = _fwd(q, k, v)
+    passes = {"fwd+JVP": (lambda: _fwd(q, k, v, qt, kt, vt), "_attn_fwd_jvp", 12.0),
+              "fwd": (lambda: _fwd(q, k, v), "_attn_fwd_jvp", 4.0),
+              "bwd": (lambda: _bwd(dout, q, k, v, o, lse), "_attn_bwd_dkdv", 10.0)}
+    rows = []
+    for pname, (fn, kname, flops_per) in passes.items():
+        times = {"off": [], "auto": []}
+        tiles, outs = {}, {}
+        for _ in range(rounds):
+            for mode in ("off", "auto"):
+                with _env("RCM_KERNELS_TMA", mode):
+                    times[mode].append(do_bench(fn))
+                    outs[mode] = fn()
+                    tiles[mode] = _tuned_tile(kname) + (" / dq " + _tuned_tile("_attn_bwd_dq") if pname == "bwd"
+                                                        else "")
+        diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                   for a, b in zip(outs["off"], outs["auto"]))
+        if not all(torch.isfinite(x).all() for x in (*outs["off"], *outs["auto"])) or diff > 0.03:
+            raise RuntimeError(f"D={d} H={h} N={n} {pname}: outputs non-finite or TMA/pointer paths differ by "
+                               f"{diff:.2e} relative (> 0.03); no time reported")
+        old, new = statistics.median(times["off"]), statistics.median(times["auto"])
+        flops = flops_per * h * n * n * d
+        rows.append({"pass": pname, "D": d, "H": h, "N": n, "pointers_ms": old, "tma_ms": new,
+                     "pointers_tflops": flops / old * 1e-9, "tma_tflops": flops / new * 1e-9,
+                     "tma_over_pointers": new / old,
+                     "rounds_tma_faster": sum(b < a for a, b in zip(times["off"], times["auto"])),
+                     "rounds": rounds, "tile_pointers": tiles["off"], "tile_tma": tiles["auto"],
+                     "max_rel_diff": diff, "times": times})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def tma_table(rows: list[dict]) -> str:
+    lines = [("| pass | D | H | N | pointers ms (TFLOP/s) | TMA ms (TFLOP/s) | TMA / pointers | rounds TMA faster "
+              "| tiles (pointers; TMA) | max rel. diff |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pass']} | {r['D']} | {r['H']} | {r['N']} | {r['pointers_ms']:.3f} "
+                     f"({r['pointers_tflops']:.0f}) | {r['tma_ms']:.3f} ({r['tma_tflops']:.0f}) | "
+                     f"{r['tma_over_pointers']:.3f} | {r['rounds_tma_faster']} of {r['rounds']} | "
+                     f"{r['tile_pointers']}; {r['tile_tma']} | {r['max_rel_diff']:.1e} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- block-causal rows
@@ -389,6 +470,8 @@ def main() -> None:
                     help="the official rCM Triton kernel file (flash_attention_jvp_triton.py) to time beside ours")
     ap.add_argument("--d64-space", choices=["narrow", "wide", "both"], default="wide",
                     help="our D=64 autotune space (both: one row each, same process)")
+    ap.add_argument("--tma-ab", type=int, default=0, metavar="ROUNDS",
+                    help="only the A/B of pointer loads against TMA descriptors on --shapes, over ROUNDS interleaved rounds")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))
@@ -398,6 +481,13 @@ def main() -> None:
         return main_block_causal(args, heads[args.dim])
     shapes = args.shapes or [(d, heads[d], n) for d in map(int, args.dims.split(","))
                              for n in map(int, args.seqs.split(","))]
+    if args.tma_ab:
+        rows = tma_ab(shapes, args.tma_ab)
+        print(tma_table(rows))
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "kernels_tma_ab.json").write_text(json.dumps(rows, indent=1))
+            (Path(os.environ["OUT"]) / "kernels_tma_ab.md").write_text(tma_table(rows) + "\n")
+        return
     peer = load_peer(args.peer_kernel) if args.peer_kernel else None
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"triton {__import__('triton').__version__} bf16", flush=True)

@@ -166,7 +166,7 @@ _EVEN = {
     "EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0,
     "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
 }
-_TUNE_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_MASK", "HAS_CHUNKS", "UPCAST", "PREC"]
+_TUNE_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_MASK", "HAS_CHUNKS", "UPCAST", "PREC", "TMA"]
 
 
 def _autotune() -> bool:
@@ -215,7 +215,44 @@ def _run(name: str, grid, *args, **kwargs):
     launcher = _launcher(name, interpret, autotune, d64_space() if name == "_attn_fwd_jvp" else "narrow")
     if interpret or not autotune:
         kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
+    if kwargs["TMA"] and not interpret:
+        import triton
+        # Set at every launch: the allocator is a context variable, and Ray Train runs the loop in a thread.
+        triton.set_allocator(_tma_scratch)
     return launcher[grid](*args, **kwargs)
+
+
+def tma_mode() -> str:
+    """RCM_KERNELS_TMA: "auto" (default) streams the key/value tiles of the forward and dQ pass and the
+    query/dO tiles of the dK/dV pass through TMA tensor descriptors on sm_90+ GPUs; "off" uses pointer loads
+    everywhere; "on" is "auto" plus the interpreter, so CPU tests run the descriptor path too. Either way a tensor
+    whose base or strides are not 16-byte aligned (TMA's rule) is read through pointers."""
+    mode = os.environ.get("RCM_KERNELS_TMA", "auto")
+    if mode not in ("auto", "off", "on"):
+        raise ValueError(f"RCM_KERNELS_TMA={mode!r}: use auto, off or on")
+    return mode
+
+
+def _tma_aligned(x: torch.Tensor) -> bool:
+    # A descriptor covers one (batch, head)'s [L, D] rows: its base (b·s_b + h·s_h from the data pointer) and its
+    # row stride must be multiples of 16 bytes, and D is the unit-stride dimension.
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+
+
+def _use_tma(*streamed: torch.Tensor) -> bool:
+    mode = tma_mode()
+    if mode == "off" or (_interpret() and mode != "on"):
+        return False
+    if not _interpret() and torch.cuda.get_device_capability(streamed[0].device)[0] < 9:
+        return False
+    return all(_tma_aligned(x) for x in streamed)
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global memory the kernels write their descriptors into (128 B per descriptor and program), asked for by
+    # Triton at launch; from PyTorch's caching allocator on the current device, like the kernels' outputs.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 # Tests set this to fill every output with NaN before launch, so an element the kernel fails to write shows up.
@@ -304,7 +341,7 @@ def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=
          *_strides(q), *_strides(k), *_strides(v), *_strides(q_t), *_strides(k_t), *_strides(v_t), c["s_mb"],
          c["H"], LQ, c["LK"], D, c["scale"], c["LQ_KEY"], c["LK_KEY"],
          HAS_TANGENT=tangent, HAS_MASK=c["HAS_MASK"], HAS_CHUNKS=c["HAS_CHUNKS"], UPCAST=c["UPCAST"],
-         PREC=c["PREC"], BLOCK_D=c["BLOCK_D"])
+         PREC=c["PREC"], BLOCK_D=c["BLOCK_D"], TMA=_use_tma(k, v, k_t, v_t))
     return (o, o_t, lse, lse_t) if tangent else (o, lse)
 
 
@@ -326,7 +363,7 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
               c["LQ_KEY"], c["LK_KEY"])
     flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
-             "BLOCK_D": c["BLOCK_D"]}
+             "BLOCK_D": c["BLOCK_D"], "TMA": _use_tma(q, k, v, do)}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
          q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)

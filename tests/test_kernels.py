@@ -706,3 +706,59 @@ def test_gpu_block_causal(dtype, chunks, monkeypatch):
     _, g = _loss_grads(lambda q_, k_, v_: kernels.attention(q_, k_, v_, chunk_sizes=chunks), xs[:3], w)
     for name, a, b, c in zip(("dq", "dk", "dv"), g, g_pt, g_ref):
         _check_vs_torch(name, a, b, c, dtype, seed)
+
+
+# ------------------------------------------------------------------------------------ TMA descriptor loads
+
+def _tma_outputs(xs, mask, chunks, w):
+    """fwd+JVP outputs and the gradients of Σ w·o through the kernels, in one list (CPU tensors)."""
+    o, ot, lse, lse_t = kernels.attention_jvp(*xs, key_padding_mask=mask, chunk_sizes=chunks, return_lse=True)
+    o2, grads = _loss_grads(lambda q_, k_, v_: kernels.attention(q_, k_, v_, key_padding_mask=mask,
+                                                                  chunk_sizes=chunks), xs[:3], w)
+    return [o, ot, lse, lse_t, o2, *grads]
+
+
+@pytest.mark.parametrize("triton_mode", ["cpu"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES + ["block-causal"], ids=str)
+def test_tma_loads_equal_pointer_loads(triton_mode, dtype, case, monkeypatch):
+    """The descriptor path (RCM_KERNELS_TMA, the default on sm_90+) reads the same tiles as the pointer path,
+    out-of-range rows and head-dim columns as 0 on both, so under the interpreter every output of the forward+JVP
+    and the backward is equal bit for bit: ragged tails, padding masks, packed and transposed layouts, a head dim
+    that is not a power of two and block-causal chunks. The GPU tests run the compiled descriptor path."""
+    _, gen = _seeded(400 + (CASES.index(case) if case in CASES else 9))
+    if case == "block-causal":
+        xs64, mask, chunks = (*_causal_case(gen, "packed", True), CHUNKS)
+    else:
+        xs64, mask = _make_case(case, gen)
+        chunks = None
+    w = torch.randn(xs64[0].shape, generator=gen, dtype=torch.float64)
+    xs = [_cast(x, dtype, "cpu") for x in xs64]
+    launched = [katt._unit_stride(x) for x in xs]           # as the launcher hands them over (D unit-stride)
+    assert katt._use_tma(*launched) is False               # the interpreter's default ("auto") is pointers
+    outs = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("RCM_KERNELS_TMA", mode)
+        assert katt._use_tma(*launched) is (mode == "on")
+        outs[mode] = _tma_outputs(xs, mask, chunks, w)
+    for name, a, b in zip(("o", "o_t", "lse", "lse_t", "o (grad pass)", "dq", "dk", "dv"), outs["off"], outs["on"]):
+        assert torch.isfinite(a).all() or mask is not None, name
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), \
+            f"{name}: TMA and pointer loads differ (max {_err(a.nan_to_num(), b.nan_to_num()):.3g})"
+
+
+def test_tma_is_used_only_where_its_alignment_holds(monkeypatch):
+    """A descriptor needs 16-byte aligned base and row strides: a bf16 head dim of 36 (72-byte rows) or a view
+    starting 2 bytes into its buffer reads through pointers; a bad RCM_KERNELS_TMA value is one error naming it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    ok = torch.zeros(1, 2, 10, 64, dtype=torch.bfloat16)
+    assert katt._use_tma(ok, ok)
+    assert not katt._use_tma(ok, torch.zeros(1, 2, 10, 36, dtype=torch.bfloat16))
+    assert not katt._use_tma(ok, torch.zeros(1 * 2 * 10 * 64 + 1, dtype=torch.bfloat16)[1:].view(1, 2, 10, 64))
+    assert katt._use_tma(torch.zeros(1, 2, 10, 36, dtype=torch.float32))      # 144-byte rows
+    monkeypatch.setenv("RCM_KERNELS_TMA", "off")
+    assert not katt._use_tma(ok)
+    monkeypatch.setenv("RCM_KERNELS_TMA", "yes")
+    with pytest.raises(ValueError, match="RCM_KERNELS_TMA='yes': use auto, off or on"):
+        katt._use_tma(ok)
