@@ -224,13 +224,20 @@ def _run(name: str, grid, *args, **kwargs):
 
 def tma_mode() -> str:
     """RCM_KERNELS_TMA: "auto" (default) streams the key/value tiles of the forward and dQ pass and the
-    query/dO tiles of the dK/dV pass through TMA tensor descriptors on sm_90+ GPUs; "off" uses pointer loads
-    everywhere; "on" is "auto" plus the interpreter, so CPU tests run the descriptor path too. Either way a tensor
-    whose base or strides are not 16-byte aligned (TMA's rule) is read through pointers."""
+    query/dO tiles of the dK/dV pass through TMA tensor descriptors on sm_90+ GPUs (the backward from head dim
+    TMA_BWD_MIN_HEAD_DIM up, where it measured level or faster); "off" uses pointer loads everywhere; "on" is
+    "auto" plus the interpreter, so CPU tests run the descriptor path too. Either way a tensor whose base or
+    strides are not 16-byte aligned (TMA's rule) is read through pointers."""
     mode = os.environ.get("RCM_KERNELS_TMA", "auto")
     if mode not in ("auto", "off", "on"):
         raise ValueError(f"RCM_KERNELS_TMA={mode!r}: use auto, off or on")
     return mode
+
+
+# The backward takes TMA from this head dim up. One H200, 2026-12-04 (`kernels.bench --tma-ab 4`, 4 interleaved
+# rounds): at D=128 TMA / pointers 0.998 (8K) and 0.971 (32K), block-causal 32K 0.969; at D=64 1.016 and 1.038
+# (TMA won 1 and 0 of 4 rounds), so D=64 keeps pointer loads. The forward took TMA at both (0.947-0.980).
+TMA_BWD_MIN_HEAD_DIM = 128
 
 
 def _tma_aligned(x: torch.Tensor) -> bool:
@@ -363,7 +370,7 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
               c["LQ_KEY"], c["LK_KEY"])
     flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
-             "BLOCK_D": c["BLOCK_D"], "TMA": _use_tma(q, k, v, do)}
+             "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do)}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
          q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
