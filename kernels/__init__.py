@@ -12,7 +12,9 @@ kernels skip the key tiles a query tile cannot see and mask only the tiles a chu
 primal (`PRIMAL_BACKENDS`, issue 28): "fused" | "sdpa_grad" | "sdpa" sends tangent-free calls to PyTorch SDPA;
 calls with a tangent (`has_tangent`) and block-causal calls always run the fused kernel.
 Both run the Triton kernels (kernels/_triton_attention.py) on CUDA and under TRITON_INTERPRET=1, and the
-PyTorch twins (kernels/reference.py) otherwise. `merge_attention_partials` merges results over key blocks.
+PyTorch twins (kernels/reference.py) otherwise; on sm_90+ GPUs the kernels stream their tiles through TMA tensor
+descriptors (RCM_KERNELS_TMA=auto|off|on, kernels/flash_jvp.py). `merge_attention_partials` merges results over
+key blocks.
 Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`
 (block-causal vs unmasked: `python -m kernels.bench --block-causal`).
 """

@@ -7,6 +7,9 @@ Triton interpreter) because `triton.jit` chooses its mode when it decorates, and
 
 Layout: every tensor is [B, H, L, D] with unit stride on D (the launcher guarantees it); other strides
 are arbitrary, so permuted views of a packed qkv tensor need no copy.
+Loads (TMA constexpr, issue 28): the tiles each loop streams (K, K̇, V, V̇ in the forward and dQ pass, Q and dO in
+the dK/dV pass) come through TMA tensor descriptors when the launcher says so (sm_90+, 16-byte aligned), else
+through pointers; `_row_source` / `_load_tile` hide which, and both read rows past the end as 0.
 
 Forward + JVP algebra (see shared/reference/jvp_attention.md §2). Per query row we keep, in exp2 units,
   m (running max), l = Σ p̃, acc = Σ p̃·v, acc_t = Σ p̃·(ṡ·v + v̇), r = Σ p̃·ṡ

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the attention kernels compiled for sm_90, on a machine without a GPU.
 
-Run: `python experiments/bench/kernel_registers.py [--dims 64,128] [--kernels fwd_jvp,fwd,dkdv,dq] [--tma both]`.
+Run: `python experiments/bench/kernel_registers.py [--dims 64,128] [--kernels fwd_jvp,fwd,dkdv,dq] [--tma both]`
+(in its own process: Triton must not have been imported in interpreter mode, as the CPU test suite does).
 Triton compiles ahead of time for a target it is told (here an H100/H200, sm_90, 128 threads per warp group) and
 ships ptxas, so the register picture of every tile in the autotune spaces of kernels/flash_jvp.py comes from one
 CPU command: ptxas's own report (registers per thread, spill stores and loads, bytes) and Triton's shared memory.
@@ -15,6 +16,7 @@ be slower; the GPU A/B (`python -m kernels.bench --tma-ab`) measures that.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -103,6 +105,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--kernels", default="fwd_jvp,fwd,dkdv,dq", help="any of fwd_jvp, fwd, dkdv, dq")
     ap.add_argument("--tma", choices=["off", "on", "both"], default="both", help="load path(s) to compile")
     ap.add_argument("--tiles", default=None, help="BMxBNxWxS items, e.g. 128x128x8x3 (default: the autotune space)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(_kernel_table()))
@@ -123,6 +126,8 @@ def main(argv=None) -> list[dict]:
                     print(f"| {kernel} | {d} | {tile[0]}×{tile[1]}, {tile[2]}, {tile[3]} | "
                           f"{'TMA' if tma else 'pointers'} | {r['regs']} | {r['spill_st']} | {r['spill_ld']} | "
                           f"{r['shared'] / 1024:.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
