@@ -162,6 +162,24 @@ def test_cli_prints_the_table_and_the_recommendation(capsys):
     assert "measured with model.attention=sdpa_grad, this run uses fused" in capsys.readouterr().out
 
 
+def test_cli_prints_the_configured_modes_memory(capsys):
+    """The table lists whole-block checkpointing on/off only; the configured line gives the run's own mode's
+    memory, so a selective mode (issue 28, lever 3) shows what it costs: attention_only keeps 9,312 B per token and
+    block on top of whole-block checkpointing's 3,072 (one H200, batch 1: 66.0 → 77.5 GiB)."""
+    from workflows.plan import main
+
+    base = ["--config", str(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml"), "--gpus", "1", "--gpu-memory", "141GiB",
+            "data.batch_size=1"]
+    lines = {}
+    for mode in ("true", "attention_only"):
+        main([*base, f"model.activation_checkpointing={mode}"])
+        lines[mode] = capsys.readouterr().out.strip().splitlines()[-1]
+    assert lines["true"] == ("configured mesh (parallel.*, model.activation_checkpointing=true): fits, ~66.0 GiB per GPU "
+                             "(states 50.2, activations 13.8)")
+    assert lines["attention_only"] == ("configured mesh (parallel.*, model.activation_checkpointing=attention_only): "
+                                       "fits, ~77.5 GiB per GPU (states 50.2, activations 25.2)")
+
+
 def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):
     """distill.py's check: the latent shape comes from the data set's manifest, the mesh from parallel.*."""
     from rcm_core.config import from_dict

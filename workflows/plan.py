@@ -26,7 +26,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from rcm_core.config import ExperimentCfg, load_config, redact_url  # noqa: E402
-from rcm_core.run.plan import GiB, check_fits, format_plan, plan_run, read_step_table  # noqa: E402
+from rcm_core.run.plan import (  # noqa: E402
+    GiB,
+    check_fits,
+    configured_plan,
+    describe_memory,
+    format_plan,
+    plan_run,
+    read_step_table,
+)
 
 # The one file the planner's s/iteration comes from: experiments/bench/rcm_step.py writes it to $OUT as
 # step_table_<variant>.json; copy the variant the configs use over this one after a re-measurement.
@@ -149,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"plan: {e}") from None
     print(format_plan(cfg, plans, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len, table=table))
     own = check_fits(cfg, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len)
-    print(f"configured: {own}" if own else "configured mesh (parallel.*): fits")
+    if own:
+        print(f"configured: {own}")
+    else:
+        mine = configured_plan(cfg, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len)
+        print(f"configured mesh (parallel.*, model.activation_checkpointing="
+              f"{str(cfg.model.activation_checkpointing).lower()}): fits, {describe_memory(mine)}")
     return 0
 
 

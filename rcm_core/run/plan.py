@@ -430,9 +430,10 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
     return "\n".join(lines)
 
 
-def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...],
-               text_len: int) -> str | None:
-    """None if the run's own mesh (cfg.parallel) fits; otherwise the reason, with the plan's recommendation."""
+def configured_plan(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...],
+                    text_len: int) -> MeshPlan | str:
+    """The plan of the run as configured: its own mesh (cfg.parallel) and checkpointing mode, selective ones
+    included (which the table of `plan_run` does not list); or why parallel.* cannot run on `gpus` GPUs."""
     from rcm_core.parallel.mesh import shape_from_config
 
     try:
@@ -440,12 +441,25 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
     except ValueError as e:
         return f"parallel.* cannot run on {gpus} GPUs: {e}"
     work = Workload.from_config(cfg, latent, text_len)
-    p = plan_mesh(cfg, shape, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=count_params(cfg.model),
-                  checkpointing=cfg.model.activation_checkpointing, table=None)
+    return plan_mesh(cfg, shape, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=count_params(cfg.model),
+                     checkpointing=cfg.model.activation_checkpointing, table=None)
+
+
+def describe_memory(p: MeshPlan) -> str:
+    return (f"~{_gib(p.total)} GiB per GPU (states {_gib(sum(p.states.values()))}, activations "
+            f"{_gib(max(p.jvp_peak, p.backward_peak))})")
+
+
+def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...],
+               text_len: int) -> str | None:
+    """None if the run's own mesh (cfg.parallel) fits; otherwise the reason, with the plan's recommendation."""
+    p = configured_plan(cfg, gpus=gpus, gpu_memory=gpu_memory, latent=latent, text_len=text_len)
+    if isinstance(p, str):
+        return p
+    shape = p.shape
     if p.fits:
         return None
-    why = p.refused or (f"needs ~{_gib(p.total)} GiB per GPU (states {_gib(sum(p.states.values()))}, activations "
-                        f"{_gib(max(p.jvp_peak, p.backward_peak))}) but the GPUs have {_gib(gpu_memory)} GiB")
+    why = p.refused or f"needs {describe_memory(p)} but the GPUs have {_gib(gpu_memory)} GiB"
     best = recommend(plan_run(cfg, gpus=gpus, gpu_memory=gpu_memory, latent=latent, text_len=text_len))
     hint = ("no mesh fits even at data.micro_batch_size=1: add GPUs" if best is None else
             f"try parallel.dp_replicate={best.shape.dp_replicate} parallel.dp_shard={best.shape.dp_shard} "
@@ -456,5 +470,5 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
 
 
 __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
-           "check_fits", "read_step_table", "refuse_reason", "block_saved_bytes", "selective_saved_bytes",
+           "check_fits", "configured_plan", "describe_memory", "read_step_table", "refuse_reason", "block_saved_bytes", "selective_saved_bytes",
            "jvp_live_bytes", "forward_flops", "jvp_flops", "GiB"]
