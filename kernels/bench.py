@@ -21,7 +21,8 @@ TFLOP/s, ours/peer speed and the max |o − o_peer|, |ȯ − ȯ_peer| (the two m
 Pointer loads against TMA descriptors (issue 28; RCM_KERNELS_TMA, kernels/flash_jvp.py), one command:
 `python3 -m kernels.bench --shapes 64:24:8192,128:12:8192 --tma-ab 4` interleaves the two load paths over 4 rounds
 in one process (each autotuned on its own) and prints, per shape and pass (fwd+JVP, fwd, bwd), both times, their
-ratio, the rounds TMA won, the tiles each picked and how far their outputs differ.
+ratio, the rounds TMA won, the tiles each picked and how far their outputs differ. Its bwd rows use TMA at every
+head dim (the shipped rule, TMA_BWD_MIN_HEAD_DIM, is what they decide).
 
 Block-causal masks (issue 30): `python -m kernels.bench --block-causal` times the same kernels with
 `chunk_sizes` against the unmasked kernel at the default Wan 480p × 81-frame shape, 21 chunks of one latent
@@ -247,22 +248,35 @@ def _tuned_tile(name: str) -> str:
     return "-" if cfg is None else "{}x{} w{} s{}".format(*flash_jvp._tile(cfg))
 
 
-def tma_ab(shapes: list[tuple[int, int, int]], rounds: int) -> list[dict]:
+def tma_ab(shapes: list[tuple[int, int, int]], rounds: int, device: str = "cuda") -> list[dict]:
     """Pointer loads (RCM_KERNELS_TMA=off) against TMA descriptors (auto), interleaved over `rounds` rounds in one
     process, each path autotuned on its own (TMA is part of the tuning key). Per shape and pass: the median over
     rounds of each path's do_bench median, how many rounds TMA was faster, the tiles each picked, and the largest
     difference between the two paths' outputs relative to the output's max (bf16 rounding apart; they may pick
-    different tiles, which sum in another order)."""
-    return [row for d, h, n in shapes for row in _tma_ab_shape(d, h, n, rounds)]
+    different tiles, which sum in another order). device "cpu": under the interpreter (TRITON_INTERPRET=1) at tiny
+    shapes, TMA forced on (RCM_KERNELS_TMA=on): it proves the command and that both paths agree, and times nothing."""
+    return [row for d, h, n in shapes for row in _tma_ab_shape(d, h, n, rounds, device)]
 
 
-def _tma_ab_shape(d: int, h: int, n: int, rounds: int) -> list[dict]:
-    import triton
+@contextlib.contextmanager
+def _bwd_tma_at_every_head_dim():
+    """The A/B measures the descriptor path itself, so it lifts the backward's head-dim rule (TMA only from
+    TMA_BWD_MIN_HEAD_DIM up, which earlier A/Bs set): its bwd rows below that head dim say whether the rule holds."""
+    from kernels import flash_jvp
+    shipped = flash_jvp.TMA_BWD_MIN_HEAD_DIM
+    flash_jvp.TMA_BWD_MIN_HEAD_DIM = 0
+    try:
+        yield
+    finally:
+        flash_jvp.TMA_BWD_MIN_HEAD_DIM = shipped
 
+
+def _tma_ab_shape(d: int, h: int, n: int, rounds: int, device: str) -> list[dict]:
     from kernels.flash_jvp import _bwd, _fwd
-    do_bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    gen = torch.Generator(device="cuda").manual_seed(n + d)
-    q, k, v, qt, kt, vt, dout = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    do_bench = _timer(device)
+    tma_mode = "auto" if device == "cuda" else "on"
+    gen = torch.Generator(device=device).manual_seed(n + d)
+    q, k, v, qt, kt, vt, dout = (torch.randn(1, h, n, d, device=device, dtype=torch.bfloat16, generator=gen)
                                  for _ in range(7))
     o, lse = _fwd(q, k, v)
     passes = {"fwd+JVP": (lambda: _fwd(q, k, v, qt, kt, vt), "_attn_fwd_jvp", 12.0),
@@ -270,27 +284,27 @@ def _tma_ab_shape(d: int, h: int, n: int, rounds: int) -> list[dict]:
               "bwd": (lambda: _bwd(dout, q, k, v, o, lse), "_attn_bwd_dkdv", 10.0)}
     rows = []
     for pname, (fn, kname, flops_per) in passes.items():
-        times = {"off": [], "auto": []}
+        times = {"off": [], "tma": []}
         tiles, outs = {}, {}
         for _ in range(rounds):
-            for mode in ("off", "auto"):
-                with _env("RCM_KERNELS_TMA", mode):
-                    times[mode].append(do_bench(fn))
-                    outs[mode] = fn()
-                    tiles[mode] = _tuned_tile(kname) + (" / dq " + _tuned_tile("_attn_bwd_dq") if pname == "bwd"
+            for side, mode in (("off", "off"), ("tma", tma_mode)):
+                with _env("RCM_KERNELS_TMA", mode), _bwd_tma_at_every_head_dim():
+                    times[side].append(do_bench(fn))
+                    outs[side] = fn()
+                    tiles[side] = _tuned_tile(kname) + (" / dq " + _tuned_tile("_attn_bwd_dq") if pname == "bwd"
                                                         else "")
         diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                   for a, b in zip(outs["off"], outs["auto"]))
-        if not all(torch.isfinite(x).all() for x in (*outs["off"], *outs["auto"])) or diff > 0.03:
+                   for a, b in zip(outs["off"], outs["tma"]))
+        if not all(torch.isfinite(x).all() for x in (*outs["off"], *outs["tma"])) or diff > 0.03:
             raise RuntimeError(f"D={d} H={h} N={n} {pname}: outputs non-finite or TMA/pointer paths differ by "
                                f"{diff:.2e} relative (> 0.03); no time reported")
-        old, new = statistics.median(times["off"]), statistics.median(times["auto"])
+        old, new = statistics.median(times["off"]), statistics.median(times["tma"])
         flops = flops_per * h * n * n * d
         rows.append({"pass": pname, "D": d, "H": h, "N": n, "pointers_ms": old, "tma_ms": new,
                      "pointers_tflops": flops / old * 1e-9, "tma_tflops": flops / new * 1e-9,
                      "tma_over_pointers": new / old,
-                     "rounds_tma_faster": sum(b < a for a, b in zip(times["off"], times["auto"])),
-                     "rounds": rounds, "tile_pointers": tiles["off"], "tile_tma": tiles["auto"],
+                     "rounds_tma_faster": sum(b < a for a, b in zip(times["off"], times["tma"])),
+                     "rounds": rounds, "tile_pointers": tiles["off"], "tile_tma": tiles["tma"],
                      "max_rel_diff": diff, "times": times})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -482,7 +496,12 @@ def main() -> None:
     shapes = args.shapes or [(d, heads[d], n) for d in map(int, args.dims.split(","))
                              for n in map(int, args.seqs.split(","))]
     if args.tma_ab:
-        rows = tma_ab(shapes, args.tma_ab)
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if not interpret and not torch.cuda.is_available():
+            raise SystemExit("error: --tma-ab needs a CUDA GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+        card = "CPU, Triton interpreter (TMA forced on; timings say nothing)" if interpret else torch.cuda.get_device_name()
+        print(f"# {card} torch {torch.__version__} triton {__import__('triton').__version__} bf16", flush=True)
+        rows = tma_ab(shapes, args.tma_ab, "cpu" if interpret else "cuda")
         print(tma_table(rows))
         if os.environ.get("OUT"):
             (Path(os.environ["OUT"]) / "kernels_tma_ab.json").write_text(json.dumps(rows, indent=1))

@@ -790,3 +790,30 @@ def test_register_report_compiles_for_sm90_on_a_cpu(tmp_path):
     bad = subprocess.run([sys.executable, str(tool), "--kernels", "fwd_jvpp"], env=env, capture_output=True, text=True,
                          check=False)
     assert bad.returncode != 0 and "--kernels ['fwd_jvpp']" in bad.stderr
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_tma_ab_bench_runs_under_the_interpreter(monkeypatch, tmp_path, capsys):
+    """`python -m kernels.bench --tma-ab ROUNDS` end to end at a tiny shape on CPU (TMA forced on there): one row per
+    pass, both paths' outputs equal bit for bit (max rel. diff 0: the interpreter reads the same tiles either way),
+    the backward's head-dim rule lifted inside the A/B and restored after it, and the JSON in $OUT."""
+    from kernels import bench
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--shapes", "16:2:40", "--tma-ab", "1"])
+    monkeypatch.setattr(bench, "_timer", lambda device: (lambda fn: (fn(), 1.0)[1]))   # one call, no timing
+    launches = set()
+    run = katt._run
+    monkeypatch.setattr(katt, "_run", lambda name, grid, *a, **kw: (launches.add((name, kw["TMA"])),
+                                                                     run(name, grid, *a, **kw))[1])
+    bench.main()
+    assert launches == {(name, tma) for name in ("_attn_fwd_jvp", "_attn_bwd_dkdv", "_attn_bwd_dq")
+                        for tma in (False, True)}                   # each kernel ran on both paths, D=16 bwd too
+    out = capsys.readouterr().out
+    assert "CPU, Triton interpreter" in out
+    for name in ("fwd+JVP", "fwd", "bwd"):
+        assert f"| {name} | 16 | 2 | 40 |" in out
+    rows = json.loads((tmp_path / "kernels_tma_ab.json").read_text())
+    assert [r["pass"] for r in rows] == ["fwd+JVP", "fwd", "bwd"]
+    assert all(r["max_rel_diff"] == 0.0 and r["rounds"] == 1 for r in rows)
+    assert katt.TMA_BWD_MIN_HEAD_DIM == 128
