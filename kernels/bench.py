@@ -485,7 +485,7 @@ def main() -> None:
     ap.add_argument("--d64-space", choices=["narrow", "wide", "both"], default="wide",
                     help="our D=64 autotune space (both: one row each, same process)")
     ap.add_argument("--tma-ab", type=int, default=0, metavar="ROUNDS",
-                    help="only the A/B of pointer loads against TMA descriptors on --shapes, over ROUNDS interleaved rounds")
+                    help="only the A/B of pointer loads against TMA descriptors on --shapes, ROUNDS interleaved rounds")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))
@@ -499,7 +499,8 @@ def main() -> None:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if not interpret and not torch.cuda.is_available():
             raise SystemExit("error: --tma-ab needs a CUDA GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
-        card = "CPU, Triton interpreter (TMA forced on; timings say nothing)" if interpret else torch.cuda.get_device_name()
+        card = ("CPU, Triton interpreter (TMA forced on; timings say nothing)" if interpret
+                else torch.cuda.get_device_name())
         print(f"# {card} torch {torch.__version__} triton {__import__('triton').__version__} bf16", flush=True)
         rows = tma_ab(shapes, args.tma_ab, "cpu" if interpret else "cuda")
         print(tma_table(rows))

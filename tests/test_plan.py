@@ -174,8 +174,8 @@ def test_cli_prints_the_configured_modes_memory(capsys):
     for mode in ("true", "attention_only"):
         main([*base, f"model.activation_checkpointing={mode}"])
         lines[mode] = capsys.readouterr().out.strip().splitlines()[-1]
-    assert lines["true"] == ("configured mesh (parallel.*, model.activation_checkpointing=true): fits, ~66.0 GiB per GPU "
-                             "(states 50.2, activations 13.8)")
+    assert lines["true"] == ("configured mesh (parallel.*, model.activation_checkpointing=true): fits, "
+                             "~66.0 GiB per GPU (states 50.2, activations 13.8)")
     assert lines["attention_only"] == ("configured mesh (parallel.*, model.activation_checkpointing=attention_only): "
                                        "fits, ~77.5 GiB per GPU (states 50.2, activations 25.2)")
 
