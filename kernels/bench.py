@@ -240,11 +240,10 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 # ------------------------------------------------------------------------------- TMA A/B
 
 def _tuned_tile(name: str) -> str:
-    """The tile the autotuner picked in the last launch of kernel `name` ("-" when autotuning is off)."""
+    """The tile the autotuner picked in the last launch of kernel `name` ("-" when autotuning is off or under the
+    interpreter)."""
     from kernels import flash_jvp
-    space = flash_jvp.d64_space() if name == "_attn_fwd_jvp" else "narrow"
-    tuner = flash_jvp._launcher(name, False, flash_jvp._autotune(), space)
-    cfg = getattr(tuner, "best_config", None)
+    cfg = getattr(flash_jvp._current_launcher(name), "best_config", None)
     return "-" if cfg is None else "{}x{} w{} s{}".format(*flash_jvp._tile(cfg))
 
 

@@ -209,10 +209,16 @@ def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
     return tuner(fn)
 
 
+def _current_launcher(name: str, fp32: bool = False):
+    """The launcher `_run` uses for kernel `name` under the current settings (interpreter, autotune, D=64 space)."""
+    return _launcher(name, _interpret(), _autotune() and not fp32,
+                     d64_space() if name == "_attn_fwd_jvp" else "narrow")
+
+
 def _run(name: str, grid, *args, **kwargs):
     fp32 = kwargs["PREC"] == "ieee"
     interpret, autotune = _interpret(), _autotune() and not fp32
-    launcher = _launcher(name, interpret, autotune, d64_space() if name == "_attn_fwd_jvp" else "narrow")
+    launcher = _current_launcher(name, fp32)
     if interpret or not autotune:
         kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
     if kwargs["TMA"] and not interpret:
