@@ -247,6 +247,23 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
 
 
 @triton.jit
+def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr):
+    """delta = rowsum(dO⊙O) − dlse for BLOCK_M rows of one (batch, head), in fp32 from the stored o and dO (both
+    contiguous [B, H, LQ, D]): one read of each, where PyTorch's expression wrote and re-read two fp32 copies."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D).to(tl.float32)
+    do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+    tl.store(DELTA + pid_bh * LQ + offs_m, delta, mask=offs_m < LQ)
+
+
+@triton.jit
 def _row_stats(LSE, DELTA, offs_m, LQ):
     # lse in exp2 units; rows past the end (and fully masked rows, lse = -inf) get +inf so that p = 0 there.
     lse = tl.load(LSE + offs_m, mask=offs_m < LQ, other=float("inf")) * _LOG2E

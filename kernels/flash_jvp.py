@@ -366,10 +366,7 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     B, H, LQ, D = q.shape
     LK = c["LK"]
     do = do.to(q.dtype).contiguous()
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = _delta(do, o.contiguous(), dlse)
     dq = _empty((B, H, LQ, D), q, q.dtype)
     dk = _empty((B, H, LK, D), q, q.dtype)
     dv = _empty((B, H, LK, D), q, q.dtype)
@@ -383,6 +380,28 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
          q, k, v, do, *bounds, lse, delta, dq, *common, **flags)
     return dq, dk, dv
+
+
+def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """rowsum(dO⊙O) − dlse [B, H, LQ] fp32, one Triton pass over the contiguous o and dO. Twin: `_delta_ref`."""
+    B, H, LQ, D = o.shape
+    delta = _empty((B, H, LQ), o, torch.float32)
+    dlse_arg = delta if dlse is None else dlse.float().contiguous()
+    block_d = max(16, _next_pow2(D))
+    block_m = 64
+    kernel = _kernels(_interpret())._attn_bwd_delta
+    kernel[(_cdiv(LQ, block_m), B * H)](o, do, dlse_arg, delta, LQ, D, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
+                                        BLOCK_D=block_d, EVEN_M=LQ % block_m == 0, EVEN_D=D == block_d)
+    return delta
+
+
+def _delta_ref(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    delta = (do.float() * o.float()).sum(-1)
+    return delta if dlse is None else delta - dlse.float()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:

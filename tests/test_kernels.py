@@ -816,3 +816,22 @@ def test_tma_ab_bench_runs_under_the_interpreter(monkeypatch, tmp_path, capsys):
     assert [r["pass"] for r in rows] == ["fwd+JVP", "fwd", "bwd"]
     assert all(r["max_rel_diff"] == 0.0 and r["rounds"] == 1 for r in rows)
     assert katt.TMA_BWD_MIN_HEAD_DIM == 128
+
+
+@pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
+@pytest.mark.parametrize("with_dlse", [False, True], ids=["no-dlse", "dlse"])
+def test_backward_delta_kernel_within_the_fp32_sum_bound(triton_mode, with_dlse):
+    """The backward's delta = rowsum(dO⊙O) − dlse, one Triton pass, against float64 at a ragged length and a head dim
+    that is not a power of two: bf16·bf16 products are exact in fp32, so the only error is the fp32 sum of D terms
+    (and the one subtraction): |err| ≤ (D + 1)·2⁻²⁴·(Σ|o·dO| + |dlse|), the textbook bound, not a measured one."""
+    seed, gen = _seeded(500 + with_dlse)
+    B, H, L, D = 2, 3, 77, 80
+    o, do = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64).to(torch.bfloat16) for _ in range(2))
+    dlse = torch.randn(B, H, L, generator=gen, dtype=torch.float64).float() if with_dlse else None
+    ours = katt._delta(do.to(triton_mode), o.to(triton_mode), None if dlse is None else dlse.to(triton_mode)).cpu()
+    prod = o.double() * do.double()
+    exact = prod.sum(-1) - (0 if dlse is None else dlse.double())
+    bound = (D + 1) * 2.0**-24 * (prod.abs().sum(-1) + (0 if dlse is None else dlse.double().abs()))
+    assert ours.dtype == torch.float32 and ours.shape == (B, H, L)
+    assert ((ours.double() - exact).abs() <= bound).all(), f"delta outside the fp32 sum bound (seed {seed})"
+    assert torch.allclose(ours, katt._delta_ref(do, o, dlse), rtol=0, atol=float(bound.max()) * 2)
