@@ -273,13 +273,11 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
-def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, DQ_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n,
-               key_ok, dk, dv, s_qm, LQ, D, scale, qk_scale,
+def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
+               dk, dv, s_qm, LQ, D, qk_scale,
                UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr,
-               CHUNK_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity. ATOMIC_DQ: also
-    add this tile's share of dQ = scale·dS·K into the fp32 rows DQ_row with atomics (the one-pass backward)."""
+               CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
     offs_m = start_m + offs_m0
     q = _load_tile(Q_src, start_m, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D, TMA)
     do = _load_tile(DO_src, start_m, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D, TMA)
@@ -295,39 +293,21 @@ def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, DQ_row, CHUNK_END, start
     dv = _dot(p_t.to(q.dtype), do, dv, UPCAST, PREC)
     dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PREC)
     ds_t = p_t * (dp_t - delta[None, :])
-    ds_lp = ds_t.to(q.dtype)
-    dk = _dot(ds_lp, q, dk, UPCAST, PREC)
-    if ATOMIC_DQ:
-        dq = _dot(tl.trans(ds_lp), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC) * scale
-        # Relaxed: only the sum matters, no ordering with other memory; the order of the adds is what makes this
-        # path nondeterministic in the last bits.
-        if DQ_TMA:
-            # One bulk reduce-add of the tile by the TMA unit (sm_90+), asynchronous, no per-element atomics;
-            # rows past LQ are dropped by the descriptor's bounds. DQ_row is the descriptor here.
-            DQ_row.atomic_add([start_m, 0], dq)
-        else:
-            ptrs = DQ_row + offs_m[:, None] * BLOCK_D + offs_d[None, :]
-            if IN_BOUNDS:
-                tl.atomic_add(ptrs, dq, sem="relaxed")
-            else:
-                tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < LQ, sem="relaxed")
+    dk = _dot(ds_t.to(q.dtype), q, dk, UPCAST, PREC)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV, DQ,
+def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
                    H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                    HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-                   TMA: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
     """dK, dV for BLOCK_N keys: stream the query tiles that see them, recompute Pᵀ from the saved lse (FA2
     backward). dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is
     exact too. With chunks, query tiles before the keys' chunk are skipped and only the tiles a chunk
-    boundary crosses are masked. ATOMIC_DQ (the one-pass backward): dQ is accumulated here too, into the
-    zeroed fp32 DQ [B, H, LQ, BLOCK_D], which saves the dQ pass's recomputation of S and dP (7 tile GEMMs become
-    5); DQ_TMA: by TMA bulk reduce-adds, else by per-element atomics."""
+    boundary crosses are masked."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -342,12 +322,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, TMA)
     LSE_row = LSE + pid_bh * LQ
     DELTA_row = DELTA + pid_bh * LQ
-    # The one-pass backward's fp32 dQ rows are BLOCK_D wide (the launcher pads them), so a TMA reduce always
-    # meets its 16-byte alignment.
-    DQ_row = DQ + pid_bh * LQ * BLOCK_D
-    if DQ_TMA:
-        DQ_row = tl.make_tensor_descriptor(DQ_row, shape=[LQ, BLOCK_D], strides=[BLOCK_D, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -360,25 +334,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
         m_lo = 0
         m_full = 0
     # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
-    if ATOMIC_DQ:
-        # Each key block starts at a different query tile (and wraps around), so the programs of one head do
-        # not all add into the same dQ rows at once.
-        n_tiles = tl.cdiv(LQ - m_full, BLOCK_M)
-        for i in range(n_tiles):
-            start_m = m_full + ((i + pid_n) % n_tiles) * BLOCK_M
-            dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, DQ_row, CHUNK_END, start_m, offs_m0,
-                                offs_d, offs_n, key_ok, dk, dv, s_qm, LQ, D, scale, qk_scale, UPCAST, PREC, EVEN_M,
-                                EVEN_D, False, True, DQ_TMA, BLOCK_M, BLOCK_N, BLOCK_D, TMA)
-    else:
-        for start_m in range(m_full, LQ, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, DQ_row, CHUNK_END, start_m, offs_m0,
-                                offs_d, offs_n, key_ok, dk, dv, s_qm, LQ, D, scale, qk_scale, UPCAST, PREC, EVEN_M,
-                                EVEN_D, False, False, False, BLOCK_M, BLOCK_N, BLOCK_D, TMA)
+    for start_m in range(m_full, LQ, BLOCK_M):
+        dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                            offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, EVEN_M, EVEN_D, False,
+                            BLOCK_M, BLOCK_N, TMA)
     if HAS_CHUNKS:
         for start_m in range(m_lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, DQ_row, CHUNK_END, start_m, offs_m0,
-                                offs_d, offs_n, key_ok, dk, dv, s_qm, LQ, D, scale, qk_scale, UPCAST, PREC, False,
-                                EVEN_D, True, ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_N, BLOCK_D, TMA)
+            dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
+                                offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
+                                BLOCK_M, BLOCK_N, TMA)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)

@@ -320,93 +320,6 @@ def tma_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------- backward A/B
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def bwd_ab(shapes: list[tuple[int, int, int]], rounds: int, device: str = "cuda",
-           chunks: tuple[int, ...] | None = None) -> list[dict]:
-    """Our backward's two modes (RCM_KERNELS_BWD: two_pass, atomic) and SDPA's backward (its default backend; cuDNN
-    on an H200), interleaved over `rounds` rounds in one process on the same o, lse and dO, each of ours autotuned
-    on its own (ATOMIC_DQ is in the tuning key). Per shape: the median over rounds of each do_bench median, the
-    rounds the atomic mode won, the tiles, each mode's largest difference from SDPA's gradients relative to their
-    max (from two_pass's when `chunks` is set: SDPA has no block-causal backend), how far two atomic runs differ
-    (the order of the adds), and the delta pre-pass timed both ways (one Triton pass, PyTorch's expression).
-    device "cpu": under the interpreter at tiny shapes (proves the command, times nothing)."""
-    return [_bwd_ab_shape(d, h, n, rounds, device, chunks) for d, h, n in shapes]
-
-
-def _bwd_ab_shape(d: int, h: int, n: int, rounds: int, device: str, chunks) -> dict:
-    from kernels.flash_jvp import _bwd, _delta, _delta_ref, _fwd
-    do_bench = _timer(device)
-    gen = torch.Generator(device=device).manual_seed(n + d)
-    q, k, v, dout = (torch.randn(1, h, n, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    o, lse = _fwd(q, k, v, chunk_sizes=chunks)
-    ours = lambda: _bwd(dout, q, k, v, o, lse, chunk_sizes=chunks)       # the mode comes from RCM_KERNELS_BWD
-    sdpa = None
-    if chunks is None:
-        qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
-        og = F.scaled_dot_product_attention(qg, kg, vg)
-        sdpa = lambda: torch.autograd.grad(og, (qg, kg, vg), dout, retain_graph=True)
-    times: dict[str, list[float]] = {"two_pass": [], "atomic": [], "sdpa": []}
-    grads, tiles = {}, {}
-    for _ in range(rounds):
-        for mode in ("two_pass", "atomic"):
-            with _env("RCM_KERNELS_BWD", mode):
-                times[mode].append(do_bench(ours))
-                grads[mode] = ours()
-                tiles[mode] = _tuned_tile("_attn_bwd_dkdv") + (" / dq " + _tuned_tile("_attn_bwd_dq")
-                                                               if mode == "two_pass" else "")
-                if mode == "atomic":
-                    rerun = ours()
-        if sdpa is not None:
-            times["sdpa"].append(do_bench(sdpa))
-    ref = sdpa() if sdpa is not None else grads["two_pass"]
-    outs = [*grads["two_pass"], *grads["atomic"], *ref]
-    diffs = {mode: max(_rel(a, b) for a, b in zip(grads[mode], ref)) for mode in ("two_pass", "atomic")}
-    if not all(torch.isfinite(x).all() for x in outs) or max(diffs.values()) > 0.03:
-        raise RuntimeError(f"D={d} H={h} N={n}: gradients non-finite or a mode differs from "
-                           f"{'SDPA' if sdpa else 'two_pass'} by {max(diffs.values()):.2e} relative (> 0.03); "
-                           "no time reported")
-    med = {m: statistics.median(t) if t else None for m, t in times.items()}
-    pairs = float(n) * n if chunks is None else float(attended_pairs(chunks))
-    flops = _FLOPS_PER_PAIR_D["bwd"] * h * d * pairs
-    row = {"D": d, "H": h, "N": n, "chunks": len(chunks) if chunks else 0, "rounds": rounds,
-           **{f"{m}_ms": t for m, t in med.items()},
-           **{f"{m}_tflops": flops / t * 1e-9 if t else None for m, t in med.items()},
-           "atomic_over_two_pass": med["atomic"] / med["two_pass"],
-           "two_pass_over_sdpa": med["two_pass"] / med["sdpa"] if med["sdpa"] else None,
-           "atomic_over_sdpa": med["atomic"] / med["sdpa"] if med["sdpa"] else None,
-           "rounds_atomic_faster": sum(b < a for a, b in zip(times["two_pass"], times["atomic"])),
-           "tile_two_pass": tiles["two_pass"], "tile_atomic": tiles["atomic"],
-           "two_pass_rel_diff": diffs["two_pass"], "atomic_rel_diff": diffs["atomic"],
-           "atomic_rerun_rel_diff": max(_rel(a, b) for a, b in zip(rerun, grads["atomic"])),
-           "diff_vs": "sdpa" if sdpa else "two_pass",
-           "delta_triton_ms": do_bench(lambda: _delta(dout, o, None)),
-           "delta_torch_ms": do_bench(lambda: _delta_ref(dout, o, None)), "times": times}
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def bwd_table(rows: list[dict]) -> str:
-    lines = [("| D | H | N (chunks) | two-pass ms (TFLOP/s) | atomic ms (TFLOP/s) | SDPA ms (TFLOP/s) | atomic / "
-              "two-pass | two-pass / SDPA | atomic / SDPA | rounds atomic faster | tiles (two-pass; atomic) | rel. "
-              "diff two-pass, atomic (vs) | atomic rerun diff | delta ms Triton / torch |"),
-             "|" + "---|" * 14]
-    for r in rows:
-        lines.append(
-            f"| {r['D']} | {r['H']} | {r['N']} ({r['chunks'] or '-'}) | {r['two_pass_ms']:.3f} ({r['two_pass_tflops']:.0f}) "
-            f"| {r['atomic_ms']:.3f} ({r['atomic_tflops']:.0f}) | {_fmt(r['sdpa_ms'], '.3f')} "
-            f"({_fmt(r['sdpa_tflops'], '.0f')}) | {r['atomic_over_two_pass']:.3f} | {_fmt(r['two_pass_over_sdpa'], '.3f')} "
-            f"| {_fmt(r['atomic_over_sdpa'], '.3f')} | {r['rounds_atomic_faster']} of {r['rounds']} | "
-            f"{r['tile_two_pass']}; {r['tile_atomic']} | {r['two_pass_rel_diff']:.1e}, {r['atomic_rel_diff']:.1e} "
-            f"({r['diff_vs']}) | {r['atomic_rerun_rel_diff']:.1e} | {r['delta_triton_ms']:.3f} / "
-            f"{r['delta_torch_ms']:.3f} |")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------- block-causal rows
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -554,21 +467,6 @@ def main_block_causal(args, n_heads: int) -> None:
         print(f"csv: {path}")
 
 
-def main_bwd_ab(shapes, rounds: int, chunks: tuple[int, ...] | None = None) -> None:
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not interpret and not torch.cuda.is_available():
-        raise SystemExit("error: --bwd-ab needs a CUDA GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
-    card = "CPU, Triton interpreter (timings say nothing)" if interpret else torch.cuda.get_device_name()
-    print(f"# {card} torch {torch.__version__} triton {__import__('triton').__version__} bf16"
-          + (f"; block-causal, {len(chunks)} chunks" if chunks else ""), flush=True)
-    rows = bwd_ab(shapes, rounds, "cpu" if interpret else "cuda", chunks)
-    print(bwd_table(rows))
-    if os.environ.get("OUT"):
-        stem = "kernels_bwd_ab" + ("_block_causal" if chunks else "")
-        (Path(os.environ["OUT"]) / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-        (Path(os.environ["OUT"]) / f"{stem}.md").write_text(bwd_table(rows) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block-causal", action="store_true", help="only the block-causal vs unmasked rows")
@@ -587,23 +485,15 @@ def main() -> None:
                     help="our D=64 autotune space (both: one row each, same process)")
     ap.add_argument("--tma-ab", type=int, default=0, metavar="ROUNDS",
                     help="only the A/B of pointer loads against TMA descriptors on --shapes, ROUNDS interleaved rounds")
-    ap.add_argument("--bwd-ab", type=int, default=0, metavar="ROUNDS",
-                    help="only the A/B of our two backward modes against SDPA's backward on --shapes (or on the "
-                         "block-causal shape with --block-causal), ROUNDS interleaved rounds")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))
     if args.block_causal:
         if args.dim not in heads:
             raise SystemExit(f"error: --heads {args.heads} names no head count for --dim {args.dim}: add {args.dim}:H")
-        if args.bwd_ab:
-            chunks = parse_chunks(args.chunks)
-            return main_bwd_ab([(args.dim, heads[args.dim], sum(chunks))], args.bwd_ab, chunks)
         return main_block_causal(args, heads[args.dim])
     shapes = args.shapes or [(d, heads[d], n) for d in map(int, args.dims.split(","))
                              for n in map(int, args.seqs.split(","))]
-    if args.bwd_ab:
-        return main_bwd_ab(shapes, args.bwd_ab)
     if args.tma_ab:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if not interpret and not torch.cuda.is_available():

@@ -204,12 +204,7 @@ def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
         tuner = triton.autotune(_fwd_configs(d64), key=_TUNE_KEY + ["HAS_TANGENT"],
                                 prune_configs_by={"early_config_prune": _prune_fwd})
     else:
-        dkdv = name.endswith("dkdv")
-        # reset_to_zero: the one-pass backward adds dQ into DQ, and every timed config would add to it again (the
-        # tuner zeroes it once more before the launch that counts).
-        tuner = triton.autotune(_bwd_configs("dkdv" if dkdv else "dq"),
-                                key=_TUNE_KEY + (["ATOMIC_DQ", "DQ_TMA"] if dkdv else []),
-                                reset_to_zero=["DQ"] if dkdv else None,
+        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY,
                                 prune_configs_by={"early_config_prune": _prune_bwd})
     return tuner(fn)
 
@@ -226,7 +221,7 @@ def _run(name: str, grid, *args, **kwargs):
     launcher = _current_launcher(name, fp32)
     if interpret or not autotune:
         kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
-    if (kwargs["TMA"] or kwargs.get("DQ_TMA", False)) and not interpret:
+    if kwargs["TMA"] and not interpret:
         import triton
         # Set at every launch: the allocator is a context variable, and Ray Train runs the loop in a thread.
         triton.set_allocator(_tma_scratch)
@@ -363,47 +358,16 @@ def _fwd(q, k, v, q_t=None, k_t=None, v_t=None, *, scale=None, key_padding_mask=
     return (o, o_t, lse, lse_t) if tangent else (o, lse)
 
 
-def bwd_mode() -> str:
-    """RCM_KERNELS_BWD: how the Triton backward computes dQ. "two_pass": a dK/dV pass over key blocks, then a dQ
-    pass over query blocks that recomputes S and dP (7 tile GEMMs, deterministic). "atomic": one pass over key
-    blocks that also adds each tile's dQ share into an fp32 buffer with atomics (5 GEMMs; the order of the adds
-    varies, so dQ varies in its last bits between runs, as in FlashAttention-2's backward). "auto" (default):
-    BWD_AUTO, and two_pass whenever torch.use_deterministic_algorithms(True) is on (where an explicit "atomic"
-    is an error)."""
-    mode = os.environ.get("RCM_KERNELS_BWD", "auto")
-    if mode not in ("auto", "two_pass", "atomic"):
-        raise ValueError(f"RCM_KERNELS_BWD={mode!r}: use auto, two_pass or atomic")
-    return mode
-
-
-# What "auto" runs: not measured on a GPU yet, so the deterministic two-pass backward.
-BWD_AUTO = "two_pass"
-
-
-def _atomic_dq() -> bool:
-    mode = bwd_mode()
-    if torch.are_deterministic_algorithms_enabled():
-        if mode == "atomic":
-            raise RuntimeError("RCM_KERNELS_BWD=atomic adds dQ in a varying order, but torch.use_deterministic_"
-                               "algorithms(True) is on: set RCM_KERNELS_BWD=two_pass (or auto), or turn it off")
-        return False
-    return (BWD_AUTO if mode == "auto" else mode) == "atomic"
-
-
 def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, chunk_sizes=None):
-    """FA2-style backward from the saved lse: delta = rowsum(dO⊙O) − dlse, then either a dK/dV pass over key
-    blocks and a dQ pass over query blocks, or one pass with dQ added atomically (`bwd_mode`)."""
+    """FA2-style backward from the saved lse: delta = rowsum(dO⊙O) − dlse, then a dK/dV pass over key blocks
+    and a dQ pass over query blocks (two launches, no atomics)."""
     q, k, v = (_unit_stride(x) for x in (q, k, v))
     c = _common(q, k, v, scale, key_padding_mask, chunk_sizes)
     B, H, LQ, D = q.shape
     LK = c["LK"]
     do = do.to(q.dtype).contiguous()
     delta = _delta(do, o.contiguous(), dlse)
-    atomic = _atomic_dq()
-    # The one-pass backward adds into fp32 (bf16 atomics would round at every add), rows padded to BLOCK_D (TMA's
-    # 16-byte rule at any head dim); cast once at the end.
-    dq = (torch.zeros((B, H, LQ, c["BLOCK_D"]), device=q.device, dtype=torch.float32) if atomic
-          else _empty((B, H, LQ, D), q, q.dtype))
+    dq = _empty((B, H, LQ, D), q, q.dtype)
     dk = _empty((B, H, LK, D), q, q.dtype)
     dv = _empty((B, H, LK, D), q, q.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
@@ -412,10 +376,7 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
              "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do)}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
-         q, k, v, do, *bounds, lse, delta, dk, dv, dq, *common, ATOMIC_DQ=atomic,
-         DQ_TMA=atomic and not _interpret() and _use_tma(dq), **flags)   # the interpreter has no TMA reduce
-    if atomic:
-        return dq[..., :D].to(q.dtype), dk, dv
+         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
          q, k, v, do, *bounds, lse, delta, dq, *common, **flags)
     return dq, dk, dv

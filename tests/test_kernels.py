@@ -77,14 +77,6 @@ def triton_mode(request, monkeypatch):
     return device
 
 
-@pytest.fixture(params=["two_pass", "atomic"])
-def bwd(request, monkeypatch):
-    """Both backward modes (RCM_KERNELS_BWD): the two-pass one, and the one pass that adds dQ atomically (on an
-    sm_90+ GPU by TMA reduce-adds; the interpreter has no TMA reduce, so on CPU by per-element atomics)."""
-    monkeypatch.setenv("RCM_KERNELS_BWD", request.param)
-    return request.param
-
-
 def _seeded(seed: int) -> tuple[int, torch.Generator]:
     """A fixed seed per case (the same draw on every run: a failure is a regression, not a bad draw)."""
     return seed, torch.Generator().manual_seed(seed)
@@ -265,7 +257,7 @@ def backward_draw(case, dtype, device: str, seed: int) -> dict:
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[2]}x{c[3]}d{c[4]}-{c[5]}")
-def test_attention_backward_matches_float64(triton_mode, dtype, case, bwd):
+def test_attention_backward_matches_float64(triton_mode, dtype, case):
     """o, dq, dk, dv against the exact float64 gradient of Σ w·o at the rounded inputs and cotangent, in units of
     bf16's (fp16's, fp32's) own rounding of that gradient (BARS["bwd"])."""
     seed = CASES.index(case)
@@ -418,7 +410,7 @@ GPU_SHAPES = [(2, 3, 1000, 1333, 128), (1, 2, 515, 999, 64), (1, 2, 256, 300, 25
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_gpu_large_shapes(dtype, shape, bwd, monkeypatch):
+def test_gpu_large_shapes(dtype, shape, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -588,7 +580,7 @@ def test_block_causal_jvp_matches_float64(triton_mode, dtype, layout, masked, se
 
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_block_causal_backward_matches_float64(triton_mode, dtype, bwd):
+def test_block_causal_backward_matches_float64(triton_mode, dtype):
     """dq, dk, dv through kernels.attention(chunk_sizes=CHUNKS) against autograd over the float64 twin, same
     rule; packed layout with a padding mask (batch 1 fully masked: zero gradient there). Measured over seeds 0-9:
     kernel / PyTorch error ≤ 2.23 (fp32 dq: 8e-8 over 2×, floor 1e-5), ≤ 1.16 (fp16), ≤ 2.14 (bf16 dv: 7.5e-4
@@ -631,7 +623,7 @@ def test_block_causal_forward_mode_through_attention(triton_mode):
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")   # the planted NaN rows, by design
 @pytest.mark.parametrize("triton_mode", ["cpu"], indirect=True)
-def test_block_causal_kernels_never_read_skipped_tiles(triton_mode, bwd):
+def test_block_causal_kernels_never_read_skipped_tiles(triton_mode):
     """The tile skipping itself: chunks (64, 136) on 64×64 tiles. Query tile 0 (forward, dQ) must never load key
     tiles 1-3, and the dK/dV programs of chunk 1's keys must never load query tile 0. NaN planted in a skipped
     tile would reach the outputs through 0·NaN in the tile GEMMs (a mask alone does not hide it: checked by
@@ -696,7 +688,7 @@ def test_block_causal_bench_runs_under_the_interpreter(monkeypatch, tmp_path, ca
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunks", [(1560,) * 3, (500, 156, 1, 1000, 77)], ids=["3x1560", "ragged"])
-def test_gpu_block_causal(dtype, chunks, bwd, monkeypatch):
+def test_gpu_block_causal(dtype, chunks, monkeypatch):
     """Compiled kernels at latent-frame-sized chunks (1,560 tokens = one Wan 480p latent frame), fwd+JVP and
     backward, by the file's rule against the float64 twin on the GPU."""
     if not torch.cuda.is_available():
@@ -734,7 +726,7 @@ def _tma_outputs(xs, mask, chunks, w):
 @pytest.mark.parametrize("triton_mode", ["cpu"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES + ["block-causal"], ids=str)
-def test_tma_loads_equal_pointer_loads(triton_mode, dtype, case, bwd, monkeypatch):
+def test_tma_loads_equal_pointer_loads(triton_mode, dtype, case, monkeypatch):
     """The descriptor path (RCM_KERNELS_TMA, the default on sm_90+) reads the same tiles as the pointer path,
     out-of-range rows and head-dim columns as 0 on both, so under the interpreter every output of the forward+JVP
     and the backward is equal bit for bit: ragged tails, padding masks, packed and transposed layouts, a head dim
@@ -843,82 +835,3 @@ def test_backward_delta_kernel_within_the_fp32_sum_bound(triton_mode, with_dlse)
     assert ours.dtype == torch.float32 and ours.shape == (B, H, L)
     assert ((ours.double() - exact).abs() <= bound).all(), f"delta outside the fp32 sum bound (seed {seed})"
     assert torch.allclose(ours, katt._delta_ref(do, o, dlse), rtol=0, atol=float(bound.max()) * 2)
-
-
-# ---------------------------------------------------------------------------- backward modes (RCM_KERNELS_BWD)
-
-def _launches(monkeypatch) -> list[tuple[str, bool, bool]]:
-    """Record (kernel, ATOMIC_DQ, DQ_TMA) of every kernel launch `_run` makes."""
-    seen, run = [], katt._run
-    def recording(name, grid, *args, **kwargs):
-        seen.append((name, kwargs.get("ATOMIC_DQ"), kwargs.get("DQ_TMA")))
-        return run(name, grid, *args, **kwargs)
-    monkeypatch.setattr(katt, "_run", recording)
-    return seen
-
-
-@pytest.mark.parametrize("triton_mode", ["cpu"], indirect=True)
-def test_backward_mode_switch(triton_mode, monkeypatch):
-    """two_pass launches the dK/dV and the dQ pass; atomic launches the dK/dV pass alone, with dQ added in it, and
-    returns dQ in the input dtype and shape; auto is BWD_AUTO; deterministic algorithms make auto two_pass and an
-    explicit atomic an error that names the fix; a bad value is one error that names it."""
-    gen = torch.Generator().manual_seed(520)
-    q, k, v, do = (torch.randn(1, 2, 70, 48, generator=gen).to(torch.bfloat16) for _ in range(4))
-    o, lse = katt._fwd(q, k, v)
-    seen = _launches(monkeypatch)
-    grads = {}
-    for mode in ("two_pass", "atomic"):
-        monkeypatch.setenv("RCM_KERNELS_BWD", mode)
-        seen.clear()
-        grads[mode] = katt._bwd(do, q, k, v, o, lse)
-        assert [name for name, *_ in seen] == (["_attn_bwd_dkdv", "_attn_bwd_dq"] if mode == "two_pass" else ["_attn_bwd_dkdv"])
-        assert seen[0][1:] == ((False, False) if mode == "two_pass" else (True, False))   # no TMA reduce on CPU
-    for a, b in zip(grads["two_pass"], grads["atomic"]):
-        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
-        # Each is its fp32 sum rounded to bf16 once, and the two fp32 sums differ only in their order.
-        assert _err(a, b) <= (2 * U[torch.bfloat16] + 1e-5) * a.double().abs().max().item()
-    monkeypatch.setenv("RCM_KERNELS_BWD", "auto")
-    seen.clear()
-    katt._bwd(do, q, k, v, o, lse)
-    assert seen[0][1] is (katt.BWD_AUTO == "atomic")
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        seen.clear()
-        katt._bwd(do, q, k, v, o, lse)
-        assert seen[0][1] is False, "auto must be two_pass under deterministic algorithms"
-        monkeypatch.setenv("RCM_KERNELS_BWD", "atomic")
-        with pytest.raises(RuntimeError, match="RCM_KERNELS_BWD=two_pass"):
-            katt._bwd(do, q, k, v, o, lse)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    monkeypatch.setenv("RCM_KERNELS_BWD", "one_pass")
-    with pytest.raises(ValueError, match="RCM_KERNELS_BWD='one_pass'"):
-        katt._bwd(do, q, k, v, o, lse)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 2, 515, 999, 64), (1, 4, 2048, 2048, 128)], ids=str)
-def test_gpu_atomic_dq_pointer_path(shape, monkeypatch):
-    """The one-pass backward's other GPU path: per-element atomics (RCM_KERNELS_TMA=off) instead of TMA reduce-adds,
-    by the file's rule against float64; the launch says which path ran."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(katt, "POISON_OUTPUTS", True)
-    monkeypatch.setenv("RCM_KERNELS_BWD", "atomic")
-    seed, gen = _seeded(530 + shape[-1])
-    B, H, LQ, LK, D = shape
-    xs64 = [torch.randn(B, H, L, D, generator=gen, dtype=torch.float64).cuda() for L in (LQ, LK, LK)]
-    w = torch.randn(B, H, LQ, D, generator=gen, dtype=torch.float64).cuda()
-    dtype = torch.bfloat16
-    _, g_ref = _loss_grads(attention_ref, [_rounded(x, dtype) for x in xs64], _rounded(w, dtype))
-    seen = _launches(monkeypatch)
-    for tma in ("auto", "off"):
-        monkeypatch.setenv("RCM_KERNELS_TMA", tma)
-        seen.clear()
-        _, g = _loss_grads(kernels.attention, [x.to(dtype) for x in xs64], w)
-        dkdv = [launch for launch in seen if launch[0] == "_attn_bwd_dkdv"]
-        assert dkdv == [("_attn_bwd_dkdv", True, tma == "auto")]
-        for name, a, c in zip(("dq", "dk", "dv"), g, g_ref):
-            _check(f"{name} (TMA {tma})", a, c, BARS["bwd"][name][dtype], U[dtype], seed)

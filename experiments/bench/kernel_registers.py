@@ -1,7 +1,6 @@
 """Registers, spills and shared memory of the attention kernels compiled for sm_90, on a machine without a GPU.
 
 Run: `python experiments/bench/kernel_registers.py [--dims 64,128] [--kernels fwd_jvp,fwd,dkdv,dq] [--tma both]`
-(`dkdv_atomic`: the one-pass backward, RCM_KERNELS_BWD=atomic)
 (in its own process: Triton must not have been imported in interpreter mode, as the CPU test suite does).
 Triton compiles ahead of time for a target it is told (here an H100/H200, sm_90, 128 threads per warp group) and
 ships ptxas, so the register picture of every tile in the autotune spaces of kernels/flash_jvp.py comes from one
@@ -40,10 +39,7 @@ def _kernel_table():
                     flash_jvp._prune_fwd),
         "fwd": ("_attn_fwd_jvp", {"HAS_TANGENT": False}, flash_jvp._FWD_TILES + flash_jvp._WIDE_D64_TILES,
                 flash_jvp._prune_fwd),
-        "dkdv": ("_attn_bwd_dkdv", {"ATOMIC_DQ": False, "DQ_TMA": False}, flash_jvp._BWD_TILES["dkdv"],
-                 flash_jvp._prune_bwd),
-        # The one-pass backward (RCM_KERNELS_BWD=atomic): dQ by TMA reduce-adds when --tma says TMA.
-        "dkdv_atomic": ("_attn_bwd_dkdv", {"ATOMIC_DQ": True}, flash_jvp._BWD_TILES["dkdv"], flash_jvp._prune_bwd),
+        "dkdv": ("_attn_bwd_dkdv", {}, flash_jvp._BWD_TILES["dkdv"], flash_jvp._prune_bwd),
         "dq": ("_attn_bwd_dq", {}, flash_jvp._BWD_TILES["dq"], flash_jvp._prune_bwd),
     }
 
@@ -57,9 +53,7 @@ def _signature(fn, const: dict) -> tuple[dict, dict]:
         if name == "scale":
             sig[name] = "fp32"
         elif name.isupper() and name not in ("H", "LQ", "LK", "D", "LQ_KEY", "LK_KEY"):
-            # The one-pass backward adds dQ into an fp32 buffer.
-            f32 = name in _POINTERS_F32 or (name == "DQ" and const.get("ATOMIC_DQ", False))
-            sig[name] = "*fp32" if f32 else "*bf16"
+            sig[name] = "*fp32" if name in _POINTERS_F32 else "*bf16"
         else:
             sig[name] = "i32"
         if name not in _UNALIGNED_INTS and name != "scale":
@@ -90,8 +84,6 @@ def compile_tile(kernel: str, d: int, tile: tuple[int, int, int, int], tma: bool
     bm, bn, warps, stages = tile
     const = {"HAS_MASK": False, "HAS_CHUNKS": False, "UPCAST": False, "PREC": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
              "BLOCK_D": d, "EVEN_M": True, "EVEN_N": True, "EVEN_D": True, "TMA": tma, **extra}
-    if kernel == "dkdv_atomic":
-        const["DQ_TMA"] = tma
     sig, attrs = _signature(fn, const)
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
@@ -110,7 +102,7 @@ def tiles_for(kernel: str, d: int) -> list[tuple[int, int, int, int]]:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="64,128", help="head dims")
-    ap.add_argument("--kernels", default="fwd_jvp,fwd,dkdv,dq", help="any of fwd_jvp, fwd, dkdv, dkdv_atomic, dq")
+    ap.add_argument("--kernels", default="fwd_jvp,fwd,dkdv,dq", help="any of fwd_jvp, fwd, dkdv, dq")
     ap.add_argument("--tma", choices=["off", "on", "both"], default="both", help="load path(s) to compile")
     ap.add_argument("--tiles", default=None, help="BMxBNxWxS items, e.g. 128x128x8x3 (default: the autotune space)")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -118,7 +110,7 @@ def main(argv=None) -> list[dict]:
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(_kernel_table()))
     if unknown:
-        raise SystemExit(f"error: --kernels {unknown}: use fwd_jvp, fwd, dkdv, dkdv_atomic or dq")
+        raise SystemExit(f"error: --kernels {unknown}: use fwd_jvp, fwd, dkdv or dq")
     paths = {"off": [False], "on": [True], "both": [False, True]}[args.tma]
     print("| kernel | D | BLOCK_M×BLOCK_N, warps, stages | loads | registers | spill stores B | spill loads B "
           "| shared KiB |\n|---|---|---|---|---|---|---|---|", flush=True)
