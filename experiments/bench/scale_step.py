@@ -49,6 +49,28 @@ COMM = {"all-gather": "allgather", "reduce-scatter": "reducescatter", "all-to-al
         "all-reduce": "allreduce"}
 
 
+def experiment_cfg(args) -> ExperimentCfg:
+    """The 1.3B (or tiny) model with the activation checkpointing mode of --checkpointing."""
+    model = dict(TINY if args.tiny else WAN_1P3B, activation_checkpointing=CHECKPOINTING[args.checkpointing])
+    return ExperimentCfg(model=ModelCfg(**model))
+
+
+CHECKPOINTING = {"true": True, "false": False, "mm_only": "mm_only", "attention_only": "attention_only"}
+
+
+def planned_gib(args, shape: MeshShape) -> float:
+    """What `workflows/plan.py` predicts for this mesh's peak memory per GPU (batch 1 per data-parallel rank)."""
+    from rcm_core.run.plan import Workload, count_params, plan_mesh
+    cfg = experiment_cfg(args)
+    latent = (16, 2, 8, 8) if args.tiny else (16, 21, 60, 104)
+    work = Workload.from_config(cfg, latent, 8 if args.tiny else 512)
+    work = Workload(work.latent, work.tokens, work.text_len, shape.data_parallel_size)
+    gpus = shape.dp_replicate * shape.dp_shard * shape.cp
+    p = plan_mesh(cfg, shape, gpus=gpus, gpu_memory=float("inf"), work=work, counts=count_params(cfg.model),
+                  checkpointing=cfg.model.activation_checkpointing, table=None)
+    return p.total / 2 ** 30
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +115,7 @@ def worker(rank: int, world: int, port: int, shape: MeshShape, args, result_file
         device = torch.device("cpu")
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = ExperimentCfg(model=ModelCfg(**(TINY if args.tiny else WAN_1P3B)))
+        cfg = experiment_cfg(args)
         cfg.distill.tangent_warmup, cfg.distill.student_update_freq, cfg.teacher.guidance = 0, 5, 5.0
         latent = (16, 2, 8, 8) if args.tiny else (16, 21, 60, 104)
         L_text = 8 if args.tiny else 512
@@ -151,7 +173,8 @@ def run(world: int, shape: MeshShape, args) -> dict:
     rows = json.loads(path.read_text())
     worst = max(rows, key=lambda r: r["sec"])
     return {"world": world, "dp_shard": shape.dp_shard, "cp": shape.cp, "sec": worst["sec"],
-            "peak_gib": max(r["peak_gib"] for r in rows), "comm_ms": rows[0]["comm_ms"], "losses": rows[0]["losses"],
+            "peak_gib": max(r["peak_gib"] for r in rows), "plan_gib": planned_gib(args, shape),
+            "checkpointing": args.checkpointing, "comm_ms": rows[0]["comm_ms"], "losses": rows[0]["losses"],
             "samples_per_s": shape.data_parallel_size / worst["sec"]}
 
 
@@ -163,13 +186,17 @@ def main() -> None:
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--scratch", default="/tmp")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this many seconds")
+    ap.add_argument("--checkpointing", choices=list(CHECKPOINTING), default="true",
+                    help="model.activation_checkpointing of every configuration (the shipped 1.3B config: true)")
     args = ap.parse_args()
     have = torch.cuda.device_count() if not args.tiny else 4
     # In the order given (most wanted first); --fsdp 1,4 --cp 4 runs the one-GPU baseline, then 4 GPUs.
-    plan = [(n, MeshShape(1, n, 1)) for n in map(int, args.fsdp.split(",")) if n <= have]
-    plan += [(n, MeshShape(1, 1, n)) for n in map(int, args.cp.split(",")) if n and n <= have]
+    sizes = lambda text: [int(n) for n in text.split(",") if n.strip()]     # --cp "" runs no CP configuration
+    plan = [(n, MeshShape(1, n, 1)) for n in sizes(args.fsdp) if n <= have]
+    plan += [(n, MeshShape(1, 1, n)) for n in sizes(args.cp) if n <= have]
     name = torch.cuda.get_device_name() if not args.tiny else "cpu (gloo)"
-    print(f"{name} ×{have}, torch {torch.__version__}, 1.3B shape, 32,760 tokens, batch 1 per data-parallel rank")
+    print(f"{name} ×{have}, torch {torch.__version__}, 1.3B shape, 32,760 tokens, batch 1 per data-parallel rank, "
+          f"activation checkpointing {args.checkpointing}")
     results, start = [], time.perf_counter()
     for world, shape in plan:
         if time.perf_counter() - start > args.budget_s:
@@ -186,7 +213,7 @@ def main() -> None:
 def print_table(results: list[dict]) -> None:
     base = next((r for r in results if r["world"] == 1), None)
     print(f"\n{'GPUs':>4} {'FSDP':>4} {'CP':>3} {'s/iter':>7} {'samples/s':>9} {'vs 1 GPU':>9} {'peak GiB':>8} "
-          f"{'AG %':>5} {'RS %':>5} {'A2A %':>5} {'AR %':>5} {'max |Δloss|/|loss| vs 1 GPU':>28}")
+          f"{'plan GiB':>8} {'AG %':>5} {'RS %':>5} {'A2A %':>5} {'AR %':>5} {'max |Δloss|/|loss| vs 1 GPU':>28}")
     for r in results:
         cyc = 5 * r["sec"] * 1e3
         share = [100 * r["comm_ms"].get(k, 0.0) / cyc for k in COMM]
@@ -199,7 +226,7 @@ def print_table(results: list[dict]) -> None:
         dl = (max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], base["losses"]))
               if base else float("nan"))
         print(f"{r['world']:>4} {r['dp_shard']:>4} {r['cp']:>3} {r['sec']:7.2f} {r['samples_per_s']:9.3f} {speed:>9} "
-              f"{r['peak_gib']:8.1f} " + " ".join(f"{x:5.1f}" for x in share) + f" {dl:28.2e}")
+              f"{r['peak_gib']:8.1f} {r['plan_gib']:8.1f} " + " ".join(f"{x:5.1f}" for x in share) + f" {dl:28.2e}")
 
 
 if __name__ == "__main__":
