@@ -50,8 +50,9 @@ COMM = {"all-gather": "allgather", "reduce-scatter": "reducescatter", "all-to-al
 
 
 def experiment_cfg(args) -> ExperimentCfg:
-    """The 1.3B (or tiny) model with the activation checkpointing mode of --checkpointing."""
-    model = dict(TINY if args.tiny else WAN_1P3B, activation_checkpointing=CHECKPOINTING[args.checkpointing])
+    """The 1.3B (or tiny) model with --checkpointing's activation checkpointing and --attention's backend."""
+    model = dict(TINY if args.tiny else WAN_1P3B, activation_checkpointing=CHECKPOINTING[args.checkpointing],
+                 attention=args.attention)
     return ExperimentCfg(model=ModelCfg(**model))
 
 
@@ -174,7 +175,7 @@ def run(world: int, shape: MeshShape, args) -> dict:
     worst = max(rows, key=lambda r: r["sec"])
     return {"world": world, "dp_shard": shape.dp_shard, "cp": shape.cp, "sec": worst["sec"],
             "peak_gib": max(r["peak_gib"] for r in rows), "plan_gib": planned_gib(args, shape),
-            "checkpointing": args.checkpointing, "comm_ms": rows[0]["comm_ms"], "losses": rows[0]["losses"],
+            "checkpointing": args.checkpointing, "attention": args.attention, "comm_ms": rows[0]["comm_ms"], "losses": rows[0]["losses"],
             "samples_per_s": shape.data_parallel_size / worst["sec"]}
 
 
@@ -188,6 +189,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this many seconds")
     ap.add_argument("--checkpointing", choices=list(CHECKPOINTING), default="true",
                     help="model.activation_checkpointing of every configuration (the shipped 1.3B config: true)")
+    ap.add_argument("--attention", choices=["fused", "sdpa_grad", "sdpa"], default="fused",
+                    help="model.attention (the shipped 1.3B config: sdpa_grad; this script's earlier rows: fused)")
     args = ap.parse_args()
     have = torch.cuda.device_count() if not args.tiny else 4
     # In the order given (most wanted first); --fsdp 1,4 --cp 4 runs the one-GPU baseline, then 4 GPUs.
@@ -196,7 +199,7 @@ def main() -> None:
     plan += [(n, MeshShape(1, 1, n)) for n in sizes(args.cp) if n <= have]
     name = torch.cuda.get_device_name() if not args.tiny else "cpu (gloo)"
     print(f"{name} ×{have}, torch {torch.__version__}, 1.3B shape, 32,760 tokens, batch 1 per data-parallel rank, "
-          f"activation checkpointing {args.checkpointing}")
+          f"activation checkpointing {args.checkpointing}, attention {args.attention}")
     results, start = [], time.perf_counter()
     for world, shape in plan:
         if time.perf_counter() - start > args.budget_s:
