@@ -7,6 +7,7 @@
 
     pytest tests/test_plan.py
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from rcm_core.config import ModelCfg, load_config
 from rcm_core.parallel.mesh import MeshShape
 from rcm_core.networks import build_network, cast_network
-from rcm_core.run.plan import (GiB, activation_estimate, block_saved_bytes, check_fits, count_params, plan_run,
-                           read_step_table, recommend, refuse_reason, state_bytes)
+from rcm_core.run.plan import (GiB, Workload, activation_estimate, block_saved_bytes, check_fits, count_params,
+                           plan_mesh, plan_run, read_step_table, recommend, refuse_reason, state_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TABLE = ROOT / "docs" / "results" / "gpu" / "step_table.json"
@@ -261,12 +262,13 @@ class _OutputStorages(torch.utils._python_dispatch.TorchDispatchMode):
         return sum(n for ref, n in self.out.items() if not ref.expired())
 
 
-def _kept_bytes_per_token(mode, dim: int, ffn: int, heads: int) -> float:
-    """Bytes per latent token a bf16 block (SDPA attention) leaves alive after its with-grad forward under `mode`:
-    the difference between two token counts, so per-sample tensors (modulation, cross-attention k, v) drop out."""
+def _kept_bytes_per_token(mode, dim: int, ffn: int, heads: int, attention: str = "sdpa_grad") -> float:
+    """Bytes per latent token a bf16 block leaves alive after its with-grad forward under `mode`: the difference
+    between two token counts, so per-sample tensors (modulation, cross-attention k, v) drop out. attention "fused"
+    runs the fused kernel's PyTorch twin here (CPU, no interpreter): plain ops outside SAVED_OPS, like the kernel."""
     from rcm_core.networks.dit import set_attention
     cfg = ModelCfg(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=1, text_dim=32)
-    net = set_attention(cast_network(build_network(cfg), torch.bfloat16), "sdpa_grad")
+    net = set_attention(cast_network(build_network(cfg), torch.bfloat16), attention)
     block, B = net.blocks[0], 2
     alive = []
     for grid in ((2, 4, 6), (4, 4, 6)):
@@ -305,6 +307,8 @@ def test_selective_recomputation_keeps_what_the_planner_counts(dim, ffn, heads):
     assert measured[True] == 0
     for mode in ("mm_only", "attention_only"):
         assert measured[mode] == selective_saved_bytes(dim, ffn, heads, mode) - 2 * dim
+        fused = _kept_bytes_per_token(mode, dim, ffn, heads, attention="fused")
+        assert fused == selective_saved_bytes(dim, ffn, heads, mode, keeps_attention=False) - 2 * dim, mode
 
 
 def test_selective_estimate_lies_between_none_and_block():
@@ -321,3 +325,31 @@ def test_selective_estimate_lies_between_none_and_block():
     assert peak["mm_only"] == 2 * 30 * 48736 * 32760 + 2 * per_block
     with pytest.raises(ValueError, match="'block'"):
         activation_estimate(m, checkpointing="block", **kw)
+
+
+def test_attention_only_plan_follows_the_attention_backend():
+    """attention_only keeps SDPA's outputs only: with model.attention fused (and in block-causal models, which always
+    run the fused kernel) it keeps what whole-block checkpointing keeps. The planner against the one-H200 training
+    peaks of experiments/bench/scale_step.py (1.3B, 32,760 tokens, batch 1, 2026-12-04; docs/BENCHMARKS.md):
+    sdpa_grad 75.10 GiB measured, fused 66.15, whole blocks 66.12 — each within the issue's 10 %."""
+    from rcm_core.run.plan import attention_keepable
+    cfg = load_config(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml")
+    assert cfg.model.attention == "sdpa_grad"
+
+    def planned(checkpointing, attention: str, causal: bool = False) -> float:
+        model = dataclasses.replace(cfg.model, activation_checkpointing=checkpointing, attention=attention,
+                                    causal=causal)
+        c = dataclasses.replace(cfg, model=model)
+        work = Workload(latent=(16, 21, 60, 104), tokens=32760, text_len=512, batch=1)
+        p = plan_mesh(c, MeshShape(1, 1, 1), gpus=1, gpu_memory=141 * GiB, work=work,
+                      counts=count_params(c.model), checkpointing=checkpointing, table=None)
+        return p.total / GiB
+
+    assert attention_keepable(cfg.model) and not attention_keepable(dataclasses.replace(cfg.model, attention="fused"))
+    assert not attention_keepable(dataclasses.replace(cfg.model, causal=True))
+    whole = planned(True, "sdpa_grad")
+    assert planned("attention_only", "fused") == whole == planned("attention_only", "sdpa_grad", causal=True)
+    assert planned("attention_only", "sdpa_grad") > whole
+    for plan_gib, measured in ((planned("attention_only", "sdpa_grad"), 75.10), (planned("attention_only", "fused"),
+                                                                               66.15), (whole, 66.12)):
+        assert abs(plan_gib - measured) <= 0.10 * measured, (plan_gib, measured)

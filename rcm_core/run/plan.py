@@ -19,7 +19,8 @@ b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-bat
   counts the same bytes from autograd's saved tensors of the real block. Without activation checkpointing the
   backward peak is layers × that; with it, every block's bf16 input plus one block recomputed; with a selective
   policy (`mm_only`, `attention_only`), layers × `selective_saved_bytes` (what the policy keeps, the input
-  included) plus one block recomputed. A student step
+  included; attention outputs only where SDPA computes them, `attention_keepable`) plus one block recomputed.
+  A student step
   holds one graph per with-grad forward it backs through at once: rCM/dCM+DMD hold two (the consistency
   forward and the rollout's last call; `rcm_core.method.distill._student_step` sums them before one backward),
   sCM/dCM/DMD one, the critic one.
@@ -27,7 +28,8 @@ b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-bat
   block, nothing kept across blocks); dCM has no JVP pass and its no-grad forwards are smaller.
 These are estimates (`activation_estimate` returns them alone). Against the FSDP2 peaks of docs/BENCHMARKS.md
 (1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on) the totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs
-where 66.1 / 35.8 / 31.1 were measured.
+where 66.1 / 35.8 / 31.1 were measured; attention_only on one GPU: 77.5 GiB planned where 75.1 was measured with
+model.attention sdpa_grad, and 66.0 planned where 66.15 was measured with fused (2026-12-04).
 
 Time per iteration scales the measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
 this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The table is one
@@ -63,7 +65,7 @@ def block_saved_bytes(dim: int, ffn_dim: int, heads: int) -> int:
     return 64 * dim + 4 * ffn_dim + 8 * heads + 36
 
 
-def selective_saved_bytes(dim: int, ffn_dim: int, heads: int, mode: str) -> int:
+def selective_saved_bytes(dim: int, ffn_dim: int, heads: int, mode: str, keeps_attention: bool = True) -> int:
     """Bytes one Wan block keeps per latent token under a selective recomputation policy (bf16 compute,
     rcm_core.networks.dit.SAVED_OPS), the block's bf16 input (held by the checkpoint) included:
 
@@ -76,12 +78,24 @@ def selective_saved_bytes(dim: int, ffn_dim: int, heads: int, mode: str) -> int:
     per sample, not counted: 6 MB per block at Wan's 512 tokens). Each attention keeps o (D wide) and its fp32 row
     logsumexp (heads wide). `tests/test_plan.py` measures the same per-token bytes from the storages a block
     leaves alive after its forward. Wan2.1-1.3B: mm_only 48,736 B, attention_only 9,312 B, against 134,276 B
-    (`block_saved_bytes`) without checkpointing and 3,072 B (the input) with whole-block checkpointing."""
+    (`block_saved_bytes`) without checkpointing and 3,072 B (the input) with whole-block checkpointing.
+    keeps_attention=False (`attention_keepable`): the attention runs our fused kernel, no op the policy can keep,
+    so its 4·D + 8·heads are recomputed too: attention_only keeps the input alone, as whole-block checkpointing."""
     if mode == "mm_only":
-        return 20 * dim + 2 * ffn_dim + 8 * heads
-    if mode == "attention_only":
-        return 6 * dim + 8 * heads
-    raise ValueError(f"selective recomputation mode {mode!r}: use mm_only or attention_only")
+        kept = 20 * dim + 2 * ffn_dim + 8 * heads
+    elif mode == "attention_only":
+        kept = 6 * dim + 8 * heads
+    else:
+        raise ValueError(f"selective recomputation mode {mode!r}: use mm_only or attention_only")
+    return kept if keeps_attention else kept - (4 * dim + 8 * heads)
+
+
+def attention_keepable(model: ModelCfg) -> bool:
+    """Whether a selective policy can keep the with-grad passes' attention outputs: only where they run SDPA
+    (model.attention sdpa_grad or sdpa, rcm_core.networks.dit.SAVED_OPS); the fused kernel and every block-causal
+    call (always the fused kernel) are recomputed. One H200, 1.3B, 32,760 tokens, attention_only (2026-12-04,
+    experiments/bench/scale_step.py): 75.1 GiB with sdpa_grad, 66.15 with fused, as with whole-block checkpointing."""
+    return model.attention != "fused" and not model.causal
 
 
 def jvp_live_bytes(dim: int, ffn_dim: int, heads: int) -> int:
@@ -249,7 +263,8 @@ def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: i
     elif checkpointing is False:
         kept = graphs * L * per_block + per_block
     else:   # selective: what the policy keeps, plus one block's recomputed activations and grads as for `true`
-        kept = graphs * L * selective_saved_bytes(D, F, H, checkpointing) * batch * tokens + 2 * per_block
+        saved = selective_saved_bytes(D, F, H, checkpointing, attention_keepable(model))
+        kept = graphs * L * saved * batch * tokens + 2 * per_block
     jvp_peak = jvp_live_bytes(D, F, H) * batch * tokens if jvp else 0.0
     return float(jvp_peak), float(kept)
 
@@ -472,4 +487,4 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
 
 __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
            "check_fits", "configured_plan", "describe_memory", "read_step_table", "refuse_reason", "block_saved_bytes",
-           "selective_saved_bytes", "jvp_live_bytes", "forward_flops", "jvp_flops", "GiB"]
+           "selective_saved_bytes", "attention_keepable", "jvp_live_bytes", "forward_flops", "jvp_flops", "GiB"]
