@@ -383,10 +383,12 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
 
 
 def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
-    """rowsum(dO⊙O) − dlse [B, H, LQ] fp32, one Triton pass over the contiguous o and dO. Twin: `_delta_ref`."""
+    """rowsum(dO⊙O) − dlse [B, H, LQ] fp32, one Triton pass over the contiguous o and dO. Twin: `_delta_ref`.
+    Why not the twin: its two fp32 copies cost 0.15-0.62 ms against 0.02-0.06 (H200, 2026-12-04, 1-5 % of the
+    backward; docs/BENCHMARKS.md, "Lever 5, the backward again")."""
     B, H, LQ, D = o.shape
     delta = _empty((B, H, LQ), o, torch.float32)
-    dlse_arg = delta if dlse is None else dlse.float().contiguous()
+    dlse_arg = delta if dlse is None else dlse.float().contiguous()      # without dlse: a pointer never read
     block_d = max(16, _next_pow2(D))
     block_m = 64
     kernel = _kernels(_interpret())._attn_bwd_delta
