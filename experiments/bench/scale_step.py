@@ -175,7 +175,8 @@ def run(world: int, shape: MeshShape, args) -> dict:
     worst = max(rows, key=lambda r: r["sec"])
     return {"world": world, "dp_shard": shape.dp_shard, "cp": shape.cp, "sec": worst["sec"],
             "peak_gib": max(r["peak_gib"] for r in rows), "plan_gib": planned_gib(args, shape),
-            "checkpointing": args.checkpointing, "attention": args.attention, "comm_ms": rows[0]["comm_ms"], "losses": rows[0]["losses"],
+            "checkpointing": args.checkpointing, "attention": args.attention, "comm_ms": rows[0]["comm_ms"],
+            "losses": rows[0]["losses"],
             "samples_per_s": shape.data_parallel_size / worst["sec"]}
 
 
