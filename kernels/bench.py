@@ -381,7 +381,9 @@ def _fwd_tile_shape(device: str) -> tuple[int, int]:
     fixed config."""
     from kernels import flash_jvp as katt
     if device == "cuda" and katt._autotune():
-        best = getattr(katt._launcher("_attn_fwd_jvp", False, True), "best_config", None)
+        # `_current_launcher`: the launcher `_run` used (its cache key includes the D=64 space; asking `_launcher`
+        # with fewer arguments reads another, never-run tuner and fell back to the fixed tile).
+        best = getattr(katt._current_launcher("_attn_fwd_jvp"), "best_config", None)
         if best is not None:
             return best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"]
     cfg = katt._fixed_config("_attn_fwd_jvp", 128, False)

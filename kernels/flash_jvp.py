@@ -313,7 +313,6 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale {scale}: the Triton kernel needs a positive, finite softmax scale (it scales the "
                          "row max of the raw scores); leave it None for 1/sqrt(head dim), or negate q for a negative one")
-    import triton
     mask = q if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
     if key_padding_mask is not None and mask.shape != (B, LK):
         raise ValueError(f"key_padding_mask {tuple(mask.shape)} != [B, Lk] = {(B, LK)}")
@@ -321,7 +320,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     chunk_end, chunk_start = (q, q) if chunks is None else _chunk_bounds(chunks, q.device)
     return {"H": H, "LQ": LQ, "LK": LK, "D": D, "scale": scale,
             "LQ_KEY": _bucket(LQ), "LK_KEY": _bucket(LK), "mask": mask, "s_mb": mask.stride(0) if mask.dim() == 2 else 0,
-            "HAS_MASK": key_padding_mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D)),
+            "HAS_MASK": key_padding_mask is not None, "BLOCK_D": _block_d(D),
             "chunk_end": chunk_end, "chunk_start": chunk_start, "HAS_CHUNKS": chunks is not None,
             "UPCAST": q.dtype == torch.bfloat16 and _interpret(),
             "PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
@@ -389,11 +388,10 @@ def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torc
     B, H, LQ, D = o.shape
     delta = _empty((B, H, LQ), o, torch.float32)
     dlse_arg = delta if dlse is None else dlse.float().contiguous()      # without dlse: a pointer never read
-    block_d = max(16, _next_pow2(D))
     block_m = 64
     kernel = _kernels(_interpret())._attn_bwd_delta
     kernel[(_cdiv(LQ, block_m), B * H)](o, do, dlse_arg, delta, LQ, D, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
-                                        BLOCK_D=block_d, EVEN_M=LQ % block_m == 0, EVEN_D=D == block_d)
+                                        BLOCK_D=_block_d(D), EVEN_M=LQ % block_m == 0, EVEN_D=D == _block_d(D))
     return delta
 
 
@@ -402,8 +400,9 @@ def _delta_ref(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> 
     return delta if dlse is None else delta - dlse.float()
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def _block_d(D: int) -> int:
+    """The head-dim tile of every kernel: D rounded up to a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, 1 << (D - 1).bit_length())
 
 
 def _cdiv(a: int, b: int) -> int:
