@@ -26,7 +26,7 @@ from rcm_core.config import ConfigError, ExperimentCfg, ModelCfg, from_dict, val
 from rcm_core.data.latents import LatentBatch
 from rcm_core.parallel.dcp import load_distributed, save_distributed
 from rcm_core.method.denoiser import TrigFlowDenoiser
-from rcm_core.method.distill import build_state, distill_step, lr_factor
+from rcm_core.method.distill import build_state, distill_step, lr_factor, zero_nonfinite_grads
 from rcm_core.run.loop import _resume, step_generator
 from rcm_core.method.losses import scm_loss, scm_tangent_jvp
 from rcm_core.parallel.mesh import (
@@ -301,6 +301,26 @@ def test_fused_adamw_steps_fsdp2_parameters_as_the_plain_run():
     bars above."""
     shape = MeshShape(1, 2, 1)
     spawn(_fsdp_worker, 2, shape, 3, fsdp_reference(shape.data_parallel_size), True)
+
+
+def _nonfinite_worker() -> None:
+    mesh = build_mesh(MeshShape(1, 2, 1), num_heads=HEADS, num_tokens=TOKENS)
+    state = parallelize_state(build_state(tiny_cfg(), tiny_denoiser(1)), mesh)
+    b = sample_batch(mesh.dp_rank)
+    state.student.F(b.latent, torch.tensor([0.3, 1.2], dtype=torch.float64), b.label).square().mean().backward()
+    grads = [p.grad for p in state.student.parameters() if isinstance(p.grad, DTensor) and p.grad.to_local().numel()]
+    assert grads
+    if dist.get_rank() == 1:                     # a NaN in one rank's shard only
+        grads[0].to_local().view(-1)[0] = float("nan")
+    assert zero_nonfinite_grads(state.student) == 1          # both ranks: the global count, and no rank left waiting
+    assert all(torch.isfinite(g.to_local()).all() for g in grads)
+    assert zero_nonfinite_grads(state.student) == 0
+
+
+def test_nonfinite_gradient_in_one_shard_is_zeroed_and_counted_on_every_rank():
+    """FSDP2: the cheap check runs on each rank's shards and its answer is agreed, so both ranks enter the exact
+    pass (whose count over DTensors is a collective) even though only rank 1 holds the NaN."""
+    spawn(_nonfinite_worker, 2)
 
 
 @functools.cache

@@ -34,7 +34,7 @@ from rcm_core.method.ema import PowerEMA
 from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, rollout_draws, scm_loss, student_rollout
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
 from rcm_core.parallel.precision import master_parameters, with_master_weights
-from rcm_core.parallel.sharding import sync_gradients
+from rcm_core.parallel.sharding import grads_may_be_nonfinite, sync_gradients, zero_nonfinite_entries
 
 
 @dataclass
@@ -141,16 +141,14 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def zero_nonfinite_grads(module: nn.Module) -> int:
-    """Replace NaN/Inf gradient entries by 0 and return how many there were (official grad_clip callback)."""
-    bad = 0
-    for p in module.parameters():
-        if p.grad is not None:
-            mask = ~torch.isfinite(p.grad)
-            n = int(mask.sum())
-            if n:
-                bad += n
-                p.grad[mask] = 0
-    return bad
+    """Replace NaN/Inf gradient entries by 0 and return how many there were (official grad_clip callback). The
+    per-tensor count (`zero_nonfinite_entries`: a host sync each, an all-reduce each on FSDP2 shards) runs only
+    when one multi-tensor check says some entry may be non-finite (`grads_may_be_nonfinite`), which in a healthy
+    run is never."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads or not grads_may_be_nonfinite(grads):
+        return 0
+    return zero_nonfinite_entries(grads)
 
 
 def rollout_steps(state: DistillState, cfg: DistillCfg, generator: torch.Generator) -> int:
