@@ -275,8 +275,9 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 @triton.jit
 def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
                dk, dv, s_qm, LQ, D, qk_scale,
-               UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr, EVEN_D: tl.constexpr,
-               CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+               HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
+               EVEN_D: tl.constexpr, CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TMA: tl.constexpr):
     """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
     offs_m = start_m + offs_m0
     q = _load_tile(Q_src, start_m, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D, TMA)
@@ -288,7 +289,9 @@ def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs
     if CHUNK_MASK:
         row_end = tl.load(CHUNK_END + offs_m, mask=offs_m < LQ, other=0)
         p_t = tl.where(key_ok[:, None] & (offs_n[:, None] < row_end[None, :]), p_t, 0.0)
-    else:
+    elif HAS_MASK:
+        # Only padding-masked keys need zeroing (their dK, dV rows are 0). Keys past LK, read as 0 rows, feed only
+        # their own dK, dV rows, which are never stored: no select per score for them (issue 28).
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
     dv = _dot(p_t.to(q.dtype), do, dv, UPCAST, PREC)
     dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, PREC)
@@ -336,13 +339,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
     for start_m in range(m_full, LQ, BLOCK_M):
         dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
-                            offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, EVEN_M, EVEN_D, False,
-                            BLOCK_M, BLOCK_N, TMA)
+                            offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, EVEN_M, EVEN_D,
+                            False, BLOCK_M, BLOCK_N, TMA)
     if HAS_CHUNKS:
         for start_m in range(m_lo, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
-                                offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, UPCAST, PREC, False, EVEN_D, True,
-                                BLOCK_M, BLOCK_N, TMA)
+                                offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, False,
+                                EVEN_D, True, BLOCK_M, BLOCK_N, TMA)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
