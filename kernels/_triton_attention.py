@@ -277,12 +277,18 @@ def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs
                dk, dv, s_qm, LQ, D, qk_scale,
                HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
                EVEN_D: tl.constexpr, CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, WS: tl.constexpr):
     """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
     offs_m = start_m + offs_m0
     q = _load_tile(Q_src, start_m, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D, TMA)
     do = _load_tile(DO_src, start_m, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D, TMA)
-    lse, delta = _row_stats(LSE_row, DELTA_row, offs_m, LQ)
+    if WS:
+        # Descriptor loads (1-D): rows past LQ read 0, harmless here because their q and dO rows are 0 too
+        # (p = 1 times a zero dO row, ds = 1·(0 − 0)); the WS path runs without mask or chunks, so no lse is -inf.
+        lse = LSE_row.load([start_m]) * _LOG2E
+        delta = DELTA_row.load([start_m])
+    else:
+        lse, delta = _row_stats(LSE_row, DELTA_row, offs_m, LQ)
     s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
                UPCAST, PREC) * qk_scale
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -306,11 +312,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
                    H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                    HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+                   WS_OK: tl.constexpr, WS: tl.constexpr):
     """dK, dV for BLOCK_N keys: stream the query tiles that see them, recompute Pᵀ from the saved lse (FA2
     backward). dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is
     exact too. With chunks, query tiles before the keys' chunk are skipped and only the tiles a chunk
-    boundary crosses are masked."""
+    boundary crosses are masked.
+
+    WS (a tile of the autotune space, only where the launcher says WS_OK: sm_90, no mask, no chunks, TMA-aligned
+    operands and lse rows): the query loop is warp-specialised by Triton's Hopper pass (a producer warp group
+    issuing the loads, two consumer groups computing: FlashAttention-3's structure, issue 28). That pass takes
+    only descriptor loads in the kernel (Triton 3.6 fails to compile it with any pointer load, even one outside
+    the loop), so WS reads K, V, lse and delta through descriptors too."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -318,13 +331,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
-    v = _load_rows(V + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
+    WARP_SPEC: tl.constexpr = WS and WS_OK
+    STREAM_TMA: tl.constexpr = TMA or WARP_SPEC
+    if WARP_SPEC:
+        k = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, True).load([pid_n * BLOCK_N, 0])
+        v = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, True).load([pid_n * BLOCK_N, 0])
+    else:
+        k = _load_rows(K + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
+        v = _load_rows(V + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
     key_ok = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
-    Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, TMA)
-    DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, TMA)
+    Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, STREAM_TMA)
+    DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, STREAM_TMA)
     LSE_row = LSE + pid_bh * LQ
     DELTA_row = DELTA + pid_bh * LQ
+    if WARP_SPEC:
+        LSE_row = tl.make_tensor_descriptor(LSE_row, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
+        DELTA_row = tl.make_tensor_descriptor(DELTA_row, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -337,15 +359,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
         m_lo = 0
         m_full = 0
     # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
-    for start_m in range(m_full, LQ, BLOCK_M):
+    for start_m in tl.range(m_full, LQ, BLOCK_M, warp_specialize=WARP_SPEC):
         dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                             offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, EVEN_M, EVEN_D,
-                            False, BLOCK_M, BLOCK_N, TMA)
+                            False, BLOCK_M, BLOCK_N, STREAM_TMA, WARP_SPEC)
     if HAS_CHUNKS:
         for start_m in range(m_lo, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                                 offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, False,
-                                EVEN_D, True, BLOCK_M, BLOCK_N, TMA)
+                                EVEN_D, True, BLOCK_M, BLOCK_N, STREAM_TMA, False)
     dk = dk * scale
     _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
     _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)

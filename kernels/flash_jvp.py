@@ -143,6 +143,10 @@ def _prune_fwd(configs, named_args, **kwargs):
 _BWD_TILES = {
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
              (64, 128, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)],
+    # Warp-specialised dK/dV tiles (the kernel's WS; 4 warps is the consumer group's size: Triton's Hopper
+    # pass adds a producer group and splits the tile across two consumer groups, 12 warps in all). Tried only
+    # where the launcher sets WS_OK.
+    "dkdv_ws": [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
            (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
 }
@@ -150,15 +154,21 @@ _BWD_TILES = {
 
 def _bwd_configs(kind: str):
     import triton
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in _BWD_TILES[kind]]
+    if kind == "dq":
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in _BWD_TILES[kind]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=w, num_stages=s)
+            for ws, kind in ((False, "dkdv"), (True, "dkdv_ws")) for bm, bn, w, s in _BWD_TILES[kind]]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    # Register budget: 128×128 tiles only at head dim ≤ 64, 64×64 at most at 256.
+    # Register budget: 128×128 tiles only at head dim ≤ 64, 64×64 at most at 256. Warp-specialised tiles only
+    # where the launcher allows them (WS_OK).
     d = kwargs["BLOCK_D"]
     limit = 64 * 64 if d >= 256 else (64 * 128 if d >= 128 else 128 * 128)
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
+    ws_ok = kwargs.get("WS_OK", False)
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
+            and (ws_ok or not c.kwargs.get("WS", False))] or configs[-1:]
 
 
 _EVEN = {
@@ -174,21 +184,28 @@ def _autotune() -> bool:
     return os.environ.get("RCM_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _fixed_config(name: str, block_d: int, fp32: bool) -> dict:
+def _fixed_config(name: str, block_d: int, fp32: bool, ws_ok: bool = False) -> dict:
     """One config per kernel: 64×64 in the interpreter (several key blocks, ragged tails, cheap to run);
     on the GPU a conservative tile that fits the registers at every head dim. fp32 (exact "ieee" dots, a
     correctness path, not a fast one) gets small tiles: its tiles take twice the shared memory and its
-    FMA-based dots compile slowly."""
+    FMA-based dots compile slowly. The dK/dV pass takes its warp-specialised path wherever it is allowed
+    (ws_ok), so the tests run it (in the interpreter: its descriptor loads; the loop hint is a GPU matter)."""
+    if name.endswith("dkdv") and ws_ok:
+        if _interpret():
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "WS": True}
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "WS": True}
+    ws = {"WS": False} if name.endswith("dkdv") else {}
     if _interpret():
-        return {"BLOCK_M": 64, "BLOCK_N": 64}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, **ws}
     if fp32:
         small = block_d >= 256
-        return {"BLOCK_M": 32 if small else 64, "BLOCK_N": 16 if small else 32, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 32 if small else 64, "BLOCK_N": 16 if small else 32, "num_warps": 4, "num_stages": 1,
+                **ws}
     big = block_d >= 256
     if name == "_attn_fwd_jvp":
         return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32 if big else 64, "num_warps": 4 if big else 8, "num_stages": 2}
     if name.endswith("dkdv"):
-        return {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2, **ws}
     return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
@@ -203,9 +220,11 @@ def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
     if name == "_attn_fwd_jvp":
         tuner = triton.autotune(_fwd_configs(d64), key=_TUNE_KEY + ["HAS_TANGENT"],
                                 prune_configs_by={"early_config_prune": _prune_fwd})
-    else:
-        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY,
+    elif name.endswith("dkdv"):
+        tuner = triton.autotune(_bwd_configs("dkdv"), key=_TUNE_KEY + ["WS_OK"],
                                 prune_configs_by={"early_config_prune": _prune_bwd})
+    else:
+        tuner = triton.autotune(_bwd_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
     return tuner(fn)
 
 
@@ -220,8 +239,8 @@ def _run(name: str, grid, *args, **kwargs):
     interpret, autotune = _interpret(), _autotune() and not fp32
     launcher = _current_launcher(name, fp32)
     if interpret or not autotune:
-        kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
-    if kwargs["TMA"] and not interpret:
+        kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32, kwargs.get("WS_OK", False)))
+    if (kwargs["TMA"] or kwargs.get("WS_OK", False)) and not interpret:
         import triton
         # Set at every launch: the allocator is a context variable, and Ray Train runs the loop in a thread.
         triton.set_allocator(_tma_scratch)
@@ -260,6 +279,34 @@ def _use_tma(*streamed: torch.Tensor) -> bool:
     if not _interpret() and torch.cuda.get_device_capability(streamed[0].device)[0] < 9:
         return False
     return all(_tma_aligned(x) for x in streamed)
+
+
+def bwd_ws_mode() -> str:
+    """RCM_KERNELS_BWD_WS: "auto" (default) lets the dK/dV pass's autotuner try warp-specialised tiles where
+    `_warp_specialise` allows them; "off" never (the A/B baseline, and the way out should Triton's Hopper
+    pass miscompile on some other build)."""
+    mode = os.environ.get("RCM_KERNELS_BWD_WS", "auto")
+    if mode not in ("auto", "off"):
+        raise ValueError(f"RCM_KERNELS_BWD_WS={mode!r}: use auto or off")
+    return mode
+
+
+def _warp_specialise(c: dict, q, k, v, do, lse: torch.Tensor) -> bool:
+    """Whether the dK/dV pass may take a warp-specialised tile (its WS_OK). Triton 3.6's Hopper pass compiles
+    the loop only when every load is a descriptor load (checked for sm_90 on the CPU,
+    tests/test_kernels.py), so: no padding mask or chunk bounds (pointer loads), 16-bit inputs (the fp32 path's
+    exact dots are a correctness path), sm_90 (the pass is Hopper's; Blackwell has another, untried), TMA on
+    and aligned for q, k, v, dO, and lse/delta rows of 16-byte multiples (LQ a multiple of 4: the 1-D
+    descriptor of one row of fp32 statistics starts at b·H·LQ + h·LQ). Head dims up to 128: at 256 every
+    warp-specialised tile spilled 3-4 KiB per thread (sm_90 compile, 2026-12-04)."""
+    if (bwd_ws_mode() == "off" or c["HAS_MASK"] or c["HAS_CHUNKS"] or c["PREC"] == "ieee"
+            or c["BLOCK_D"] > 128):
+        return False
+    if not _interpret() and torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    LQ = q.shape[2]
+    return (_use_tma(q, k, v, do) and LQ % 4 == 0 and lse.is_contiguous() and lse.dtype == torch.float32
+            and lse.data_ptr() % 16 == 0)
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -375,7 +422,7 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
              "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do)}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
-         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
+         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags, WS_OK=_warp_specialise(c, q, k, v, do, lse))
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
          q, k, v, do, *bounds, lse, delta, dq, *common, **flags)
     return dq, dk, dv
