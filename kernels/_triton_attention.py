@@ -273,6 +273,27 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
+def _stats_source(ROW, LQ, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
+    # One (batch, head)'s fp32 row statistics (lse or delta): a 1-D descriptor on the warp-specialised path (whose
+    # compiler pass takes no pointer load), else the pointer.
+    if DESC:
+        return tl.make_tensor_descriptor(ROW, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
+    else:
+        return ROW
+
+
+@triton.jit
+def _load_stats(LSE_src, DELTA_src, start_m, offs_m, LQ, DESC: tl.constexpr):
+    # Rows [start_m, start_m + BLOCK_M) of lse (in exp2 units) and delta. Through descriptors, rows past LQ read 0,
+    # harmless there because their q and dO rows read 0 too (p = 1 times a zero dO row, ds = 1·(0 − 0)); that path
+    # runs without mask or chunks, so no lse is -inf.
+    if DESC:
+        return LSE_src.load([start_m]) * _LOG2E, DELTA_src.load([start_m])
+    else:
+        return _row_stats(LSE_src, DELTA_src, offs_m, LQ)
+
+
+@triton.jit
 def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
                dk, dv, s_qm, LQ, D, qk_scale,
                HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
@@ -282,13 +303,7 @@ def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs
     offs_m = start_m + offs_m0
     q = _load_tile(Q_src, start_m, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D, TMA)
     do = _load_tile(DO_src, start_m, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D, TMA)
-    if WS:
-        # Descriptor loads (1-D): rows past LQ read 0, harmless here because their q and dO rows are 0 too
-        # (p = 1 times a zero dO row, ds = 1·(0 − 0)); the WS path runs without mask or chunks, so no lse is -inf.
-        lse = LSE_row.load([start_m]) * _LOG2E
-        delta = DELTA_row.load([start_m])
-    else:
-        lse, delta = _row_stats(LSE_row, DELTA_row, offs_m, LQ)
+    lse, delta = _load_stats(LSE_row, DELTA_row, start_m, offs_m, LQ, WS)
     s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
                UPCAST, PREC) * qk_scale
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -342,11 +357,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     key_ok = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
     Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, STREAM_TMA)
     DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, STREAM_TMA)
-    LSE_row = LSE + pid_bh * LQ
-    DELTA_row = DELTA + pid_bh * LQ
-    if WARP_SPEC:
-        LSE_row = tl.make_tensor_descriptor(LSE_row, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
-        DELTA_row = tl.make_tensor_descriptor(DELTA_row, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
+    LSE_row = _stats_source(LSE + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC)
+    DELTA_row = _stats_source(DELTA + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC)
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -398,9 +410,13 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                  H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
                  HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+                 WS_OK: tl.constexpr, WS: tl.constexpr):
     """dQ for BLOCK_M query rows: stream the key tiles they see (a separate pass, so no atomics are needed);
-    the same full / partial / skipped split of key tiles as the forward."""
+    the same full / partial / skipped split of key tiles as the forward. WS, WS_OK: as in `_attn_bwd_dkdv` (the
+    unmasked key loop warp-specialised; q, dO, lse and delta then come through descriptors too), and only at
+    EVEN_N: with a ragged last key tile (a second loop after the specialised one) Triton 3.6's pass failed to
+    compile most tiles for sm_90 (2026-12-04), so there the tile runs as a plain 4-warp one."""
     pid_m = tl.program_id(0)
     if HAS_CHUNKS:
         pid_m = tl.num_programs(0) - 1 - pid_m     # longest rows first, as in the forward
@@ -410,11 +426,19 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
-    do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
-    lse, delta = _row_stats(LSE + pid_bh * LQ, DELTA + pid_bh * LQ, offs_m, LQ)
-    K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, TMA)
-    V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, TMA)
+    WARP_SPEC: tl.constexpr = WS and WS_OK and EVEN_N
+    STREAM_TMA: tl.constexpr = TMA or WARP_SPEC
+    if WARP_SPEC:
+        q = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, True).load([pid_m * BLOCK_M, 0])
+        do = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, True).load([pid_m * BLOCK_M, 0])
+    else:
+        q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
+        do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
+    lse, delta = _load_stats(_stats_source(LSE + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC),
+                             _stats_source(DELTA + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC), pid_m * BLOCK_M, offs_m, LQ,
+                             WARP_SPEC)
+    K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, STREAM_TMA)
+    V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, STREAM_TMA)
     MASK_base = MASK + b * s_mb
     qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -425,14 +449,14 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
         hi_end = LK
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
         dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
                       dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
-                      BLOCK_M, BLOCK_N, TMA)
+                      BLOCK_M, BLOCK_N, STREAM_TMA)
     if HAS_CHUNKS or not EVEN_N:
         for start_n in range(n_full, hi_end, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
                           offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,
-                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, TMA)
+                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, STREAM_TMA)
     dq = dq * scale
     _store_rows(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)

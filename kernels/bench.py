@@ -24,11 +24,11 @@ in one process (each autotuned on its own) and prints, per shape and pass (fwd+J
 ratio, the rounds TMA won, the tiles each picked and how far their outputs differ. Its bwd rows use TMA at every
 head dim (the shipped rule, TMA_BWD_MIN_HEAD_DIM, is what they decide).
 
-Warp-specialised dK/dV tiles (issue 28; RCM_KERNELS_BWD_WS, kernels/flash_jvp.py), one command:
+Warp-specialised backward tiles (issue 28; RCM_KERNELS_BWD_WS, kernels/flash_jvp.py), one command:
 `python3 -m kernels.bench --shapes 64:24:8192,128:12:8192,64:24:32768,128:12:32768 --ws-ab 4` times the backward
 with those tiles allowed and without, interleaved over 4 rounds (each side autotuned on its own), beside SDPA's
-backward in the same rounds, and prints both times, their ratio, ours / SDPA, the rounds WS won and the dK/dV tile
-each side picked (" WS" marks a warp-specialised one).
+backward in the same rounds, and prints both times, their ratio, ours / SDPA, the rounds WS won and the dK/dV and
+dQ tiles each side picked (" WS" marks a warp-specialised one).
 
 Block-causal masks (issue 30): `python -m kernels.bench --block-causal` times the same kernels with
 `chunk_sizes` against the unmasked kernel at the default Wan 480p × 81-frame shape, 21 chunks of one latent
@@ -344,10 +344,10 @@ def tma_table(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------- warp-specialised dK/dV A/B
 
 def ws_ab(shapes: list[tuple[int, int, int]], rounds: int, device: str = "cuda") -> list[dict]:
-    """The backward with the dK/dV pass's warp-specialised tiles allowed (RCM_KERNELS_BWD_WS=auto) against
+    """The backward with its passes' warp-specialised tiles allowed (RCM_KERNELS_BWD_WS=auto) against
     without them (off), interleaved over `rounds` rounds in one process, each side autotuned on its own (WS_OK is
     part of the tuning key), with SDPA's backward (issue 28's yardstick) timed in the same rounds. Per shape: the
-    medians, the ratio, the rounds WS won, the dK/dV tiles picked (" WS" marks a warp-specialised one: with WS
+    medians, the ratio, the rounds WS won, the dK/dV and dQ tiles picked (" WS" marks a warp-specialised one: with WS
     allowed the tuner may still pick a plain tile) and how far the gradients of the two sides differ. device
     "cpu": under the interpreter with TMA forced on (the WS path needs descriptors), which runs the WS data path
     (the loop hint is a compiler matter) and times nothing."""
@@ -364,7 +364,8 @@ def _ws_ab_shape(d: int, h: int, n: int, rounds: int, device: str) -> dict:
     tma = "auto" if device == "cuda" else "on"
     sides = {"off": ("RCM_KERNELS_BWD_WS", "off"), "ws": ("RCM_KERNELS_BWD_WS", "auto")}
     with _env("RCM_KERNELS_TMA", tma):
-        times, outs, tiles = _interleaved(sides, fn, rounds, do_bench, lambda: _tuned_tile("_attn_bwd_dkdv"))
+        times, outs, tiles = _interleaved(sides, fn, rounds, do_bench,
+                                          lambda: _tuned_tile("_attn_bwd_dkdv") + " / dq " + _tuned_tile("_attn_bwd_dq"))
     sdpa_ms = vs_sdpa = None
     if device == "cuda":
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
@@ -391,7 +392,7 @@ def _ws_ab_shape(d: int, h: int, n: int, rounds: int, device: str) -> dict:
 
 def ws_table(rows: list[dict]) -> str:
     lines = [("| D | H | N | plain ms (TFLOP/s) | WS allowed ms (TFLOP/s) | WS / plain | rounds WS faster | SDPA bwd ms "
-              "| ours (WS) / SDPA | dK/dV tiles (plain; WS allowed) | max rel. diff |"),
+              "| ours (WS) / SDPA | dK/dV / dQ tiles (plain; WS allowed) | max rel. diff |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sdpa = "-" if r["sdpa_bwd_ms"] is None else f"{r['sdpa_bwd_ms']:.3f}"
@@ -587,7 +588,7 @@ def main() -> None:
     ap.add_argument("--tma-ab", type=int, default=0, metavar="ROUNDS",
                     help="only the A/B of pointer loads against TMA descriptors on --shapes, ROUNDS interleaved rounds")
     ap.add_argument("--ws-ab", type=int, default=0, metavar="ROUNDS",
-                    help="only the A/B of the backward with and without warp-specialised dK/dV tiles on --shapes")
+                    help="only the A/B of the backward with and without warp-specialised tiles on --shapes")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))

@@ -143,22 +143,20 @@ def _prune_fwd(configs, named_args, **kwargs):
 _BWD_TILES = {
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
              (64, 128, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)],
-    # Warp-specialised dK/dV tiles (the kernel's WS; 4 warps is the consumer group's size: Triton's Hopper
-    # pass adds a producer group and splits the tile across two consumer groups, 12 warps in all). Tried only
-    # where the launcher sets WS_OK.
-    "dkdv_ws": [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
            (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
+    # Warp-specialised tiles (the kernels' WS; 4 warps is one consumer group: Triton's Hopper pass adds a
+    # producer group and splits the tile across two consumer groups, 12 warps in all). Tried only where the
+    # launcher sets WS_OK.
+    "dkdv_ws": [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)],
+    "dq_ws": [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)],
 }
 
 
 def _bwd_configs(kind: str):
     import triton
-    if kind == "dq":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in _BWD_TILES[kind]]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=w, num_stages=s)
-            for ws, kind in ((False, "dkdv"), (True, "dkdv_ws")) for bm, bn, w, s in _BWD_TILES[kind]]
+            for ws, tiles in ((False, kind), (True, kind + "_ws")) for bm, bn, w, s in _BWD_TILES[tiles]]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -188,13 +186,15 @@ def _fixed_config(name: str, block_d: int, fp32: bool, ws_ok: bool = False) -> d
     """One config per kernel: 64×64 in the interpreter (several key blocks, ragged tails, cheap to run);
     on the GPU a conservative tile that fits the registers at every head dim. fp32 (exact "ieee" dots, a
     correctness path, not a fast one) gets small tiles: its tiles take twice the shared memory and its
-    FMA-based dots compile slowly. The dK/dV pass takes its warp-specialised path wherever it is allowed
+    FMA-based dots compile slowly. The backward passes take their warp-specialised path wherever it is allowed
     (ws_ok), so the tests run it (in the interpreter: its descriptor loads; the loop hint is a GPU matter)."""
-    if name.endswith("dkdv") and ws_ok:
+    if name.startswith("_attn_bwd") and ws_ok:
         if _interpret():
             return {"BLOCK_M": 64, "BLOCK_N": 64, "WS": True}
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "WS": True}
-    ws = {"WS": False} if name.endswith("dkdv") else {}
+        dkdv = name.endswith("dkdv")
+        return {"BLOCK_M": 64 if dkdv else 128, "BLOCK_N": 128 if dkdv else 64, "num_warps": 4, "num_stages": 2,
+                "WS": True}
+    ws = {"WS": False} if name.startswith("_attn_bwd") else {}
     if _interpret():
         return {"BLOCK_M": 64, "BLOCK_N": 64, **ws}
     if fp32:
@@ -206,7 +206,7 @@ def _fixed_config(name: str, block_d: int, fp32: bool, ws_ok: bool = False) -> d
         return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32 if big else 64, "num_warps": 4 if big else 8, "num_stages": 2}
     if name.endswith("dkdv"):
         return {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2, **ws}
-    return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, **ws}
 
 
 @functools.lru_cache(maxsize=32)
@@ -220,11 +220,9 @@ def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
     if name == "_attn_fwd_jvp":
         tuner = triton.autotune(_fwd_configs(d64), key=_TUNE_KEY + ["HAS_TANGENT"],
                                 prune_configs_by={"early_config_prune": _prune_fwd})
-    elif name.endswith("dkdv"):
-        tuner = triton.autotune(_bwd_configs("dkdv"), key=_TUNE_KEY + ["WS_OK"],
-                                prune_configs_by={"early_config_prune": _prune_bwd})
     else:
-        tuner = triton.autotune(_bwd_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY + ["WS_OK"],
+                                prune_configs_by={"early_config_prune": _prune_bwd})
     return tuner(fn)
 
 
@@ -282,7 +280,7 @@ def _use_tma(*streamed: torch.Tensor) -> bool:
 
 
 def bwd_ws_mode() -> str:
-    """RCM_KERNELS_BWD_WS: "auto" (default) lets the dK/dV pass's autotuner try warp-specialised tiles where
+    """RCM_KERNELS_BWD_WS: "auto" (default) lets the backward passes' autotuners try warp-specialised tiles where
     `_warp_specialise` allows them; "off" never (the A/B baseline, and the way out should Triton's Hopper
     pass miscompile on some other build)."""
     mode = os.environ.get("RCM_KERNELS_BWD_WS", "auto")
@@ -292,7 +290,7 @@ def bwd_ws_mode() -> str:
 
 
 def _warp_specialise(c: dict, q, k, v, do, lse: torch.Tensor) -> bool:
-    """Whether the dK/dV pass may take a warp-specialised tile (its WS_OK). Triton 3.6's Hopper pass compiles
+    """Whether the backward passes may take warp-specialised tiles (their WS_OK). Triton 3.6's Hopper pass compiles
     the loop only when every load is a descriptor load (checked for sm_90 on the CPU,
     tests/test_kernels.py), so: no padding mask or chunk bounds (pointer loads), 16-bit inputs (the fp32 path's
     exact dots are a correctness path), sm_90 (the pass is Hopper's; Blackwell has another, untried), TMA on
@@ -421,8 +419,9 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
              "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do)}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
+    flags["WS_OK"] = _warp_specialise(c, q, k, v, do, lse)
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
-         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags, WS_OK=_warp_specialise(c, q, k, v, do, lse))
+         q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
          q, k, v, do, *bounds, lse, delta, dq, *common, **flags)
     return dq, dk, dv

@@ -856,13 +856,20 @@ def test_backward_with_ragged_keys_and_no_mask_matches_float64(triton_mode, dtyp
 
 # ------------------------------------------------------------------------- warp-specialised dK/dV pass
 
-WS_UNMASKED = (1, 2, 76, 150, 64, "contiguous", False)    # LQ a multiple of 4 (the lse rows' descriptors), ragged
+# LQ a multiple of 4 (the lse rows' descriptors) and ragged; LK ragged (the dQ pass then runs plain) or even.
+WS_CASES = [(1, 2, 76, 150, 64, "contiguous", False), (1, 2, 76, 128, 64, "contiguous", False)]
+# BARS' rule over seeds 0-39 of WS_CASES (interpreter, 2026-12-04): two outputs' worst went past BARS["bwd"] at
+# 76 × 128 (bf16 dK 3.23 → 1.5× = 4.85, fp16 dV 1.43 → 2.15; the plain path gives the same bits there), so
+# these get their own bars, rounded up; every other worst stayed under BARS["bwd"] / 1.5.
+WS_BARS = {**BARS["bwd"], "dk": {**BARS["bwd"]["dk"], torch.bfloat16: 4.9},
+           "dv": {**BARS["bwd"]["dv"], torch.float16: 2.2}}
 
 
 def test_warp_specialisation_only_where_allowed(monkeypatch):
-    """The dK/dV pass's warp-specialised tiles (WS_OK) need every load to be a descriptor load (Triton 3.6's Hopper
-    pass fails to compile with any pointer load): no padding mask, no chunks, 16-bit inputs, TMA on and aligned, lse
-    rows of 16-byte multiples, head dim ≤ 128. Each condition alone turns it off; a bad RCM_KERNELS_BWD_WS is one error naming it."""
+    """The backward passes' warp-specialised tiles (WS_OK) need every load to be a descriptor load (Triton 3.6's
+    Hopper pass fails to compile with any pointer load): no padding mask, no chunks, 16-bit inputs, TMA on and
+    aligned, lse rows of 16-byte multiples, head dim ≤ 128. Each condition alone turns it off; a bad
+    RCM_KERNELS_BWD_WS is one error naming it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RCM_KERNELS_TMA", "on")
     q = torch.zeros(1, 2, 76, 64, dtype=torch.bfloat16)
@@ -890,57 +897,59 @@ def test_warp_specialisation_only_where_allowed(monkeypatch):
     monkeypatch.setenv("RCM_KERNELS_BWD_WS", "yes")
     with pytest.raises(ValueError, match="RCM_KERNELS_BWD_WS='yes': use auto or off"):
         allowed()
-    # The autotuner's prune drops the WS tiles unless the launch says WS_OK (part of the tuning key).
-    configs = katt._bwd_configs("dkdv")
+    # The autotuners' prune drops the WS tiles unless the launch says WS_OK (part of the tuning key).
     ws_tiles = lambda kept: sorted(katt._tile(c) for c in kept if c.kwargs["WS"])
-    assert ws_tiles(katt._prune_bwd(configs, None, BLOCK_D=64, WS_OK=False)) == []
-    assert ws_tiles(katt._prune_bwd(configs, None, BLOCK_D=64, WS_OK=True)) == sorted(katt._BWD_TILES["dkdv_ws"])
-    assert len(katt._prune_bwd(configs, None, BLOCK_D=128, WS_OK=True)) == len(
-        katt._prune_bwd(configs, None, BLOCK_D=128, WS_OK=False)) + 3                  # 128×128 only at D ≤ 64
+    for kind in ("dkdv", "dq"):
+        configs = katt._bwd_configs(kind)
+        assert ws_tiles(katt._prune_bwd(configs, None, BLOCK_D=64, WS_OK=False)) == []
+        assert ws_tiles(katt._prune_bwd(configs, None, BLOCK_D=64, WS_OK=True)) == sorted(katt._BWD_TILES[kind + "_ws"])
+        assert len(katt._prune_bwd(configs, None, BLOCK_D=128, WS_OK=True)) == len(
+            katt._prune_bwd(configs, None, BLOCK_D=128, WS_OK=False)) + 3              # 128×128 only at D ≤ 64
 
 
 @pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_warp_specialised_backward_matches_float64(triton_mode, dtype, monkeypatch):
-    """The WS path (descriptor loads of K, V, lse and delta; rows past LQ read as 0) against float64 at ragged
-    lengths (76 queries, 150 keys), BARS["bwd"] as the other backward cases (seeds 0-39 of this case stayed within
-    them at 1.5× the worst, 2026-12-04). On CPU the same draw with RCM_KERNELS_BWD_WS=off is equal bit for bit: the
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"{c[2]}x{c[3]}")
+def test_warp_specialised_backward_matches_float64(triton_mode, dtype, case, monkeypatch):
+    """The WS path (descriptor loads of every operand; rows past LQ read as 0) against float64 at 76 queries and
+    150 or 128 keys (the dQ pass's WS needs whole key tiles), in units of the dtype's rounding (WS_BARS). On CPU the same draw with RCM_KERNELS_BWD_WS=off is equal bit for bit: the
     interpreter reads the same tiles either way and ignores the loop hint. On the GPU (fixed tiles under
     RCM_KERNELS_AUTOTUNE=0) the compiled warp-specialised loop runs on sm_90. fp32 never takes it (checked)."""
     monkeypatch.setenv("RCM_KERNELS_TMA", "on")
     taken = []
     allowed = katt._warp_specialise
     monkeypatch.setattr(katt, "_warp_specialise", lambda *a: (taken.append(allowed(*a)), taken[-1])[1])
-    seed = 0
-    draw = backward_draw(WS_UNMASKED, dtype, triton_mode, seed)
+    seed = WS_CASES.index(case)
+    draw = backward_draw(case, dtype, triton_mode, seed)
     hopper = triton_mode == "cpu" or torch.cuda.get_device_capability() == (9, 0)
     assert taken == [dtype != torch.float32 and hopper]
     for name in ("o", "dq", "dk", "dv"):
         ours, ref, u = draw[name]
-        _check(name, ours, ref, BARS["bwd"][name][dtype], u, seed)
+        _check(name, ours, ref, WS_BARS[name][dtype], u, seed)
     if triton_mode == "cpu" and taken[0]:
         monkeypatch.setenv("RCM_KERNELS_BWD_WS", "off")
-        plain = backward_draw(WS_UNMASKED, dtype, triton_mode, seed)
+        plain = backward_draw(case, dtype, triton_mode, seed)
         assert taken[-1] is False
         for name in ("dq", "dk", "dv"):
             assert torch.equal(draw[name][0], plain[name][0]), f"{name}: WS and plain paths differ"
 
 
-def test_warp_specialised_dkdv_tiles_compile_for_sm90_on_a_cpu(tmp_path):
-    """Every warp-specialised dK/dV tile the autotuner may try (its own prune: 128×128 only at D=64) compiles for
-    sm_90 without a GPU and comes out warp-specialised: Triton's pass turned the 4-warp tile into 12 warps (a
+def test_warp_specialised_backward_tiles_compile_for_sm90_on_a_cpu(tmp_path):
+    """Every warp-specialised dK/dV and dQ tile the autotuners may try (their prune: 128×128 only at D=64) compiles
+    for sm_90 without a GPU and comes out warp-specialised: Triton's pass turned the 4-warp tile into 12 warps (a
     producer group and two consumer groups), and ptxas spilled nothing. Guards the WS_OK conditions: a pointer load
     anywhere in the kernel makes the pass fail (a compile error, not a slow kernel)."""
     pytest.importorskip("triton")
     tool = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "kernel_registers.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
-    run = subprocess.run([sys.executable, str(tool), "--dims", "64,128", "--kernels", "dkdv_ws", "--tma", "on",
+    run = subprocess.run([sys.executable, str(tool), "--dims", "64,128", "--kernels", "dkdv_ws,dq_ws", "--tma", "on",
                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert sorted((r["D"], tuple(r["tile"])) for r in rows) == sorted(
-        [(64, t) for t in katt._BWD_TILES["dkdv_ws"]] + [(128, t) for t in katt._BWD_TILES["dkdv_ws"] if t[:2] != (128, 128)])
+    assert sorted((r["kernel"], r["D"], tuple(r["tile"])) for r in rows) == sorted(
+        (kind, d, t) for kind in ("dkdv_ws", "dq_ws") for d in (64, 128) for t in katt._BWD_TILES[kind]
+        if d == 64 or t[:2] != (128, 128))
     for r in rows:
         assert r["warp_specialized"] and r["warps"] == 12, r
         assert r["spill_st"] == r["spill_ld"] == 0, r

@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of the attention kernels compiled for sm_90, on a machine without a GPU.
 
-Run: `python experiments/bench/kernel_registers.py [--dims 64,128] [--kernels fwd_jvp,fwd,dkdv,dkdv_ws,dq] [--tma both]`
+Run: `python experiments/bench/kernel_registers.py [--dims 64,128] [--kernels fwd_jvp,fwd,dkdv,dq,dkdv_ws,dq_ws] [--tma both]`
 (in its own process: Triton must not have been imported in interpreter mode, as the CPU test suite does).
 Triton compiles ahead of time for a target it is told (here an H100/H200, sm_90, 128 threads per warp group) and
 ships ptxas, so the register picture of every tile in the autotune spaces of kernels/flash_jvp.py comes from one
@@ -8,8 +8,8 @@ CPU command: ptxas's own report (registers per thread, spill stores and loads, b
 Why (issue 28): at head dim 64 two changes that removed floating-point work made the forward slower (−4 %, −16 %);
 what decides there is where the 128×128 tile's values live, and this prints it without spending device time.
 
-`--kernels dkdv_ws` compiles the dK/dV pass's warp-specialised tiles (the WS path: descriptor loads only) and says
-in its last column whether Triton's Hopper pass split the kernel into warp groups (12 warps launched for 4 asked).
+`--kernels dkdv_ws,dq_ws` compiles the backward passes' warp-specialised tiles (the WS path: descriptor loads only)
+and says in its last column whether Triton's Hopper pass split the kernel into warp groups (12 warps for 4 asked).
 
 Each row is one kernel × head dim × tile × load path (pointer loads, or TMA descriptors: RCM_KERNELS_TMA). The
 kernel is specialised as the launcher specialises it for an unmasked bf16 call at even lengths (every length and
@@ -45,7 +45,8 @@ def _kernel_table():
         "dkdv": ("_attn_bwd_dkdv", {"WS_OK": False, "WS": False}, flash_jvp._BWD_TILES["dkdv"], flash_jvp._prune_bwd),
         "dkdv_ws": ("_attn_bwd_dkdv", {"WS_OK": True, "WS": True}, flash_jvp._BWD_TILES["dkdv_ws"],
                     flash_jvp._prune_bwd),
-        "dq": ("_attn_bwd_dq", {}, flash_jvp._BWD_TILES["dq"], flash_jvp._prune_bwd),
+        "dq": ("_attn_bwd_dq", {"WS_OK": False, "WS": False}, flash_jvp._BWD_TILES["dq"], flash_jvp._prune_bwd),
+        "dq_ws": ("_attn_bwd_dq", {"WS_OK": True, "WS": True}, flash_jvp._BWD_TILES["dq_ws"], flash_jvp._prune_bwd),
     }
 
 
@@ -111,7 +112,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="64,128", help="head dims")
     ap.add_argument("--kernels", default="fwd_jvp,fwd,dkdv,dq",
-                    help="any of fwd_jvp, fwd, dkdv, dkdv_ws (warp-specialised tiles, descriptor loads), dq")
+                    help="any of fwd_jvp, fwd, dkdv, dq, dkdv_ws, dq_ws (the last two: warp-specialised tiles)")
     ap.add_argument("--tma", choices=["off", "on", "both"], default="both", help="load path(s) to compile")
     ap.add_argument("--tiles", default=None, help="BMxBNxWxS items, e.g. 128x128x8x3 (default: the autotune space)")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -119,7 +120,7 @@ def main(argv=None) -> list[dict]:
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(_kernel_table()))
     if unknown:
-        raise SystemExit(f"error: --kernels {unknown}: use fwd_jvp, fwd, dkdv, dkdv_ws or dq")
+        raise SystemExit(f"error: --kernels {unknown}: use fwd_jvp, fwd, dkdv, dq, dkdv_ws or dq_ws")
     paths = {"off": [False], "on": [True], "both": [False, True]}[args.tma]
     print("| kernel | D | BLOCK_M×BLOCK_N, warps, stages | loads | registers | spill stores B | spill loads B "
           "| shared KiB | warps launched |\n|---|---|---|---|---|---|---|---|---|", flush=True)
