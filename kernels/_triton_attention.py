@@ -414,9 +414,9 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                  WS_OK: tl.constexpr, WS: tl.constexpr):
     """dQ for BLOCK_M query rows: stream the key tiles they see (a separate pass, so no atomics are needed);
     the same full / partial / skipped split of key tiles as the forward. WS, WS_OK: as in `_attn_bwd_dkdv` (the
-    unmasked key loop warp-specialised; q, dO, lse and delta then come through descriptors too), and only at
-    EVEN_N: with a ragged last key tile (a second loop after the specialised one) Triton 3.6's pass failed to
-    compile most tiles for sm_90 (2026-12-04), so there the tile runs as a plain 4-warp one."""
+    unmasked key loop warp-specialised; q, dO, lse and delta then come through descriptors too). Triton 3.6's
+    pass compiles no second loop after the specialised one (it failed for sm_90 on most tiles, 2026-12-04), so at
+    a ragged key count the WS path runs one loop over every key tile, each with the key-range select."""
     pid_m = tl.program_id(0)
     if HAS_CHUNKS:
         pid_m = tl.num_programs(0) - 1 - pid_m     # longest rows first, as in the forward
@@ -426,7 +426,7 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    WARP_SPEC: tl.constexpr = WS and WS_OK and EVEN_N
+    WARP_SPEC: tl.constexpr = WS and WS_OK
     STREAM_TMA: tl.constexpr = TMA or WARP_SPEC
     if WARP_SPEC:
         q = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, True).load([pid_m * BLOCK_M, 0])
@@ -449,11 +449,14 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
         hi_end = LK
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
+    WS_RAGGED: tl.constexpr = WARP_SPEC and not EVEN_N      # one loop, every tile masked (see the docstring)
+    if WS_RAGGED:
+        n_full = LK
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
         dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
-                      dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
-                      BLOCK_M, BLOCK_N, STREAM_TMA)
-    if HAS_CHUNKS or not EVEN_N:
+                      dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, not WS_RAGGED, EVEN_D,
+                      HAS_MASK or WS_RAGGED, False, BLOCK_M, BLOCK_N, STREAM_TMA)
+    if HAS_CHUNKS or not (EVEN_N or WS_RAGGED):
         for start_n in range(n_full, hi_end, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
                           offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,

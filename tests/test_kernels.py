@@ -856,7 +856,8 @@ def test_backward_with_ragged_keys_and_no_mask_matches_float64(triton_mode, dtyp
 
 # ------------------------------------------------------------------------- warp-specialised dK/dV pass
 
-# LQ a multiple of 4 (the lse rows' descriptors) and ragged; LK ragged (the dQ pass then runs plain) or even.
+# LQ a multiple of 4 (the lse rows' descriptors) and ragged; LK ragged (the dQ pass's WS then runs one loop, every
+# key tile masked) or whole tiles (its unmasked loop).
 WS_CASES = [(1, 2, 76, 150, 64, "contiguous", False), (1, 2, 76, 128, 64, "contiguous", False)]
 # BARS' rule over seeds 0-39 of WS_CASES (interpreter, 2026-12-04): two outputs' worst went past BARS["bwd"] at
 # 76 × 128 (bf16 dK 3.23 → 1.5× = 4.85, fp16 dV 1.43 → 2.15; the plain path gives the same bits there), so
@@ -912,7 +913,7 @@ def test_warp_specialisation_only_where_allowed(monkeypatch):
 @pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"{c[2]}x{c[3]}")
 def test_warp_specialised_backward_matches_float64(triton_mode, dtype, case, monkeypatch):
     """The WS path (descriptor loads of every operand; rows past LQ read as 0) against float64 at 76 queries and
-    150 or 128 keys (the dQ pass's WS needs whole key tiles), in units of the dtype's rounding (WS_BARS). On CPU the same draw with RCM_KERNELS_BWD_WS=off is equal bit for bit: the
+    150 or 128 keys, in units of the dtype's rounding (WS_BARS). On CPU the same draw with RCM_KERNELS_BWD_WS=off is equal bit for bit: the
     interpreter reads the same tiles either way and ignores the loop hint. On the GPU (fixed tiles under
     RCM_KERNELS_AUTOTUNE=0) the compiled warp-specialised loop runs on sm_90. fp32 never takes it (checked)."""
     monkeypatch.setenv("RCM_KERNELS_TMA", "on")
@@ -976,3 +977,31 @@ def test_ws_ab_bench_runs_under_the_interpreter(monkeypatch, tmp_path, capsys):
     rows = json.loads((tmp_path / "kernels_ws_ab.json").read_text())
     assert len(rows) == 1 and rows[0]["max_rel_diff"] == 0.0 and rows[0]["sdpa_bwd_ms"] is None
     assert (tmp_path / "kernels_ws_ab.md").read_text().startswith("| D | H | N |")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_backward_masks_padded_keys_whose_scores_would_overflow(monkeypatch):
+    """Rows whose every score is near −90 have lse ≈ −90, so a key past LK (read as a zero row: score 0) would get
+    p = e^90, inf in fp32, and ds·k = inf·0 = NaN in dQ. The dQ pass therefore keeps its key-range select on the
+    ragged last tile, on the plain path (its tail loop) and on the warp-specialised one (its single masked loop):
+    dropping it there turns this dQ to NaN (checked). The dK/dV pass needs none (such keys feed only their own,
+    unstored rows). Interpreter, TMA on, bf16: every gradient finite, the two paths equal bit for bit. (No float64
+    bar here: dQ is a near-cancelling sum at these scores, and this draw is about finiteness.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    _, gen = _seeded(700)
+    B, H, LQ, LK, D = 1, 2, 76, 150, 64
+    noise = lambda L: 0.1 * torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    q, k, v = (x.to(torch.bfloat16) for x in (-12 + noise(LQ), 1 + noise(LK),
+                                              torch.randn(B, H, LK, D, generator=gen, dtype=torch.float64)))
+    do = torch.randn(B, H, LQ, D, generator=gen).to(torch.bfloat16)
+    o, lse = katt._fwd(q, k, v)
+    assert lse.max() < -88.8                     # e^(−lse) > fp32's largest (e^88.7): the hazard is in this draw
+    grads = {}
+    for ws in ("off", "auto"):
+        monkeypatch.setenv("RCM_KERNELS_BWD_WS", ws)
+        assert katt._warp_specialise(katt._common(q, k, v, None, None, None), q, k, v, do, lse) is (ws == "auto")
+        grads[ws] = katt._bwd(do, q, k, v, o, lse)
+        for name, g in zip(("dq", "dk", "dv"), grads[ws]):
+            assert torch.isfinite(g).all(), f"{name} (RCM_KERNELS_BWD_WS={ws}): non-finite"
+    assert all(torch.equal(a, b) for a, b in zip(grads["off"], grads["auto"]))
