@@ -247,10 +247,11 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, s_stat, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr):
     """delta = rowsum(dO⊙O) − dlse for BLOCK_M rows of one (batch, head), in fp32 from the stored o and dO (both
-    contiguous [B, H, LQ, D]): one read of each, where PyTorch's expression wrote and re-read two fp32 copies."""
+    contiguous [B, H, LQ, D]): one read of each, where PyTorch's expression wrote and re-read two fp32 copies.
+    DELTA's rows are s_stat apart (LQ, or LQ padded for the warp-specialised passes' descriptors)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,7 +261,7 @@ def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, HAS_DLSE: tl.constexpr, BLOCK_M: 
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-    tl.store(DELTA + pid_bh * LQ + offs_m, delta, mask=offs_m < LQ)
+    tl.store(DELTA + pid_bh * s_stat + offs_m, delta, mask=offs_m < LQ)
 
 
 @triton.jit
@@ -273,13 +274,14 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
-def _stats_source(ROW, LQ, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
-    # One (batch, head)'s fp32 row statistics (lse or delta): a 1-D descriptor on the warp-specialised path (whose
-    # compiler pass takes no pointer load), else the pointer.
+def _stats_source(STATS, pid_bh, LQ, s_stat, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
+    # One (batch, head)'s fp32 row statistics (lse or delta). On the warp-specialised path (whose compiler pass
+    # takes no pointer load) a 1-D descriptor over rows s_stat apart, which the launcher pads to 16-byte multiples
+    # (TMA's rule for a descriptor's base); the plain path indexes rows LQ apart, as it always did.
     if DESC:
-        return tl.make_tensor_descriptor(ROW, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
+        return tl.make_tensor_descriptor(STATS + pid_bh * s_stat, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
     else:
-        return ROW
+        return STATS + pid_bh * LQ
 
 
 @triton.jit
@@ -324,7 +326,7 @@ def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
-                   H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
+                   H, LQ, LK, D, scale, LQ_KEY, LK_KEY, s_stat,
                    HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
@@ -357,8 +359,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     key_ok = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
     Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, STREAM_TMA)
     DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, STREAM_TMA)
-    LSE_row = _stats_source(LSE + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC)
-    DELTA_row = _stats_source(DELTA + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC)
+    LSE_row = _stats_source(LSE, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC)
+    DELTA_row = _stats_source(DELTA, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC)
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -407,7 +409,7 @@ def _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
-                 H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
+                 H, LQ, LK, D, scale, LQ_KEY, LK_KEY, s_stat,
                  HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
@@ -434,9 +436,9 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     else:
         q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
         do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
-    lse, delta = _load_stats(_stats_source(LSE + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC),
-                             _stats_source(DELTA + pid_bh * LQ, LQ, BLOCK_M, WARP_SPEC), pid_m * BLOCK_M, offs_m, LQ,
-                             WARP_SPEC)
+    lse, delta = _load_stats(_stats_source(LSE, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC),
+                             _stats_source(DELTA, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC), pid_m * BLOCK_M, offs_m,
+                             LQ, WARP_SPEC)
     K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, STREAM_TMA)
     V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, STREAM_TMA)
     MASK_base = MASK + b * s_mb

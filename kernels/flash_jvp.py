@@ -289,22 +289,19 @@ def bwd_ws_mode() -> str:
     return mode
 
 
-def _warp_specialise(c: dict, q, k, v, do, lse: torch.Tensor) -> bool:
+def _warp_specialise(c: dict, q, k, v, do) -> bool:
     """Whether the backward passes may take warp-specialised tiles (their WS_OK). Triton 3.6's Hopper pass compiles
     the loop only when every load is a descriptor load (checked for sm_90 on the CPU,
     tests/test_kernels.py), so: no padding mask or chunk bounds (pointer loads), 16-bit inputs (the fp32 path's
     exact dots are a correctness path), sm_90 (the pass is Hopper's; Blackwell has another, untried), TMA on
-    and aligned for q, k, v, dO, and lse/delta rows of 16-byte multiples (LQ a multiple of 4: the 1-D
-    descriptor of one row of fp32 statistics starts at b·H·LQ + h·LQ). Head dims up to 128: at 256 every
-    warp-specialised tile spilled 3-4 KiB per thread (sm_90 compile, 2026-12-04)."""
+    and aligned for q, k, v and dO (lse and delta: `_bwd` lays their rows out for it). Head dims up to 128: at
+    256 every warp-specialised tile spilled 3-4 KiB per thread (sm_90 compile, 2026-12-04)."""
     if (bwd_ws_mode() == "off" or c["HAS_MASK"] or c["HAS_CHUNKS"] or c["PREC"] == "ieee"
             or c["BLOCK_D"] > 128):
         return False
     if not _interpret() and torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    LQ = q.shape[2]
-    return (_use_tma(q, k, v, do) and LQ % 4 == 0 and lse.is_contiguous() and lse.dtype == torch.float32
-            and lse.data_ptr() % 16 == 0)
+    return _use_tma(q, k, v, do)
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -410,16 +407,23 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     B, H, LQ, D = q.shape
     LK = c["LK"]
     do = do.to(q.dtype).contiguous()
-    delta = _delta(do, o.contiguous(), dlse)
+    ws_ok = _warp_specialise(c, q, k, v, do)
+    # The warp-specialised passes read lse and delta through 1-D descriptors, one per (batch, head) row, whose
+    # base must sit on 16 bytes: rows padded to a multiple of 4 fp32 (at 8,190 tokens, say; a copy of lse of
+    # B·H·LQ·4 bytes, microseconds). The plain passes read rows LQ apart.
+    s_stat = -(-LQ // 4) * 4 if ws_ok else LQ
+    if ws_ok and (s_stat != LQ or lse.data_ptr() % 16 or not lse.is_contiguous()):
+        lse = torch.nn.functional.pad(lse.float(), (0, s_stat - LQ))
+    delta = _delta(do, o.contiguous(), dlse, s_stat)
     dq = _empty((B, H, LQ, D), q, q.dtype)
     dk = _empty((B, H, LK, D), q, q.dtype)
     dv = _empty((B, H, LK, D), q, q.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
-              c["LQ_KEY"], c["LK_KEY"])
+              c["LQ_KEY"], c["LK_KEY"], s_stat)
     flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
              "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do)}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
-    flags["WS_OK"] = _warp_specialise(c, q, k, v, do, lse)
+    flags["WS_OK"] = ws_ok
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
          q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
     _run("_attn_bwd_dq", lambda m: (_cdiv(LQ, m["BLOCK_M"]), B * H),
@@ -427,17 +431,20 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     return dq, dk, dv
 
 
-def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None, s_stat: int | None = None) -> torch.Tensor:
     """rowsum(dO⊙O) − dlse [B, H, LQ] fp32, one Triton pass over the contiguous o and dO. Twin: `_delta_ref`.
+    With s_stat (≥ LQ) the buffer is [B, H, s_stat], rows s_stat apart and the entries past LQ never written.
     Why not the twin: its two fp32 copies cost 0.15-0.62 ms against 0.02-0.06 (H200, 2026-12-04, 1-5 % of the
     backward; docs/BENCHMARKS.md, "Lever 5, the backward again")."""
     B, H, LQ, D = o.shape
-    delta = _empty((B, H, LQ), o, torch.float32)
+    s_stat = LQ if s_stat is None else s_stat
+    delta = _empty((B, H, s_stat), o, torch.float32)
     dlse_arg = delta if dlse is None else dlse.float().contiguous()      # without dlse: a pointer never read
     block_m = 64
     kernel = _kernels(_interpret())._attn_bwd_delta
-    kernel[(_cdiv(LQ, block_m), B * H)](o, do, dlse_arg, delta, LQ, D, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
-                                        BLOCK_D=_block_d(D), EVEN_M=LQ % block_m == 0, EVEN_D=D == _block_d(D))
+    kernel[(_cdiv(LQ, block_m), B * H)](o, do, dlse_arg, delta, LQ, D, s_stat, HAS_DLSE=dlse is not None,
+                                        BLOCK_M=block_m, BLOCK_D=_block_d(D), EVEN_M=LQ % block_m == 0,
+                                        EVEN_D=D == _block_d(D))
     return delta
 
 

@@ -856,10 +856,10 @@ def test_backward_with_ragged_keys_and_no_mask_matches_float64(triton_mode, dtyp
 
 # ------------------------------------------------------------------------- warp-specialised dK/dV pass
 
-# LQ a multiple of 4 (the lse rows' descriptors) and ragged; LK ragged (the dQ pass's WS then runs one loop, every
-# key tile masked) or whole tiles (its unmasked loop).
-WS_CASES = [(1, 2, 76, 150, 64, "contiguous", False), (1, 2, 76, 128, 64, "contiguous", False)]
-# BARS' rule over seeds 0-39 of WS_CASES (interpreter, 2026-12-04): two outputs' worst went past BARS["bwd"] at
+# Ragged LQ: 77 (lse and delta rows then padded to 80 for their descriptors) or 76; LK ragged (the dQ pass's WS then
+# runs one loop, every key tile masked) or whole tiles (its unmasked loop).
+WS_CASES = [(1, 2, 77, 150, 64, "contiguous", False), (1, 2, 76, 128, 64, "contiguous", False)]
+# BARS' rule over seeds 0-39 of both cases (interpreter, 2026-12-04): two outputs' worst went past BARS["bwd"] at
 # 76 × 128 (bf16 dK 3.23 → 1.5× = 4.85, fp16 dV 1.43 → 2.15; the plain path gives the same bits there), so
 # these get their own bars, rounded up; every other worst stayed under BARS["bwd"] / 1.5.
 WS_BARS = {**BARS["bwd"], "dk": {**BARS["bwd"]["dk"], torch.bfloat16: 4.9},
@@ -869,27 +869,23 @@ WS_BARS = {**BARS["bwd"], "dk": {**BARS["bwd"]["dk"], torch.bfloat16: 4.9},
 def test_warp_specialisation_only_where_allowed(monkeypatch):
     """The backward passes' warp-specialised tiles (WS_OK) need every load to be a descriptor load (Triton 3.6's
     Hopper pass fails to compile with any pointer load): no padding mask, no chunks, 16-bit inputs, TMA on and
-    aligned, lse rows of 16-byte multiples, head dim ≤ 128. Each condition alone turns it off; a bad
-    RCM_KERNELS_BWD_WS is one error naming it."""
+    aligned, head dim ≤ 128. Each condition alone turns it off; a bad RCM_KERNELS_BWD_WS is one error naming it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RCM_KERNELS_TMA", "on")
-    q = torch.zeros(1, 2, 76, 64, dtype=torch.bfloat16)
-    lse = torch.zeros(1, 2, 76)
+    q = torch.zeros(1, 2, 77, 64, dtype=torch.bfloat16)
 
-    def allowed(q=q, lse=lse, mask=None, chunks=None):
+    def allowed(q=q, mask=None, chunks=None):
         c = katt._common(q, q, q, None, mask, chunks)
-        return katt._warp_specialise(c, q, q, q, q, lse)
+        return katt._warp_specialise(c, q, q, q, q)
 
     assert allowed()
     assert allowed(q=q.half())
-    assert not allowed(mask=torch.ones(1, 76, dtype=torch.bool))
-    assert not allowed(chunks=(38, 38))
+    assert not allowed(mask=torch.ones(1, 77, dtype=torch.bool))
+    assert not allowed(chunks=(38, 39))
     assert not allowed(q=q.float())
-    assert not allowed(q=torch.zeros(1, 2, 77, 64, dtype=torch.bfloat16), lse=torch.zeros(1, 2, 77))
-    assert not allowed(lse=torch.zeros(2 * 76 + 1)[1:].view(1, 2, 76))                  # 4 bytes into its buffer
-    assert not allowed(q=torch.zeros(1, 2, 76, 36, dtype=torch.bfloat16))              # 72-byte rows: no TMA
-    assert allowed(q=torch.zeros(1, 2, 76, 128, dtype=torch.bfloat16))
-    assert not allowed(q=torch.zeros(1, 2, 76, 256, dtype=torch.bfloat16))             # spills at D=256
+    assert not allowed(q=torch.zeros(1, 2, 77, 36, dtype=torch.bfloat16))              # 72-byte rows: no TMA
+    assert allowed(q=torch.zeros(1, 2, 77, 128, dtype=torch.bfloat16))
+    assert not allowed(q=torch.zeros(1, 2, 77, 256, dtype=torch.bfloat16))             # spills at D=256
     monkeypatch.setenv("RCM_KERNELS_TMA", "off")
     assert not allowed()
     monkeypatch.setenv("RCM_KERNELS_TMA", "on")
@@ -917,13 +913,16 @@ def test_warp_specialised_backward_matches_float64(triton_mode, dtype, case, mon
     interpreter reads the same tiles either way and ignores the loop hint. On the GPU (fixed tiles under
     RCM_KERNELS_AUTOTUNE=0) the compiled warp-specialised loop runs on sm_90. fp32 never takes it (checked)."""
     monkeypatch.setenv("RCM_KERNELS_TMA", "on")
-    taken = []
-    allowed = katt._warp_specialise
+    taken, strides = [], []
+    allowed, delta = katt._warp_specialise, katt._delta
     monkeypatch.setattr(katt, "_warp_specialise", lambda *a: (taken.append(allowed(*a)), taken[-1])[1])
+    monkeypatch.setattr(katt, "_delta", lambda *a: (strides.append(a[3]), delta(*a))[1])
     seed = WS_CASES.index(case)
     draw = backward_draw(case, dtype, triton_mode, seed)
     hopper = triton_mode == "cpu" or torch.cuda.get_device_capability() == (9, 0)
     assert taken == [dtype != torch.float32 and hopper]
+    LQ = case[2]
+    assert strides == [-(-LQ // 4) * 4 if taken[0] else LQ]          # the statistics' rows: 80 apart at LQ = 77
     for name in ("o", "dq", "dk", "dv"):
         ours, ref, u = draw[name]
         _check(name, ours, ref, WS_BARS[name][dtype], u, seed)
@@ -1000,7 +999,7 @@ def test_backward_masks_padded_keys_whose_scores_would_overflow(monkeypatch):
     grads = {}
     for ws in ("off", "auto"):
         monkeypatch.setenv("RCM_KERNELS_BWD_WS", ws)
-        assert katt._warp_specialise(katt._common(q, k, v, None, None, None), q, k, v, do, lse) is (ws == "auto")
+        assert katt._warp_specialise(katt._common(q, k, v, None, None, None), q, k, v, do) is (ws == "auto")
         grads[ws] = katt._bwd(do, q, k, v, o, lse)
         for name, g in zip(("dq", "dk", "dv"), grads[ws]):
             assert torch.isfinite(g).all(), f"{name} (RCM_KERNELS_BWD_WS={ws}): non-finite"
