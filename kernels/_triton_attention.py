@@ -277,7 +277,8 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 def _stats_source(STATS, pid_bh, LQ, s_stat, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
     # One (batch, head)'s fp32 row statistics (lse or delta). On the warp-specialised path (whose compiler pass
     # takes no pointer load) a 1-D descriptor over rows s_stat apart, which the launcher pads to 16-byte multiples
-    # (TMA's rule for a descriptor's base); the plain path indexes rows LQ apart, as it always did.
+    # (TMA's rule for a descriptor's base). The plain path's rows are LQ apart (s_stat is LQ there): indexing by
+    # LQ keeps its compiled code as measured.
     if DESC:
         return tl.make_tensor_descriptor(STATS + pid_bh * s_stat, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
     else:
@@ -337,10 +338,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     boundary crosses are masked.
 
     WS (a tile of the autotune space, only where the launcher says WS_OK: sm_90, no mask, no chunks, TMA-aligned
-    operands and lse rows): the query loop is warp-specialised by Triton's Hopper pass (a producer warp group
-    issuing the loads, two consumer groups computing: FlashAttention-3's structure, issue 28). That pass takes
-    only descriptor loads in the kernel (Triton 3.6 fails to compile it with any pointer load, even one outside
-    the loop), so WS reads K, V, lse and delta through descriptors too."""
+    operands; lse and delta rows s_stat apart): the query loop is warp-specialised by Triton's Hopper pass (a
+    producer warp group issuing the loads, two consumer groups computing: FlashAttention-3's structure, issue
+    28). That pass takes only descriptor loads in the kernel (Triton 3.6 fails to compile it with any pointer
+    load, even one outside the loop), so WS reads K, V, lse and delta through descriptors too."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -452,9 +453,10 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
     WS_RAGGED: tl.constexpr = WARP_SPEC and not EVEN_N      # one loop, every tile masked (see the docstring)
+    n_loop = n_full
     if WS_RAGGED:
-        n_full = LK
-    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+        n_loop = LK
+    for start_n in tl.range(0, n_loop, BLOCK_N, warp_specialize=WARP_SPEC):
         dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
                       dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, not WS_RAGGED, EVEN_D,
                       HAS_MASK or WS_RAGGED, False, BLOCK_M, BLOCK_N, STREAM_TMA)
