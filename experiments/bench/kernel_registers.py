@@ -13,8 +13,9 @@ and says in its last column whether Triton's Hopper pass split the kernel into w
 
 Each row is one kernel × head dim × tile × load path (pointer loads, or TMA descriptors: RCM_KERNELS_TMA). The
 kernel is specialised as the launcher specialises it for an unmasked bf16 call at even lengths (every length and
-row stride a multiple of 16, as at Wan's shapes). What it cannot say: the time. A tile without spills can still
-be slower; the GPU A/B (`python -m kernels.bench --tma-ab`) measures that.
+row stride a multiple of 16, as at the bench's power-of-two shapes); `--ragged` compiles it for lengths no tile
+divides and no multiple of 16 (Wan's 32,760 and 8,190 tokens). What it cannot say: the time. A tile without
+spills can still be slower; the GPU A/B (`python -m kernels.bench --tma-ab`) measures that.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _kernel_table():
     }
 
 
-def _signature(fn, const: dict) -> tuple[dict, dict]:
+def _signature(fn, const: dict, ragged: bool = False) -> tuple[dict, dict]:
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -62,7 +63,7 @@ def _signature(fn, const: dict) -> tuple[dict, dict]:
             sig[name] = "*fp32" if name in _POINTERS_F32 else "*bf16"
         else:
             sig[name] = "i32"
-        if name not in _UNALIGNED_INTS and name != "scale":
+        if name not in _UNALIGNED_INTS and name != "scale" and not (ragged and name in ("LQ", "LK", "s_stat")):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -81,7 +82,7 @@ def ptxas_report(ptx: str) -> dict:
     return {"regs": int(regs[1]), "spill_st": int(spill[1]), "spill_ld": int(spill[2])}
 
 
-def compile_tile(kernel: str, d: int, tile: tuple[int, int, int, int], tma: bool) -> dict:
+def compile_tile(kernel: str, d: int, tile: tuple[int, int, int, int], tma: bool, ragged: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -89,8 +90,8 @@ def compile_tile(kernel: str, d: int, tile: tuple[int, int, int, int], tma: bool
     fn = flash_jvp._kernels(False).__dict__[name]
     bm, bn, warps, stages = tile
     const = {"HAS_MASK": False, "HAS_CHUNKS": False, "UPCAST": False, "PREC": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
-             "BLOCK_D": d, "EVEN_M": True, "EVEN_N": True, "EVEN_D": True, "TMA": tma, **extra}
-    sig, attrs = _signature(fn, const)
+             "BLOCK_D": d, "EVEN_M": not ragged, "EVEN_N": not ragged, "EVEN_D": True, "TMA": tma, **extra}
+    sig, attrs = _signature(fn, const, ragged)
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
     # A warp-specialised kernel launches more warps than asked (its producer and consumer groups).
@@ -115,6 +116,8 @@ def main(argv=None) -> list[dict]:
                     help="any of fwd_jvp, fwd, dkdv, dq, dkdv_ws, dq_ws (the last two: warp-specialised tiles)")
     ap.add_argument("--tma", choices=["off", "on", "both"], default="both", help="load path(s) to compile")
     ap.add_argument("--tiles", default=None, help="BMxBNxWxS items, e.g. 128x128x8x3 (default: the autotune space)")
+    ap.add_argument("--ragged", action="store_true",
+                    help="compile for lengths no tile divides (EVEN_M = EVEN_N = False: masked tails), not even ones")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     kernels = args.kernels.split(",")
@@ -131,7 +134,8 @@ def main(argv=None) -> list[dict]:
                      else tiles_for(kernel, d))
             for tile in tiles:
                 for tma in paths:
-                    r = {"kernel": kernel, "D": d, "tile": tile, "tma": tma, **compile_tile(kernel, d, tile, tma)}
+                    r = {"kernel": kernel, "D": d, "tile": tile, "tma": tma, "ragged": args.ragged,
+                         **compile_tile(kernel, d, tile, tma, args.ragged)}
                     rows.append(r)
                     print(f"| {kernel} | {d} | {tile[0]}×{tile[1]}, {tile[2]}, {tile[3]} | "
                           f"{'TMA' if tma else 'pointers'} | {r['regs']} | {r['spill_st']} | {r['spill_ld']} | "
