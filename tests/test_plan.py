@@ -329,9 +329,9 @@ def test_selective_estimate_lies_between_none_and_block():
 
 def test_attention_only_plan_follows_the_attention_backend():
     """attention_only keeps SDPA's outputs only: with model.attention fused it keeps what whole-block checkpointing
-    keeps. The planner against the one-H200 training
-    peaks of experiments/bench/scale_step.py (1.3B, 32,760 tokens, batch 1, 2026-12-04; docs/BENCHMARKS.md):
-    sdpa_grad 75.10 GiB measured, fused 66.15, whole blocks 66.12 — each within the issue's 10 %."""
+    keeps. The planner against the one-H200 training peaks of experiments/bench/scale_step.py (1.3B, 32,760 tokens,
+    batch 1, 2026-12-04; docs/BENCHMARKS.md): sdpa_grad 75.10 GiB measured, fused 66.15, whole blocks 66.12 — each
+    within the issue's 10 %."""
     from rcm_core.run.plan import attention_keepable
     cfg = load_config(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml")
     assert cfg.model.attention == "sdpa_grad"

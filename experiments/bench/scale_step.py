@@ -49,14 +49,14 @@ COMM = {"all-gather": "allgather", "reduce-scatter": "reducescatter", "all-to-al
         "all-reduce": "allreduce"}
 
 
+CHECKPOINTING = {"true": True, "false": False, "mm_only": "mm_only", "attention_only": "attention_only"}
+
+
 def experiment_cfg(args) -> ExperimentCfg:
     """The 1.3B (or tiny) model with --checkpointing's activation checkpointing and --attention's backend."""
     model = dict(TINY if args.tiny else WAN_1P3B, activation_checkpointing=CHECKPOINTING[args.checkpointing],
                  attention=args.attention)
     return ExperimentCfg(model=ModelCfg(**model))
-
-
-CHECKPOINTING = {"true": True, "false": False, "mm_only": "mm_only", "attention_only": "attention_only"}
 
 
 def planned_gib(args, shape: MeshShape) -> float:
