@@ -26,8 +26,8 @@ from rcm_core.config import ConfigError, ExperimentCfg, ModelCfg, from_dict, val
 from rcm_core.data.latents import LatentBatch
 from rcm_core.parallel.dcp import load_distributed, save_distributed
 from rcm_core.method.denoiser import TrigFlowDenoiser
-from rcm_core.method.distill import build_state, distill_step, lr_factor
-from rcm_core.run.loop import step_generator
+from rcm_core.method.distill import build_state, distill_step, lr_factor, zero_nonfinite_grads
+from rcm_core.run.loop import _resume, step_generator
 from rcm_core.method.losses import scm_loss, scm_tangent_jvp
 from rcm_core.parallel.mesh import (
     MeshShape,
@@ -257,11 +257,15 @@ def reference_params(state) -> dict[str, list[torch.Tensor]]:
             "ema": [p.detach() for p in state.ema.module.parameters()]}
 
 
-def _fsdp_worker(shape: MeshShape, steps: int, ref: dict[str, list[torch.Tensor]]) -> None:
+def _fsdp_worker(shape: MeshShape, steps: int, ref: dict[str, list[torch.Tensor]], fused: bool = False) -> None:
     cfg = tiny_cfg(steps)
     mesh = build_mesh(shape, num_heads=HEADS, num_tokens=TOKENS)
     state = parallelize_state(build_state(cfg, tiny_denoiser(1)), mesh)
     assert all(isinstance(p, DTensor) for p in state.student.parameters())
+    if fused:   # what `distill.adamw_kernel` gives a GPU run; PyTorch's fused AdamW runs on the CPU too
+        for opt in (o for o in (state.opt_student, state.opt_fake) if o is not None):
+            for group in opt.param_groups:
+                group["fused"] = True
 
     # The sCM tangent through the sharded student (torch.func.jvp over FSDP2) equals the plain one.
     plain, b = tiny_denoiser(1), sample_batch(mesh.dp_rank)
@@ -289,6 +293,34 @@ def _fsdp_worker(shape: MeshShape, steps: int, ref: dict[str, list[torch.Tensor]
                          ids=["fsdp2", "fsdp2xcp2"])
 def test_fsdp_three_steps_match_single_process(world, shape):
     spawn(_fsdp_worker, world, shape, 3, fsdp_reference(shape.data_parallel_size))
+
+
+def test_fused_adamw_steps_fsdp2_parameters_as_the_plain_run():
+    """A GPU run's AdamW is fused (rcm_core.method.distill.adamw_kernel), and under FSDP2 it steps DTensor shards:
+    the same three steps, fused on the shards, match the single-process run (PyTorch's CPU default) within the
+    bars above."""
+    shape = MeshShape(1, 2, 1)
+    spawn(_fsdp_worker, 2, shape, 3, fsdp_reference(shape.data_parallel_size), True)
+
+
+def _nonfinite_worker() -> None:
+    mesh = build_mesh(MeshShape(1, 2, 1), num_heads=HEADS, num_tokens=TOKENS)
+    state = parallelize_state(build_state(tiny_cfg(), tiny_denoiser(1)), mesh)
+    b = sample_batch(mesh.dp_rank)
+    state.student.F(b.latent, torch.tensor([0.3, 1.2], dtype=torch.float64), b.label).square().mean().backward()
+    grads = [p.grad for p in state.student.parameters() if isinstance(p.grad, DTensor) and p.grad.to_local().numel()]
+    assert grads
+    if dist.get_rank() == 1:                     # a NaN in one rank's shard only
+        grads[0].to_local().view(-1)[0] = float("nan")
+    assert zero_nonfinite_grads(state.student) == 1          # both ranks: the global count, and no rank left waiting
+    assert all(torch.isfinite(g.to_local()).all() for g in grads)
+    assert zero_nonfinite_grads(state.student) == 0
+
+
+def test_nonfinite_gradient_in_one_shard_is_zeroed_and_counted_on_every_rank():
+    """FSDP2: the cheap check runs on each rank's shards and its answer is agreed, so both ranks enter the exact
+    pass (whose count over DTensors is a collective) even though only rank 1 holds the NaN."""
+    spawn(_nonfinite_worker, 2)
 
 
 @functools.cache
@@ -336,8 +368,8 @@ def _save_worker(directory: str) -> None:
         torch.save(expected, Path(directory) / "expected.pt")
 
 
-def _check_loaded(directory: str, state) -> None:
-    extra = load_distributed(state, Path(directory) / "ckpt")
+def _check_loaded(directory: str, state, load=load_distributed) -> None:
+    extra = load(state, Path(directory) / "ckpt")
     assert extra == {"data_position": 3}
     assert (state.iteration, state.student_iter, state.critic_iter, state.ema.num_updates) == (3, 2, 1, 2)
     expected = torch.load(Path(directory) / "expected.pt", weights_only=True)
@@ -350,7 +382,8 @@ def _check_loaded(directory: str, state) -> None:
 def _load_worker(directory: str) -> None:
     mesh = build_mesh(MeshShape(1, 4, 1), num_heads=HEADS, num_tokens=TOKENS)
     state = parallelize_state(build_state(_rcm_cfg(), tiny_denoiser(5)), mesh)   # other weights: must be overwritten
-    _check_loaded(directory, state)
+    # through the training loop's resume (which also re-applies this run's AdamW implementation to the shards)
+    _check_loaded(directory, state, lambda st, d: _resume(st, d, mesh, torch.device("cpu")))
     distill_step(state, sample_batch(dist.get_rank()), _rcm_cfg(), step_generator(0, dist.get_rank(), 3,
                                                                                    torch.device("cpu")))
 

@@ -5,6 +5,8 @@
     python3 experiments/bench/rcm_step.py --linear-ab      # + the JVP pass under PyTorch's linear rule vs ours
     python3 experiments/bench/rcm_step.py --islands-ab --variants sdpa_grad+compile+attention_only
                                                            # + the JVP pass, elementwise islands fused vs eager
+    python3 experiments/bench/rcm_step.py --adamw-ab       # + one AdamW step, fused vs foreach (1.3B student)
+    python3 experiments/bench/rcm_step.py --host-reads     # + where an iteration makes the host wait, by line
     python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
 
 One process builds the networks once (random weights, width 1536, 30 blocks, 12 heads, text 512×4096, bf16
@@ -50,19 +52,22 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from rcm_core.config import ExperimentCfg, ModelCfg
+from rcm_core.config import ExperimentCfg, ModelCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
 from rcm_core.method.denoiser import TrigFlowDenoiser
-from rcm_core.method.distill import build_state, distill_step, make_optimizer
+from rcm_core.method.distill import adamw_kernel, build_state, distill_step, make_optimizer
 from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
 from rcm_core.networks.dit import set_attention, set_compile, set_recompute
+from rcm_core.parallel.precision import MasterWeightOptimizer, with_master_weights
 from rcm_core.run.plan import forward_flops, jvp_flops
 from rcm_core.method.trigflow import add_noise
 
@@ -391,6 +396,95 @@ def islands_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: i
                   {"fused islands": contextlib.nullcontext, "eager dual": tangent_islands.unfused})
 
 
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for a tensor's value, by the project source line that asked: scalar
+    reads (`.item()`, `int()`, `float()`, `bool()` of a tensor: aten `_local_scalar_dense`), `nonzero` (boolean
+    indexing, masked_select) and copies to the CPU. On a GPU each one on a CUDA tensor is a host sync; on the CPU
+    the same lines are counted (so `--tiny` shows where a GPU run would sync), with the device they read."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[tuple[str, str, str], int] = {}
+
+    @staticmethod
+    def _line() -> str:
+        root = str(Path(__file__).resolve().parents[2]) + os.sep
+        ours = [f for f in traceback.extract_stack()
+                if f.filename.startswith(root) and os.sep + ".venv" + os.sep not in f.filename
+                and not f.filename.endswith("rcm_step.py")]
+        return f"{ours[-1].filename[len(root):]}:{ours[-1].lineno}" if ours else "(outside the project)"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        to_cpu = name in ("_to_copy", "copy_") and src is not None and (
+            (name == "_to_copy" and str((kwargs or {}).get("device", src.device)) == "cpu" and src.device.type != "cpu")
+            or (name == "copy_" and src.device.type == "cpu" and isinstance(args[1], torch.Tensor)
+                and args[1].device.type != "cpu"))
+        if name in ("_local_scalar_dense", "nonzero") or to_cpu:
+            device = (args[1] if name == "copy_" else src).device.type if src is not None else "?"
+            key = (self._line(), name, device)
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(bench: Bench, variant: str, latent: tuple, L_text: int) -> list[tuple[str, str, str, str, int]]:
+    """(pass, source line, op, device, count) for one student and one critic iteration (N = 2) after a warm-up
+    call of each: where an iteration makes the host wait (issue 28's lever 6)."""
+    bench.set_variant(variant)
+    passes = bench.passes(latent, L_text)
+    rows = []
+    for name in ("student", "critic"):
+        passes[name](2)
+        with _HostReads() as reads:
+            passes[name](2)
+        rows += [(name, *key, n) for key, n in sorted(reads.counts.items(), key=lambda kv: -kv[1])]
+    return rows
+
+
+def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, seed: int = 0) -> dict:
+    """One AdamW step (rCM's settings; fp32 masters where the parameters are bf16, as in training) with PyTorch's
+    fused kernel against its foreach path (its default on a GPU before `distill.adamw_kernel`), interleaved step by
+    step on the same gradients. Each arm steps its own copy of the parameters (so its own masters and moments),
+    compared after the last step. Memory: two copies with their optimisers (18 B per parameter each at bf16),
+    freed on return."""
+    cfg = OptimCfg()
+    g = torch.Generator(device=device).manual_seed(seed)
+    grads = [(torch.randn(p.shape, generator=g, device=device) * 1e-3).to(p.dtype) for p in params]
+
+    def arm(flags: dict):
+        own = [p.detach().clone().requires_grad_(True) for p in params]
+        for p, grad in zip(own, grads):
+            p.grad = grad
+        opt = with_master_weights(own, lambda ps: torch.optim.AdamW(
+            ps, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, **flags))
+        return opt, (opt.master_parameters() if isinstance(opt, MasterWeightOptimizer) else own)
+
+    arms = {"foreach": arm({"foreach": True}), "fused": arm({"fused": True})}
+    times = {name: [] for name in arms}
+    for rep in range(reps + 1):                     # step 0 of each arm allocates its moments: not timed
+        for name, (opt, _) in arms.items():
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(device)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    worst = 0.0
+    for a, b in zip(arms["fused"][1], arms["foreach"][1]):
+        finite("AdamW masters", (a.detach(), b.detach()))
+        worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    out = {"foreach_ms": statistics.median(times["foreach"]) * 1e3, "fused_ms": statistics.median(times["fused"]) * 1e3,
+           "max_rel_diff": worst, "params": sum(p.numel() for p in params),
+           "product": "fused" if adamw_kernel(params).get("fused") else "PyTorch's default"}
+    out["change_pct"] = (out["fused_ms"] / out["foreach_ms"] - 1) * 100
+    del arms
+    grads.clear()                                   # (the arms' copies held these as .grad)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
@@ -406,6 +500,12 @@ def main() -> None:
     ap.add_argument("--islands-ab", action="store_true",
                     help="first, per shape: the JVP pass with its elementwise islands fused against the eager dual "
                          "path (the first variant, which must be compiled)")
+    ap.add_argument("--adamw-ab", action="store_true",
+                    help="first: one AdamW step on the student's parameters, fused against foreach (shape-free)")
+    ap.add_argument("--host-reads", action="store_true",
+                    help="first, per shape: count the host syncs (scalar reads, nonzero, copies to the CPU) of one "
+                         "student and one critic iteration by source line (variant sdpa_grad: eager, since a "
+                         "dispatch mode would run compiled blocks op by op and may recompile them)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new variant after this many seconds (0: no limit); the tables still print")
     args = ap.parse_args()
@@ -433,6 +533,15 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     profiles, oom = [], []
     ab_lines = []
+    adamw_line = None
+    if args.adamw_ab:
+        ab = adamw_ab(list(bench.state.student.parameters()), device, max(args.reps, 3))
+        kept = "fp32 masters" if bench.model["dtype"] == "bfloat16" else "fp32 parameters"
+        adamw_line = (f"| AdamW step, student ({ab['params'] / 1e6:,.1f} M parameters, {kept}), median of "
+                      f"{max(args.reps, 3)} interleaved | {ab['foreach_ms']:.1f} | {ab['fused_ms']:.1f} | "
+                      f"{ab['change_pct']:+.1f} % | {ab['max_rel_diff']:.1e} | {ab['product']} |")
+        print(f"[{time.perf_counter() - t_start:.0f} s] AdamW step: foreach {ab['foreach_ms']:.1f} ms → fused "
+              f"{ab['fused_ms']:.1f} ms, masters max rel diff {ab['max_rel_diff']:.1e}", flush=True)
     abs_ = [("linear rule: PyTorch's → layers.Linear", linear_rule_ab)] if args.linear_ab else []
     abs_ += [("islands: eager dual → fused", islands_ab)] if args.islands_ab else []
     for what, ab_fn in abs_:
@@ -443,6 +552,14 @@ def main() -> None:
             print(f"[{time.perf_counter() - t_start:.0f} s] {key} JVP pass, {what}: {ab['theirs_ms']:.0f} → "
                   f"{ab['ours_ms']:.0f} ms, tangents bit-equal {ab['bit_equal']}, max rel diff "
                   f"{ab['max_rel_diff']:.1e}", flush=True)
+    read_lines = []
+    if args.host_reads:
+        for key, (title, latent, L_text) in shapes.items():
+            rows = host_reads(bench, "sdpa_grad", latent, L_text)     # eager: compile is not what syncs
+            read_lines += [f"| {title} | {p} | `{line}` | {op} | {dev} | {n} |" for p, line, op, dev, n in rows]
+            print(f"[{time.perf_counter() - t_start:.0f} s] {key} host reads: "
+                  + ", ".join(f"{p} {sum(r[-1] for r in rows if r[0] == p)}" for p in ("student", "critic")),
+                  flush=True)
     for key, (title, latent, L_text) in shapes.items():
         results[key] = []
         for variant in variants:
@@ -489,6 +606,12 @@ def main() -> None:
         print(f"\n| JVP pass A/B ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
               f"| after ms | change | outputs bit-equal | max rel diff |\n|---|---|---|---|---|---|---|\n"
               + "\n".join(ab_lines))
+    if read_lines:
+        print(f"\n| host reads (sdpa_grad, one iteration each) | pass | source line | op | tensor on | count |\n"
+              "|---|---|---|---|---|---|\n" + "\n".join(read_lines))
+    if adamw_line:
+        print("\n| A/B | foreach ms | fused ms | change | masters max rel diff | make_optimizer here |\n"
+              "|---|---|---|---|---|---|\n" + adamw_line)
     for line in oom:
         print(line)
     if out and oom:

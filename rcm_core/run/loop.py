@@ -32,7 +32,7 @@ from rcm_core.config import ExperimentCfg, config_hash, run_config_dict, save_re
 from rcm_core.data.latents import LatentBatch
 from rcm_core.parallel.dcp import load_distributed, save_distributed
 from rcm_core.method.denoiser import TrigFlowDenoiser
-from rcm_core.method.distill import DistillState, build_state, distill_step
+from rcm_core.method.distill import DistillState, build_state, distill_step, reapply_adamw_kernel
 from rcm_core.networks import check_label_path
 from rcm_core.parallel.mesh import Mesh
 from rcm_core.parallel.sharding import mesh_for_run, parallelize_state, share_batch
@@ -179,11 +179,16 @@ def _resume(state: DistillState, directory: Path, mesh: Mesh | None, device: tor
         from torch.distributed.checkpoint import FileSystemReader
 
         check_label_path(FileSystemReader(str(directory)).read_metadata().state_dict_metadata, str(directory))
-        return load_distributed(state, directory)
-    if mesh is not None and mesh.fsdp_mesh is not None:
+        extra = load_distributed(state, directory)
+    elif mesh is not None and mesh.fsdp_mesh is not None:
         raise ValueError(f"{directory} holds an unsharded checkpoint (state.pt) but parallel.dp_shard > 1 shards "
                          "this run; resume with the parallel settings it was written with")
-    return load_into_state(state, load_checkpoint(directory, map_location=device))
+    else:
+        extra = load_into_state(state, load_checkpoint(directory, map_location=device))
+    for opt in (state.opt_student, state.opt_fake):
+        if opt is not None:
+            reapply_adamw_kernel(opt)
+    return extra
 
 
 def _any_rank(reason: str | None, device: torch.device) -> str | None:
