@@ -277,12 +277,12 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 def _stats_source(STATS, pid_bh, LQ, s_stat, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
     # One (batch, head)'s fp32 row statistics (lse or delta). On the warp-specialised path (whose compiler pass
     # takes no pointer load) a 1-D descriptor over rows s_stat apart, which the launcher pads to 16-byte multiples
-    # (TMA's rule for a descriptor's base). The plain path's rows are LQ apart (s_stat is LQ there): indexing by
-    # LQ keeps its compiled code as measured.
+    # (TMA's rule for a descriptor's base). The plain path indexes rows s_stat apart as well: under WS_OK the
+    # autotuner also tries plain tiles, which read the same padded buffers (s_stat is LQ when WS_OK is off).
     if DESC:
         return tl.make_tensor_descriptor(STATS + pid_bh * s_stat, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
     else:
-        return STATS + pid_bh * LQ
+        return STATS + pid_bh * s_stat
 
 
 @triton.jit
