@@ -70,6 +70,20 @@ def _store_rows(base, x, offs_r, offs_d, stride_r, n_rows, D, EVEN_R: tl.constex
 
 
 @triton.jit
+def _store_tile(base, x, start_r, offs_r, offs_d, n_rows, D, EVEN_R: tl.constexpr, EVEN_D: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DESC: tl.constexpr):
+    # Rows [start_r, start_r + BLOCK_R) of a contiguous [n_rows, D] gradient. DESC (the warp-specialised passes):
+    # one TMA store, which drops rows past n_rows. On sm_90 (Triton 3.6, H200 2026-12-05) the pointer store after
+    # a warp-specialised loop wrote only the first consumer group's half of the tile: rows 64-127 of every
+    # 128-row tile stayed as they were, and other buffers came out changed.
+    if DESC:
+        tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[D, 1],
+                                  block_shape=[BLOCK_R, BLOCK_D]).store([start_r, 0], x)
+    else:
+        _store_rows(base, x, offs_r, offs_d, D, n_rows, D, EVEN_R, EVEN_D)
+
+
+@triton.jit
 def _row_source(base, n_rows, D, stride_r, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     # Where a streamed [n_rows, D] operand of one (batch, head) is read from. TMA (sm_90+, issue 28): a tensor
     # descriptor, so each tile is one bulk copy into shared memory issued by one thread, with no per-element
@@ -384,8 +398,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
                                 offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, False,
                                 EVEN_D, True, BLOCK_M, BLOCK_N, STREAM_TMA, False)
     dk = dk * scale
-    _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
-    _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
+    _store_tile(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), pid_n * BLOCK_N, offs_n, offs_d, LK, D, EVEN_N,
+                EVEN_D, BLOCK_N, BLOCK_D, WARP_SPEC)
+    _store_tile(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), pid_n * BLOCK_N, offs_n, offs_d, LK, D, EVEN_N,
+                EVEN_D, BLOCK_N, BLOCK_D, WARP_SPEC)
 
 
 @triton.jit
@@ -466,4 +482,5 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                           offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,
                           TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, STREAM_TMA)
     dq = dq * scale
-    _store_rows(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
+    _store_tile(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), pid_m * BLOCK_M, offs_m, offs_d, LQ, D, EVEN_M,
+                EVEN_D, BLOCK_M, BLOCK_D, WARP_SPEC)
