@@ -934,6 +934,38 @@ def test_warp_specialised_backward_matches_float64(triton_mode, dtype, case, mon
             assert torch.equal(draw[name][0], plain[name][0]), f"{name}: WS and plain paths differ"
 
 
+@pytest.mark.parametrize("ws_pass", ["dkdv", "dq"])
+def test_one_pass_warp_specialised_the_other_plain_equals_the_plain_backward(ws_pass, monkeypatch):
+    """Under WS_OK the autotuners try plain tiles too, so one pass may run warp-specialised and the other plain, both
+    reading lse and delta from the buffers the launcher padded to rows of s_stat (80 at LQ = 77). In the interpreter
+    with TMA forced on, each mix gives the plain backward's bits; at a second (batch, head) row a plain tile that
+    indexed the statistics LQ apart read the wrong rows (the bug this caught)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    fixed = katt._fixed_config
+
+    def one_pass_ws(name, block_d, fp32, ws_ok=False):
+        return fixed(name, block_d, fp32, ws_ok and name.endswith(ws_pass))
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 77, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 150, 64, generator=gen).bfloat16() for _ in range(2))
+    w = torch.randn(1, 2, 77, 64, generator=gen)
+
+    def grads():
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        (kernels.attention(*xs).float() * w).sum().backward()
+        return [x.grad for x in xs]
+
+    monkeypatch.setenv("RCM_KERNELS_BWD_WS", "off")
+    plain = grads()
+    monkeypatch.setenv("RCM_KERNELS_BWD_WS", "auto")
+    monkeypatch.setattr(katt, "_fixed_config", one_pass_ws)
+    mixed = grads()
+    for name, a, b in zip(("dq", "dk", "dv"), mixed, plain):
+        assert torch.equal(a, b), f"{name}: {ws_pass} warp-specialised, the other pass plain, differs from plain"
+
+
 @pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
 def test_warp_specialised_backward_tiles_compile_for_sm90_on_a_cpu(tmp_path, ragged):
     """Every warp-specialised dK/dV and dQ tile the autotuners may try (their prune: 128×128 only at D=64) compiles
