@@ -75,7 +75,8 @@ def _store_tile(base, x, start_r, offs_r, offs_d, n_rows, D, EVEN_R: tl.constexp
     # Rows [start_r, start_r + BLOCK_R) of a contiguous [n_rows, D] gradient. DESC (the warp-specialised passes):
     # one TMA store, which drops rows past n_rows. On sm_90 (Triton 3.6, H200 2026-12-05) the pointer store after
     # a warp-specialised loop wrote only the first consumer group's half of the tile: rows 64-127 of every
-    # 128-row tile stayed as they were, and other buffers came out changed.
+    # 128-row tile stayed as they were, and other buffers came out changed. The gradients are laid out as the
+    # contiguous dO the launcher made, whose alignment WS_OK checked, so the descriptor's rows sit on 16 bytes.
     if DESC:
         tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[D, 1],
                                   block_shape=[BLOCK_R, BLOCK_D]).store([start_r, 0], x)
