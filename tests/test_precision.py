@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,6 +70,58 @@ def test_masters_equal_fp32_adamw_on_the_bf16_gradients():
     _train(plain, _adamw(plain.parameters()), range(20))
     assert torch.equal(plain[0].weight, start)
     assert torch.equal(net[0].weight, master_parameters(net, opt)[0].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_multi_tensor_casts_give_the_per_tensor_loops_bits(device):
+    """step() casts the bf16 gradients up and the fp32 masters down as multi-tensor copies (on a GPU a kernel of
+    its own, grouping tensors, where copy_ ran per tensor): after five steps every master and working copy equals
+    the per-tensor reference bit for bit, and a parameter without a gradient leaves its master without one (AdamW
+    skips it). 24 parameters, so the GPU's multi-tensor kernel takes several groups of mixed sizes."""
+    torch.manual_seed(1)
+    net = nn.Sequential(*[nn.Linear(16 * (1 + i % 3), 16 * (1 + (i + 1) % 3)) for i in range(12)])
+    net = net.to(device, torch.bfloat16)
+    ref = copy.deepcopy(net)
+    opt = with_master_weights(net.parameters(), _adamw)
+    masters = [p.detach().float().clone().requires_grad_(True) for p in ref.parameters()]
+    ref_opt = _adamw(masters)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    for _ in range(5):
+        for model in (net, ref):
+            model.zero_grad(set_to_none=True)
+            model(x).float().square().mean().backward()
+            model[3].weight.grad = None                     # no gradient this step (a frozen or unused weight)
+        opt.step()
+        for p, m in zip(ref.parameters(), masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        ref_opt.step()
+        with torch.no_grad():
+            for p, m in zip(ref.parameters(), masters):
+                p.copy_(m)
+    assert opt.masters[6].grad is None                      # net[3].weight's master
+    for got, want in zip(opt.masters, masters):
+        assert torch.equal(got, want)
+    for got, want in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ema_multi_tensor_lerp_gives_the_per_tensor_loops_bits(device):
+    """PowerEMA.update averages with one multi-tensor lerp: three updates from the fp32 masters of a bf16 network
+    equal per-tensor lerp_ bit for bit (on a GPU a different kernel from lerp_)."""
+    from rcm_core.method.ema import PowerEMA
+    torch.manual_seed(3)
+    net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(10)]).to(device, torch.bfloat16)
+    ema = PowerEMA(net, 0.05)
+    shadow = [p.detach().clone() for p in ema.module.parameters()]
+    for step in range(3):
+        masters = [p.detach().float() + 1e-3 * torch.randn(p.shape, device=device) for p in net.parameters()]
+        ema.update(net, masters)
+        weight = 1.0 - ema.beta(step + 1)
+        for s_, m in zip(shadow, masters):
+            s_.lerp_(m, weight)
+    for got, want in zip(ema.module.parameters(), shadow):
+        assert torch.equal(got, want)
 
 
 def test_fp32_model_gets_the_plain_optimizer():

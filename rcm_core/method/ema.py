@@ -37,8 +37,10 @@ class PowerEMA:
         bf16, rcm_core.parallel.precision) into the shadow; buffers are copied from `module`."""
         self.num_updates += 1
         beta = self.beta(self.num_updates)
-        for p_ema, p in zip(self.module.parameters(), module.parameters() if params is None else params):
-            p_ema.lerp_(p.detach().float(), 1.0 - beta)
+        shadow = list(self.module.parameters())
+        sources = [p.detach().float() for p in (module.parameters() if params is None else params)]
+        if shadow:      # one multi-tensor lerp: a launch per group of tensors on a GPU, not one per parameter
+            torch._foreach_lerp_(shadow, sources, 1.0 - beta)
         for b_ema, b in zip(self.module.buffers(), module.buffers()):
             b_ema.copy_(b)
 

@@ -59,19 +59,31 @@ class MasterWeightOptimizer:
                     if t.grad is not None:
                         t.grad.zero_()
 
+    def _narrow_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+
     @torch.no_grad()
     def step(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+        # The casts run as multi-tensor copies (one launch per group of tensors on a GPU, where a loop of
+        # per-tensor casts made ~825 launches each way at Wan2.1-1.3B); the arithmetic is copy_'s either way.
+        with_grad = []
+        for p, m in self._narrow_pairs():
+            m.grad = None
+            if p.grad is not None:
+                with_grad.append((p.grad, m))
+        if with_grad:
+            fp32 = [torch.empty_like(m) for _, m in with_grad]
+            torch._foreach_copy_(fp32, [g for g, _ in with_grad])
+            for (_, m), g in zip(with_grad, fp32):
+                m.grad = g
         self.inner.step()
         self._refresh()
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                p.copy_(m)
+        pairs = self._narrow_pairs()
+        if pairs:
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
 
     def master_parameters(self) -> list[torch.Tensor]:
         """The fp32 values, in the module's parameter order (what the EMA should average)."""
