@@ -13,8 +13,9 @@ primal (`PRIMAL_BACKENDS`, issue 28): "fused" | "sdpa_grad" | "sdpa" sends tange
 calls with a tangent (`has_tangent`) and block-causal calls always run the fused kernel.
 Both run the Triton kernels (kernels/_triton_attention.py) on CUDA and under TRITON_INTERPRET=1, and the
 PyTorch twins (kernels/reference.py) otherwise; on sm_90+ GPUs the kernels stream their tiles through TMA tensor
-descriptors (RCM_KERNELS_TMA=auto|off|on, kernels/flash_jvp.py). `merge_attention_partials` merges results over
-key blocks.
+descriptors (RCM_KERNELS_TMA=auto|off|on, kernels/flash_jvp.py); on sm_90 the backward passes may also
+autotune warp-specialised tiles where every load can be a descriptor load (RCM_KERNELS_BWD_WS=auto|off).
+`merge_attention_partials` merges results over key blocks.
 Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`
 (block-causal vs unmasked: `python -m kernels.bench --block-causal`).
 """

@@ -70,6 +70,21 @@ def _store_rows(base, x, offs_r, offs_d, stride_r, n_rows, D, EVEN_R: tl.constex
 
 
 @triton.jit
+def _store_tile(base, x, start_r, offs_r, offs_d, n_rows, D, EVEN_R: tl.constexpr, EVEN_D: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DESC: tl.constexpr):
+    # Rows [start_r, start_r + BLOCK_R) of a contiguous [n_rows, D] gradient. DESC (the warp-specialised passes):
+    # one TMA store, which drops rows past n_rows. On sm_90 (Triton 3.6, H200 2026-12-05) the pointer store after
+    # a warp-specialised loop wrote only the first consumer group's half of the tile: rows 64-127 of every
+    # 128-row tile stayed as they were, and other buffers came out changed. The gradients are laid out as the
+    # contiguous dO the launcher made, whose alignment WS_OK checked, so the descriptor's rows sit on 16 bytes.
+    if DESC:
+        tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[D, 1],
+                                  block_shape=[BLOCK_R, BLOCK_D]).store([start_r, 0], x)
+    else:
+        _store_rows(base, x, offs_r, offs_d, D, n_rows, D, EVEN_R, EVEN_D)
+
+
+@triton.jit
 def _row_source(base, n_rows, D, stride_r, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     # Where a streamed [n_rows, D] operand of one (batch, head) is read from. TMA (sm_90+, issue 28): a tensor
     # descriptor, so each tile is one bulk copy into shared memory issued by one thread, with no per-element
@@ -247,10 +262,11 @@ def _attn_fwd_jvp(Q, K, V, QT, KT, VT, MASK, CHUNK_END, O, OT, LSE, LSET,
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, s_stat, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr):
     """delta = rowsum(dO⊙O) − dlse for BLOCK_M rows of one (batch, head), in fp32 from the stored o and dO (both
-    contiguous [B, H, LQ, D]): one read of each, where PyTorch's expression wrote and re-read two fp32 copies."""
+    contiguous [B, H, LQ, D]): one read of each, where PyTorch's expression wrote and re-read two fp32 copies.
+    DELTA's rows are s_stat apart (LQ, or LQ padded for the warp-specialised passes' descriptors)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,7 +276,7 @@ def _attn_bwd_delta(O, DO, DLSE, DELTA, LQ, D, HAS_DLSE: tl.constexpr, BLOCK_M: 
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-    tl.store(DELTA + pid_bh * LQ + offs_m, delta, mask=offs_m < LQ)
+    tl.store(DELTA + pid_bh * s_stat + offs_m, delta, mask=offs_m < LQ)
 
 
 @triton.jit
@@ -273,16 +289,39 @@ def _row_stats(LSE, DELTA, offs_m, LQ):
 
 
 @triton.jit
+def _stats_source(STATS, pid_bh, LQ, s_stat, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
+    # One (batch, head)'s fp32 row statistics (lse or delta). On the warp-specialised path (whose compiler pass
+    # takes no pointer load) a 1-D descriptor over rows s_stat apart, which the launcher pads to 16-byte multiples
+    # (TMA's rule for a descriptor's base). The plain path indexes rows s_stat apart as well: under WS_OK the
+    # autotuner also tries plain tiles, which read the same padded buffers (s_stat is LQ when WS_OK is off).
+    if DESC:
+        return tl.make_tensor_descriptor(STATS + pid_bh * s_stat, shape=[LQ], strides=[1], block_shape=[BLOCK_M])
+    else:
+        return STATS + pid_bh * s_stat
+
+
+@triton.jit
+def _load_stats(LSE_src, DELTA_src, start_m, offs_m, LQ, DESC: tl.constexpr):
+    # Rows [start_m, start_m + BLOCK_M) of lse (in exp2 units) and delta. Through descriptors, rows past LQ read 0,
+    # harmless there because their q and dO rows read 0 too (p = 1 times a zero dO row, ds = 1·(0 − 0)); that path
+    # runs without mask or chunks, so no lse is -inf.
+    if DESC:
+        return LSE_src.load([start_m]) * _LOG2E, DELTA_src.load([start_m])
+    else:
+        return _row_stats(LSE_src, DELTA_src, offs_m, LQ)
+
+
+@triton.jit
 def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d, offs_n, key_ok,
                dk, dv, s_qm, LQ, D, qk_scale,
                HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, IN_BOUNDS: tl.constexpr,
                EVEN_D: tl.constexpr, CHUNK_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, WS: tl.constexpr):
     """One query tile's contribution to dK, dV (Pᵀ recomputed from lse). key_ok: [keys] validity."""
     offs_m = start_m + offs_m0
     q = _load_tile(Q_src, start_m, offs_m, offs_d, s_qm, LQ, D, IN_BOUNDS, EVEN_D, TMA)
     do = _load_tile(DO_src, start_m, offs_m, offs_d, D, LQ, D, IN_BOUNDS, EVEN_D, TMA)
-    lse, delta = _row_stats(LSE_row, DELTA_row, offs_m, LQ)
+    lse, delta = _load_stats(LSE_row, DELTA_row, start_m, offs_m, LQ, WS)
     s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
                UPCAST, PREC) * qk_scale
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -303,14 +342,21 @@ def _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
-                   H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
+                   H, LQ, LK, D, scale, LQ_KEY, LK_KEY, s_stat,
                    HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+                   WS_OK: tl.constexpr, WS: tl.constexpr):
     """dK, dV for BLOCK_N keys: stream the query tiles that see them, recompute Pᵀ from the saved lse (FA2
     backward). dO is contiguous [B, H, LQ, D]; DELTA = rowsum(dO⊙O) − dlse, so a gradient reaching lse is
     exact too. With chunks, query tiles before the keys' chunk are skipped and only the tiles a chunk
-    boundary crosses are masked."""
+    boundary crosses are masked.
+
+    WS (a tile of the autotune space, only where the launcher says WS_OK: sm_90, no mask, no chunks, TMA-aligned
+    operands; lse and delta rows s_stat apart): the query loop is warp-specialised by Triton's Hopper pass (a
+    producer warp group issuing the loads, two consumer groups computing: FlashAttention-3's structure, issue
+    28). That pass takes only descriptor loads in the kernel (Triton 3.6 fails to compile it with any pointer
+    load, even one outside the loop), so WS reads K, V, lse and delta through descriptors too."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -318,13 +364,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
-    v = _load_rows(V + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
+    WARP_SPEC: tl.constexpr = WS and WS_OK
+    STREAM_TMA: tl.constexpr = TMA or WARP_SPEC
+    if WARP_SPEC:
+        k = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, True).load([pid_n * BLOCK_N, 0])
+        v = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, True).load([pid_n * BLOCK_N, 0])
+    else:
+        k = _load_rows(K + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, LK, D, EVEN_N, EVEN_D)
+        v = _load_rows(V + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, LK, D, EVEN_N, EVEN_D)
     key_ok = _key_valid(MASK + b * s_mb, offs_n, LK, HAS_MASK)
-    Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, TMA)
-    DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, TMA)
-    LSE_row = LSE + pid_bh * LQ
-    DELTA_row = DELTA + pid_bh * LQ
+    Q_src = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, STREAM_TMA)
+    DO_src = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, STREAM_TMA)
+    LSE_row = _stats_source(LSE, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC)
+    DELTA_row = _stats_source(DELTA, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC)
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -337,18 +389,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DK, DV
         m_lo = 0
         m_full = 0
     # The unmasked loop first: ptxas spilled more inside it (sm_90) when it came second.
-    for start_m in range(m_full, LQ, BLOCK_M):
+    for start_m in tl.range(m_full, LQ, BLOCK_M, warp_specialize=WARP_SPEC):
         dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                             offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, EVEN_M, EVEN_D,
-                            False, BLOCK_M, BLOCK_N, TMA)
+                            False, BLOCK_M, BLOCK_N, STREAM_TMA, WARP_SPEC)
     if HAS_CHUNKS:
         for start_m in range(m_lo, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, Q_src, DO_src, LSE_row, DELTA_row, CHUNK_END, start_m, offs_m0, offs_d,
                                 offs_n, key_ok, dk, dv, s_qm, LQ, D, qk_scale, HAS_MASK, UPCAST, PREC, False,
-                                EVEN_D, True, BLOCK_M, BLOCK_N, TMA)
+                                EVEN_D, True, BLOCK_M, BLOCK_N, STREAM_TMA, False)
     dk = dk * scale
-    _store_rows(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
-    _store_rows(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), offs_n, offs_d, D, LK, D, EVEN_N, EVEN_D)
+    _store_tile(DK + pid_bh * LK * D, dk.to(DK.dtype.element_ty), pid_n * BLOCK_N, offs_n, offs_d, LK, D, EVEN_N,
+                EVEN_D, BLOCK_N, BLOCK_D, WARP_SPEC)
+    _store_tile(DV + pid_bh * LK * D, dv.to(DV.dtype.element_ty), pid_n * BLOCK_N, offs_n, offs_d, LK, D, EVEN_N,
+                EVEN_D, BLOCK_N, BLOCK_D, WARP_SPEC)
 
 
 @triton.jit
@@ -373,12 +427,16 @@ def _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb,
-                 H, LQ, LK, D, scale, LQ_KEY, LK_KEY,
+                 H, LQ, LK, D, scale, LQ_KEY, LK_KEY, s_stat,
                  HAS_MASK: tl.constexpr, HAS_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+                 WS_OK: tl.constexpr, WS: tl.constexpr):
     """dQ for BLOCK_M query rows: stream the key tiles they see (a separate pass, so no atomics are needed);
-    the same full / partial / skipped split of key tiles as the forward."""
+    the same full / partial / skipped split of key tiles as the forward. WS, WS_OK: as in `_attn_bwd_dkdv` (the
+    unmasked key loop warp-specialised; q, dO, lse and delta then come through descriptors too). Triton 3.6's
+    pass compiles no second loop after the specialised one (it failed for sm_90 on most tiles, 2026-12-04), so at
+    a ragged key count the WS path runs one loop over every key tile, each with the key-range select."""
     pid_m = tl.program_id(0)
     if HAS_CHUNKS:
         pid_m = tl.num_programs(0) - 1 - pid_m     # longest rows first, as in the forward
@@ -388,11 +446,19 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
-    do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
-    lse, delta = _row_stats(LSE + pid_bh * LQ, DELTA + pid_bh * LQ, offs_m, LQ)
-    K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, TMA)
-    V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, TMA)
+    WARP_SPEC: tl.constexpr = WS and WS_OK
+    STREAM_TMA: tl.constexpr = TMA or WARP_SPEC
+    if WARP_SPEC:
+        q = _row_source(Q + b * s_qb + h * s_qh, LQ, D, s_qm, BLOCK_M, BLOCK_D, True).load([pid_m * BLOCK_M, 0])
+        do = _row_source(DO + pid_bh * LQ * D, LQ, D, D, BLOCK_M, BLOCK_D, True).load([pid_m * BLOCK_M, 0])
+    else:
+        q = _load_rows(Q + b * s_qb + h * s_qh, offs_m, offs_d, s_qm, LQ, D, EVEN_M, EVEN_D)
+        do = _load_rows(DO + pid_bh * LQ * D, offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
+    lse, delta = _load_stats(_stats_source(LSE, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC),
+                             _stats_source(DELTA, pid_bh, LQ, s_stat, BLOCK_M, WARP_SPEC), pid_m * BLOCK_M, offs_m,
+                             LQ, WARP_SPEC)
+    K_src = _row_source(K + b * s_kb + h * s_kh, LK, D, s_kn, BLOCK_N, BLOCK_D, STREAM_TMA)
+    V_src = _row_source(V + b * s_vb + h * s_vh, LK, D, s_vn, BLOCK_N, BLOCK_D, STREAM_TMA)
     MASK_base = MASK + b * s_mb
     qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -403,14 +469,19 @@ def _attn_bwd_dq(Q, K, V, DO, MASK, CHUNK_END, CHUNK_START, LSE, DELTA, DQ,
         hi_end = LK
     n_full = (lo_end // BLOCK_N) * BLOCK_N
     TAIL_KEY_MASK: tl.constexpr = HAS_MASK or (not HAS_CHUNKS)
-    for start_n in range(0, n_full, BLOCK_N):
+    WS_RAGGED: tl.constexpr = WARP_SPEC and not EVEN_N      # one loop, every tile masked (see the docstring)
+    n_loop = n_full
+    if WS_RAGGED:
+        n_loop = LK
+    for start_n in tl.range(0, n_loop, BLOCK_N, warp_specialize=WARP_SPEC):
         dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0, offs_d,
-                      dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, True, EVEN_D, HAS_MASK, False,
-                      BLOCK_M, BLOCK_N, TMA)
-    if HAS_CHUNKS or not EVEN_N:
+                      dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, not WS_RAGGED, EVEN_D,
+                      HAS_MASK or WS_RAGGED, False, BLOCK_M, BLOCK_N, STREAM_TMA)
+    if HAS_CHUNKS or not (EVEN_N or WS_RAGGED):
         for start_n in range(n_full, hi_end, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, K_src, V_src, MASK_base, CHUNK_END, offs_m, LQ, start_n, offs_n0,
                           offs_d, dq, s_kn, s_vn, LK, D, qk_scale, HAS_MASK, UPCAST, PREC, False, EVEN_D,
-                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, TMA)
+                          TAIL_KEY_MASK, HAS_CHUNKS, BLOCK_M, BLOCK_N, STREAM_TMA)
     dq = dq * scale
-    _store_rows(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), offs_m, offs_d, D, LQ, D, EVEN_M, EVEN_D)
+    _store_tile(DQ + pid_bh * LQ * D, dq.to(DQ.dtype.element_ty), pid_m * BLOCK_M, offs_m, offs_d, LQ, D, EVEN_M,
+                EVEN_D, BLOCK_M, BLOCK_D, WARP_SPEC)

@@ -24,6 +24,12 @@ in one process (each autotuned on its own) and prints, per shape and pass (fwd+J
 ratio, the rounds TMA won, the tiles each picked and how far their outputs differ. Its bwd rows use TMA at every
 head dim (the shipped rule, TMA_BWD_MIN_HEAD_DIM, is what they decide).
 
+Warp-specialised backward tiles (issue 28; RCM_KERNELS_BWD_WS, kernels/flash_jvp.py), one command:
+`python3 -m kernels.bench --shapes 64:24:8192,128:12:8192,64:24:32768,128:12:32768 --ws-ab 4` times the backward
+with those tiles allowed and without, interleaved over 4 rounds (each side autotuned on its own), beside SDPA's
+backward in the same rounds, and prints both times, their ratio, ours / SDPA, the rounds WS won and the dK/dV and
+dQ tiles each side picked (" WS" marks a warp-specialised one).
+
 Block-causal masks (issue 30): `python -m kernels.bench --block-causal` times the same kernels with
 `chunk_sizes` against the unmasked kernel at the default Wan 480p × 81-frame shape, 21 chunks of one latent
 frame (1,560 tokens each, 32,760 in all), H=12, D=128, bf16; one row per pass (fwd+JVP, fwd, bwd) and a CSV in
@@ -241,10 +247,30 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 def _tuned_tile(name: str) -> str:
     """The tile the autotuner picked in the last launch of kernel `name` ("-" when autotuning is off or under the
-    interpreter)."""
+    interpreter); " WS" marks a warp-specialised backward tile."""
     from kernels import flash_jvp
     cfg = getattr(flash_jvp._current_launcher(name), "best_config", None)
-    return "-" if cfg is None else "{}x{} w{} s{}".format(*flash_jvp._tile(cfg))
+    if cfg is None:
+        return "-"
+    return "{}x{} w{} s{}".format(*flash_jvp._tile(cfg)) + (" WS" if cfg.kwargs.get("WS") else "")
+
+
+def _interleaved(sides: dict, fn, rounds: int, do_bench, tile) -> tuple[dict, dict, dict]:
+    """Time `fn` under each side's environment {side: (variable, value)}, the sides interleaved over `rounds`
+    rounds in one process (so clocks and neighbours drift alike). Returns each side's times, last outputs and
+    the tile string `tile()` read after its last call."""
+    times, outs, tiles = {side: [] for side in sides}, {}, {}
+    for _ in range(rounds):
+        for side, (name, value) in sides.items():
+            with _env(name, value):
+                times[side].append(do_bench(fn))
+                outs[side] = fn()
+                tiles[side] = tile()
+    return times, outs, tiles
+
+
+def _max_rel_diff(a_outs, b_outs) -> float:
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(a_outs, b_outs))
 
 
 def tma_ab(shapes: list[tuple[int, int, int]], rounds: int, device: str = "cuda") -> list[dict]:
@@ -283,17 +309,13 @@ def _tma_ab_shape(d: int, h: int, n: int, rounds: int, device: str) -> list[dict
               "bwd": (lambda: _bwd(dout, q, k, v, o, lse), "_attn_bwd_dkdv", 10.0)}
     rows = []
     for pname, (fn, kname, flops_per) in passes.items():
-        times = {"off": [], "tma": []}
-        tiles, outs = {}, {}
-        for _ in range(rounds):
-            for side, mode in (("off", "off"), ("tma", tma_mode)):
-                with _env("RCM_KERNELS_TMA", mode), _bwd_tma_at_every_head_dim():
-                    times[side].append(do_bench(fn))
-                    outs[side] = fn()
-                    tiles[side] = _tuned_tile(kname) + (" / dq " + _tuned_tile("_attn_bwd_dq") if pname == "bwd"
-                                                        else "")
-        diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                   for a, b in zip(outs["off"], outs["tma"]))
+        tile = lambda kname=kname, pname=pname: (_tuned_tile(kname) + (" / dq " + _tuned_tile("_attn_bwd_dq")
+                                                                         if pname == "bwd" else ""))
+        sides = {"off": ("RCM_KERNELS_TMA", "off"), "tma": ("RCM_KERNELS_TMA", tma_mode)}
+        # Warp specialisation off on both sides: it needs TMA, so allowing it would credit its gain to TMA.
+        with _bwd_tma_at_every_head_dim(), _env("RCM_KERNELS_BWD_WS", "off"):
+            times, outs, tiles = _interleaved(sides, fn, rounds, do_bench, tile)
+        diff = _max_rel_diff(outs["off"], outs["tma"])
         if not all(torch.isfinite(x).all() for x in (*outs["off"], *outs["tma"])) or diff > 0.03:
             raise RuntimeError(f"D={d} H={h} N={n} {pname}: outputs non-finite or TMA/pointer paths differ by "
                                f"{diff:.2e} relative (> 0.03); no time reported")
@@ -317,6 +339,69 @@ def tma_table(rows: list[dict]) -> str:
                      f"({r['pointers_tflops']:.0f}) | {r['tma_ms']:.3f} ({r['tma_tflops']:.0f}) | "
                      f"{r['tma_over_pointers']:.3f} | {r['rounds_tma_faster']} of {r['rounds']} | "
                      f"{r['tile_pointers']}; {r['tile_tma']} | {r['max_rel_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- warp-specialised backward A/B
+
+def ws_ab(shapes: list[tuple[int, int, int]], rounds: int, device: str = "cuda") -> list[dict]:
+    """The backward with its passes' warp-specialised tiles allowed (RCM_KERNELS_BWD_WS=auto) against
+    without them (off), interleaved over `rounds` rounds in one process, each side autotuned on its own (WS_OK is
+    part of the tuning key), with SDPA's backward (issue 28's yardstick) timed in the same rounds. Per shape: the
+    medians, the ratio, the rounds WS won, the dK/dV and dQ tiles picked (" WS" marks a warp-specialised one: with WS
+    allowed the tuner may still pick a plain tile) and how far the gradients of the two sides differ. device
+    "cpu": under the interpreter with TMA forced on (the WS path needs descriptors), which runs the WS data path
+    (the loop hint is a compiler matter) and times nothing."""
+    return [_ws_ab_shape(d, h, n, rounds, device) for d, h, n in shapes]
+
+
+def _ws_ab_shape(d: int, h: int, n: int, rounds: int, device: str) -> dict:
+    from kernels.flash_jvp import _bwd, _fwd
+    do_bench = _timer(device)
+    gen = torch.Generator(device=device).manual_seed(n + d)
+    q, k, v, dout = (torch.randn(1, h, n, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    o, lse = _fwd(q, k, v)
+    fn = lambda: _bwd(dout, q, k, v, o, lse)
+    tma = "auto" if device == "cuda" else "on"
+    sides = {"off": ("RCM_KERNELS_BWD_WS", "off"), "ws": ("RCM_KERNELS_BWD_WS", "auto")}
+    with _env("RCM_KERNELS_TMA", tma):
+        times, outs, tiles = _interleaved(sides, fn, rounds, do_bench,
+                                          lambda: _tuned_tile("_attn_bwd_dkdv") + " / dq " + _tuned_tile("_attn_bwd_dq"))
+    sdpa_ms = vs_sdpa = None
+    if device == "cuda":
+        qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs)
+        sdpa_grads = lambda: torch.autograd.grad(out, (qs, ks, vs), dout, retain_graph=True)
+        sdpa_ms = statistics.median(do_bench(sdpa_grads) for _ in range(rounds))
+        vs_sdpa = _max_rel_diff(outs["ws"], sdpa_grads())
+    diff = _max_rel_diff(outs["off"], outs["ws"])
+    if (not all(torch.isfinite(x).all() for x in (*outs["off"], *outs["ws"])) or diff > 0.03
+            or (vs_sdpa is not None and vs_sdpa > 0.03)):
+        raise RuntimeError(f"D={d} H={h} N={n}: gradients non-finite, or WS/plain differ by {diff:.2e}, or WS/SDPA "
+                           f"by {vs_sdpa} relative (bar 0.03); no time reported")
+    old, new = statistics.median(times["off"]), statistics.median(times["ws"])
+    flops = 10.0 * h * n * n * d
+    row = {"D": d, "H": h, "N": n, "plain_ms": old, "ws_ms": new, "plain_tflops": flops / old * 1e-9,
+           "ws_tflops": flops / new * 1e-9, "ws_over_plain": new / old, "sdpa_bwd_ms": sdpa_ms,
+           "ws_over_sdpa": None if sdpa_ms is None else new / sdpa_ms,
+           "rounds_ws_faster": sum(b < a for a, b in zip(times["off"], times["ws"])), "rounds": rounds,
+           "tile_plain": tiles["off"], "tile_ws": tiles["ws"], "max_rel_diff": diff, "ws_max_rel_vs_sdpa": vs_sdpa,
+           "times": times}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def ws_table(rows: list[dict]) -> str:
+    lines = [("| D | H | N | plain ms (TFLOP/s) | WS allowed ms (TFLOP/s) | WS / plain | rounds WS faster | SDPA bwd ms "
+              "| ours (WS) / SDPA | dK/dV / dQ tiles (plain; WS allowed) | max rel. diff |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sdpa = "-" if r["sdpa_bwd_ms"] is None else f"{r['sdpa_bwd_ms']:.3f}"
+        ratio = "-" if r["ws_over_sdpa"] is None else f"{r['ws_over_sdpa']:.3f}"
+        lines.append(f"| {r['D']} | {r['H']} | {r['N']} | {r['plain_ms']:.3f} ({r['plain_tflops']:.0f}) | "
+                     f"{r['ws_ms']:.3f} ({r['ws_tflops']:.0f}) | {r['ws_over_plain']:.3f} | "
+                     f"{r['rounds_ws_faster']} of {r['rounds']} | {sdpa} | {ratio} | {r['tile_plain']}; "
+                     f"{r['tile_ws']} | {r['max_rel_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -469,6 +554,22 @@ def main_block_causal(args, n_heads: int) -> None:
         print(f"csv: {path}")
 
 
+def _main_ab(shapes, rounds: int, option: str, run, fmt) -> None:
+    """One A/B command: the rows, their table, and both as kernels_<tma|ws>_ab.{json,md} in $OUT when set."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not interpret and not torch.cuda.is_available():
+        raise SystemExit(f"error: {option} needs a CUDA GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
+    stem = "kernels_" + option.strip("-").replace("-", "_")
+    card = ("CPU, Triton interpreter (TMA forced on; timings say nothing)" if interpret
+            else torch.cuda.get_device_name())
+    print(f"# {card} torch {torch.__version__} triton {__import__('triton').__version__} bf16", flush=True)
+    rows = run(shapes, rounds, "cpu" if interpret else "cuda")
+    print(fmt(rows))
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+        (Path(os.environ["OUT"]) / f"{stem}.md").write_text(fmt(rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block-causal", action="store_true", help="only the block-causal vs unmasked rows")
@@ -487,6 +588,8 @@ def main() -> None:
                     help="our D=64 autotune space (both: one row each, same process)")
     ap.add_argument("--tma-ab", type=int, default=0, metavar="ROUNDS",
                     help="only the A/B of pointer loads against TMA descriptors on --shapes, ROUNDS interleaved rounds")
+    ap.add_argument("--ws-ab", type=int, default=0, metavar="ROUNDS",
+                    help="only the A/B of the backward with and without warp-specialised tiles on --shapes")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))
@@ -496,19 +599,10 @@ def main() -> None:
         return main_block_causal(args, heads[args.dim])
     shapes = args.shapes or [(d, heads[d], n) for d in map(int, args.dims.split(","))
                              for n in map(int, args.seqs.split(","))]
-    if args.tma_ab:
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if not interpret and not torch.cuda.is_available():
-            raise SystemExit("error: --tma-ab needs a CUDA GPU, or TRITON_INTERPRET=1 for the CPU interpreter")
-        card = ("CPU, Triton interpreter (TMA forced on; timings say nothing)" if interpret
-                else torch.cuda.get_device_name())
-        print(f"# {card} torch {torch.__version__} triton {__import__('triton').__version__} bf16", flush=True)
-        rows = tma_ab(shapes, args.tma_ab, "cpu" if interpret else "cuda")
-        print(tma_table(rows))
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "kernels_tma_ab.json").write_text(json.dumps(rows, indent=1))
-            (Path(os.environ["OUT"]) / "kernels_tma_ab.md").write_text(tma_table(rows) + "\n")
-        return
+    for rounds, option, run, fmt in ((args.tma_ab, "--tma-ab", tma_ab, tma_table),
+                                     (args.ws_ab, "--ws-ab", ws_ab, ws_table)):
+        if rounds:
+            return _main_ab(shapes, rounds, option, run, fmt)
     peer = load_peer(args.peer_kernel) if args.peer_kernel else None
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"triton {__import__('triton').__version__} bf16", flush=True)

@@ -145,20 +145,28 @@ _BWD_TILES = {
              (64, 128, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
            (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
+    # Warp-specialised tiles (the kernels' WS; 4 warps is one consumer group: Triton's Hopper pass adds a
+    # producer group and splits the tile across two consumer groups, 12 warps in all). Tried only where the
+    # launcher sets WS_OK.
+    "dkdv_ws": [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)],
+    "dq_ws": [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)],
 }
 
 
 def _bwd_configs(kind: str):
     import triton
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in _BWD_TILES[kind]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=w, num_stages=s)
+            for ws, tiles in ((False, kind), (True, kind + "_ws")) for bm, bn, w, s in _BWD_TILES[tiles]]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    # Register budget: 128×128 tiles only at head dim ≤ 64, 64×64 at most at 256.
+    # Register budget: 128×128 tiles only at head dim ≤ 64, 64×64 at most at 256. Warp-specialised tiles only
+    # where the launcher allows them (WS_OK).
     d = kwargs["BLOCK_D"]
     limit = 64 * 64 if d >= 256 else (64 * 128 if d >= 128 else 128 * 128)
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit] or configs[-1:]
+    ws_ok = kwargs.get("WS_OK", False)
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
+            and (ws_ok or not c.kwargs.get("WS", False))] or configs[-1:]
 
 
 _EVEN = {
@@ -174,22 +182,31 @@ def _autotune() -> bool:
     return os.environ.get("RCM_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _fixed_config(name: str, block_d: int, fp32: bool) -> dict:
+def _fixed_config(name: str, block_d: int, fp32: bool, ws_ok: bool = False) -> dict:
     """One config per kernel: 64×64 in the interpreter (several key blocks, ragged tails, cheap to run);
     on the GPU a conservative tile that fits the registers at every head dim. fp32 (exact "ieee" dots, a
     correctness path, not a fast one) gets small tiles: its tiles take twice the shared memory and its
-    FMA-based dots compile slowly."""
+    FMA-based dots compile slowly. The backward passes take their warp-specialised path wherever it is allowed
+    (ws_ok), so the tests run it (in the interpreter: its descriptor loads; the loop hint is a GPU matter)."""
+    if name.startswith("_attn_bwd") and ws_ok:
+        if _interpret():
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "WS": True}
+        dkdv = name.endswith("dkdv")
+        return {"BLOCK_M": 64 if dkdv else 128, "BLOCK_N": 128 if dkdv else 64, "num_warps": 4, "num_stages": 2,
+                "WS": True}
+    ws = {"WS": False} if name.startswith("_attn_bwd") else {}
     if _interpret():
-        return {"BLOCK_M": 64, "BLOCK_N": 64}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, **ws}
     if fp32:
         small = block_d >= 256
-        return {"BLOCK_M": 32 if small else 64, "BLOCK_N": 16 if small else 32, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 32 if small else 64, "BLOCK_N": 16 if small else 32, "num_warps": 4, "num_stages": 1,
+                **ws}
     big = block_d >= 256
     if name == "_attn_fwd_jvp":
         return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32 if big else 64, "num_warps": 4 if big else 8, "num_stages": 2}
     if name.endswith("dkdv"):
-        return {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2, **ws}
+    return {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, **ws}
 
 
 @functools.lru_cache(maxsize=32)
@@ -204,7 +221,7 @@ def _launcher(name: str, interpret: bool, autotune: bool, d64: str = "narrow"):
         tuner = triton.autotune(_fwd_configs(d64), key=_TUNE_KEY + ["HAS_TANGENT"],
                                 prune_configs_by={"early_config_prune": _prune_fwd})
     else:
-        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY,
+        tuner = triton.autotune(_bwd_configs("dkdv" if name.endswith("dkdv") else "dq"), key=_TUNE_KEY + ["WS_OK"],
                                 prune_configs_by={"early_config_prune": _prune_bwd})
     return tuner(fn)
 
@@ -220,8 +237,8 @@ def _run(name: str, grid, *args, **kwargs):
     interpret, autotune = _interpret(), _autotune() and not fp32
     launcher = _current_launcher(name, fp32)
     if interpret or not autotune:
-        kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32))
-    if kwargs["TMA"] and not interpret:
+        kwargs.update(_fixed_config(name, kwargs["BLOCK_D"], fp32, kwargs.get("WS_OK", False)))
+    if (kwargs["TMA"] or kwargs.get("WS_OK", False)) and not interpret:
         import triton
         # Set at every launch: the allocator is a context variable, and Ray Train runs the loop in a thread.
         triton.set_allocator(_tma_scratch)
@@ -260,6 +277,31 @@ def _use_tma(*streamed: torch.Tensor) -> bool:
     if not _interpret() and torch.cuda.get_device_capability(streamed[0].device)[0] < 9:
         return False
     return all(_tma_aligned(x) for x in streamed)
+
+
+def bwd_ws_mode() -> str:
+    """RCM_KERNELS_BWD_WS: "auto" (default) lets the backward passes' autotuners try warp-specialised tiles where
+    `_warp_specialise` allows them; "off" never (the A/B baseline, and the way out should Triton's Hopper
+    pass miscompile on some other build)."""
+    mode = os.environ.get("RCM_KERNELS_BWD_WS", "auto")
+    if mode not in ("auto", "off"):
+        raise ValueError(f"RCM_KERNELS_BWD_WS={mode!r}: use auto or off")
+    return mode
+
+
+def _warp_specialise(c: dict, q, k, v, do) -> bool:
+    """Whether the backward passes may take warp-specialised tiles (their WS_OK). Triton 3.6's Hopper pass compiles
+    the loop only when every load is a descriptor load (checked for sm_90 on the CPU,
+    tests/test_kernels.py), so: no padding mask or chunk bounds (pointer loads), 16-bit inputs (the fp32 path's
+    exact dots are a correctness path), sm_90 (the pass is Hopper's; Blackwell has another, untried), TMA on
+    and aligned for q, k, v and dO (lse and delta: `_bwd` lays their rows out for it). Head dims up to 128: at
+    256 every warp-specialised tile spilled 3-4 KiB per thread (sm_90 compile, 2026-12-04)."""
+    if (bwd_ws_mode() == "off" or c["HAS_MASK"] or c["HAS_CHUNKS"] or c["PREC"] == "ieee"
+            or c["BLOCK_D"] > 128):
+        return False
+    if not _interpret() and torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    return _use_tma(q, k, v, do)
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -365,14 +407,22 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     B, H, LQ, D = q.shape
     LK = c["LK"]
     do = do.to(q.dtype).contiguous()
-    delta = _delta(do, o.contiguous(), dlse)
+    ws_ok = _warp_specialise(c, q, k, v, do)
+    # The warp-specialised passes read lse and delta through 1-D descriptors, one per (batch, head) row, whose
+    # base must sit on 16 bytes: rows padded to a multiple of 4 fp32 (at 8,190 tokens, say; a copy of lse of
+    # B·H·LQ·4 bytes, microseconds). The plain passes read rows LQ apart.
+    s_stat = -(-LQ // 4) * 4 if ws_ok else LQ
+    if ws_ok and (s_stat != LQ or lse.data_ptr() % 16 or not lse.is_contiguous()):
+        lse = torch.nn.functional.pad(lse.float(), (0, s_stat - LQ))
+    delta = _delta(do, o.contiguous(), dlse, s_stat)
     dq = _empty((B, H, LQ, D), q, q.dtype)
     dk = _empty((B, H, LK, D), q, q.dtype)
     dv = _empty((B, H, LK, D), q, q.dtype)
     common = (*_strides(q), *_strides(k), *_strides(v), c["s_mb"], H, LQ, LK, D, c["scale"],
-              c["LQ_KEY"], c["LK_KEY"])
+              c["LQ_KEY"], c["LK_KEY"], s_stat)
     flags = {"HAS_MASK": c["HAS_MASK"], "HAS_CHUNKS": c["HAS_CHUNKS"], "UPCAST": c["UPCAST"], "PREC": c["PREC"],
-             "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do)}
+             "BLOCK_D": c["BLOCK_D"], "TMA": c["BLOCK_D"] >= TMA_BWD_MIN_HEAD_DIM and _use_tma(q, k, v, do),
+             "WS_OK": ws_ok}
     bounds = (c["mask"], c["chunk_end"], c["chunk_start"])
     _run("_attn_bwd_dkdv", lambda m: (_cdiv(LK, m["BLOCK_N"]), B * H),
          q, k, v, do, *bounds, lse, delta, dk, dv, *common, **flags)
@@ -381,17 +431,20 @@ def _bwd(do, q, k, v, o, lse, *, scale=None, key_padding_mask=None, dlse=None, c
     return dq, dk, dv
 
 
-def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+def _delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None, s_stat: int | None = None) -> torch.Tensor:
     """rowsum(dO⊙O) − dlse [B, H, LQ] fp32, one Triton pass over the contiguous o and dO. Twin: `_delta_ref`.
+    With s_stat (≥ LQ) the buffer is [B, H, s_stat], rows s_stat apart and the entries past LQ never written.
     Why not the twin: its two fp32 copies cost 0.15-0.62 ms against 0.02-0.06 (H200, 2026-12-04, 1-5 % of the
     backward; docs/BENCHMARKS.md, "Lever 5, the backward again")."""
     B, H, LQ, D = o.shape
-    delta = _empty((B, H, LQ), o, torch.float32)
+    s_stat = LQ if s_stat is None else s_stat
+    delta = _empty((B, H, s_stat), o, torch.float32)
     dlse_arg = delta if dlse is None else dlse.float().contiguous()      # without dlse: a pointer never read
     block_m = 64
     kernel = _kernels(_interpret())._attn_bwd_delta
-    kernel[(_cdiv(LQ, block_m), B * H)](o, do, dlse_arg, delta, LQ, D, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
-                                        BLOCK_D=_block_d(D), EVEN_M=LQ % block_m == 0, EVEN_D=D == _block_d(D))
+    kernel[(_cdiv(LQ, block_m), B * H)](o, do, dlse_arg, delta, LQ, D, s_stat, HAS_DLSE=dlse is not None,
+                                        BLOCK_M=block_m, BLOCK_D=_block_d(D), EVEN_M=LQ % block_m == 0,
+                                        EVEN_D=D == _block_d(D))
     return delta
 
 

@@ -852,3 +852,193 @@ def test_backward_with_ragged_keys_and_no_mask_matches_float64(triton_mode, dtyp
     for name in ("o", "dq", "dk", "dv"):
         ours, ref, u = draw[name]
         _check(name, ours, ref, BARS["bwd"][name][dtype], u, seed)
+
+
+# --------------------------------------------------------------------- warp-specialised backward passes
+
+# Ragged LQ: 77 (lse and delta rows then padded to 80 for their descriptors) or 76; LK ragged (the dQ pass's WS then
+# runs one loop, every key tile masked) or whole tiles (its unmasked loop).
+WS_CASES = [(1, 2, 77, 150, 64, "contiguous", False), (1, 2, 76, 128, 64, "contiguous", False)]
+# BARS' rule over seeds 0-39 of both cases (interpreter, 2026-12-04): two outputs' worst went past BARS["bwd"] at
+# 76 × 128 (bf16 dK 3.23 → 1.5× = 4.85, fp16 dV 1.43 → 2.15; the plain path gives the same bits there), so
+# these get their own bars, rounded up; every other worst stayed under BARS["bwd"] / 1.5.
+WS_BARS = {**BARS["bwd"], "dk": {**BARS["bwd"]["dk"], torch.bfloat16: 4.9},
+           "dv": {**BARS["bwd"]["dv"], torch.float16: 2.2}}
+
+
+def test_warp_specialisation_only_where_allowed(monkeypatch):
+    """The backward passes' warp-specialised tiles (WS_OK) need every load to be a descriptor load (Triton 3.6's
+    Hopper pass fails to compile with any pointer load): no padding mask, no chunks, 16-bit inputs, TMA on and
+    aligned, head dim ≤ 128. Each condition alone turns it off; a bad RCM_KERNELS_BWD_WS is one error naming it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    q = torch.zeros(1, 2, 77, 64, dtype=torch.bfloat16)
+
+    def allowed(q=q, mask=None, chunks=None):
+        c = katt._common(q, q, q, None, mask, chunks)
+        return katt._warp_specialise(c, q, q, q, q)
+
+    assert allowed()
+    assert allowed(q=q.half())
+    assert not allowed(mask=torch.ones(1, 77, dtype=torch.bool))
+    assert not allowed(chunks=(38, 39))
+    assert not allowed(q=q.float())
+    assert not allowed(q=torch.zeros(1, 2, 77, 36, dtype=torch.bfloat16))              # 72-byte rows: no TMA
+    assert allowed(q=torch.zeros(1, 2, 77, 128, dtype=torch.bfloat16))
+    assert not allowed(q=torch.zeros(1, 2, 77, 256, dtype=torch.bfloat16))             # spills at D=256
+    monkeypatch.setenv("RCM_KERNELS_TMA", "off")
+    assert not allowed()
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    monkeypatch.setenv("RCM_KERNELS_BWD_WS", "off")
+    assert not allowed()
+    monkeypatch.setenv("RCM_KERNELS_BWD_WS", "yes")
+    with pytest.raises(ValueError, match="RCM_KERNELS_BWD_WS='yes': use auto or off"):
+        allowed()
+    # The autotuners' prune drops the WS tiles unless the launch says WS_OK (part of the tuning key).
+    ws_tiles = lambda kept: sorted(katt._tile(c) for c in kept if c.kwargs["WS"])
+    for kind in ("dkdv", "dq"):
+        configs = katt._bwd_configs(kind)
+        assert ws_tiles(katt._prune_bwd(configs, None, BLOCK_D=64, WS_OK=False)) == []
+        assert ws_tiles(katt._prune_bwd(configs, None, BLOCK_D=64, WS_OK=True)) == sorted(katt._BWD_TILES[kind + "_ws"])
+        assert len(katt._prune_bwd(configs, None, BLOCK_D=128, WS_OK=True)) == len(
+            katt._prune_bwd(configs, None, BLOCK_D=128, WS_OK=False)) + 3              # 128×128 only at D ≤ 64
+
+
+@pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"{c[2]}x{c[3]}")
+def test_warp_specialised_backward_matches_float64(triton_mode, dtype, case, monkeypatch):
+    """The WS path (descriptor loads of every operand; rows past LQ read as 0) against float64 at 77 × 150 and
+    76 × 128, in units of the dtype's rounding (WS_BARS). On CPU the same draw with RCM_KERNELS_BWD_WS=off is equal
+    bit for bit: the interpreter reads the same tiles either way and ignores the loop hint. On the GPU (fixed tiles
+    under RCM_KERNELS_AUTOTUNE=0) the compiled warp-specialised loops run on sm_90. fp32 never takes it (checked)."""
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    taken, strides = [], []
+    allowed, delta = katt._warp_specialise, katt._delta
+    monkeypatch.setattr(katt, "_warp_specialise", lambda *a: (taken.append(allowed(*a)), taken[-1])[1])
+    monkeypatch.setattr(katt, "_delta", lambda *a: (strides.append(a[3]), delta(*a))[1])
+    seed = WS_CASES.index(case)
+    draw = backward_draw(case, dtype, triton_mode, seed)
+    hopper = triton_mode == "cpu" or torch.cuda.get_device_capability() == (9, 0)
+    assert taken == [dtype != torch.float32 and hopper]
+    LQ = case[2]
+    assert strides == [-(-LQ // 4) * 4 if taken[0] else LQ]          # the statistics' rows: 80 apart at LQ = 77
+    for name in ("o", "dq", "dk", "dv"):
+        ours, ref, u = draw[name]
+        _check(name, ours, ref, WS_BARS[name][dtype], u, seed)
+    if triton_mode == "cpu" and taken[0]:
+        monkeypatch.setenv("RCM_KERNELS_BWD_WS", "off")
+        plain = backward_draw(case, dtype, triton_mode, seed)
+        assert taken[-1] is False
+        for name in ("dq", "dk", "dv"):
+            assert torch.equal(draw[name][0], plain[name][0]), f"{name}: WS and plain paths differ"
+
+
+@pytest.mark.parametrize("ws_pass", ["dkdv", "dq"])
+def test_one_pass_warp_specialised_the_other_plain_equals_the_plain_backward(ws_pass, monkeypatch):
+    """Under WS_OK the autotuners try plain tiles too, so one pass may run warp-specialised and the other plain, both
+    reading lse and delta from the buffers the launcher padded to rows of s_stat (80 at LQ = 77). In the interpreter
+    with TMA forced on, each mix gives the plain backward's bits; at a second (batch, head) row a plain tile that
+    indexed the statistics LQ apart read the wrong rows (the bug this caught)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    fixed = katt._fixed_config
+
+    def one_pass_ws(name, block_d, fp32, ws_ok=False):
+        return fixed(name, block_d, fp32, ws_ok and name.endswith(ws_pass))
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 77, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 150, 64, generator=gen).bfloat16() for _ in range(2))
+    w = torch.randn(1, 2, 77, 64, generator=gen)
+
+    def grads():
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        (kernels.attention(*xs).float() * w).sum().backward()
+        return [x.grad for x in xs]
+
+    monkeypatch.setenv("RCM_KERNELS_BWD_WS", "off")
+    plain = grads()
+    monkeypatch.setenv("RCM_KERNELS_BWD_WS", "auto")
+    monkeypatch.setattr(katt, "_fixed_config", one_pass_ws)
+    mixed = grads()
+    for name, a, b in zip(("dq", "dk", "dv"), mixed, plain):
+        assert torch.equal(a, b), f"{name}: {ws_pass} warp-specialised, the other pass plain, differs from plain"
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
+def test_warp_specialised_backward_tiles_compile_for_sm90_on_a_cpu(tmp_path, ragged):
+    """Every warp-specialised dK/dV and dQ tile the autotuners may try (their prune: 128×128 only at D=64) compiles
+    for sm_90 without a GPU and comes out warp-specialised: Triton's pass turned the 4-warp tile into 12 warps (a
+    producer group and two consumer groups). At even lengths ptxas spilled nothing; at ragged ones (Wan's 32,760
+    tokens: masked tails, the dQ pass's single masked loop) the check is the compile itself, which Triton 3.6 fails
+    on a second loop after the specialised one or on any pointer load (a crash at launch, not a slow kernel)."""
+    pytest.importorskip("triton")
+    tool = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "kernel_registers.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(tool), "--dims", "64,128", "--kernels", "dkdv_ws,dq_ws", "--tma", "on",
+                          "--json", str(out)] + (["--ragged"] if ragged else []),
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert sorted((r["kernel"], r["D"], tuple(r["tile"])) for r in rows) == sorted(
+        (kind, d, t) for kind in ("dkdv_ws", "dq_ws") for d in (64, 128) for t in katt._BWD_TILES[kind]
+        if d == 64 or t[:2] != (128, 128))
+    for r in rows:
+        assert r["ragged"] is ragged and r["warp_specialized"] and r["warps"] == 12, r
+        if not ragged:
+            assert r["spill_st"] == r["spill_ld"] == 0, r
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_ws_ab_bench_runs_under_the_interpreter(monkeypatch, tmp_path, capsys):
+    """`python -m kernels.bench --ws-ab ROUNDS` end to end at a tiny shape on CPU: the backward launched once with
+    warp-specialised tiles allowed and once without, gradients equal bit for bit (the interpreter runs the WS data
+    path; the loop hint is the GPU compiler's), one row per shape, and the JSON and table in $OUT."""
+    from kernels import bench
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--shapes", "16:2:40", "--ws-ab", "1"])
+    monkeypatch.setattr(bench, "_timer", lambda device: (lambda fn: (fn(), 1.0)[1]))   # one call, no timing
+    launches = []
+    run = katt._run
+    monkeypatch.setattr(katt, "_run", lambda name, grid, *a, **kw: (launches.append((name, kw.get("WS_OK"))),
+                                                                     run(name, grid, *a, **kw))[1])
+    bench.main()
+    assert {w for name, w in launches if name == "_attn_bwd_dkdv"} == {False, True}
+    out = capsys.readouterr().out
+    assert "| 16 | 2 | 40 |" in out
+    rows = json.loads((tmp_path / "kernels_ws_ab.json").read_text())
+    assert len(rows) == 1 and rows[0]["max_rel_diff"] == 0.0 and rows[0]["sdpa_bwd_ms"] is None
+    assert (tmp_path / "kernels_ws_ab.md").read_text().startswith("| D | H | N |")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("triton_mode", DEVICES, indirect=True)
+def test_backward_masks_padded_keys_whose_scores_would_overflow(triton_mode, monkeypatch):
+    """Rows whose every score is near −90 have lse ≈ −90, so a key past LK (read as a zero row: score 0) would get
+    p = e^90, inf in fp32, and ds·k = inf·0 = NaN in dQ. The dQ pass therefore keeps its key-range select on the
+    ragged last tile, on the plain path (its tail loop) and on the warp-specialised one (its single masked loop):
+    dropping it there turns this dQ to NaN (checked). The dK/dV pass needs none (such keys feed only their own,
+    unstored rows). TMA on, bf16: every gradient finite on both paths, and under the interpreter equal bit for bit.
+    (No float64 bar here: dQ is a near-cancelling sum at these scores, and this draw is about finiteness.)"""
+    monkeypatch.setenv("RCM_KERNELS_TMA", "on")
+    _, gen = _seeded(700)
+    B, H, LQ, LK, D = 1, 2, 76, 150, 64
+    noise = lambda L: 0.1 * torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    q, k, v = (x.to(triton_mode, torch.bfloat16) for x in (-12 + noise(LQ), 1 + noise(LK),
+                                                           torch.randn(B, H, LK, D, generator=gen, dtype=torch.float64)))
+    do = torch.randn(B, H, LQ, D, generator=gen).to(triton_mode, torch.bfloat16)
+    o, lse = katt._fwd(q, k, v)
+    assert lse.max() < -88.8                     # e^(−lse) > fp32's largest (e^88.7): the hazard is in this draw
+    hopper = triton_mode == "cpu" or torch.cuda.get_device_capability() == (9, 0)
+    grads = {}
+    for ws in ("off", "auto"):
+        monkeypatch.setenv("RCM_KERNELS_BWD_WS", ws)
+        assert katt._warp_specialise(katt._common(q, k, v, None, None, None), q, k, v, do) is (ws == "auto" and hopper)
+        grads[ws] = katt._bwd(do, q, k, v, o, lse)
+        for name, g in zip(("dq", "dk", "dv"), grads[ws]):
+            assert torch.isfinite(g).all(), f"{name} (RCM_KERNELS_BWD_WS={ws}): non-finite"
+    if triton_mode == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(grads["off"], grads["auto"]))
