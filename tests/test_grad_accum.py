@@ -115,3 +115,62 @@ def test_micro_batch_size_must_divide_the_batch():
         micro_batches(8, 3)
     with pytest.raises(ConfigError, match="data.micro_batch_size"):
         cfg_for("scm", 3)
+
+
+class _SavedBytes:
+    """Bytes of autograd's saved tensors alive at once (`saved_tensors_hooks`): each saved tensor is held by a
+    token that adds its bytes when the graph saves it and takes them off when the graph is freed."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> "_Held":
+        return _Held(self, t)
+
+    @staticmethod
+    def unpack(held: "_Held") -> torch.Tensor:
+        return held.t
+
+
+class _Held:
+    def __init__(self, tally: _SavedBytes, t: torch.Tensor):
+        self.tally, self.t, self.n = tally, t, t.numel() * t.element_size()
+        tally.live += self.n
+        tally.peak = max(tally.peak, tally.live)
+
+    def __del__(self):
+        self.tally.live -= self.n
+
+
+def test_each_loss_term_backs_through_alone():
+    """rCM's student iteration (sCM + λ·DMD) backs each loss term through before the next term's forwards run:
+    `distill_step` gives the gradient of one backward of the summed terms (float64, the file's bars), while the
+    saved tensors of only one term's graph are alive at once (the peak is the larger graph's bytes, not the sum:
+    what lets a student step fit where its two with-grad graphs together would not, `rcm_core.run.plan`)."""
+    from rcm_core.method.distill import _student_draws, _student_terms
+    cfg = cfg_for("rcm", 0, tangent_warmup=0)
+    ref, new = (build_state(cfg, tiny_denoiser(1)) for _ in range(2))
+    batch = sample_batch(0, batch=BATCH)
+
+    tally, graph_bytes, terms = _SavedBytes(), [], []
+    draws = _student_draws(ref, batch.latent, cfg, step_generator(0, 0, 0, torch.device("cpu")), with_dmd=True)
+    with torch.autograd.graph.saved_tensors_hooks(tally.pack, tally.unpack):
+        for term in _student_terms(ref, batch, draws, cfg, 1.0, ref.student):     # every graph built, then
+            terms.append(term)                                                   # one backward (the old step)
+            graph_bytes.append(tally.live - sum(graph_bytes))
+        ref_peak = tally.peak
+        sum(t.loss for t in terms).backward()
+    assert len(terms) == 2 and min(graph_bytes) > 0 and ref_peak == sum(graph_bytes)
+    assert {"scm_loss", "dmd_loss"} <= {k for t in terms for k in t.metrics}
+
+    tally = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(tally.pack, tally.unpack):
+        out = distill_step(new, batch, cfg, step_generator(0, 0, 0, torch.device("cpu")))
+    assert out["phase_student"] == 1.0 and "dmd_loss" in out and "scm_loss" in out
+    print("saved bytes per term", graph_bytes, "peak: summed terms", ref_peak, "term by term", tally.peak)
+    assert tally.peak == max(graph_bytes) and tally.live == 0
+    g_ref, g_new = grads(ref.student), grads(new.student)
+    assert max(g.abs().max().item() for g in g_ref) > 1e-3, "no gradient: the comparison would be vacuous"
+    for k, (a, b) in enumerate(zip(g_ref, g_new)):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda msg, k=k: f"parameter {k}: {msg}")
+    torch.testing.assert_close(out["loss"], sum(t.loss.item() for t in terms), atol=ATOL, rtol=RTOL)

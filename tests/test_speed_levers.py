@@ -314,7 +314,7 @@ def test_recomputation_keeps_outputs_grads_and_tangent_float64(mode, attention):
 
 def test_selective_recomputation_in_the_rcm_student_step_float64():
     """The rCM student iteration as training runs it (sCM with its no-grad JVP pass + DMD through the rollout's
-    last call, one backward): loss and every student gradient under mm_only equal the no-checkpoint step."""
+    last call, a backward per term): loss and every student gradient under mm_only equal the no-checkpoint step."""
     from rcm_core.config import ExperimentCfg
     from rcm_core.data.latents import LatentBatch
     from rcm_core.method.denoiser import TrigFlowDenoiser

@@ -22,6 +22,8 @@ with-grad passes) and times every variant on the same state, switching the lever
     …+mm_only           selective recomputation in the with-grad passes instead of whole-block checkpointing:
                         matmul and SDPA outputs kept, the rest recomputed (opt-in: --variants)
     …+attention_only    the same keeping only the SDPA outputs (opt-in: --variants)
+    …+off               no activation checkpointing in the with-grad passes: every activation kept (opt-in:
+                        --variants; at 32,760 tokens one H200 runs out of memory, printed as such)
 
 Every variant without a suffix checkpoints whole blocks (`activation_checkpointing: true`). A variant that runs
 out of GPU memory is reported as such (with the peak it reached) and the run goes on with the next one.
@@ -91,6 +93,9 @@ VARIANTS = {                    # name: (model.attention, model.compile, model.a
     "sdpa_grad+compile+mm_only": ("sdpa_grad", "blocks", "mm_only"),
     "sdpa_grad+attention_only": ("sdpa_grad", "none", "attention_only"),
     "sdpa_grad+compile+attention_only": ("sdpa_grad", "blocks", "attention_only"),
+    # no recomputation at all: fits one H200 at 8,190 tokens once a student step holds one graph at a time
+    "sdpa_grad+off": ("sdpa_grad", "none", False),
+    "sdpa_grad+compile+off": ("sdpa_grad", "blocks", False),
 }
 DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile"
 # FLOPs of each pass in forwards (rows of the issue-9 table, kept so MFU columns compare across days): JVP ≈ 3

@@ -14,6 +14,7 @@ attention pattern: the student is block-causal, the teacher too for the teacher-
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ from rcm_core.method.causal import (
 )
 from rcm_core.method.denoiser import TrigFlowDenoiser, check_latents
 from rcm_core.method.ema import PowerEMA
-from rcm_core.method.losses import dcm_loss, dmd_loss, fake_score_loss, rollout_draws, scm_loss, student_rollout
+from rcm_core.method.losses import (LossOut, dcm_loss, dmd_loss, fake_score_loss, rollout_draws, scm_loss,
+                                    student_rollout)
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
 from rcm_core.parallel.precision import master_parameters, with_master_weights
 from rcm_core.parallel.sharding import grads_may_be_nonfinite, sync_gradients, zero_nonfinite_entries
@@ -263,18 +265,28 @@ def _draw_rows(draws: dict, index: slice) -> dict:
     return out
 
 
-def _accumulate(batch: LatentBatch, draws: dict, micro_batch_size: int, loss_of) -> tuple[float, dict[str, float]]:
-    """Backward of `loss_of(rows, their draws)` on every micro-batch, each weighted by its share of the rows, so
-    the gradients add up to the whole batch's; returns the whole batch's loss and metrics."""
-    parts, weights, total = [], [], 0.0
+def _accumulate(batch: LatentBatch, draws: dict, micro_batch_size: int, terms_of) -> tuple[float, dict[str, float]]:
+    """Backward of every loss term `terms_of(rows, their draws)` yields, on every micro-batch, each weighted by its
+    micro-batch's share of the rows, so the gradients add up to the whole batch's; returns the whole batch's loss
+    (one host read) and metrics.
+
+    Each term is backed through as soon as it is made, which frees its graph before the next term's with-grad
+    forward builds one: rCM's consistency forward and DMD's last rollout call never hold their activations at the
+    same time (one graph's memory, not two; `rcm_core.run.plan` counts one). The gradient is the same sum."""
+    parts, weights, total = [], [], None
     for index in micro_batches(len(batch), micro_batch_size):
         w = (index.stop - index.start) / len(batch)
-        loss, m = loss_of(batch.rows(index), _draw_rows(draws, index))
-        (w * loss).backward()
-        parts.append(m)
+        metrics: dict[str, float] = {}
+        for term in terms_of(batch.rows(index), _draw_rows(draws, index)):
+            (w * term.loss).backward()
+            part = w * term.loss.detach().double()          # summed on the loss's device: no host read here
+            total = part if total is None else total + part
+            metrics.update(term.metrics)
+        parts.append(metrics)
         weights.append(w)
-        total += w * loss.item()
-    return total, _combine(parts, weights)
+    if total is None:
+        raise ValueError("this iteration drew no loss term (distill.mode and its draws disagree)")
+    return total.item(), _combine(parts, weights)
 
 
 def _combine(parts: list[dict[str, float]], weights: list[float]) -> dict[str, float]:
@@ -338,38 +350,29 @@ def _student_draws(state: DistillState, x0: torch.Tensor, cfg: ExperimentCfg, g:
     return draws
 
 
-def _student_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg, r: float,
-                  grad_student: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
-    """The student's loss on one (micro-)batch with its draws: causal diffusion (tf/df) or consistency term,
-    + λ·DMD when drawn."""
+def _student_terms(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg, r: float,
+                   grad_student: TrigFlowDenoiser) -> Iterator[LossOut]:
+    """The student's loss terms on one (micro-)batch with its draws, one at a time: causal diffusion (tf/df) or
+    the consistency term, then λ·DMD when drawn. A generator, so that `_accumulate` backs each term through
+    before the next one's forward passes run."""
     d, x0, cond = cfg.distill, batch.latent, batch_condition(batch)
-    total = torch.zeros((), dtype=torch.float64, device=x0.device)
-    metrics: dict[str, float] = {}
     ctx = {"tf_context": draws.get("tf_context"), "teacher_context": draws.get("teacher_context")}
     if "fm_t" in draws:
-        out = _causal_diffusion_loss(state, x0, cond, cfg, draws, grad_student)
-        total = total + out.loss
-        metrics.update(out.metrics)
+        yield _causal_diffusion_loss(state, x0, cond, cfg, draws, grad_student)
     if "dcm_times" in draws:
-        out = dcm_loss(state.student, state.teacher, x0, cond, times=draws["dcm_times"], eps=draws["eps"],
+        yield dcm_loss(state.student, state.teacher, x0, cond, times=draws["dcm_times"], eps=draws["eps"],
                        guidance=cfg.teacher.guidance, scale=d.scm_loss_scale, student_grad=grad_student, **ctx)
-        total = total + out.loss
-        metrics.update(out.metrics)
     if "t" in draws:
-        out = scm_loss(state.student, state.teacher, x0, cond, t=draws["t"], eps=draws["eps"],
+        yield scm_loss(state.student, state.teacher, x0, cond, t=draws["t"], eps=draws["eps"],
                        guidance=cfg.teacher.guidance, r=r, scale=d.scm_loss_scale, tangent=d.tangent,
                        fd_step=d.fd_step, variant=d.warmup_variant, norm_c=d.tangent_norm_c,
                        student_grad=grad_student, **ctx)
-        total = total + out.loss
-        metrics.update(out.metrics)
     if "steps" in draws:
         x0_hat, t_D, eps_D = _dmd_sample(state, cond, draws, cfg, grad_student)
         out = dmd_loss(x0_hat, state.fake, state.teacher, cond, t=t_D, eps=eps_D,
                        guidance=cfg.teacher.guidance, weight_min=d.dmd_weight_min,
                        scale=d.reg_weight * d.scm_loss_scale)
-        total = total + out.loss
-        metrics.update(out.metrics, rollout_steps=float(draws["steps"]))
-    return total, metrics
+        yield LossOut(out.loss, {**out.metrics, "rollout_steps": float(draws["steps"])})
 
 
 def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
@@ -383,7 +386,7 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     # skipping it would hold a whole unsharded gradient per GPU (56 GB at 14B). Replicated data parallelism
     # all-reduces once, after the last micro-batch (sync_gradients).
     losses, combined = _accumulate(batch, draws, cfg.data.micro_batch_size,
-                                   lambda rows, d: _student_loss(state, rows, d, cfg, r, grad_student))
+                                   lambda rows, d: _student_terms(state, rows, d, cfg, r, grad_student))
     sync_gradients(state.student)
     bad = zero_nonfinite_grads(state.student)
     _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
@@ -397,13 +400,13 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     return metrics
 
 
-def _critic_loss(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg,
-                 grad_fake: TrigFlowDenoiser) -> tuple[torch.Tensor, dict[str, float]]:
+def _critic_terms(state: DistillState, batch: LatentBatch, draws: dict, cfg: ExperimentCfg,
+                  grad_fake: TrigFlowDenoiser) -> Iterator[LossOut]:
+    """The critic's one loss term: flow matching of the fake score on the student's rollout samples."""
     cond = batch_condition(batch)
     with torch.no_grad():
         x0_hat, t_D, eps_D = _dmd_sample(state, cond, draws, cfg, None)
-    out = fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=eps_D)
-    return out.loss, out.metrics
+    yield fake_score_loss(grad_fake, x0_hat, cond, t=t_D, eps=eps_D)
 
 
 def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g: torch.Generator,
@@ -411,7 +414,7 @@ def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g:
     draws = _rollout_draws(state, batch.latent, cfg.distill, g)
     state.opt_fake.zero_grad(set_to_none=True)
     losses, metrics = _accumulate(batch, draws, cfg.data.micro_batch_size,
-                                  lambda rows, d: _critic_loss(state, rows, d, cfg, grad_fake))
+                                  lambda rows, d: _critic_terms(state, rows, d, cfg, grad_fake))
     sync_gradients(state.fake)
     bad = zero_nonfinite_grads(state.fake)
     _set_lr(state.opt_fake, cfg.optim.fake_lr * lr_factor(state.critic_iter, cfg.optim.lr_warmup))

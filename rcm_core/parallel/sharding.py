@@ -17,7 +17,7 @@ Three mechanisms, picked by the mesh (`rcm_core.parallel.mesh`):
 - Replicated data parallelism (dp_shard = 1): every rank holds full modules, runs the whole step on its
   samples, and `sync_gradients` averages .grad after backward: one flattened all-reduce per dtype, what
   DDP does at the end of its bucketing. No DDP wrapper, because an iteration runs several forwards
-  (sCM F_θ, the JVP pass, the DMD rollout) before one backward, and the JVP must see a plain module.
+  (sCM F_θ, the JVP pass, the DMD rollout) and a backward per loss term, and the JVP must see a plain module.
 - FSDP2 (dp_shard > 1): `fully_shard` on every transformer block, then on the network root, over the
   dp_shard × cp ranks (× dp_replicate for HSDP), with gradient reduction in ≥ fp32. Student, fake score
   and EMA are sharded; the frozen teacher too, for memory.

@@ -20,16 +20,20 @@ b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-bat
   backward peak is layers × that; with it, every block's bf16 input plus one block recomputed; with a selective
   policy (`mm_only`, `attention_only`), layers × `selective_saved_bytes` (what the policy keeps, the input
   included; attention outputs only where SDPA computes them, `attention_keepable`) plus one block recomputed.
-  A student step
-  holds one graph per with-grad forward it backs through at once: rCM/dCM+DMD hold two (the consistency
-  forward and the rollout's last call; `rcm_core.method.distill._student_step` sums them before one backward),
-  sCM/dCM/DMD one, the critic one.
+  Every step
+  holds one with-grad graph at a time: `rcm_core.method.distill._accumulate` backs each loss term through
+  before the next term's forwards run, so rCM's consistency forward and the rollout's last call (the two
+  with-grad forwards of a student step) never hold their activations together; `activation_estimate`'s
+  `graphs` says how many a step would hold at once (the FSDP2 peaks below were measured when the student
+  step still summed its terms before one backward, two graphs: compared at graphs=2).
 - `jvp_live_bytes` is the no-grad JVP pass of sCM (forward-mode: primal and tangent of the widest moment of one
   block, nothing kept across blocks); dCM has no JVP pass and its no-grad forwards are smaller.
 These are estimates (`activation_estimate` returns them alone). Against the FSDP2 peaks of docs/BENCHMARKS.md
-(1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on) the totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs
-where 66.1 / 35.8 / 31.1 were measured; attention_only on one GPU: 77.5 GiB planned where 75.1 was measured with
-model.attention sdpa_grad, and 66.0 planned where 66.15 was measured with fused (2026-12-04).
+(1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on; measured while the student step held two graphs) the
+two-graph totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs where 66.1 / 35.8 / 31.1 were measured;
+attention_only on one GPU: 77.5 GiB where 75.1 was measured with model.attention sdpa_grad, and 66.0 where 66.15
+was measured with fused (2026-12-04). With one graph at a time the planner says 63.2 / 38.5 / 25.9 and 68.9 /
+63.2 GiB: predictions until a GPU run measures them.
 
 Time per iteration scales the measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
 this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The table is one
@@ -317,7 +321,7 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
     plan.states = state_bytes(counts, plan.shard, dmd)
     packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
     b, n = plan.micro, packed * work.tokens // shape.cp
-    graphs = max(1, (term is not None) + dmd)
+    graphs = 1                                   # one with-grad graph at a time (distill._accumulate)
     plan.jvp_peak, plan.backward_peak = activation_estimate(
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=graphs,
         jvp=term == "scm" and d.tangent == "jvp")
