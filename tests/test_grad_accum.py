@@ -124,11 +124,11 @@ class _SavedBytes:
     def __init__(self):
         self.live = self.peak = 0
 
-    def pack(self, t: torch.Tensor) -> "_Held":
+    def pack(self, t: torch.Tensor) -> _Held:
         return _Held(self, t)
 
     @staticmethod
-    def unpack(held: "_Held") -> torch.Tensor:
+    def unpack(held: _Held) -> torch.Tensor:
         return held.t
 
 

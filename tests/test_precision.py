@@ -187,3 +187,48 @@ def test_evaluation_samples_the_ema_in_the_students_compute_dtypes():
     fp32_student = TrigFlowDenoiser(build_network(ModelCfg(**{**vars(cfg), "dtype": "float32"})))
     ema32 = PowerEMA(fp32_student, 0.05)
     assert ema32.compute_copy(fp32_student) is ema32.module          # nothing to cast: no second copy in memory
+
+
+def _bf16_fsdp2_ema_worker() -> None:
+    """Rank body: a bf16 tiny DiT (fp32 modulation tables and norms, as Wan's) sharded over 2 ranks; two sCM
+    student iterations; the second EMA update must equal per-tensor lerp_ from the shadow after the first."""
+    from torch.distributed.tensor import DTensor
+
+    from rcm_core.config import ModelCfg, from_dict
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.distill import build_state, distill_step
+    from rcm_core.networks import build_network
+    from rcm_core.parallel.mesh import MeshShape, build_mesh
+    from rcm_core.parallel.sharding import parallelize_state
+    from rcm_core.run.loop import step_generator
+    from test_parallel import HEADS, TINY, TOKENS, sample_batch
+
+    model = {**TINY, "dtype": "bfloat16"}
+    cfg = from_dict({"model": model, "distill": {"mode": "scm", "tangent_warmup": 0},
+                     "optim": {"lr": 1e-3, "lr_warmup": 0}, "teacher": {"guidance": 3.0}})
+    torch.manual_seed(0)
+    state = build_state(cfg, TrigFlowDenoiser(build_network(ModelCfg(**model)), "rf_velocity"))
+    mesh = build_mesh(MeshShape(1, 2, 1), num_heads=HEADS, num_tokens=TOKENS)
+    parallelize_state(state, mesh)
+    kinds = {type(p) for p in state.ema.module.parameters()}
+    assert kinds == {DTensor, nn.Parameter}, kinds       # the mix the multi-tensor lerp must take apart
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in state.ema.module.parameters()]
+    for it in range(2):
+        if it == 1:
+            shadow = [p.detach().clone() for p in local]
+        distill_step(state, sample_batch(it + 10 * mesh.dp_rank), cfg, step_generator(0, mesh.dp_rank, it,
+                                                                                           torch.device("cpu")))
+    weight = 1.0 - state.ema.beta(2)
+    assert 0.0 < weight < 1.0 and state.ema.num_updates == 2
+    masters = [p.to_local() if isinstance(p, DTensor) else p
+               for p in master_parameters(state.student, state.opt_student)]
+    for got, before, m in zip(local, shadow, masters, strict=True):
+        assert torch.equal(got, before.lerp_(m.detach().float(), weight))
+
+
+def test_ema_update_of_a_bf16_network_under_fsdp2():
+    """Under FSDP2 a bf16 network's EMA holds DTensor shards and replicated plain tensors (the fp32 modulation
+    tables); the multi-tensor lerp took them in one call and failed ("mixed torch.Tensor and DTensor") at the
+    first student step of every sharded bf16 run. Two gloo ranks, the real step: per-tensor-loop bits."""
+    from test_parallel import spawn
+    spawn(_bf16_fsdp2_ema_worker, 2)

@@ -20,6 +20,16 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
 
+def _by_kind(shadow: list[torch.Tensor], sources: list[torch.Tensor]) -> list[tuple[list, list]]:
+    """The (shadow, source) pairs split by tensor type (DTensor or plain), each as two lists in parameter order."""
+    groups: dict[type, tuple[list, list]] = {}
+    for a, b in zip(shadow, sources, strict=True):
+        group = groups.setdefault(type(a), ([], []))
+        group[0].append(a)
+        group[1].append(b)
+    return list(groups.values())
+
+
 class PowerEMA:
     """An fp32 shadow copy of a module, updated with power-function weights."""
 
@@ -37,10 +47,12 @@ class PowerEMA:
         bf16, rcm_core.parallel.precision) into the shadow; buffers are copied from `module`."""
         self.num_updates += 1
         beta = self.beta(self.num_updates)
-        shadow = list(self.module.parameters())
         sources = [p.detach().float() for p in (module.parameters() if params is None else params)]
-        if shadow:      # one multi-tensor lerp: a launch per group of tensors on a GPU, not one per parameter
-            torch._foreach_lerp_(shadow, sources, 1.0 - beta)
+        # One multi-tensor lerp per kind of tensor (a launch per group of tensors on a GPU, not one per parameter).
+        # A multi-tensor op takes DTensors or plain tensors, not both: under FSDP2 a bf16 network's fp32
+        # modulation tables stay replicated plain tensors beside the sharded rest (parallel.sharding._shard_unit).
+        for shadow, source in _by_kind(list(self.module.parameters()), sources):
+            torch._foreach_lerp_(shadow, source, 1.0 - beta)
         for b_ema, b in zip(self.module.buffers(), module.buffers()):
             b_ema.copy_(b)
 
