@@ -191,7 +191,8 @@ def test_evaluation_samples_the_ema_in_the_students_compute_dtypes():
 
 def _bf16_fsdp2_ema_worker() -> None:
     """Rank body: a bf16 tiny DiT (fp32 modulation tables and norms, as Wan's) sharded over 2 ranks; two sCM
-    student iterations; the second EMA update must equal per-tensor lerp_ from the shadow after the first."""
+    student iterations with fused AdamW; the second EMA update must equal per-tensor lerp_ from the shadow after
+    the first."""
     from torch.distributed.tensor import DTensor
 
     from rcm_core.config import ModelCfg, from_dict
@@ -212,6 +213,9 @@ def _bf16_fsdp2_ema_worker() -> None:
     parallelize_state(state, mesh)
     kinds = {type(p) for p in state.ema.module.parameters()}
     assert kinds == {DTensor, nn.Parameter}, kinds       # the mix the multi-tensor lerp must take apart
+    assert {type(p) for p in state.student.parameters()} == kinds
+    for group in state.opt_student.param_groups:
+        group["fused"] = True                                # what a GPU run takes (distill.adamw_kernel)
     local = [p.to_local() if isinstance(p, DTensor) else p for p in state.ema.module.parameters()]
     for it in range(2):
         if it == 1:
@@ -227,8 +231,9 @@ def _bf16_fsdp2_ema_worker() -> None:
 
 
 def test_ema_update_of_a_bf16_network_under_fsdp2():
-    """Under FSDP2 a bf16 network's EMA holds DTensor shards and replicated plain tensors (the fp32 modulation
-    tables); the multi-tensor lerp took them in one call and failed ("mixed torch.Tensor and DTensor") at the
-    first student step of every sharded bf16 run. Two gloo ranks, the real step: per-tensor-loop bits."""
+    """Under FSDP2 a bf16 network holds DTensor shards and replicated plain tensors (the fp32 modulation tables).
+    AdamW steps them in separate groups (sharding._rebuild_optimizer); the EMA's multi-tensor lerp took both in
+    one call and failed ("mixed torch.Tensor and DTensor") at the first student step of every sharded bf16 run.
+    Two gloo ranks, the real step with fused AdamW as on a GPU: the EMA gives per-tensor-loop bits."""
     from test_parallel import spawn
     spawn(_bf16_fsdp2_ema_worker, 2)
