@@ -32,7 +32,8 @@ Per variant and shape: ms of the teacher CFG forward (batch 2), one no-grad forw
 flow-matching step (the unit of cost), an rCM student and critic iteration and their 1:4 mean, MFU (model FLOPs,
 2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward beside the same ratio in FLOPs
 (`plan.jvp_flops`: 2.36 at 8,190 tokens, 2.70 at 32,760, what a JVP pass reaches when it runs as fast per FLOP as
-the forward), student iteration over the flow-matching step, peak memory, and the warm-up calls' seconds, which
+the forward), student iteration over the flow-matching step, peak memory (over every pass, and during the student
+and the critic iteration alone), and the warm-up calls' seconds, which
 hold compilation and autotuning. The plain passes get one
 warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
 (pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
@@ -247,10 +248,14 @@ class Bench:
             warm, sec = timed(passes[name], self.device, reps, f"{variant} {name}")
             first += warm
             row[f"{name}_ms"] = sec * 1e3
+        peaks = [self.peak_gib()]       # every pass so far; the iterations' own peaks below (what the planner plans)
         # A student / critic iteration's cost depends on the rollout length N (1..4, mean 2.5 in training): time
         # N = 2 and N = 3 and report their mean, the N = 2.5 cost the FLOP counts assume. No separate warm-up:
         # the passes above already ran every kernel, graph and autotune these iterations use.
         for name in ("student", "critic"):
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
             def run():
                 return [median_seconds(lambda n=n: passes[name](n), self.device, reps, f"{variant} {name} N={n}")
                         for n in (2, 3)]
@@ -260,15 +265,23 @@ class Bench:
                 print(f"  {variant} {name}: compiled a graph while timed; timing again", flush=True)
                 per_n = run()
             row[f"{name}_ms"] = sum(per_n) / 2 * 1e3
+            row[f"{name}_peak_gib"] = self.peak_gib()
+            peaks.append(row[f"{name}_peak_gib"])
         row["mean_1_4_ms"] = (row["student_ms"] + 4 * row["critic_ms"]) / 5
         for name, n_fwd in FORWARDS.items():
             row[f"{name}_mfu"] = n_fwd * fwd / (row[f"{name}_ms"] / 1e3) / PEAK * 100
         row["jvp_over_forward"] = row["jvp_ms"] / row["forward_ms"]
         row["jvp_flop_ratio"] = jvp_flops(self.cfg.model, L, L, L_text) / fwd      # the ratio at equal FLOP rates
         row["student_over_fm"] = row["student_ms"] / row["fm_step_ms"]
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
+        row["peak_gib"] = max(peaks)
         row["warmup_s"] = first
         return row
+
+    def peak_gib(self) -> float:
+        """The allocator's peak since the last reset, GiB (NaN off CUDA). It includes the bench's own second
+        optimiser (`opt_fm`, the flow-matching step's: fp32 masters and two moments of the student, 12 B per
+        parameter, ~16 GiB at 1.3B), which a training run does not hold."""
+        return torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
 
     def profile(self, variant: str, latent: tuple, L_text: int, top: int) -> str:
         """torch.profiler table of the `top` kernels by device time for one call of each pass (already warm)."""
@@ -300,7 +313,9 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("JVP pass / one forward", "jvp_over_forward", ".2f"),
         ("  the same in FLOPs (reached at equal FLOP rates)", "jvp_flop_ratio", ".2f"),
         ("student iteration / flow-matching step", "student_over_fm", ".2f"),
-        ("peak memory GiB", "peak_gib", ".1f"), ("first calls s (compile, autotune)", "warmup_s", ".0f")]
+        ("peak memory GiB", "peak_gib", ".1f"), ("  during the student iteration", "student_peak_gib", ".1f"),
+        ("  during the critic iteration", "critic_peak_gib", ".1f"),
+        ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 
 
 def markdown(title: str, rows: list[dict]) -> str:
