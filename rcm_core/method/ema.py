@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -21,10 +22,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 
 def _by_kind(shadow: list[torch.Tensor], sources: list[torch.Tensor]) -> list[tuple[list, list]]:
-    """The (shadow, source) pairs split by tensor type (DTensor or plain), each as two lists in parameter order."""
-    groups: dict[type, tuple[list, list]] = {}
+    """The (shadow, source) pairs split into FSDP2 shards (DTensors) and plain tensors, each kind as two lists in
+    parameter order (as `parallel.sharding._rebuild_optimizer` splits AdamW's groups)."""
+    groups: dict[bool, tuple[list, list]] = {}
     for a, b in zip(shadow, sources, strict=True):
-        group = groups.setdefault(type(a), ([], []))
+        group = groups.setdefault(isinstance(a, DTensor), ([], []))
         group[0].append(a)
         group[1].append(b)
     return list(groups.values())
@@ -61,8 +63,6 @@ class PowerEMA:
         islands, as in training. The fp32 shadow itself would run the whole network in fp32 (measured on an H200
         at 32,760 tokens: evaluation of a 1.3B Wan ran > 4 min where bf16 takes seconds). Under FSDP2 the shadow is
         sharded with the student's compute dtypes (rcm_core.parallel.sharding) and is returned as it is."""
-        from torch.distributed.tensor import DTensor
-
         pairs = list(zip(self.module.parameters(), like.parameters()))
         if any(isinstance(p, DTensor) for p, _ in pairs) or all(p.dtype == q.dtype for p, q in pairs):
             return self.module
