@@ -15,7 +15,8 @@ Both run the Triton kernels (kernels/_triton_attention.py) on CUDA and under TRI
 PyTorch twins (kernels/reference.py) otherwise; on sm_90+ GPUs the kernels stream their tiles through TMA tensor
 descriptors (RCM_KERNELS_TMA=auto|off|on, kernels/flash_jvp.py); on sm_90 the backward passes may also
 autotune warp-specialised tiles where every load can be a descriptor load (RCM_KERNELS_BWD_WS=auto|off).
-`merge_attention_partials` merges results over key blocks.
+`merge_attention_partials` merges results over key blocks. `prepare_compile()`, called before torch.compile traces
+a caller of `attention`, keeps the fused path's graph break to the kernel call itself.
 Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`
 (block-causal vs unmasked: `python -m kernels.bench --block-causal`).
 """
@@ -26,6 +27,7 @@ from kernels.flash_jvp import (
            attention_jvp,
            has_tangent,
            merge_attention_partials,
+           prepare_compile,
            use_triton,
 )
 from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref, block_causal_mask
@@ -41,5 +43,6 @@ __all__ = [
            "block_causal_mask",
            "has_tangent",
            "merge_attention_partials",
+           "prepare_compile",
            "use_triton",
 ]

@@ -579,11 +579,19 @@ _OPAQUE: list = []
 def _fused_opaque():
     """`_fused_attention` hidden from torch.compile: the Triton launch, its autotuner and the Function stay eager
     (a compiled DiT block graph-breaks around the call) while SDPA is traced natively. Made on first use, so
-    importing `kernels` does not import torch._dynamo (seconds on a small machine); a list, not functools.cache,
-    which dynamo would trace through with a warning."""
+    importing `kernels` does not import torch._dynamo (a second on a small machine); a list, not functools.cache,
+    which dynamo would trace through with a warning. `prepare_compile` makes it before any trace."""
     if not _OPAQUE:
         _OPAQUE.append(torch.compiler.disable(_fused_attention))
     return _OPAQUE[0]
+
+
+def prepare_compile() -> None:
+    """Call before torch.compile traces code that calls `attention`: makes the compile-opaque fused kernel
+    eagerly. Made inside a trace instead, dynamo breaks the graph on `torch.compiler.disable` and then on the
+    list's append (torch 2.11 warns "Dynamo does not know how to trace the builtin list.append") in every frame
+    it traces on that first call; made here, a compiled caller breaks only around the kernel call itself."""
+    _fused_opaque()
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,

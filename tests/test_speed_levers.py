@@ -92,6 +92,35 @@ def test_fused_path_is_opaque_to_torch_compile():
         assert bool(counters["graph_break"]) == breaks, dict(counters["graph_break"])
 
 
+def test_fused_path_breaks_only_around_the_kernel_call():
+    """Made before the trace (`kernels.prepare_compile`, which every compiled DiT block calls first), the fused
+    kernel's compile-opaque wrapper leaves one graph-break reason, the disabled call itself; made mid-trace, dynamo
+    also breaks on `torch.compiler.disable` and on the list's append (torch 2.11 warned about the append on every
+    GPU run of 2026-12-05)."""
+    from torch._dynamo.utils import counters
+
+    from rcm_core.networks import dit
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (x.detach() for x in _qkv(gen))
+    reasons = {}
+    for prepared in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        katt._OPAQUE.clear()
+        if prepared:
+            kernels.prepare_compile()
+        fn = torch.compile(lambda a, b, c: kernels.attention(a, b, c) * 2, backend="eager")
+        with torch.no_grad():
+            assert torch.equal(fn(q, k, v), kernels.attention(q, k, v) * 2)
+        reasons[prepared] = sorted(counters["graph_break"])
+    print("graph-break reasons, made mid-trace / made before:", reasons)
+    assert len(reasons[True]) == 1 and "_fused_attention" in reasons[True][0]
+    assert len(reasons[False]) > 1
+    katt._OPAQUE.clear()
+    dit._compiled_block.__wrapped__(None)             # uncached: the DiT's compiled block prepares it first
+    assert katt._OPAQUE
+
+
 def _dit(activation_checkpointing_=True, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     net = build_network(ModelCfg(kind="dit", in_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,

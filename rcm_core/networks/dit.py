@@ -337,6 +337,7 @@ def _compiled_block(recompute: str | None = None):
     With a selective `recompute` policy the checkpoint is compiled with the block (dynamo traces it, inductor's
     partitioner keeps what the policy marks): a checkpoint around the compiled graph would see only the graph's
     `addmm.out` calls and recompute every matmul (measured on torch 2.13 CPU), i.e. block checkpointing."""
+    kernels.prepare_compile()      # the fused kernel's compile-opaque wrapper, made now rather than mid-trace
     if recompute is None:
         return torch.compile(WanTransformerBlock._forward)
     return torch.compile(functools.partial(_checkpointed_forward, recompute))
