@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from rcm_core.method.denoiser import TrigFlowDenoiser
-from rcm_core.method.losses import (consistency_objective, dmd_loss, normalize_tangent, scm_loss, scm_tangent_fd,
-                             rollout_draws, scm_tangent_g, scm_tangent_jvp, student_rollout)
+from rcm_core.method.losses import (consistency_objective, dmd_loss, fake_score_loss, normalize_tangent, read_metrics,
+                                    scm_loss, scm_tangent_fd, rollout_draws, scm_tangent_g, scm_tangent_jvp,
+                                    student_rollout)
 from rcm_core.method.trigflow import add_noise
 from test_trigflow import mlp
 
@@ -86,6 +87,26 @@ def test_nan_samples_are_masked_and_counted(setup):
     assert out.metrics["scm_nan_samples"] == 1.0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_metrics_stay_on_the_device_without_a_graph_until_read_at_once(setup):
+    """Every loss's metrics are detached tensors (a metric holding the graph would keep its activations alive
+    until the step reads it), and `read_metrics` gives them back as floats in their order, numbers untouched."""
+    student, teacher, x0, eps, t = setup
+    fake = TrigFlowDenoiser(mlp(), "rf_velocity")
+    x0_hat = x0.clone().requires_grad_(True)
+    outs = [scm_loss(student, teacher, x0, COND, t=t, eps=eps, guidance=2.0, r=1.0, scale=100.0),
+            dmd_loss(x0_hat, fake, teacher, COND, t=t, eps=eps, guidance=3.0, scale=0.5),
+            fake_score_loss(fake, x0_hat, COND, t=t, eps=eps)]
+    for out in outs:
+        assert out.metrics and all(isinstance(v, torch.Tensor) and not v.requires_grad and v.numel() == 1
+                                   for v in out.metrics.values()), out.metrics
+        assert out.loss.requires_grad
+    metrics = {**outs[0].metrics, "rollout_steps": 3.0, **outs[1].metrics}
+    read = read_metrics(metrics)
+    assert list(read) == list(metrics) and all(type(v) is float for v in read.values())
+    assert read == {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+    assert read["scm_loss"] == outs[0].loss.item() and read["rollout_steps"] == 3.0
 
 
 def test_dmd_gradient_is_normalised_score_difference(setup):

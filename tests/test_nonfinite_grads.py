@@ -71,15 +71,16 @@ def test_parameters_without_gradients_are_skipped():
 def test_an_iteration_reads_the_host_a_few_times_not_per_tensor():
     """experiments/bench/rcm_step.py --host-reads on the tiny DiT: every place an iteration makes the host wait
     (a scalar read, nonzero, a copy to the CPU), by source line. With AdamW fused (what a GPU run takes: its step
-    counters stay tensors) no line reads once per parameter tensor (the old non-finite pass did, 69 here), the
-    check reads once, and what is left is the loss metrics: 7 in a student iteration, 3 in a critic one."""
+    counters stay tensors) no line reads once per parameter tensor (the old non-finite pass did, 69 here) and the
+    check is the one read: the loss metrics stay on the device until the check has synced, then come back in one
+    transfer (`losses.read_metrics`; before that, 7 reads in a student iteration, 3 in a critic one, mid-pass).
+    That transfer is a copy to the CPU of a CUDA tensor, one counted read on a GPU; on the CPU it is no op, so
+    this count is 1 where a GPU's is 2."""
     bench = rcm_step.Bench(rcm_step.TINY, torch.device("cpu"))
     for opt in (bench.state.opt_student, bench.state.opt_fake):
         for group in opt.param_groups:
             group["fused"] = True
     rows = rcm_step.host_reads(bench, "sdpa_grad", *rcm_step.TINY_SHAPE[1:])
-    for name, bound in (("student", 8), ("critic", 4)):
+    for name in ("student", "critic"):
         mine = [r for r in rows if r[0] == name]
-        assert sum(r[-1] for r in mine) <= bound, mine
-        assert max(r[-1] for r in mine) <= 2, mine
-        assert [r[-1] for r in mine if r[1].startswith("rcm_core/parallel/sharding.py")] == [1], mine
+        assert [(r[1].split(":")[0], r[-1]) for r in mine] == [("rcm_core/parallel/sharding.py", 1)], mine

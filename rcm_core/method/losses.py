@@ -25,8 +25,24 @@ from rcm_core.method.trigflow import add_noise, consistency_fn, expand_like, vel
 
 @dataclass
 class LossOut:
+    """A loss and its metrics. The metrics are detached scalar tensors left where the loss is: reading one is a host
+    sync that stalls the GPU mid-iteration until the CPU queues the next work, so the training step reads them
+    all at once, after the backward (`read_metrics`)."""
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+def read_metrics(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """`metrics` as floats, in order: the tensors in one host read per device, the numbers as they are."""
+    keys_on: dict[torch.device, list[str]] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            keys_on.setdefault(value.device, []).append(key)
+    read = {}
+    for keys in keys_on.values():
+        values = torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in keys]).tolist()
+        read.update(zip(keys, values))
+    return {key: read[key] if key in read else float(value) for key, value in metrics.items()}
 
 
 def _per_sample_sum(x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +179,8 @@ def scm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
     F_theta = torch.where(expand_like(ok, F_theta), F_theta, torch.zeros_like(F_theta))
     g_hat = normalize_tangent(g, norm_c)
     loss = consistency_objective(F_theta, g_hat, scale)
-    metrics = {"scm_loss": loss.item(), "scm_g_norm": g.flatten(1).norm(dim=1).mean().item(),
-               "scm_nan_samples": float((~ok).sum().item())}
+    metrics = {"scm_loss": loss.detach(), "scm_g_norm": g.flatten(1).norm(dim=1).mean(),
+               "scm_nan_samples": (~ok).sum()}
     return LossOut(loss, metrics)
 
 
@@ -207,8 +223,7 @@ def dcm_loss(student: TrigFlowDenoiser, teacher: TrigFlowDenoiser, x0: torch.Ten
     x0_pred = torch.where(expand_like(ok, x0_pred), x0_pred, torch.zeros_like(x0_pred))
     target = torch.where(expand_like(ok, target), target, torch.zeros_like(target))
     loss = scale * _per_sample_sum((x0_pred.double() - target.double()) ** 2).mean()
-    return LossOut(loss, {"dcm_loss": loss.item(), "dcm_nan_samples": float((~ok).sum().item()),
-                          "dcm_dt": (t0 - tk).mean().item()})
+    return LossOut(loss, {"dcm_loss": loss.detach(), "dcm_nan_samples": (~ok).sum(), "dcm_dt": (t0 - tk).mean()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,8 +282,7 @@ def dmd_loss(x0_hat: torch.Tensor, fake: TrigFlowDenoiser, teacher: TrigFlowDeno
     per_sample = _per_sample_sum((x0_hat.double() - target) ** 2)
     per_sample = torch.where(ok, per_sample, torch.zeros_like(per_sample))
     loss = scale * per_sample.mean()
-    return LossOut(loss, {"dmd_loss": loss.item(), "dmd_nan_samples": float((~ok).sum().item()),
-                          "dmd_weight": w.mean().item()})
+    return LossOut(loss, {"dmd_loss": loss.detach(), "dmd_nan_samples": (~ok).sum(), "dmd_weight": w.mean()})
 
 
 def fake_score_loss(fake_grad: TrigFlowDenoiser, x0_hat: torch.Tensor, cond: torch.Tensor, *,
@@ -280,7 +294,7 @@ def fake_score_loss(fake_grad: TrigFlowDenoiser, x0_hat: torch.Tensor, cond: tor
     per_sample = _per_sample_sum((F_fake - velocity_target(x0_hat, eps, t)) ** 2)
     ok = torch.isfinite(per_sample)
     loss = torch.where(ok, per_sample, torch.zeros_like(per_sample)).mean()
-    return LossOut(loss, {"critic_loss": loss.item(), "critic_nan_samples": float((~ok).sum().item())})
+    return LossOut(loss, {"critic_loss": loss.detach(), "critic_nan_samples": (~ok).sum()})
 
 
 def flow_matching_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Tensor, *,
@@ -291,7 +305,7 @@ def flow_matching_loss(model: TrigFlowDenoiser, x0: torch.Tensor, cond: torch.Te
     x_t = add_noise(x0, eps, t).to(x0.dtype)
     F = model.F(x_t, t, cond, **_ctx(tf_context))
     loss = _per_sample_sum((F - velocity_target(x0, eps, t)) ** 2).mean()
-    return LossOut(loss, {"fm_loss": loss.item()})
+    return LossOut(loss, {"fm_loss": loss.detach()})
 
 
 __all__ = [
@@ -302,6 +316,7 @@ __all__ = [
     "fake_score_loss",
     "flow_matching_loss",
     "normalize_tangent",
+    "read_metrics",
     "scm_loss",
     "scm_tangent_fd",
     "scm_tangent_g",
