@@ -360,3 +360,21 @@ def test_attention_only_plan_follows_the_attention_backend():
     for plan_gib, measured in ((planned("attention_only", "sdpa_grad", 2), 75.10),
                                (planned("attention_only", "fused", 2), 66.15), (planned(True, "sdpa_grad", 2), 66.12)):
         assert abs(plan_gib - measured) <= 0.10 * measured, (plan_gib, measured)
+
+
+@pytest.mark.parametrize("mode", ["attention_only", "mm_only"])
+def test_the_step_bench_sets_its_iteration_peaks_beside_the_cli_estimate(capsys, mode):
+    """experiments/bench/rcm_step.py prints the planner's estimate beside each variant's measured iteration peaks
+    (issue 28's memory bar, from one command); its Wan2.1-1.3B model and shape must be what `workflows/plan.py`
+    plans for the shipped 1.3B config at 32,760 tokens with that recomputation mode, to the printed digit."""
+    import sys
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    import rcm_step
+    from workflows.plan import main
+
+    _, latent, text_len = rcm_step.SHAPES["32k"]
+    bench = rcm_step.planned_gib(rcm_step.WAN_1P3B, f"sdpa_grad+compile+{mode}", latent, text_len)
+    main(["--config", str(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml"), "--gpus", "1", "--gpu-memory", "141GiB",
+          "--latent", ",".join(map(str, latent)), "data.batch_size=1", f"model.activation_checkpointing={mode}"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("configured mesh")][0]
+    assert f"~{bench:.1f} GiB per GPU" in line, (bench, line)

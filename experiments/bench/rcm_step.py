@@ -33,7 +33,8 @@ flow-matching step (the unit of cost), an rCM student and critic iteration and t
 2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward beside the same ratio in FLOPs
 (`plan.jvp_flops`: 2.36 at 8,190 tokens, 2.70 at 32,760, what a JVP pass reaches when it runs as fast per FLOP as
 the forward), student iteration over the flow-matching step, peak memory (over every pass, and during the student
-and the critic iteration alone), and the warm-up calls' seconds, which
+and the critic iteration alone, which run without the flow-matching step's optimiser, as training does, set beside
+the planner's estimate for the same variant and shape), and the warm-up calls' seconds, which
 hold compilation and autotuning. The plain passes get one
 warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
 (pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
@@ -71,7 +72,8 @@ from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
 from rcm_core.networks.dit import set_attention, set_compile, set_recompute
 from rcm_core.parallel.precision import MasterWeightOptimizer, with_master_weights
-from rcm_core.run.plan import forward_flops, jvp_flops
+from rcm_core.parallel.mesh import MeshShape
+from rcm_core.run.plan import Workload, count_params, forward_flops, jvp_flops, plan_mesh
 from rcm_core.method.trigflow import add_noise
 
 PEAK = 989e12
@@ -171,6 +173,18 @@ def build(cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
     return TrigFlowDenoiser(net, "rf_velocity")
 
 
+def planned_gib(model: dict, variant: str, latent: tuple, L_text: int) -> float:
+    """What `rcm_core.run.plan` says one GPU holds at the peak of an rCM iteration of this model, variant
+    (attention, recomputation) and shape at batch 1, GiB: the issue-28 memory bar compares the iterations' peaks
+    with it."""
+    attention, _, recompute = VARIANTS[variant]
+    cfg = ExperimentCfg(model=ModelCfg(**{**model, "attention": attention, "activation_checkpointing": recompute}))
+    cfg.data.batch_size = 1
+    plan = plan_mesh(cfg, MeshShape(), gpus=1, gpu_memory=float("inf"), work=Workload.from_config(cfg, latent, L_text),
+                     counts=count_params(cfg.model), checkpointing=recompute, table=None)
+    return plan.total / 2 ** 30
+
+
 class Bench:
     """The distillation state (teacher, student, fake score, EMA, optimisers) built once, timed per shape and lever."""
 
@@ -183,7 +197,7 @@ class Bench:
         torch.manual_seed(0)
         self.teacher = build(self.cfg, device)
         self.state = build_state(self.cfg, self.teacher)
-        self.opt_fm = make_optimizer(self.state.student.parameters(), 1e-6, self.cfg.optim)   # fp32 masters
+        self.opt_fm = None      # the flow-matching step's own AdamW (fp32 masters), made when that step first runs
         self.nets = [self.teacher.net, self.state.student.net, self.state.fake.net]
 
     def set_variant(self, name: str) -> None:
@@ -218,6 +232,8 @@ class Bench:
                 return scm_tangent_jvp(st.student, x_t, t, ctx, F_T)
 
         def fm_step():
+            if self.opt_fm is None:
+                self.opt_fm = make_optimizer(st.student.parameters(), 1e-6, cfg.optim)
             self.opt_fm.zero_grad(set_to_none=True)
             loss = flow_matching_loss(st.student, x0, ctx, t=t, eps=eps).loss
             loss.backward()
@@ -249,6 +265,12 @@ class Bench:
             first += warm
             row[f"{name}_ms"] = sec * 1e3
         peaks = [self.peak_gib()]       # every pass so far; the iterations' own peaks below (what the planner plans)
+        # The iterations run without the flow-matching step's optimiser (~16 GiB of fp32 masters and moments at
+        # 1.3B, which no training run holds), so their peaks hold what a one-GPU training run holds.
+        self.opt_fm = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        row["planned_gib"] = planned_gib(self.model, variant, latent, L_text)
         # A student / critic iteration's cost depends on the rollout length N (1..4, mean 2.5 in training): time
         # N = 2 and N = 3 and report their mean, the N = 2.5 cost the FLOP counts assume. No separate warm-up:
         # the passes above already ran every kernel, graph and autotune these iterations use.
@@ -274,13 +296,15 @@ class Bench:
         row["jvp_flop_ratio"] = jvp_flops(self.cfg.model, L, L, L_text) / fwd      # the ratio at equal FLOP rates
         row["student_over_fm"] = row["student_ms"] / row["fm_step_ms"]
         row["peak_gib"] = max(peaks)
+        row["iteration_over_planned"] = max(row["student_peak_gib"], row["critic_peak_gib"]) / row["planned_gib"]
         row["warmup_s"] = first
         return row
 
     def peak_gib(self) -> float:
-        """The allocator's peak since the last reset, GiB (NaN off CUDA). It includes the bench's own second
-        optimiser (`opt_fm`, the flow-matching step's: fp32 masters and two moments of the student, 12 B per
-        parameter, ~16 GiB at 1.3B), which a training run does not hold."""
+        """The allocator's peak since the last reset, GiB (NaN off CUDA). Over the plain passes it includes the
+        bench's own second optimiser (`opt_fm`, the flow-matching step's: fp32 masters and two moments of the
+        student, 12 B per parameter, ~16 GiB at 1.3B), which a training run does not hold; the iterations run
+        without it."""
         return torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
 
     def profile(self, variant: str, latent: tuple, L_text: int, top: int) -> str:
@@ -315,6 +339,8 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("student iteration / flow-matching step", "student_over_fm", ".2f"),
         ("peak memory GiB", "peak_gib", ".1f"), ("  during the student iteration", "student_peak_gib", ".1f"),
         ("  during the critic iteration", "critic_peak_gib", ".1f"),
+        ("  the planner's estimate of an iteration (rcm_core.run.plan, one GPU, batch 1)", "planned_gib", ".1f"),
+        ("  the larger iteration peak ÷ the planner's (bar: within 10 %)", "iteration_over_planned", ".2f"),
         ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 
 
