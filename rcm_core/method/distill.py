@@ -302,10 +302,12 @@ def _read_after_check(net: nn.Module, metrics: dict[str, torch.Tensor | float]) 
 
 
 def _combine(parts: list[dict[str, torch.Tensor | float]], weights: list[float]) -> dict[str, torch.Tensor | float]:
-    """Micro-batch metrics as the whole batch's: counts (`*_nan_samples`) add up, the rest are row-weighted means."""
+    """Micro-batch metrics as the whole batch's: counts (`*_nan_samples`) add up, the rest are row-weighted means,
+    summed on the device in float64 (a bf16 loss weighted in bf16 would round)."""
     keys = dict.fromkeys(k for m in parts for k in m)
-    return {k: sum(m[k] for m in parts if k in m) if k.endswith("_nan_samples")
-            else sum(w * m[k] for m, w in zip(parts, weights) if k in m) for k in keys}
+    wide = [{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in m.items()} for m in parts]
+    return {k: sum(m[k] for m in wide if k in m) if k.endswith("_nan_samples")
+            else sum(w * m[k] for m, w in zip(wide, weights) if k in m) for k in keys}
 
 
 def _rollout_draws(state: DistillState, x0: torch.Tensor, d: DistillCfg, g: torch.Generator) -> dict:
