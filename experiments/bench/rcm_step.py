@@ -91,6 +91,9 @@ VARIANTS = {                    # name: (model.attention, model.compile, model.a
     "sdpa_grad+compile": ("sdpa_grad", "blocks", True),
     "sdpa": ("sdpa", "none", True),
     "sdpa+compile": ("sdpa", "blocks", True),
+    # SDPA in every tangent-free pass and the attention outputs kept: a compiled block without graph breaks in the
+    # no-grad forwards (the fused kernel's call breaks it in three), against the fused kernel's faster attention
+    "sdpa+compile+attention_only": ("sdpa", "blocks", "attention_only"),
     # issue 28, lever 3: selective recomputation (SDPA with grad, so the attention outputs can be kept)
     "sdpa_grad+mm_only": ("sdpa_grad", "none", "mm_only"),
     "sdpa_grad+compile+mm_only": ("sdpa_grad", "blocks", "mm_only"),
@@ -317,12 +320,23 @@ class Bench:
         parts = []
         for name, fn in self.passes(latent, L_text).items():
             with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
                 fn()
                 sync(self.device)
+                wall_ms = (time.perf_counter() - t0) * 1e3
             label = f"{variant}: {name}" + (" (rollout N=2)" if name in ("student", "critic") else "")
             table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
-            parts.append(f"### {label}\n{table}")
+            parts.append(f"### {label}\n{busy_line(prof, wall_ms) if cuda else ''}{table}")
         return "\n\n".join(parts)
+
+
+def busy_line(prof, wall_ms: float) -> str:
+    """How much of a profiled call the GPU spent in kernels and copies: near 100 % the pass is bound by the GPU's
+    work; far below, the GPU waited for the host to launch (a pass bound by Python, dynamo guards and launches,
+    which CUDA graphs would remove). The wall time is under the profiler, which adds host time of its own."""
+    from torch.autograd import DeviceType
+    gpu_ms = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+    return f"wall {wall_ms:.1f} ms under the profiler, GPU work {gpu_ms:.1f} ms: busy {gpu_ms / wall_ms * 100:.0f} %\n"
 
 
 # ------------------------------------------------------------------------------------------------ output
