@@ -6,6 +6,7 @@
     python3 experiments/bench/rcm_step.py --islands-ab --variants sdpa_grad+compile+attention_only
                                                            # + the JVP pass, elementwise islands fused vs eager
     python3 experiments/bench/rcm_step.py --adamw-ab       # + one AdamW step, fused vs foreach (1.3B student)
+    python3 experiments/bench/rcm_step.py --graph-ab       # + a batch-1 no-grad forward, launched vs CUDA graph
     python3 experiments/bench/rcm_step.py --host-reads     # + where an iteration makes the host wait, by line
     python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
 
@@ -456,6 +457,43 @@ def islands_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: i
                   {"fused islands": contextlib.nullcontext, "eager dual": tangent_islands.unfused})
 
 
+def graph_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int) -> dict:
+    """One batch-1 no-grad forward (the rollout's and the fake score's call) launched as the product launches it,
+    against the same call captured once as a CUDA graph and replayed: what the host's launching costs the forward
+    (lever 2's last clause, before building it into the product). CUDA only. The graph holds its inputs and output
+    fixed (this pass's inputs are fixed tensors already); both arms must give the same output to the bit."""
+    if bench.device.type != "cuda":
+        raise SystemExit("--graph-ab needs a GPU (CUDA graphs)")
+    bench.set_variant(variant)
+    forward = bench.passes(latent, L_text)["forward"]
+    for _ in range(2):                  # compile and autotune now: nothing may compile or tune inside the capture
+        forward()
+    side = torch.cuda.Stream()          # the warm-up call of the capture runs on a side stream, as PyTorch asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward()
+    outs, times = {}, {"CUDA graph": [], "launched": []}
+    arms = {"CUDA graph": lambda: (graph.replay(), captured)[1], "launched": forward}
+    for rep in range(reps + 1):         # call 0 of each arm is its warm-up
+        for name, arm in arms.items():
+            sync(bench.device)
+            t0 = time.perf_counter()
+            outs[name] = arm().clone()
+            sync(bench.device)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    a, b = outs["CUDA graph"], outs["launched"]
+    finite("forward (CUDA graph)", a)
+    diff = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    t_ours, t_theirs = (statistics.median(times[n]) * 1e3 for n in arms)
+    return {"ours_ms": t_ours, "theirs_ms": t_theirs, "change_pct": (t_ours / t_theirs - 1) * 100,
+            "bit_equal": torch.equal(a, b), "max_rel_diff": diff}
+
+
 class _HostReads(TorchDispatchMode):
     """Counts the ops that make the host wait for a tensor's value, by the project source line that asked: scalar
     reads (`.item()`, `int()`, `float()`, `bool()` of a tensor: aten `_local_scalar_dense`), `nonzero` (boolean
@@ -560,6 +598,9 @@ def main() -> None:
     ap.add_argument("--islands-ab", action="store_true",
                     help="first, per shape: the JVP pass with its elementwise islands fused against the eager dual "
                          "path (the first variant, which must be compiled)")
+    ap.add_argument("--graph-ab", action="store_true",
+                    help="first, per shape: a batch-1 no-grad forward launched against the same call replayed from a "
+                         "CUDA graph (the first variant; GPU only)")
     ap.add_argument("--adamw-ab", action="store_true",
                     help="first: one AdamW step on the student's parameters, fused against foreach (shape-free)")
     ap.add_argument("--host-reads", action="store_true",
@@ -604,12 +645,19 @@ def main() -> None:
               f"{ab['fused_ms']:.1f} ms, masters max rel diff {ab['max_rel_diff']:.1e}", flush=True)
     abs_ = [("linear rule: PyTorch's → layers.Linear", linear_rule_ab)] if args.linear_ab else []
     abs_ += [("islands: eager dual → fused", islands_ab)] if args.islands_ab else []
+    abs_ += [("no-grad forward, batch 1: launched → CUDA graph", graph_ab)] if args.graph_ab else []
     for what, ab_fn in abs_:
         for key, (title, latent, L_text) in shapes.items():
-            ab = ab_fn(bench, variants[0], latent, L_text, max(args.reps, 3))
+            try:
+                ab = ab_fn(bench, variants[0], latent, L_text, max(args.reps, 3))
+            except RuntimeError as e:       # e.g. a capture that meets a host sync: say so, time the rest
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                ab_lines.append(f"| {what} | {title} | failed: {first[:160]} | | | | |")
+                print(f"[{time.perf_counter() - t_start:.0f} s] {key} {what}: failed: {first}", flush=True)
+                continue
             ab_lines.append(f"| {what} | {title} | {ab['theirs_ms']:.0f} | {ab['ours_ms']:.0f} | "
                             f"{ab['change_pct']:+.1f} % | {ab['bit_equal']} | {ab['max_rel_diff']:.1e} |")
-            print(f"[{time.perf_counter() - t_start:.0f} s] {key} JVP pass, {what}: {ab['theirs_ms']:.0f} → "
+            print(f"[{time.perf_counter() - t_start:.0f} s] {key} {what}: {ab['theirs_ms']:.0f} → "
                   f"{ab['ours_ms']:.0f} ms, tangents bit-equal {ab['bit_equal']}, max rel diff "
                   f"{ab['max_rel_diff']:.1e}", flush=True)
     read_lines = []
@@ -663,7 +711,7 @@ def main() -> None:
         if rows:
             print("\n" + markdown(shapes[key][0], rows))
     if ab_lines:
-        print(f"\n| JVP pass A/B ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
+        print(f"\n| A/B ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
               f"| after ms | change | outputs bit-equal | max rel diff |\n|---|---|---|---|---|---|---|\n"
               + "\n".join(ab_lines))
     if read_lines:
