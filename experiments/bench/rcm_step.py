@@ -658,7 +658,7 @@ def main() -> None:
             ab_lines.append(f"| {what} | {title} | {ab['theirs_ms']:.0f} | {ab['ours_ms']:.0f} | "
                             f"{ab['change_pct']:+.1f} % | {ab['bit_equal']} | {ab['max_rel_diff']:.1e} |")
             print(f"[{time.perf_counter() - t_start:.0f} s] {key} {what}: {ab['theirs_ms']:.0f} → "
-                  f"{ab['ours_ms']:.0f} ms, tangents bit-equal {ab['bit_equal']}, max rel diff "
+                  f"{ab['ours_ms']:.0f} ms, outputs bit-equal {ab['bit_equal']}, max rel diff "
                   f"{ab['max_rel_diff']:.1e}", flush=True)
     read_lines = []
     if args.host_reads:
