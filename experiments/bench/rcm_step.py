@@ -399,28 +399,35 @@ def write_outputs(out: Path, results: dict, card: str, command: str, model: dict
         (out / f"step_table_{variant.replace('+', '_')}.json").write_text(json.dumps(table, indent=1) + "\n")
 
 
-def jvp_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int, arms: dict) -> dict:
-    """The JVP pass under two arms (name → a function returning a context manager; the first arm is the product's
-    path), in one process, interleaved call by call; the largest relative difference between the two tangents."""
-    bench.set_variant(variant)
-    jvp = bench.passes(latent, L_text)["jvp"]
+def interleaved_ab(arms: dict, device: torch.device, reps: int, what: str) -> dict:
+    """Two arms (name → (a function returning a context manager, a call returning a tuple of tensors); the first
+    arm is the product's path), in one process, interleaved call by call, the context entered outside the timing;
+    their medians and the largest relative difference between their outputs."""
     outs, times = {}, {name: [] for name in arms}
     for rep in range(reps + 1):                     # call 0 of each arm is its warm-up
-        for name, arm in arms.items():
-            with arm():
-                sync(bench.device)
+        for name, (context, call) in arms.items():
+            with context():
+                sync(device)
                 t0 = time.perf_counter()
-                outs[name] = jvp()
-                sync(bench.device)
+                outs[name] = call()
+                sync(device)
             if rep:
                 times[name].append(time.perf_counter() - t0)
     (ours, a), (theirs, b) = ((n, outs[n]) for n in arms)
-    finite(f"jvp ({ours} / {theirs})", a)
+    finite(f"{what} ({ours} / {theirs})", a)
     diff = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
                for x, y in zip(a, b))
     t_ours, t_theirs = (statistics.median(times[n]) * 1e3 for n in arms)
     return {"ours_ms": t_ours, "theirs_ms": t_theirs, "change_pct": (t_ours / t_theirs - 1) * 100,
             "bit_equal": all(torch.equal(x, y) for x, y in zip(a, b)), "max_rel_diff": diff}
+
+
+def jvp_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int, arms: dict) -> dict:
+    """The JVP pass under two arms (name → a function returning a context manager; the first arm is the product's
+    path), interleaved call by call; the largest relative difference between the two tangents."""
+    bench.set_variant(variant)
+    jvp = bench.passes(latent, L_text)["jvp"]
+    return interleaved_ab({name: (arm, jvp) for name, arm in arms.items()}, bench.device, reps, "jvp")
 
 
 @contextlib.contextmanager
@@ -476,22 +483,12 @@ def graph_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = forward()
-    outs, times = {}, {"CUDA graph": [], "launched": []}
-    arms = {"CUDA graph": lambda: (graph.replay(), captured)[1], "launched": forward}
-    for rep in range(reps + 1):         # call 0 of each arm is its warm-up
-        for name, arm in arms.items():
-            sync(bench.device)
-            t0 = time.perf_counter()
-            outs[name] = arm().clone()
-            sync(bench.device)
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-    a, b = outs["CUDA graph"], outs["launched"]
-    finite("forward (CUDA graph)", a)
-    diff = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-    t_ours, t_theirs = (statistics.median(times[n]) * 1e3 for n in arms)
-    return {"ours_ms": t_ours, "theirs_ms": t_theirs, "change_pct": (t_ours / t_theirs - 1) * 100,
-            "bit_equal": torch.equal(a, b), "max_rel_diff": diff}
+
+    def replay():                       # the replay rewrites `captured`: keep this call's output apart
+        graph.replay()
+        return (captured.clone(),)
+    return interleaved_ab({"CUDA graph": (contextlib.nullcontext, replay),
+                           "launched": (contextlib.nullcontext, lambda: (forward(),))}, bench.device, reps, "forward")
 
 
 class _HostReads(TorchDispatchMode):

@@ -321,9 +321,8 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
     plan.states = state_bytes(counts, plan.shard, dmd)
     packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
     b, n = plan.micro, packed * work.tokens // shape.cp
-    graphs = 1                                   # one with-grad graph at a time (distill._accumulate)
-    plan.jvp_peak, plan.backward_peak = activation_estimate(
-        m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=graphs,
+    plan.jvp_peak, plan.backward_peak = activation_estimate(      # one with-grad graph at a time (distill._accumulate)
+        m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=1,
         jvp=term == "scm" and d.tangent == "jvp")
     plan.total = sum(plan.states.values()) + max(plan.jvp_peak, plan.backward_peak) + OVERHEAD
     plan.seconds = seconds_per_iteration(cfg, work, shape, table)
