@@ -385,7 +385,8 @@ def test_activation_estimate_bounds_the_cpu_allocators_peak(mode):
     """experiments/bench/memory_cpu.py on a small bf16 Wan-shaped DiT: the allocator's peak during one
     flow-matching forward + backward grows with the tokens by at least what the policy keeps (those bytes are
     real) and by no more than the planner's estimate (which is an upper bound here: measured 0.4–1.2 blocks of
-    allowance where it counts 1–2; docs/BENCHMARKS.md). Allocator byte counts are deterministic."""
+    allowance where it counts 1–2; docs/BENCHMARKS.md). The byte counts repeat exactly in a given process history
+    and move by ~32 kB with what ran before in the process (lazy caches), against margins of ~1.5 MB here."""
     import sys
     sys.path.insert(0, str(ROOT / "experiments" / "bench"))
     import memory_cpu
