@@ -6,9 +6,10 @@
     python workflows/plan.py --config X.yaml --address auto        # GPUs and their memory read from Ray
 
 For each (dp_replicate, dp_shard, cp) whose product is the GPU count, with activation checkpointing off and
-on, prints parameter + gradient + optimiser bytes per GPU of student, fake score, EMA and teacher, the
-activation peaks of the JVP pass and of the backward, the total against the card, the seconds per iteration
-scaled from the measured step table (docs/results/gpu/step_table.json, `--step-table`), and the recommended mesh; meshes that cannot run
+on (and in the config's own selective mode, if it sets one), prints parameter + gradient + optimiser bytes per GPU
+of student, fake score, EMA and teacher, the activation peaks of the JVP pass and of the backward, the total
+against the card, the seconds per iteration scaled from the measured step table most like the row
+(docs/results/gpu/step_tables/, `--step-table`), and the recommended mesh; meshes that cannot run
 (cp not dividing the heads or tokens, a batch the data-parallel groups cannot split) are listed with the
 reason. The arithmetic is `rcm_core.run.plan`. `workflows/distill.py` runs the same check (`preflight`) before
 its workers start and stops with the plan's message when the configured mesh cannot fit.
@@ -33,12 +34,12 @@ from rcm_core.run.plan import (  # noqa: E402
     describe_memory,
     format_plan,
     plan_run,
-    read_step_table,
+    read_step_tables,
 )
 
-# The one file the planner's s/iteration comes from: experiments/bench/rcm_step.py writes it to $OUT as
-# step_table_<variant>.json; copy the variant the configs use over this one after a re-measurement.
-STEP_TABLE = ROOT / "docs" / "results" / "gpu" / "step_table.json"
+# Where the planner's s/iteration comes from: one file per measured variant, as experiments/bench/rcm_step.py
+# writes them to $OUT (step_table_<variant>.json); a re-measured variant's file is copied in here.
+STEP_TABLES = ROOT / "docs" / "results" / "gpu" / "step_tables"
 WAN_480P = (16, 21, 60, 104)     # Wan2.1 VAE latent of 832×480×81 frames: 21·30·52 = 32,760 tokens
 WAN_TEXT = 512                   # umT5 context length Wan zero-pads to
 
@@ -120,6 +121,22 @@ def preflight(cfg: ExperimentCfg, gpu_memory: float | None = None) -> None:
         raise SystemExit(f"plan: {problem}")
 
 
+def step_tables(path: str | None) -> tuple:
+    """The step tables at `path` (a file or a folder; default the shipped folder), each named in the plan's footer
+    as the user would type it (relative to the repository when it lies in it). A path that holds none is an error:
+    a plan without times would look like one with them missing by accident."""
+    where = Path(path) if path else STEP_TABLES
+    tables = read_step_tables(where)
+    if path and not tables:
+        raise SystemExit(f"plan: --step-table {path}: no step table there (a JSON file experiments/bench/rcm_step.py "
+                         f"writes as step_table_<variant>.json, or a folder of them)")
+
+    def shown(source: str) -> str:
+        resolved = Path(source).resolve()
+        return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else source
+    return tuple(dataclasses.replace(t, source=shown(t.source)) for t in tables)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Memory and time per GPU of a distillation run, for every mesh.")
     ap.add_argument("--config", required=True, help="run config YAML")
@@ -130,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="latent C,T,H,W (default: the data set's manifest, else Wan 480p×81: 16,21,60,104)")
     ap.add_argument("--text-len", type=int, default=None, help="text tokens (default: manifest, else 512)")
     ap.add_argument("--step-table", default=None,
-                    help="step table for s/iteration (default: docs/results/gpu/step_table.json)")
+                    help="a step table file, or a folder of them, for s/iteration (default: "
+                         "docs/results/gpu/step_tables/; each row is timed by the table measured most like it)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=8")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -148,14 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--latent {args.latent!r}: give C,T,H,W, e.g. 16,21,60,104")
     latent = latent or WAN_480P
     text_len = args.text_len or text_len
-    table = read_step_table(args.step_table or STEP_TABLE)
-    if table is not None:                          # the footer names the file as the user would type it
-        table = dataclasses.replace(table, source=args.step_table or str(STEP_TABLE.relative_to(ROOT)))
+    tables = step_tables(args.step_table)
     try:
-        plans = plan_run(cfg, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len, table=table)
+        plans = plan_run(cfg, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len, tables=tables)
     except ValueError as e:
         raise SystemExit(f"plan: {e}") from None
-    print(format_plan(cfg, plans, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len, table=table))
+    print(format_plan(cfg, plans, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len))
     own = check_fits(cfg, gpus=gpus, gpu_memory=memory, latent=latent, text_len=text_len)
     if own:
         print(f"configured: {own}")

@@ -1,6 +1,6 @@
 """Cost of one rCM iteration at Wan2.1-1.3B shape on one GPU, per performance lever (issues 9, 28). Prints tables.
 
-    python3 experiments/bench/rcm_step.py                  # on the GPU: 8,190 and 32,760 tokens, every lever
+    python3 experiments/bench/rcm_step.py                  # on the GPU: 8,190 and 32,760 tokens, issue 28's table
     python3 experiments/bench/rcm_step.py --profile        # + torch.profiler top CUDA kernels per pass (8,190)
     python3 experiments/bench/rcm_step.py --linear-ab      # + the JVP pass under PyTorch's linear rule vs ours
     python3 experiments/bench/rcm_step.py --islands-ab --variants sdpa_grad+compile+attention_only
@@ -18,11 +18,13 @@ with-grad passes) and times every variant on the same state, switching the lever
 
     baseline            attention fused (our Triton kernel for every pass), no compile
     sdpa_grad           PyTorch SDPA (cuDNN / flash) for the with-grad passes; the JVP pass keeps the fused kernel
-    sdpa_grad+compile   the same + regional torch.compile of every DiT block (passes with a tangent stay eager)
+    sdpa_grad+compile   the same + regional torch.compile of every DiT block (passes with a tangent run their
+                        elementwise islands compiled, rcm_core.networks.tangent_islands; opt-in: --variants)
     sdpa, sdpa+compile  SDPA for every tangent-free pass, no-grad forwards included (opt-in: --variants)
     …+mm_only           selective recomputation in the with-grad passes instead of whole-block checkpointing:
                         matmul and SDPA outputs kept, the rest recomputed (opt-in: --variants)
-    …+attention_only    the same keeping only the SDPA outputs (opt-in: --variants)
+    …+attention_only    the same keeping only the SDPA outputs (sdpa_grad+compile+attention_only: the levers
+                        adopted in docs/BENCHMARKS.md, a default column; the others opt-in: --variants)
     …+off               no activation checkpointing in the with-grad passes: every activation kept (opt-in:
                         --variants; at 32,760 tokens one H200 runs out of memory, printed as such)
 
@@ -36,15 +38,17 @@ flow-matching step (the unit of cost), an rCM student and critic iteration and t
 the forward), student iteration over the flow-matching step, peak memory (over every pass, and during the student
 and the critic iteration alone, which run without the flow-matching step's optimiser, as training does, set beside
 the planner's estimate for the same variant and shape), and the warm-up calls' seconds, which
-hold compilation and autotuning. The plain passes get one
+hold compilation and autotuning. A last column states issue 28's goal for each row that has one, and every cell
+that meets it is marked ✓. The plain passes get one
 warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
 (pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
 FLOP counts assume; they need no warm-up (the passes before them ran every kernel and graph they use), and if a
 graph compiles inside them anyway they are timed again. Every output is checked finite.
 
 With $OUT set, writes there as each variant finishes (a cut-off run keeps what it measured):
-rcm_step_levers.csv / .md (every number), step_table_<variant>.json (the planner's ms/FLOP table: copy the
-adopted variant's file to docs/results/gpu/step_table.json) and, with --profile, profile_<shape>_<variant>.txt.
+rcm_step_levers.csv / .md (every number), step_table_<variant>.json (the planner's ms/FLOP table of that
+variant: copied into docs/results/gpu/step_tables/, it times the plan rows run like it) and, with --profile,
+profile_<shape>_<variant>.txt.
 """
 from __future__ import annotations
 
@@ -104,7 +108,9 @@ VARIANTS = {                    # name: (model.attention, model.compile, model.a
     "sdpa_grad+off": ("sdpa_grad", "none", False),
     "sdpa_grad+compile+off": ("sdpa_grad", "blocks", False),
 }
-DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile"
+# The default columns: issue 28's baseline, what the Wan configs ship (the planner's step table) and the levers
+# adopted together; the table marks every number that meets the issue's goal (GOALS).
+DEFAULT_VARIANTS = "baseline,sdpa_grad,sdpa_grad+compile+attention_only"
 # FLOPs of each pass in forwards (rows of the issue-9 table, kept so MFU columns compare across days): JVP ≈ 3
 # forwards (exactly 2 + self-attention's share, plan.jvp_flops: 2.36-2.70 at 1.3B, so its MFU reads high); a
 # with-grad forward+backward 3;
@@ -359,19 +365,38 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 
 
-def markdown(title: str, rows: list[dict]) -> str:
-    """Metrics down, variants across; each cell after the first column also shows its change from the first."""
-    head = "| " + title + " | " + " | ".join(r["variant"] for r in rows) + " |"
-    lines = [head, "|" + "---|" * (len(rows) + 1)]
+# Issue 28's bars per shape: row key → (the goal as the issue words it, whether a value meets it). The tiny CPU
+# shape has none. The planner's bar is "within 10 %" of the measured peak, either side.
+_WITHIN_10 = ("within 10 %", lambda v: abs(v - 1) <= 0.10)
+GOALS = {
+    "32k": {"fm_step_mfu": ("≥ 45", lambda v: v >= 45), "mean_1_4_mfu": ("≥ 40 (moonshot 45)", lambda v: v >= 40),
+            "jvp_over_forward": ("≤ 2.3", lambda v: v <= 2.3), "student_over_fm": ("≤ 3.5", lambda v: v <= 3.5),
+            "iteration_over_planned": _WITHIN_10},
+    "8k": {"fm_step_mfu": ("≥ 40", lambda v: v >= 40), "mean_1_4_mfu": ("≥ 30", lambda v: v >= 30),
+           "jvp_over_forward": ("≤ 2.3", lambda v: v <= 2.3), "student_over_fm": ("≤ 3.5", lambda v: v <= 3.5),
+           "iteration_over_planned": _WITHIN_10},
+}
+
+
+def markdown(title: str, rows: list[dict], goals: dict | None = None) -> str:
+    """Metrics down, variants across; each cell after the first column also shows its change from the first. With
+    `goals` (GOALS[shape]) a last column states issue 28's bar for that row and every cell that meets it is
+    marked ✓ (a NaN, e.g. a peak on the CPU, meets nothing)."""
+    goals = goals or {}
+    head = "| " + title + " | " + " | ".join(r["variant"] for r in rows) + (" | goal (issue 28) |" if goals else " |")
+    lines = [head, "|" + "---|" * (len(rows) + 1 + bool(goals))]
     for label, key, spec in ROWS:
         cells = []
+        text, met = goals.get(key, ("", None))
         for r in rows:
             cell = format(r[key], spec)
             base = rows[0][key]
             if r is not rows[0] and key.endswith("_ms") and base == base and base > 0:
                 cell += f" ({(r[key] / base - 1) * 100:+.0f} %)"
+            if met is not None and met(r[key]):
+                cell += " ✓"
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {text} |" if goals else " |"))
     return "\n".join(lines)
 
 
@@ -385,18 +410,29 @@ def write_outputs(out: Path, results: dict, card: str, command: str, model: dict
             for r in rows:
                 w.writerow({"shape": shape, **r})
     md = [f"Card: {card}; torch {torch.__version__}; {date.today().isoformat()}; `{command}`"]
-    md += [markdown(SHAPES.get(s, TINY_SHAPE)[0], rows) for s, rows in results.items() if rows]
+    md += [markdown(SHAPES.get(s, TINY_SHAPE)[0], rows, GOALS.get(s)) for s, rows in results.items() if rows]
     (out / "rcm_step_levers.md").write_text("\n\n".join(md) + "\n")
     for variant in {r["variant"] for r in flat}:
-        attention, compile_mode, recompute = VARIANTS[variant]
-        table = {"card": card, "date": date.today().isoformat(), "command": command,
-                 "torch": torch.__version__, "variant": variant, "model.attention": attention,
-                 "model.compile": compile_mode, "model.activation_checkpointing": recompute,
-                 "model": {**model, "activation_checkpointing": recompute}, "text_len": flat[0]["text_len"],
-                 "rows": [{"tokens": r["tokens"], "student_ms": round(r["student_ms"], 1),
-                           "critic_ms": round(r["critic_ms"], 1)}
-                          for r in sorted(flat, key=lambda r: r["tokens"]) if r["variant"] == variant]}
-        (out / f"step_table_{variant.replace('+', '_')}.json").write_text(json.dumps(table, indent=1) + "\n")
+        table = step_table(variant, [r for r in flat if r["variant"] == variant], model, card=card,
+                           day=date.today().isoformat(), command=command, torch_version=torch.__version__)
+        (out / step_table_name(variant)).write_text(json.dumps(table, indent=1) + "\n")
+
+
+def step_table_name(variant: str) -> str:
+    return f"step_table_{variant.replace('+', '_')}.json"
+
+
+def step_table(variant: str, rows: list[dict], model: dict, *, card: str, day: str, command: str,
+               torch_version: str) -> dict:
+    """The planner's step table of one variant (`rcm_core.run.plan.read_step_table` reads it): its levers and, per
+    token count, the student and critic iteration ms."""
+    attention, compile_mode, recompute = VARIANTS[variant]
+    return {"card": card, "date": day, "command": command, "torch": torch_version, "variant": variant,
+            "model.attention": attention, "model.compile": compile_mode, "model.activation_checkpointing": recompute,
+            "model": {**model, "activation_checkpointing": recompute}, "text_len": int(rows[0]["text_len"]),
+            "rows": [{"tokens": int(r["tokens"]), "student_ms": round(float(r["student_ms"]), 1),
+                      "critic_ms": round(float(r["critic_ms"]), 1)}
+                     for r in sorted(rows, key=lambda r: int(r["tokens"]))]}
 
 
 def interleaved_ab(arms: dict, device: torch.device, reps: int, what: str) -> dict:
@@ -706,7 +742,7 @@ def main() -> None:
           f"total {time.perf_counter() - t_start:.0f} s")
     for key, rows in results.items():
         if rows:
-            print("\n" + markdown(shapes[key][0], rows))
+            print("\n" + markdown(shapes[key][0], rows, GOALS.get(key)))
     if ab_lines:
         print(f"\n| A/B ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
               f"| after ms | change | outputs bit-equal | max rel diff |\n|---|---|---|---|---|---|---|\n"

@@ -35,11 +35,15 @@ attention_only on one GPU: 77.5 GiB where 75.1 was measured with model.attention
 was measured with fused (2026-12-04). With one graph at a time the planner says 63.2 / 38.5 / 25.9 and 68.9 /
 63.2 GiB: predictions until a GPU run measures them.
 
-Time per iteration scales the measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
-this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The table is one
-data file, docs/results/gpu/step_table.json (`read_step_table`), in the format experiments/bench/rcm_step.py writes
-to $OUT as step_table_<variant>.json: re-measuring means copying the adopted variant's file over it. The table was measured with activation checkpointing on, so "off" rows are a little faster than shown;
-communication and CP all-to-all are not modelled, so it is a lower bound for sharded meshes.
+Time per iteration scales a measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
+this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The tables are data
+files in docs/results/gpu/step_tables/, one per measured variant (model.attention, model.compile,
+model.activation_checkpointing), in the format experiments/bench/rcm_step.py writes to $OUT as
+step_table_<variant>.json (`read_step_tables`): re-measuring means copying the bench's files there. Each plan row
+is timed by the table measured most like it (`choose_step_table`: the same levers if one was measured, else the
+fewest differences, a same-compile table first), and the footer names each table and what it
+differs in; a row with no checkpointing is timed by a checkpointed table (a little slow for it). Communication and
+CP all-to-all are not modelled, so times are a lower bound for sharded meshes.
 """
 from __future__ import annotations
 
@@ -153,7 +157,8 @@ class Workload:
 
 @dataclass(frozen=True)
 class StepTable:
-    """A measured one-GPU iteration: ms per student / critic iteration by token count (docs/results/gpu/)."""
+    """A measured one-GPU iteration: ms per student / critic iteration by token count (docs/results/gpu/), and the
+    levers it was measured with."""
     model: ModelCfg
     text_len: int
     tokens: tuple[int, ...]
@@ -162,6 +167,26 @@ class StepTable:
     card: str
     source: str = ""             # the file it was read from, for the plan's footer
     attention: str = ""          # model.attention the table was measured with ("" in files that predate it)
+    compile: str = ""            # model.compile, likewise
+    date: str = ""
+
+    @property
+    def checkpointing(self) -> bool | str:
+        return self.model.activation_checkpointing
+
+    def differences(self, model: ModelCfg, checkpointing: bool | str) -> list[tuple[str, str, str]]:
+        """How this table's levers differ from a row's: [(key, the table's value, the row's), …], e.g.
+        ("model.compile", "none", "blocks"); a lever the file does not record counts as no difference."""
+        theirs = {"model.attention": self.attention, "model.compile": self.compile,
+                  "model.activation_checkpointing": _lever(self.checkpointing)}
+        ours = {"model.attention": model.attention, "model.compile": model.compile,
+                "model.activation_checkpointing": _lever(checkpointing)}
+        return [(k, theirs[k], ours[k]) for k in theirs if theirs[k] and theirs[k] != ours[k]]
+
+
+def _lever(value: bool | str) -> str:
+    # as a YAML override writes it: true / false / attention_only
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def read_step_table(path: str | Path) -> StepTable | None:
@@ -179,13 +204,34 @@ def read_step_table(path: str | Path) -> StepTable | None:
                           student_ms=tuple(float(r["student_ms"]) for r in rows),
                           critic_ms=tuple(float(r["critic_ms"]) for r in rows),
                           card=str(data["card"]), source=str(path),
-                          attention=str(data.get("model.attention", "")))
+                          attention=str(data.get("model.attention", "")), compile=str(data.get("model.compile", "")),
+                          date=str(data.get("date", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"step table {path}: {e!r}; expected the JSON experiments/bench/rcm_step.py writes "
                          "(card, model, text_len, rows of tokens / student_ms / critic_ms)") from None
     if not rows or min(table.student_ms + table.critic_ms) <= 0:
         raise ValueError(f"step table {path}: needs at least one row with positive student_ms and critic_ms")
     return table
+
+
+def read_step_tables(path: str | Path) -> tuple[StepTable, ...]:
+    """Every step table in a folder (its *.json, by name), or the one in a file; () if there is none."""
+    path = Path(path)
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    return tuple(t for t in map(read_step_table, files) if t is not None)
+
+
+def choose_step_table(tables: tuple[StepTable, ...] | list[StepTable], model: ModelCfg,
+                      checkpointing: bool | str) -> StepTable | None:
+    """The table measured most like a row (this model's attention and compile, the row's checkpointing): no
+    differences if there is one; else the fewest, a same-compile table before a same-attention one (compiling the
+    blocks moved the 1:4 mean by −21 / −23 % at 32,760 / 8,190 tokens, attention_only on top by −9 / −24 %, SDPA
+    for the with-grad passes by −13 % at 32,760; docs/BENCHMARKS.md), then the first by file name. Where no table
+    matches, the footer says how the one used differs."""
+    def cost(t: StepTable) -> tuple[int, bool, bool]:
+        keys = [k for k, _, _ in t.differences(model, checkpointing)]
+        return len(keys), "model.compile" in keys, "model.attention" in keys
+    return min(tables, key=cost) if tables else None
 
 
 def _flop_parts(model: ModelCfg, q_tokens: int, kv_tokens: int, text_len: int) -> tuple[float, float, float, float]:
@@ -225,6 +271,7 @@ class MeshPlan:
     total: float = 0.0
     memory: float = 0.0
     seconds: float | None = None
+    table: StepTable | None = None      # the step table `seconds` is scaled from
     refused: str | None = None          # why this mesh cannot run at all
 
     @property
@@ -325,7 +372,7 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=1,
         jvp=term == "scm" and d.tangent == "jvp")
     plan.total = sum(plan.states.values()) + max(plan.jvp_peak, plan.backward_peak) + OVERHEAD
-    plan.seconds = seconds_per_iteration(cfg, work, shape, table)
+    plan.seconds, plan.table = seconds_per_iteration(cfg, work, shape, table), table
     return plan
 
 
@@ -366,28 +413,36 @@ def largest_fitting_micro(cfg: ExperimentCfg, shape: MeshShape, **kw) -> MeshPla
 
 
 def plan_run(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...], text_len: int,
-             table: StepTable | None = None) -> list[MeshPlan]:
-    """Every (dp_replicate, dp_shard, cp) whose product is `gpus`, with activation checkpointing off and on,
-    each with the largest micro-batch that fits (gradient accumulation makes up the global batch); refused meshes
-    carry their reason. Only DiT models are planned (the MLP toys fit anywhere). The selective modes (mm_only,
-    attention_only) are planned where a config sets them (`check_fits`, `plan_mesh`) but not listed here: the step
-    table cannot tell their time from whole-block checkpointing's until the GPU bench has measured them."""
+             tables: tuple[StepTable, ...] | list[StepTable] = ()) -> list[MeshPlan]:
+    """Every (dp_replicate, dp_shard, cp) whose product is `gpus`, with activation checkpointing off and on, and
+    in the config's own mode where that is a selective one (mm_only, attention_only), each with the largest
+    micro-batch that fits (gradient accumulation makes up the global batch) and timed by the step table measured
+    most like it (`choose_step_table`); refused meshes carry their reason. Only DiT models are planned (the MLP
+    toys fit anywhere)."""
     if cfg.model.kind != "dit":
         raise ValueError(f"plans cover model.kind=dit; model.kind={cfg.model.kind} is a CPU toy")
     work = Workload.from_config(cfg, latent, text_len)
     counts = count_params(cfg.model)
     shapes = [MeshShape(r, gpus // (r * c), c) for c in _divisors(gpus) for r in _divisors(gpus // c)]
+    modes = [False, True] + [m for m in (cfg.model.activation_checkpointing,) if isinstance(m, str)]
     return [largest_fitting_micro(cfg, s, gpus=gpus, gpu_memory=gpu_memory, work=work, counts=counts,
-                                  checkpointing=ac, table=table) for s in shapes for ac in (False, True)]
+                                  checkpointing=ac, table=choose_step_table(tables, cfg.model, ac))
+            for s in shapes for ac in modes]
+
+
+# How much of a block's forward each checkpointing mode re-runs in the backward: the less, the faster.
+RECOMPUTES = {False: 0, "mm_only": 1, "attention_only": 2, True: 3}
 
 
 def recommend(plans: list[MeshPlan]) -> MeshPlan | None:
-    """The fastest mesh that fits (no checkpointing preferred on ties, then more memory to spare)."""
+    """The fastest mesh that fits; on equal times the mode that recomputes least (rows of several modes share one
+    step table's time unless each mode was measured: a table with more recomputation than the row is slow for it,
+    one with less fast, so the least recomputing row is the faster in truth), then more memory to spare."""
     fitting = [p for p in plans if p.fits]
     if not fitting:
         return None
     return min(fitting, key=lambda p: (round(p.seconds, 3) if p.seconds is not None else 0.0,
-                                       p.checkpointing is not False, p.total))
+                                       RECOMPUTES[p.checkpointing], p.total))
 
 
 def _divisors(n: int) -> list[int]:
@@ -399,7 +454,7 @@ def _gib(x: float) -> str:
 
 
 def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_memory: float,
-                latent: tuple[int, ...], text_len: int, table: StepTable | None) -> str:
+                latent: tuple[int, ...], text_len: int) -> str:
     counts = count_params(cfg.model)
     work = Workload.from_config(cfg, latent, text_len)
     head = (f"plan: {cfg.name} ({cfg.distill.mode}), {counts.total / 1e9:.3f}B parameters per net, latent "
@@ -412,7 +467,7 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
         if p.refused:
             continue
         s = p.states
-        ac = ("on" if p.checkpointing else "off") if isinstance(p.checkpointing, bool) else p.checkpointing
+        ac = _ac(p.checkpointing)
         rows.append([p.shape.dp_replicate, p.shape.dp_shard, p.shape.cp, ac,
                      work.batch // p.shape.data_parallel_size, p.micro, _gib(s["student"]), _gib(s["fake"]), _gib(s["ema"]),
                      _gib(s["teacher"]), _gib(s["fsdp"]), _gib(p.jvp_peak), _gib(p.backward_peak), _gib(p.total),
@@ -440,14 +495,39 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
     lines.append(f"checkpoints: {_gib(ckpt)} GiB each ({'DCP, sharded' if sharded else 'state.pt'}); "
                  f"train.keep_checkpoints={keep}: up to {_gib((keep + 1) * ckpt)} GiB of storage while the next "
                  f"is written")
-    timing = f"scaled from the {table.card} step table ({table.source}), compute only" if table else (
-        "no step table found")
-    if table and table.attention and table.attention != cfg.model.attention:
-        # the times stay usable (same network, same FLOPs), but the user should know they are another variant's
-        timing += (f" — measured with model.attention={table.attention}, this run uses {cfg.model.attention}: "
-                   f"re-measure with `rcm_step.py --variants` or pass --step-table")
-    lines.append(f"time: {timing}; memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
+    lines += timing_lines(cfg, plans)
+    lines.append(f"memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
     return "\n".join(lines)
+
+
+def timing_lines(cfg: ExperimentCfg, plans: list[MeshPlan]) -> list[str]:
+    """Which step table timed the rows of each checkpointing mode, and how it was measured unlike them: the times
+    stay usable across levers (same network, same FLOPs) but are then another variant's."""
+    by_mode: dict[str, MeshPlan] = {}
+    for p in plans:
+        if not p.refused:
+            by_mode.setdefault(_lever(p.checkpointing), p)
+    if not any(p.table for p in by_mode.values()):
+        return ["time: no step table found (docs/results/gpu/step_tables/, or --step-table)"]
+    lines, unlike = ["time (compute only), scaled from the step table measured most like each row:"], False
+    for p in by_mode.values():
+        t = p.table
+        diff = t.differences(cfg.model, p.checkpointing)
+        # worth a re-measurement: the run's own mode, or a lever every row has; the off row of a table measured
+        # with checkpointing is the usual case (no one-GPU table without it fits at 32,760 tokens)
+        unlike = unlike or any(k != "model.activation_checkpointing" or p.checkpointing is not False
+                               for k, _, _ in diff)
+        note = "".join(f"; measured with {k}={theirs}, this row uses {ours}" for k, theirs, ours in diff)
+        lines.append(f"  AC {_ac(p.checkpointing)}: {t.source} ({t.card}{', ' + t.date if t.date else ''}){note}")
+    if unlike:
+        lines.append("  (to time a variant as it runs: experiments/bench/rcm_step.py --variants …, then its "
+                     "step_table_<variant>.json into docs/results/gpu/step_tables/)")
+    return lines
+
+
+def _ac(checkpointing: bool | str) -> str:
+    # the table's AC column
+    return ("on" if checkpointing else "off") if isinstance(checkpointing, bool) else checkpointing
 
 
 def configured_plan(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tuple[int, ...],
@@ -491,5 +571,6 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
 
 
 __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
-           "check_fits", "configured_plan", "describe_memory", "read_step_table", "refuse_reason", "block_saved_bytes",
+           "check_fits", "configured_plan", "describe_memory", "read_step_table", "read_step_tables",
+           "choose_step_table", "timing_lines", "refuse_reason", "block_saved_bytes",
            "selective_saved_bytes", "attention_keepable", "jvp_live_bytes", "forward_flops", "jvp_flops", "GiB"]
