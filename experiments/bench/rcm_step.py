@@ -616,7 +616,7 @@ def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, 
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
     ap.add_argument("--reps", type=int, default=1, help="timed calls per pass after the warm-up call")
@@ -643,15 +643,119 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no new variant after this many seconds (0: no limit); the tables still print")
     args = ap.parse_args()
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    return args
+
+
+class Clock:
+    """Seconds since the run began, for the progress lines and --budget-s."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+    def say(self, text: str) -> None:
+        print(f"[{self():.0f} s] {text}", flush=True)
+
+
+def run_adamw_ab(bench: Bench, reps: int, clock: Clock) -> str:
+    """--adamw-ab: the A/B table's row."""
+    ab = adamw_ab(list(bench.state.student.parameters()), bench.device, max(reps, 3))
+    kept = "fp32 masters" if bench.model["dtype"] == "bfloat16" else "fp32 parameters"
+    clock.say(f"AdamW step: foreach {ab['foreach_ms']:.1f} ms → fused {ab['fused_ms']:.1f} ms, masters max rel diff "
+              f"{ab['max_rel_diff']:.1e}")
+    return (f"| AdamW step, student ({ab['params'] / 1e6:,.1f} M parameters, {kept}), median of "
+            f"{max(reps, 3)} interleaved | {ab['foreach_ms']:.1f} | {ab['fused_ms']:.1f} | "
+            f"{ab['change_pct']:+.1f} % | {ab['max_rel_diff']:.1e} | {ab['product']} |")
+
+
+def run_pass_abs(args, bench: Bench, shapes: dict, clock: Clock) -> list[str]:
+    """--linear-ab / --islands-ab / --graph-ab on the first variant, per shape: the A/B table's rows (a failed arm,
+    e.g. a capture that meets a host sync, is a row that says so; the rest is still timed)."""
+    abs_ = [("linear rule: PyTorch's → layers.Linear", linear_rule_ab)] if args.linear_ab else []
+    abs_ += [("islands: eager dual → fused", islands_ab)] if args.islands_ab else []
+    abs_ += [("no-grad forward, batch 1: launched → CUDA graph", graph_ab)] if args.graph_ab else []
+    lines = []
+    for what, ab_fn in abs_:
+        for key, (title, latent, L_text) in shapes.items():
+            try:
+                ab = ab_fn(bench, args.variants[0], latent, L_text, max(args.reps, 3))
+            except RuntimeError as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                lines.append(f"| {what} | {title} | failed: {first[:160]} | | | | |")
+                clock.say(f"{key} {what}: failed: {first}")
+                continue
+            lines.append(f"| {what} | {title} | {ab['theirs_ms']:.0f} | {ab['ours_ms']:.0f} | "
+                         f"{ab['change_pct']:+.1f} % | {ab['bit_equal']} | {ab['max_rel_diff']:.1e} |")
+            clock.say(f"{key} {what}: {ab['theirs_ms']:.0f} → {ab['ours_ms']:.0f} ms, outputs bit-equal "
+                      f"{ab['bit_equal']}, max rel diff {ab['max_rel_diff']:.1e}")
+    return lines
+
+
+def run_host_reads(bench: Bench, shapes: dict, clock: Clock) -> list[str]:
+    """--host-reads, per shape: the host-read table's rows."""
+    lines = []
+    for key, (title, latent, L_text) in shapes.items():
+        rows = host_reads(bench, "sdpa_grad", latent, L_text)     # eager: compile is not what syncs
+        lines += [f"| {title} | {p} | `{line}` | {op} | {dev} | {n} |" for p, line, op, dev, n in rows]
+        clock.say(f"{key} host reads: " + ", ".join(f"{p} {sum(r[-1] for r in rows if r[0] == p)}"
+                                                    for p in ("student", "critic")))
+    return lines
+
+
+def measure_or_oom(bench: Bench, variant: str, latent: tuple, L_text: int, reps: int) -> dict | str:
+    """One variant's row, or the line saying it ran out of GPU memory (a measurement too: a selective mode may not
+    fit at 32,760 tokens, docs/BENCHMARKS.md), after freeing what the failed iteration held."""
+    try:
+        return bench.measure(variant, latent, L_text, reps)
+    except torch.OutOfMemoryError:
+        pass                # handled here, once the exception (and the frames holding tensors) is gone
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    for net in bench.nets:
+        net.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return f"out of memory, peak {peak:.1f} GiB"
+
+
+def run_variants(args, bench: Bench, shapes: dict, clock: Clock, out: Path | None, card: str,
+                 command: str) -> tuple[dict, list[str], list[str]]:
+    """Every variant at every shape: (rows by shape, profile texts, out-of-memory lines). With $OUT the files are
+    written as each variant finishes."""
+    results: dict[str, list[dict]] = {}
+    profiles, oom = [], []
+    for key, (title, latent, L_text) in shapes.items():
+        results[key] = []
+        for variant in args.variants:
+            if args.budget_s and clock() > args.budget_s:
+                clock.say(f"{key} {variant}: skipped (--budget-s {args.budget_s:.0f})")
+                continue
+            row = measure_or_oom(bench, variant, latent, L_text, args.reps)
+            if isinstance(row, str):
+                clock.say(f"{key} {variant}: OUT OF MEMORY ({row.split(', ')[1]} before the failed allocation)")
+                oom.append(f"{key} {variant}: {row}")
+                continue
+            results[key].append(row)
+            clock.say(f"{key} {variant}: fm {row['fm_step_ms']:.0f} ms, mean 1:4 {row['mean_1_4_ms']:.0f} ms "
+                      f"({row['mean_1_4_mfu']:.1f} % MFU), first calls {row['warmup_s']:.0f} s")
+            if args.profile and key in (args.profile_shape, "tiny"):
+                text = bench.profile(variant, latent, L_text, args.profile_top)
+                profiles.append(text)
+                if out:
+                    (out / f"profile_{key}_{variant.replace('+', '_')}.txt").write_text(text + "\n")
+            if out:
+                write_outputs(out, results, card, command, bench.model)
+    return results, profiles, oom
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    if args.tiny:
-        shapes = {"tiny": TINY_SHAPE}
-    else:
-        shapes = {k: v for k, v in SHAPES.items() if args.only in (None, k)}
+    shapes = {"tiny": TINY_SHAPE} if args.tiny else {k: v for k, v in SHAPES.items() if args.only in (None, k)}
     # Every variant × shape × grad mode × batch (CFG doubles it) is its own static graph: lift dynamo's
     # recompile limit so none of them silently falls back to eager.
     dyn = torch._dynamo.config
@@ -660,91 +764,25 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     command = "python3 experiments/bench/rcm_step.py " + " ".join(sys.argv[1:])
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    print(f"device {card}, torch {torch.__version__}, variants {variants}, reps {args.reps}", flush=True)
-    t_start = time.perf_counter()
+    print(f"device {card}, torch {torch.__version__}, variants {args.variants}, reps {args.reps}", flush=True)
+    clock = Clock()
     bench = Bench(TINY if args.tiny else WAN_1P3B, device)
-    print(f"[{time.perf_counter() - t_start:.0f} s] networks built", flush=True)
-    results: dict[str, list[dict]] = {}
-    profiles, oom = [], []
-    ab_lines = []
-    adamw_line = None
-    if args.adamw_ab:
-        ab = adamw_ab(list(bench.state.student.parameters()), device, max(args.reps, 3))
-        kept = "fp32 masters" if bench.model["dtype"] == "bfloat16" else "fp32 parameters"
-        adamw_line = (f"| AdamW step, student ({ab['params'] / 1e6:,.1f} M parameters, {kept}), median of "
-                      f"{max(args.reps, 3)} interleaved | {ab['foreach_ms']:.1f} | {ab['fused_ms']:.1f} | "
-                      f"{ab['change_pct']:+.1f} % | {ab['max_rel_diff']:.1e} | {ab['product']} |")
-        print(f"[{time.perf_counter() - t_start:.0f} s] AdamW step: foreach {ab['foreach_ms']:.1f} ms → fused "
-              f"{ab['fused_ms']:.1f} ms, masters max rel diff {ab['max_rel_diff']:.1e}", flush=True)
-    abs_ = [("linear rule: PyTorch's → layers.Linear", linear_rule_ab)] if args.linear_ab else []
-    abs_ += [("islands: eager dual → fused", islands_ab)] if args.islands_ab else []
-    abs_ += [("no-grad forward, batch 1: launched → CUDA graph", graph_ab)] if args.graph_ab else []
-    for what, ab_fn in abs_:
-        for key, (title, latent, L_text) in shapes.items():
-            try:
-                ab = ab_fn(bench, variants[0], latent, L_text, max(args.reps, 3))
-            except RuntimeError as e:       # e.g. a capture that meets a host sync: say so, time the rest
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                ab_lines.append(f"| {what} | {title} | failed: {first[:160]} | | | | |")
-                print(f"[{time.perf_counter() - t_start:.0f} s] {key} {what}: failed: {first}", flush=True)
-                continue
-            ab_lines.append(f"| {what} | {title} | {ab['theirs_ms']:.0f} | {ab['ours_ms']:.0f} | "
-                            f"{ab['change_pct']:+.1f} % | {ab['bit_equal']} | {ab['max_rel_diff']:.1e} |")
-            print(f"[{time.perf_counter() - t_start:.0f} s] {key} {what}: {ab['theirs_ms']:.0f} → "
-                  f"{ab['ours_ms']:.0f} ms, outputs bit-equal {ab['bit_equal']}, max rel diff "
-                  f"{ab['max_rel_diff']:.1e}", flush=True)
-    read_lines = []
-    if args.host_reads:
-        for key, (title, latent, L_text) in shapes.items():
-            rows = host_reads(bench, "sdpa_grad", latent, L_text)     # eager: compile is not what syncs
-            read_lines += [f"| {title} | {p} | `{line}` | {op} | {dev} | {n} |" for p, line, op, dev, n in rows]
-            print(f"[{time.perf_counter() - t_start:.0f} s] {key} host reads: "
-                  + ", ".join(f"{p} {sum(r[-1] for r in rows if r[0] == p)}" for p in ("student", "critic")),
-                  flush=True)
-    for key, (title, latent, L_text) in shapes.items():
-        results[key] = []
-        for variant in variants:
-            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: skipped (--budget-s "
-                      f"{args.budget_s:.0f})", flush=True)
-                continue
-            try:
-                row = bench.measure(variant, latent, L_text, args.reps)
-            except torch.OutOfMemoryError:
-                row = None          # handled below, once the exception (and the frames holding tensors) is gone
-            if row is None:
-                # A selective mode may not fit at 32,760 tokens (the planner's prediction, docs/BENCHMARKS.md):
-                # a measurement too; free what the failed iteration held and go on with the next variant.
-                peak = torch.cuda.max_memory_allocated() / 2 ** 30
-                for net in bench.nets:
-                    net.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: OUT OF MEMORY (peak {peak:.1f} "
-                      f"GiB before the failed allocation)", flush=True)
-                oom.append(f"{key} {variant}: out of memory, peak {peak:.1f} GiB")
-                continue
-            results[key].append(row)
-            r = results[key][-1]
-            print(f"[{time.perf_counter() - t_start:.0f} s] {key} {variant}: fm {r['fm_step_ms']:.0f} ms, "
-                  f"mean 1:4 {r['mean_1_4_ms']:.0f} ms ({r['mean_1_4_mfu']:.1f} % MFU), "
-                  f"first calls {r['warmup_s']:.0f} s", flush=True)
-            if args.profile and key in (args.profile_shape, "tiny"):
-                text = bench.profile(variant, latent, L_text, args.profile_top)
-                profiles.append(text)
-                if out:
-                    (out / f"profile_{key}_{variant.replace('+', '_')}.txt").write_text(text + "\n")
-            if out:
-                write_outputs(out, results, card, command, bench.model)
+    clock.say("networks built")
+    adamw_line = run_adamw_ab(bench, args.reps, clock) if args.adamw_ab else None
+    ab_lines = run_pass_abs(args, bench, shapes, clock)
+    read_lines = run_host_reads(bench, shapes, clock) if args.host_reads else []
+    results, profiles, oom = run_variants(args, bench, shapes, clock, out, card, command)
+
     for text in profiles:          # the profiles first, the tables last (a log tail shows the tables)
         print("\n" + text)
     print(f"\n# rCM iteration by lever: {card}, torch {torch.__version__}, batch 1, {bench.model['dtype']}, "
           f"median of {args.reps} timed call(s) per pass (iterations: mean of rollout N = 2 and 3), "
-          f"total {time.perf_counter() - t_start:.0f} s")
+          f"total {clock():.0f} s")
     for key, rows in results.items():
         if rows:
             print("\n" + markdown(shapes[key][0], rows, GOALS.get(key)))
     if ab_lines:
-        print(f"\n| A/B ({variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
+        print(f"\n| A/B ({args.variants[0]}), median of {max(args.reps, 3)} interleaved calls | shape | before ms "
               f"| after ms | change | outputs bit-equal | max rel diff |\n|---|---|---|---|---|---|---|\n"
               + "\n".join(ab_lines))
     if read_lines:
