@@ -4,7 +4,9 @@ Run: `python -m kernels.bench [--seqs 1024,4096,...] [--json FILE]`. Prints one 
   ours fwd+JVP (ms, TFLOP/s at 12·B·H·Lq·Lk·D), SDPA forward (default backend, cuDNN/flash on H100) and our
   time as a multiple of it, our forward-only pass, torch.func.jvp over the MATH backend (ms or OOM) and our
   speed-up, peak extra memory of ours and of MATH, and our backward against SDPA's backward.
-Timings are triton.testing.do_bench medians (CUDA events); MATH runs use 1 warm-up + 3 timed runs.
+Timings are triton.testing.do_bench medians (CUDA events); MATH runs use 1 warm-up + 3 timed runs. A cell that
+meets issue 28's bar for it is marked ✓ (fwd+JVP ≥ 540 TFLOP/s and ≥ 1.0× the official kernel at D=64, ahead of
+it at other head dims, backward ≤ 1.15× SDPA's; `goal_marks`).
 
 Against the official rCM kernel, one command (issue 28; the file is never committed: keep it in the
 git-ignored .gpu/ folder):
@@ -217,7 +219,25 @@ def _fmt(x, spec: str) -> str:
     return x if isinstance(x, str) else ("-" if x is None else format(x, spec))
 
 
+# Issue 28's kernel bars: at head dim 64 ≥ 540 TFLOP/s fwd+JVP and at least the official kernel's speed; at every
+# other head dim ahead of it; the backward within 1.15× SDPA's time everywhere.
+D64_TFLOPS, PEER_SPEED, BWD_OVER_SDPA = 540.0, 1.0, 1.15
+
+
+def goal_marks(r: dict) -> dict[str, bool]:
+    """Which of issue 28's bars a row meets: {"tflops", "peer", "bwd"} (a bar without its number, e.g. no peer
+    kernel given, or a bar that does not apply, is absent)."""
+    marks = {"bwd": r["ours_bwd_ms"] / r["sdpa_bwd_ms"] <= BWD_OVER_SDPA}
+    if r["D"] == 64:
+        marks["tflops"] = r["ours_tflops"] >= D64_TFLOPS
+    if r["peer_ms"]:
+        vs_peer = r["peer_ms"] / r["ours_ms"]
+        marks["peer"] = vs_peer >= PEER_SPEED if r["D"] == 64 else vs_peer > PEER_SPEED
+    return marks
+
+
 def table(rows: list[dict]) -> str:
+    """One row per shape; a cell that meets issue 28's bar for it is marked ✓ (the bars follow the table)."""
     head = ("| D | B×H | N | D=64 space | ours fwd+JVP ms | TFLOP/s | peer fwd+JVP ms | peer TFLOP/s | ours/peer speed "
             "| max|Δo| | max|Δȯ| | SDPA fwd ms | ×SDPA fwd | ours fwd ms | MATH JVP ms "
             "| speed-up | ours extra MiB | MATH extra MiB | ours bwd ms | SDPA bwd ms | ours bwd / SDPA bwd |")
@@ -225,13 +245,19 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         speed = r["ours_ms"] and isinstance(r["math_ms"], float) and r["math_ms"] / r["ours_ms"]
         vs_peer = r["peer_ms"] / r["ours_ms"] if r["peer_ms"] else None
+        met = goal_marks(r)
+        tick = lambda bar: " ✓" if met.get(bar) else ""       # noqa: E731
         lines.append(
             f"| {r['D']} | {r['B']}×{r['H']} | {r['N']} | {r['d64_space']} | {r['ours_ms']:.3f} | "
-            f"{r['ours_tflops']:.0f} | {_fmt(r['peer_ms'], '.3f')} | {_fmt(r['peer_tflops'], '.0f')} | "
-            f"{_fmt(vs_peer, '.2f')} | {_fmt(r['peer_err_o'], '.1e')} | {_fmt(r['peer_err_ot'], '.1e')} | "
+            f"{r['ours_tflops']:.0f}{tick('tflops')} | {_fmt(r['peer_ms'], '.3f')} | "
+            f"{_fmt(r['peer_tflops'], '.0f')} | {_fmt(vs_peer, '.2f')}{tick('peer')} | "
+            f"{_fmt(r['peer_err_o'], '.1e')} | {_fmt(r['peer_err_ot'], '.1e')} | "
             f"{r['sdpa_fwd_ms']:.3f} | {r['x_sdpa_fwd']:.2f} | {r['ours_fwd_ms']:.3f} | {_fmt(r['math_ms'], '.1f')} | "
             f"{_fmt(speed or None, '.1f')} | {r['ours_mem_mib']:.0f} | {_fmt(r['math_mem_mib'], '.0f')} | "
-            f"{r['ours_bwd_ms']:.3f} | {r['sdpa_bwd_ms']:.3f} | {r['ours_bwd_ms'] / r['sdpa_bwd_ms']:.2f} |")
+            f"{r['ours_bwd_ms']:.3f} | {r['sdpa_bwd_ms']:.3f} | "
+            f"{r['ours_bwd_ms'] / r['sdpa_bwd_ms']:.2f}{tick('bwd')} |")
+    lines.append(f"\n✓ meets issue 28's bar: fwd+JVP ≥ {D64_TFLOPS:.0f} TFLOP/s at D=64; ours/peer ≥ {PEER_SPEED:.1f} "
+                 f"at D=64, > {PEER_SPEED:.1f} at other head dims; ours bwd / SDPA bwd ≤ {BWD_OVER_SDPA:.2f}")
     return "\n".join(lines)
 
 

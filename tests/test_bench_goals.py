@@ -1,7 +1,8 @@
-"""experiments/bench/rcm_step.py's table states issue 28's goals beside the numbers and marks what meets them, so
-the issue's bar ("the table re-measured with every goal column, from one command") is read off one run's output.
+"""The benchmarks' tables state issue 28's goals and mark what meets them, so the issue's bars ("the table
+re-measured with every goal column, from one command"; the kernel against the official one) are read off one run's
+output: experiments/bench/rcm_step.py (the iteration) and `python -m kernels.bench` (the fused kernel).
 
-    .venv/bin/python -m pytest tests/test_step_bench_table.py -q
+    .venv/bin/python -m pytest tests/test_bench_goals.py -q
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 import rcm_step  # noqa: E402
+from kernels import bench as kernel_bench  # noqa: E402
 
 # Both lengths of the adopted variant measured in one process (its run "both_lengths_one_process"; one H200,
 # 2026-12-05): real rows of the bench from before it printed the iteration peaks, so those cells are NaN here.
@@ -73,3 +75,23 @@ def test_the_goals_are_the_issues():
         assert g["iteration_over_planned"](0.91) and g["iteration_over_planned"](1.09)
         assert not g["iteration_over_planned"](0.89) and not g["iteration_over_planned"](1.11)
         assert not any(met(math.nan) for met in g.values())
+
+
+def test_the_kernel_table_marks_issue_28s_kernel_bars():
+    """`python -m kernels.bench` rows of one H200 run against the official kernel (2026-12-04,
+    results/gpu/kernels_vs_official_tma_2026-12-04.json): at D=64 543 and 562 TFLOP/s meet ≥ 540 and 1.07× / 1.10×
+    the official kernel meet ≥ 1.0; D=128 at 1.47× is ahead; no backward meets ≤ 1.15× SDPA's (1.24–1.43×)."""
+    import json
+
+    rows = json.loads((ROOT / "docs" / "results" / "gpu" / "kernels_vs_official_tma_2026-12-04.json").read_text())
+    lines = [[c.strip() for c in x.strip("|").split("|")] for x in kernel_bench.table(rows).splitlines()
+             if x.startswith("| 64 ") or x.startswith("| 128 ")]
+    assert [(r[0], r[5], r[8], r[-1]) for r in lines] == [("64", "543 ✓", "1.07 ✓", "1.24"),
+                                                           ("64", "562 ✓", "1.10 ✓", "1.25"),
+                                                           ("128", "572", "1.47 ✓", "1.43")]
+    assert "✓ meets issue 28's bar: fwd+JVP ≥ 540 TFLOP/s at D=64" in kernel_bench.table(rows)
+    # at the bars' edges, and without a peer kernel (no "peer" mark at all)
+    row = {**rows[0], "ours_tflops": 539.9, "peer_ms": rows[0]["ours_ms"], "ours_bwd_ms": 1.15, "sdpa_bwd_ms": 1.0}
+    assert kernel_bench.goal_marks(row) == {"tflops": False, "peer": True, "bwd": True}
+    assert kernel_bench.goal_marks({**row, "D": 128}) == {"peer": False, "bwd": True}    # level is not ahead
+    assert kernel_bench.goal_marks({**row, "peer_ms": None, "ours_bwd_ms": 1.151}) == {"tflops": False, "bwd": False}
