@@ -40,7 +40,7 @@ and the critic iteration alone, which run without the flow-matching step's optim
 the planner's estimate for the same variant and shape), and the warm-up calls' seconds, which
 hold compilation and autotuning. A last column states issue 28's goal for each row that has one, and every cell
 that meets it is marked ✓. The plain passes get one
-warm-up call, then medians of `--reps` synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
+warm-up call, then medians of `--reps` (3) synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
 (pinned through the student-iteration counter) and averaged: the N = 2.5 mean of training's 1..4 cycle, which the
 FLOP counts assume; they need no warm-up (the passes before them ran every kernel and graph they use), and if a
 graph compiles inside them anyway they are timed again. Every output is checked finite.
@@ -619,7 +619,9 @@ def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
-    ap.add_argument("--reps", type=int, default=1, help="timed calls per pass after the warm-up call")
+    # 3 by default: one timed call at 8,190 tokens moved by ±10-20 % (the no-grad forward read 73-115 ms), medians
+    # of three by ±5 % between runs (docs/BENCHMARKS.md); a quick look passes --reps 1
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per pass after the warm-up call")
     ap.add_argument("--only", choices=list(SHAPES), help="run one of the two shapes")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma-separated, first is the reference column (of {', '.join(VARIANTS)})")
