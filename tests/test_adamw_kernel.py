@@ -2,6 +2,7 @@
 default elsewhere, and a resumed run takes this run's choice, not the one its checkpoint was written with."""
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -147,3 +148,91 @@ def test_adamw_ab_bench_steps_copies_and_compares_the_two_kernels():
     assert ab["params"] == sum(p.numel() for p in before) and ab["product"] == "PyTorch's default"
     assert ab["foreach_ms"] > 0 and ab["fused_ms"] > 0
     assert ab["max_rel_diff"] <= 2.4e-7, ab["max_rel_diff"]
+
+
+def _pair(impl: dict, betas=(0.0, 0.999), device: str = "cpu", seed: int = 0):
+    """The same parameters twice: one for torch.optim.AdamW, one for rcm_core.method.adamw.AdamW."""
+    from rcm_core.method.adamw import AdamW
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(37, 5), (11,), (3, 4, 2)]
+    ps = [torch.randn(s, generator=g).to(device).requires_grad_(True) for s in shapes]
+    qs = [p.detach().clone().requires_grad_(True) for p in ps]
+    kw = dict(lr=1e-2, betas=betas, weight_decay=0.1, eps=1e-8, **impl)
+    return ps, torch.optim.AdamW(ps, **kw), qs, AdamW(qs, **kw)
+
+
+def _step_both(ps, a, qs, b, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=g).to(p.device) for p in ps]
+    for p, q, grad in zip(ps, qs, grads):
+        p.grad, q.grad = grad.clone(), grad.clone()
+    a.step()
+    b.step()
+    return grads
+
+
+IMPLS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["single-tensor", "foreach", "fused"])
+def test_adamw_without_a_first_moment_steps_bit_for_bit_as_adamw(impl):
+    """β₁ = 0 (rCM): AdamW's first moment is the gradient, so `rcm_core.method.adamw.AdamW` hands the gradient in as
+    m and keeps none between steps. Against torch.optim.AdamW, five steps on the CPU in each implementation: the
+    parameters equal to the bit, the gradients untouched by the step (the kernel writes g over g), and the state
+    holds `step` and `exp_avg_sq` only (4 B per parameter instead of 8)."""
+    ps, a, qs, b = _pair(impl)
+    for seed in range(5):
+        grads = _step_both(ps, a, qs, b, seed)
+        assert all(torch.equal(q.grad, g) for q, g in zip(qs, grads))
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    assert all(set(b.state[q]) == {"step", "exp_avg_sq"} for q in qs)
+    assert all("exp_avg" in a.state[p] for p in ps)
+
+
+def test_adamw_keeps_its_first_moment_where_beta1_is_not_zero():
+    ps, a, qs, b = _pair({"foreach": True}, betas=(0.9, 0.999))
+    for seed in range(3):
+        _step_both(ps, a, qs, b, seed)
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    assert all(torch.equal(a.state[p]["exp_avg"], b.state[q]["exp_avg"]) for p, q in zip(ps, qs))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["single-tensor", "foreach", "fused"])
+def test_adamw_without_a_first_moment_loads_adamws_state_and_goes_on_the_same(impl):
+    """A state dict of torch.optim.AdamW (with `exp_avg`, e.g. an older checkpoint) loads: the first moments are
+    dropped at once, and the steps after it equal those of the optimiser it came from, to the bit; its own state
+    dict (no `exp_avg`) loads into a fresh one the same way."""
+    from rcm_core.method.adamw import AdamW
+    ps, a, qs, b = _pair(impl)
+    for seed in range(2):
+        _step_both(ps, a, qs, b, seed)
+    for source in (a, b):
+        rs = [p.detach().clone().requires_grad_(True) for p in (ps if source is a else qs)]
+        c = AdamW(rs, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.1, eps=1e-8, **impl)
+        c.load_state_dict(copy.deepcopy(source.state_dict()))      # load_state_dict shares tensors it can
+        assert all(set(c.state[r]) == {"step", "exp_avg_sq"} for r in rs)
+        g = torch.Generator().manual_seed(7)
+        grads = [torch.randn(r.shape, generator=g) for r in rs]
+        for r, grad in zip(rs, grads):
+            r.grad = grad.clone()
+        c.step()
+        ref = [p.detach().clone().requires_grad_(True) for p in (ps if source is a else qs)]
+        d = torch.optim.AdamW(ref, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.1, eps=1e-8, **impl)
+        d.load_state_dict(copy.deepcopy(a.state_dict()))
+        for r, grad in zip(ref, grads):
+            r.grad = grad.clone()
+        d.step()
+        assert all(torch.equal(x, y) for x, y in zip(rs, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adamw_without_a_first_moment_is_fused_adamw_to_the_bit_on_cuda():
+    """The GPU's path (fused, `adamw_kernel`): five steps equal torch.optim.AdamW's fused kernel to the bit with the
+    gradient handed in as the first moment, and the gradients come out of the step unchanged."""
+    ps, a, qs, b = _pair({"fused": True}, device="cuda")
+    for seed in range(5):
+        grads = _step_both(ps, a, qs, b, seed)
+        assert all(torch.equal(q.grad, g) for q, g in zip(qs, grads))
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    assert all(set(b.state[q]) == {"step", "exp_avg_sq"} for q in qs)

@@ -6,10 +6,11 @@ Pure arithmetic (no GPU, no Ray); the command line and the Ray query live in wor
 
 Parameter counts come from the real network built on the meta device (`count_params`: no memory). Bytes per
 GPU assume the mixed precision of the sharded runs (issue 16): the trained nets (student, fake score) keep fp32
-master weights, fp32 gradients and two fp32 AdamW moments (16 B/param), the gradients only in the iterations that
-train that net: each iteration frees the other net's (`rcm_core.method.distill._free_gradients`), so the one at
-rest counts 12 B/param (the student's iteration, which sets the peak, has the fake score at rest; the critic's the
-student, the same bytes); the EMA is fp32 (4 B/param); the frozen
+master weights, fp32 gradients and two fp32 AdamW moments (16 B/param), one moment where β₁ = 0 (rCM's setting:
+AdamW's first moment is then the gradient itself, `rcm_core.method.adamw`, 12 B/param), the gradients only in the
+iterations that train that net: each iteration frees the other net's (`rcm_core.method.distill._free_gradients`),
+so the one at rest counts 4 B/param less (the student's iteration, which sets the peak, has the fake score at rest;
+the critic's the student, the same bytes); the EMA is fp32 (4 B/param); the frozen
 teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. FSDP2 shards every net over dp_shard·cp
 ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP ranks), so those bytes divide by that size, and two
 blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
@@ -36,8 +37,9 @@ These are estimates (`activation_estimate` returns them alone). Against the FSDP
 two-graph totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs where 66.1 / 35.8 / 31.1 were measured;
 attention_only on one GPU: 77.5 GiB where 75.1 was measured with model.attention sdpa_grad, and 66.0 where 66.15
 was measured with fused (2026-12-04); those runs also held the fake score's gradients through the student's
-iteration (4 B/param as counted here). With one graph at a time and those gradients freed the planner says
-57.9 / 35.8 / 24.6 and 63.6 / 57.9 GiB: predictions until a GPU run measures them.
+iteration (4 B/param as counted here) and both networks' AdamW first moments (4 B/param each). With one graph
+at a time, those gradients freed and no first moments (β₁ = 0) the planner says 47.4 / 30.5 / 21.9 and 53.1 /
+47.4 GiB: predictions until a GPU run measures them.
 
 Time per iteration scales a measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
 this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The tables are data
@@ -289,11 +291,13 @@ class MeshPlan:
         return self.shape.dp_shard * self.shape.cp
 
 
-def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool) -> dict[str, float]:
+def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool, first_moment: bool = True) -> dict[str, float]:
     """Parameter + gradient + optimiser bytes per GPU for each net, and the unsharded FSDP working set: the student
-    as trained (with gradients), the fake score at rest (without: `distill._free_gradients`)."""
-    trained = counts.total * (MASTER + GRAD + ADAM) / shard
-    at_rest = counts.total * (MASTER + ADAM) / shard
+    as trained (with gradients), the fake score at rest (without: `distill._free_gradients`). Without a first
+    moment (β₁ = 0, `rcm_core.method.adamw`) AdamW keeps one moment, 4 B/param, not two."""
+    adam = ADAM if first_moment else ADAM // 2
+    trained = counts.total * (MASTER + GRAD + adam) / shard
+    at_rest = counts.total * (MASTER + adam) / shard
     out = {"student": trained, "fake": at_rest if uses_fake else 0.0, "ema": counts.total * EMA / shard,
            "teacher": counts.total * TEACHER / shard}
     out["fsdp"] = float(counts.block * (2 * COMPUTE + GRAD)) if shard > 1 else 0.0
@@ -371,7 +375,7 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
                         f"(data.batch_size / data-parallel groups)")
         return plan
     dmd, term = uses_dmd(d), consistency_term(d)
-    plan.states = state_bytes(counts, plan.shard, dmd)
+    plan.states = state_bytes(counts, plan.shard, dmd, first_moment=cfg.optim.betas[0] != 0)
     packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
     b, n = plan.micro, packed * work.tokens // shape.cp
     plan.jvp_peak, plan.backward_peak = activation_estimate(      # one with-grad graph at a time (distill._accumulate)
