@@ -493,3 +493,87 @@ def test_the_readme_shows_the_planners_own_output(capsys):
     def body(lines: list[str]) -> list[str]:
         return [x for x in lines if not x.startswith("plan: cannot read the data set's manifest")]
     assert body(shown) == body(printed)
+
+
+def _held_per_rank(state) -> dict[str, int]:
+    """Bytes this rank holds per network: parameters, gradients, fp32 masters and their gradients, optimiser state
+    (each tensor once: FSDP2's gradient shards are views of one buffer, so a tensor is its start and length)."""
+    from torch.distributed.tensor import DTensor
+    seen = set()
+
+    def size(t) -> int:
+        if t is None:
+            return 0
+        t = t.to_local() if isinstance(t, DTensor) else t
+        key = (t.data_ptr(), t.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+    out = {}
+    for name, net, opt in (("student", state.student, state.opt_student), ("fake", state.fake, state.opt_fake)):
+        held = sum(size(p) + size(p.grad) for p in net.parameters())
+        held += sum(size(m) + size(m.grad) for m in getattr(opt, "masters", []))
+        held += sum(size(v) for s in getattr(opt, "inner", opt).state.values() for k, v in s.items() if k != "step")
+        out[name] = held
+    out["ema"] = sum(size(p) for p in state.ema.module.parameters())
+    out["teacher"] = sum(size(p) for p in state.teacher.parameters())
+    return out
+
+
+BF16_DIT = {"kind": "dit", "in_channels": 4, "patch_size": [1, 2, 2], "dim": 128, "ffn_dim": 384, "num_heads": 2,
+            "num_layers": 4, "freq_dim": 32, "text_dim": 16, "num_classes": 4, "label_tokens": 2, "dtype": "bfloat16"}
+
+
+def _state_bytes_worker(world: int, out) -> None:
+    import torch.distributed as dist
+    from test_parallel import sample_batch
+    from rcm_core.config import from_dict
+    from rcm_core.method.denoiser import TrigFlowDenoiser
+    from rcm_core.method.distill import build_state, distill_step
+    from rcm_core.parallel.mesh import build_mesh
+    from rcm_core.parallel.sharding import parallelize_state
+    from rcm_core.run.loop import step_generator
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cfg = from_dict({"model": BF16_DIT, "distill": {"mode": "rcm", "tangent_warmup": 0, "student_update_freq": 2,
+                                                    "max_rollout_steps": 2},
+                     "data": {"batch_size": world}, "optim": {"lr": 1e-3, "fake_lr": 1e-3}})
+    torch.manual_seed(0)
+    state = build_state(cfg, TrigFlowDenoiser(build_network(ModelCfg(**BF16_DIT)), "rf_velocity"))
+    if world > 1:
+        state = parallelize_state(state, build_mesh(MeshShape(1, world, 1), num_heads=BF16_DIT["num_heads"]))
+    for it in range(3):                                   # student, critic, student: the student just stepped
+        distill_step(state, sample_batch(it + 10 * rank, batch=1), cfg,
+                     step_generator(0, rank, it, torch.device("cpu")))
+    if rank == 0:
+        out.update(_held_per_rank(state))
+
+
+def test_the_planners_sharded_state_bytes_are_what_fsdp2_holds_per_rank():
+    """A bf16 rCM run on two gloo ranks under FSDP2, after a student step (its gradients held, the fake score at
+    rest: freed gradients, β₁ = 0 without a first moment): per rank, each network's parameters, gradients and
+    optimiser state are `plan.state_bytes` (12 / 8 / 4 / 2 B per parameter over the shard) within the share of the
+    fp32 tables FSDP2 leaves replicated (1 % at Wan2.1-1.3B; 0.2-12 % in this small DiT, most in the teacher, whose
+    weights are otherwise bf16). One process without FSDP2 (fp32 masters beside bf16 weights) holds more than the
+    sharded count, as the planner's docstring says: the network at rest 9.8 B per parameter (its bf16 copy), the
+    one just stepped 15.5 (its bf16 and fp32 gradients)."""
+    import multiprocessing as mp
+    from test_parallel import spawn
+    from rcm_core.run.plan import state_bytes
+    counts = count_params(ModelCfg(**BF16_DIT))
+    manager = mp.Manager()
+    for world, bars in ((2, {"student": 0.01, "fake": 0.01, "ema": 0.01, "teacher": 0.15}), (1, None)):
+        out = manager.dict()
+        if world == 1:
+            _state_bytes_worker(1, out)
+        else:
+            spawn(_state_bytes_worker, world, world, out)
+        planned = state_bytes(counts, world, True, first_moment=False)
+        per_param = {k: out[k] * world / counts.total for k in planned if k in out}
+        print(world, {k: round(v, 2) for k, v in per_param.items()})
+        if bars:
+            for k, bar in bars.items():
+                assert abs(out[k] - planned[k]) <= bar * planned[k], (k, out[k], planned[k])
+        else:
+            assert 9.5 < per_param["fake"] < 10.0 and 15.0 < per_param["student"] < 16.0
+            assert per_param["ema"] == 4.0
