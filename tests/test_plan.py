@@ -495,32 +495,6 @@ def test_the_readme_shows_the_planners_own_output(capsys):
     assert body(shown) == body(printed)
 
 
-def _held_per_rank(state) -> dict[str, int]:
-    """Bytes this rank holds per network: parameters, gradients, fp32 masters and their gradients, optimiser state
-    (each tensor once: FSDP2's gradient shards are views of one buffer, so a tensor is its start and length)."""
-    from torch.distributed.tensor import DTensor
-    seen = set()
-
-    def size(t) -> int:
-        if t is None:
-            return 0
-        t = t.to_local() if isinstance(t, DTensor) else t
-        key = (t.data_ptr(), t.numel())
-        if key in seen:
-            return 0
-        seen.add(key)
-        return t.numel() * t.element_size()
-    out = {}
-    for name, net, opt in (("student", state.student, state.opt_student), ("fake", state.fake, state.opt_fake)):
-        held = sum(size(p) + size(p.grad) for p in net.parameters())
-        held += sum(size(m) + size(m.grad) for m in getattr(opt, "masters", []))
-        held += sum(size(v) for s in getattr(opt, "inner", opt).state.values() for k, v in s.items() if k != "step")
-        out[name] = held
-    out["ema"] = sum(size(p) for p in state.ema.module.parameters())
-    out["teacher"] = sum(size(p) for p in state.teacher.parameters())
-    return out
-
-
 BF16_DIT = {"kind": "dit", "in_channels": 4, "patch_size": [1, 2, 2], "dim": 128, "ffn_dim": 384, "num_heads": 2,
             "num_layers": 4, "freq_dim": 32, "text_dim": 16, "num_classes": 4, "label_tokens": 2, "dtype": "bfloat16"}
 
@@ -546,7 +520,8 @@ def _state_bytes_worker(world: int, out) -> None:
         distill_step(state, sample_batch(it + 10 * rank, batch=1), cfg,
                      step_generator(0, rank, it, torch.device("cpu")))
     if rank == 0:
-        out.update(_held_per_rank(state))
+        from rcm_core.run.plan import held_state_bytes
+        out.update(held_state_bytes(state))
 
 
 def test_the_planners_sharded_state_bytes_are_what_fsdp2_holds_per_rank():

@@ -78,7 +78,7 @@ from rcm_core.networks import build_network
 from rcm_core.networks.dit import set_attention, set_compile, set_recompute
 from rcm_core.parallel.precision import MasterWeightOptimizer, with_master_weights
 from rcm_core.parallel.mesh import MeshShape
-from rcm_core.run.plan import Workload, count_params, forward_flops, jvp_flops, plan_mesh
+from rcm_core.run.plan import Workload, count_params, forward_flops, held_state_bytes, jvp_flops, plan_mesh
 from rcm_core.method.trigflow import add_noise
 
 PEAK = 989e12
@@ -307,6 +307,10 @@ class Bench:
         row["student_over_fm"] = row["student_ms"] / row["fm_step_ms"]
         row["peak_gib"] = max(peaks)
         row["iteration_over_planned"] = max(row["student_peak_gib"], row["critic_peak_gib"]) / row["planned_gib"]
+        # What the states are, counted (the critic stepped last: the fake score with its gradients, the student at
+        # rest, the same bytes as during a student iteration), and the rest of the peak: activations, temporaries
+        row["states_gib"] = sum(held_state_bytes(self.state).values()) / 2 ** 30
+        row["iteration_rest_gib"] = max(row["student_peak_gib"], row["critic_peak_gib"]) - row["states_gib"]
         row["warmup_s"] = first
         return row
 
@@ -362,6 +366,8 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("  during the critic iteration", "critic_peak_gib", ".1f"),
         ("  the planner's estimate of an iteration (rcm_core.run.plan, one GPU, batch 1)", "planned_gib", ".1f"),
         ("  the larger iteration peak ÷ the planner's (bar: within 10 %)", "iteration_over_planned", ".2f"),
+        ("  states held after the iterations (counted, rcm_core.run.plan.held_state_bytes)", "states_gib", ".1f"),
+        ("  the larger iteration peak less those states (activations, temporaries)", "iteration_rest_gib", ".1f"),
         ("first calls s (compile, autotune)", "warmup_s", ".0f")]
 
 

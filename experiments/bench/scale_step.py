@@ -14,7 +14,9 @@ Per configuration: seconds per rCM iteration (the mean over one cycle of 1 stude
 a warm-up student+critic pair), samples/s, weak-scaling efficiency t(1 GPU)/t(N GPUs) for FSDP, the CP speed-up
 of one sample, peak memory per GPU, and NCCL all-gather / reduce-scatter / all-to-all / all-reduce kernel time as a
 share of the cycle (torch.profiler, CUDA activity, over one student and one critic iteration weighted 1 : 4; the
-kernels overlap compute, so the shares are upper bounds on what communication costs). Every loss is checked to be finite before any time is
+kernels overlap compute, so the shares are upper bounds on what communication costs). Beside the peak: the states
+each rank holds, counted (`rcm_core.run.plan.held_state_bytes`), and the rest of the peak (activations, FSDP2's
+unsharded blocks, temporaries), which is what the planner estimates rather than counts. Every loss is checked to be finite before any time is
 reported.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from rcm_core.method.distill import build_state, distill_step
 from rcm_core.parallel.mesh import MeshShape, build_mesh, latent_tokens
 from rcm_core.networks import build_network
 from rcm_core.parallel.sharding import parallelize_state
+from rcm_core.run.plan import held_state_bytes
 
 WAN_1P3B = dict(kind="dit", in_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256,
                 text_dim=4096, dtype="bfloat16", activation_checkpointing=True)
@@ -160,8 +163,10 @@ def worker(rank: int, world: int, port: int, shape: MeshShape, args, result_file
                 parts.append(_comm_ms(prof))
             comm = {k: parts[0][k] + 4 * parts[1][k] for k in COMM}
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+        states = sum(held_state_bytes(state).values()) / 2 ** 30      # counted: the peak less it is the rest
         rows = [None] * world
-        dist.all_gather_object(rows, {"rank": rank, "sec": sec, "peak_gib": peak, "comm_ms": comm, "losses": losses})
+        dist.all_gather_object(rows, {"rank": rank, "sec": sec, "peak_gib": peak, "states_gib": states,
+                                      "comm_ms": comm, "losses": losses})
         if rank == 0:
             Path(result_file).write_text(json.dumps(rows))
     finally:
@@ -174,7 +179,8 @@ def run(world: int, shape: MeshShape, args) -> dict:
     rows = json.loads(path.read_text())
     worst = max(rows, key=lambda r: r["sec"])
     return {"world": world, "dp_shard": shape.dp_shard, "cp": shape.cp, "sec": worst["sec"],
-            "peak_gib": max(r["peak_gib"] for r in rows), "plan_gib": planned_gib(args, shape),
+            "peak_gib": max(r["peak_gib"] for r in rows), "states_gib": max(r["states_gib"] for r in rows),
+            "plan_gib": planned_gib(args, shape),
             "checkpointing": args.checkpointing, "attention": args.attention, "comm_ms": rows[0]["comm_ms"],
             "losses": rows[0]["losses"],
             "samples_per_s": shape.data_parallel_size / worst["sec"]}
@@ -217,7 +223,8 @@ def main() -> None:
 def print_table(results: list[dict]) -> None:
     base = next((r for r in results if r["world"] == 1), None)
     print(f"\n{'GPUs':>4} {'FSDP':>4} {'CP':>3} {'s/iter':>7} {'samples/s':>9} {'vs 1 GPU':>9} {'peak GiB':>8} "
-          f"{'plan GiB':>8} {'AG %':>5} {'RS %':>5} {'A2A %':>5} {'AR %':>5} {'max |Δloss|/|loss| vs 1 GPU':>28}")
+          f"{'states':>6} {'rest':>6} {'plan GiB':>8} {'AG %':>5} {'RS %':>5} {'A2A %':>5} {'AR %':>5} "
+          f"{'max |Δloss|/|loss| vs 1 GPU':>28}")
     for r in results:
         cyc = 5 * r["sec"] * 1e3
         share = [100 * r["comm_ms"].get(k, 0.0) / cyc for k in COMM]
@@ -230,7 +237,8 @@ def print_table(results: list[dict]) -> None:
         dl = (max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], base["losses"]))
               if base else float("nan"))
         print(f"{r['world']:>4} {r['dp_shard']:>4} {r['cp']:>3} {r['sec']:7.2f} {r['samples_per_s']:9.3f} {speed:>9} "
-              f"{r['peak_gib']:8.1f} {r['plan_gib']:8.1f} " + " ".join(f"{x:5.1f}" for x in share) + f" {dl:28.2e}")
+              f"{r['peak_gib']:8.1f} {r['states_gib']:6.2f} {r['peak_gib'] - r['states_gib']:6.1f} "
+              f"{r['plan_gib']:8.1f} " + " ".join(f"{x:5.1f}" for x in share) + f" {dl:28.2e}")
 
 
 if __name__ == "__main__":

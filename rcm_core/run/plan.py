@@ -304,6 +304,38 @@ def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool, first_moment: 
     return out
 
 
+def held_state_bytes(state) -> dict[str, int]:
+    """What this process holds of a `DistillState`'s states, in bytes per network (student, fake, ema, teacher):
+    parameters, gradients, fp32 masters and their gradients, optimiser state; each tensor once (FSDP2's gradient
+    shards are views of one buffer, so a tensor counts by its start and length), DTensors by their local shard.
+    The measured side of `state_bytes`: the benches print it beside their peaks (the peak less it is activations
+    and temporaries), and `tests/test_plan.py` holds the sharded count to it."""
+    from torch.distributed.tensor import DTensor
+    seen = set()
+
+    def size(t) -> int:
+        if t is None:
+            return 0
+        t = t.to_local() if isinstance(t, DTensor) else t
+        key = (t.data_ptr(), t.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+    out = {}
+    for name, net, opt in (("student", state.student, state.opt_student), ("fake", state.fake, state.opt_fake)):
+        if net is None:
+            out[name] = 0
+            continue
+        held = sum(size(p) + size(p.grad) for p in net.parameters())
+        held += sum(size(m) + size(m.grad) for m in getattr(opt, "masters", []))
+        held += sum(size(v) for s in getattr(opt, "inner", opt).state.values() for k, v in s.items() if k != "step")
+        out[name] = held
+    out["ema"] = sum(size(p) for p in state.ema.module.parameters())
+    out["teacher"] = sum(size(p) for p in state.teacher.parameters())
+    return out
+
+
 def checkpoint_bytes(cfg: ExperimentCfg, counts: ParamCounts, *, sharded: bool) -> float:
     """Bytes of one checkpoint of the distillation state (rcm_core.run.checkpoint, rcm_core.parallel.dcp): per
     trained network the fp32 parameters or masters and AdamW's second moment, plus the first moment unless β₁ = 0
@@ -581,6 +613,6 @@ def check_fits(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent: tupl
 
 
 __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "plan_mesh", "recommend", "format_plan",
-           "check_fits", "configured_plan", "describe_memory", "read_step_table", "read_step_tables",
+           "check_fits", "configured_plan", "describe_memory", "read_step_table", "read_step_tables", "held_state_bytes",
            "choose_step_table", "timing_lines", "refuse_reason", "block_saved_bytes",
            "selective_saved_bytes", "attention_keepable", "jvp_live_bytes", "forward_flops", "jvp_flops", "GiB"]
