@@ -163,10 +163,11 @@ def worker(rank: int, world: int, port: int, shape: MeshShape, args, result_file
                 parts.append(_comm_ms(prof))
             comm = {k: parts[0][k] + 4 * parts[1][k] for k in COMM}
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+        reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if cuda else float("nan")
         states = sum(held_state_bytes(state).values()) / 2 ** 30      # counted: the peak less it is the rest
         rows = [None] * world
-        dist.all_gather_object(rows, {"rank": rank, "sec": sec, "peak_gib": peak, "states_gib": states,
-                                      "comm_ms": comm, "losses": losses})
+        dist.all_gather_object(rows, {"rank": rank, "sec": sec, "peak_gib": peak, "reserved_gib": reserved,
+                                      "states_gib": states, "comm_ms": comm, "losses": losses})
         if rank == 0:
             Path(result_file).write_text(json.dumps(rows))
     finally:
@@ -180,6 +181,8 @@ def run(world: int, shape: MeshShape, args) -> dict:
     worst = max(rows, key=lambda r: r["sec"])
     return {"world": world, "dp_shard": shape.dp_shard, "cp": shape.cp, "sec": worst["sec"],
             "peak_gib": max(r["peak_gib"] for r in rows), "states_gib": max(r["states_gib"] for r in rows),
+            # per rank (a term that grows with the shard count may sit on one rank): allocated, cached, states
+            "ranks": [{k: r[k] for k in ("peak_gib", "reserved_gib", "states_gib")} for r in rows],
             "plan_gib": planned_gib(args, shape),
             "checkpointing": args.checkpointing, "attention": args.attention, "comm_ms": rows[0]["comm_ms"],
             "losses": rows[0]["losses"],
