@@ -39,7 +39,9 @@ attention_only on one GPU: 77.5 GiB where 75.1 was measured with model.attention
 was measured with fused (2026-12-04); those runs also held the fake score's gradients through the student's
 iteration (4 B/param as counted here) and both networks' AdamW first moments (4 B/param each). With one graph
 at a time, those gradients freed and no first moments (β₁ = 0) the planner says 47.4 / 30.5 / 21.9 and 53.1 /
-47.4 GiB: predictions until a GPU run measures them.
+47.4 GiB; one H100 measured 50.3 GiB for that attention_only training loop (2026-12-05), the sharded meshes are
+not re-measured yet. Not counted yet, measured the same day: the one-GPU optimiser step's own peak (32 B/param with
+masters; it sets the peak at short sequences, where the estimate is 11-18 % low).
 
 Time per iteration scales a measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
 this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The tables are data
