@@ -536,19 +536,19 @@ def test_the_planners_sharded_state_bytes_are_what_fsdp2_holds_per_rank():
     from test_parallel import spawn
     from rcm_core.run.plan import state_bytes
     counts = count_params(ModelCfg(**BF16_DIT))
-    manager = mp.Manager()
-    for world, bars in ((2, {"student": 0.01, "fake": 0.01, "ema": 0.01, "teacher": 0.15}), (1, None)):
-        out = manager.dict()
-        if world == 1:
-            _state_bytes_worker(1, out)
-        else:
-            spawn(_state_bytes_worker, world, world, out)
-        planned = state_bytes(counts, world, True, first_moment=False)
-        per_param = {k: out[k] * world / counts.total for k in planned if k in out}
-        print(world, {k: round(v, 2) for k, v in per_param.items()})
-        if bars:
-            for k, bar in bars.items():
-                assert abs(out[k] - planned[k]) <= bar * planned[k], (k, out[k], planned[k])
-        else:
-            assert 9.5 < per_param["fake"] < 10.0 and 15.0 < per_param["student"] < 16.0
-            assert per_param["ema"] == 4.0
+    with mp.Manager() as manager:              # a dict the forked ranks can write; its server stops at the end
+        for world, bars in ((2, {"student": 0.01, "fake": 0.01, "ema": 0.01, "teacher": 0.15}), (1, None)):
+            out = manager.dict()
+            if world == 1:
+                _state_bytes_worker(1, out)
+            else:
+                spawn(_state_bytes_worker, world, world, out)
+            planned = state_bytes(counts, world, True, first_moment=False)
+            per_param = {k: out[k] * world / counts.total for k in planned if k in out}
+            print(world, {k: round(v, 2) for k, v in per_param.items()})
+            if bars:
+                for k, bar in bars.items():
+                    assert abs(out[k] - planned[k]) <= bar * planned[k], (k, out[k], planned[k])
+            else:
+                assert 9.5 < per_param["fake"] < 10.0 and 15.0 < per_param["student"] < 16.0
+                assert per_param["ema"] == 4.0
