@@ -162,6 +162,47 @@ def median_seconds(fn, device: torch.device, reps: int, check: str) -> float:
     return statistics.median(out)
 
 
+class StepPeaks:
+    """Splits the allocator's peak of an iteration at its optimiser steps (the planner's two candidates): the
+    peak outside them (forwards, backward, the EMA) and the steps' own (fp32 gradient copies, AdamW's state).
+    Wraps each optimiser's `step` on the instance while open; `close` restores it. NaN off CUDA."""
+
+    def __init__(self, device: torch.device, opts):
+        self.cuda = device.type == "cuda"
+        self.opts = [o for o in opts if o is not None]
+        for opt in self.opts:
+            opt.step = self._timed(opt.step)
+        self.reset()
+
+    def _peak(self) -> float:
+        return torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else float("nan")
+
+    def _timed(self, step):
+        def wrapped(*args, **kwargs):
+            self.graphs = max(self.graphs, self._peak())
+            self.reset(keep=True)
+            out = step(*args, **kwargs)
+            self.step = max(self.step, self._peak())
+            self.reset(keep=True)
+            return out
+        return wrapped
+
+    def reset(self, keep: bool = False) -> None:
+        if not keep:
+            self.graphs = self.step = 0.0 if self.cuda else float("nan")
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> tuple[float, float]:
+        """(peak outside the steps, peak inside them) since the last `reset`, GiB."""
+        self.graphs = max(self.graphs, self._peak())
+        return self.graphs, self.step
+
+    def close(self) -> None:
+        for opt in self.opts:
+            del opt.step                # the class's method again
+
+
 def finite(name: str, out) -> None:
     """Refuse to time NaN arithmetic (the 32,760-token rows of an earlier table did, unnoticed)."""
     vals = out.values() if isinstance(out, dict) else (out if isinstance(out, tuple) else (out,))
@@ -289,9 +330,9 @@ class Bench:
         # those of a run's steady state (the fake score at rest during the student's iteration, and vice versa).
         for name in ("student", "critic"):
             finite(f"{variant} {name} (first step)", passes[name](2))
+        split = StepPeaks(self.device, (self.state.opt_student, self.state.opt_fake))
         for name in ("student", "critic"):
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            split.reset()
 
             def run():
                 return [median_seconds(lambda n=n: passes[name](n), self.device, reps, f"{variant} {name} N={n}")
@@ -302,7 +343,8 @@ class Bench:
                 print(f"  {variant} {name}: compiled a graph while timed; timing again", flush=True)
                 per_n = run()
             row[f"{name}_ms"] = sum(per_n) / 2 * 1e3
-            row[f"{name}_peak_gib"] = self.peak_gib()
+            row[f"{name}_graphs_gib"], row[f"{name}_step_gib"] = split.read()
+            row[f"{name}_peak_gib"] = max(row[f"{name}_graphs_gib"], row[f"{name}_step_gib"])
             peaks.append(row[f"{name}_peak_gib"])
         row["mean_1_4_ms"] = (row["student_ms"] + 4 * row["critic_ms"]) / 5
         for name, n_fwd in FORWARDS.items():
@@ -317,6 +359,7 @@ class Bench:
         row["states_gib"] = sum(held_state_bytes(self.state).values()) / 2 ** 30
         row["iteration_rest_gib"] = max(row["student_peak_gib"], row["critic_peak_gib"]) - row["states_gib"]
         row["warmup_s"] = first
+        split.close()
         return row
 
     def peak_gib(self) -> float:
@@ -368,7 +411,11 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("  the same in FLOPs (reached at equal FLOP rates)", "jvp_flop_ratio", ".2f"),
         ("student iteration / flow-matching step", "student_over_fm", ".2f"),
         ("peak memory GiB", "peak_gib", ".1f"), ("  during the student iteration", "student_peak_gib", ".1f"),
+        ("    outside its optimiser steps (forwards, backward, EMA)", "student_graphs_gib", ".1f"),
+        ("    in its optimiser steps (fp32 gradient copies, AdamW)", "student_step_gib", ".1f"),
         ("  during the critic iteration", "critic_peak_gib", ".1f"),
+        ("    outside its optimiser steps (forwards, backward, EMA)", "critic_graphs_gib", ".1f"),
+        ("    in its optimiser steps (fp32 gradient copies, AdamW)", "critic_step_gib", ".1f"),
         ("  the planner's estimate of an iteration (rcm_core.run.plan, one GPU, batch 1)", "planned_gib", ".1f"),
         ("  the larger iteration peak ÷ the planner's (bar: within 10 %)", "iteration_over_planned", ".2f"),
         ("  states held after the iterations (counted, rcm_core.run.plan.held_state_bytes)", "states_gib", ".1f"),
@@ -400,11 +447,11 @@ def markdown(title: str, rows: list[dict], goals: dict | None = None) -> str:
         cells = []
         text, met = goals.get(key, ("", None))
         for r in rows:
-            cell = format(r[key], spec)
-            base = rows[0][key]
+            cell = format(r.get(key, math.nan), spec)      # rows of older runs lack the newer keys
+            base = rows[0].get(key, math.nan)
             if r is not rows[0] and key.endswith("_ms") and base == base and base > 0:
                 cell += f" ({(r[key] / base - 1) * 100:+.0f} %)"
-            if met is not None and met(r[key]):
+            if met is not None and met(r.get(key, math.nan)):
                 cell += " ✓"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + (f" | {text} |" if goals else " |"))
