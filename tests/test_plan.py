@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from rcm_core.config import ModelCfg, load_config
 from rcm_core.parallel.mesh import MeshShape
 from rcm_core.networks import build_network, cast_network
-from rcm_core.run.plan import (GiB, Workload, activation_estimate, block_saved_bytes, check_fits, count_params,
-                           plan_mesh, plan_run, read_step_table, read_step_tables, recommend, refuse_reason,
-                           state_bytes)
+from rcm_core.run.plan import (BACKWARD_BLOCKS, SHARDED_BACKWARD_BLOCKS, GiB, Workload, activation_estimate,
+                           block_saved_bytes, check_fits, count_params, plan_mesh, plan_run, read_step_table,
+                           read_step_tables, recommend, refuse_reason, state_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TABLES = ROOT / "docs" / "results" / "gpu" / "step_tables"
@@ -107,7 +107,11 @@ def test_checkpointing_keeps_block_inputs_only():
     _, off = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=False, graphs=2, jvp=True)
     jvp, on = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=2, jvp=True)
     per_block = block_saved_bytes(64, 160, 4) * 200
-    assert off == (2 * 3 + 1) * per_block and on == 2 * 3 * 2 * 64 * 200 + 2 * per_block and jvp > 0
+    assert off == pytest.approx((2 * 3 + BACKWARD_BLOCKS["false"]) * per_block, rel=1e-12) and jvp > 0
+    assert on == pytest.approx(2 * 3 * 2 * 64 * 200 + BACKWARD_BLOCKS["true"] * per_block, rel=1e-12)
+    _, sharded = activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=2, jvp=True,
+                                     sharded=True)
+    assert sharded == pytest.approx(2 * 3 * 2 * 64 * 200 + SHARDED_BACKWARD_BLOCKS["true"] * per_block, rel=1e-12)
     assert activation_estimate(m, batch=2, tokens=100, text_len=8, checkpointing=True, graphs=1, jvp=False)[0] == 0
 
 
@@ -219,7 +223,7 @@ def test_each_row_is_timed_by_the_step_table_measured_most_like_it(capsys, tmp_p
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("1      1   1")]
     assert [r[3] for r in rows] == ["off", "on", "attention_only"] and {r[-1] for r in rows} == {"4.61"}
     # equal times: the row that recomputes least is the faster in truth (the on row's time is attention_only's)
-    assert "model.activation_checkpointing=attention_only data.micro_batch_size=1  (53.1 of 141.0 GiB, ~4.61" in out
+    assert "model.activation_checkpointing=attention_only data.micro_batch_size=1  (53.5 of 141.0 GiB, ~4.61" in out
     assert ("AC on: docs/results/gpu/step_tables/step_table_sdpa_grad_compile_attention_only.json (NVIDIA H200, "
             "2026-12-05); measured with model.activation_checkpointing=attention_only, this row uses true") in out
     # --step-table takes one file (every row timed by it) or a folder; a path with none is refused by name
@@ -236,7 +240,8 @@ def test_cli_prints_the_configured_modes_memory(capsys):
     """The configured line gives the run's own mode's memory, so a selective mode (issue 28, lever 3) shows what it
     costs: attention_only keeps 9,312 B per token and block on top of whole-block checkpointing's 3,072 (one H200,
     batch 1, one with-grad graph at a time, the fake score's gradients freed while the student trains, no first
-    moments: 47.4 → 53.1 GiB)."""
+    moments: 47.8 → 53.5 GiB). One GPU: the states less the stepping network's fp32 gradient copies sit beside the
+    activations, and all of them in the optimiser step (`plan.peak_bytes`)."""
     from workflows.plan import main
 
     base = ["--config", str(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml"), "--gpus", "1", "--gpu-memory", "141GiB",
@@ -246,9 +251,10 @@ def test_cli_prints_the_configured_modes_memory(capsys):
         main([*base, f"model.activation_checkpointing={mode}"])
         lines[mode] = capsys.readouterr().out.strip().splitlines()[-1]
     assert lines["true"] == ("configured mesh (parallel.*, model.activation_checkpointing=true): fits, "
-                             "~47.4 GiB per GPU (states 34.4, activations 11.0)")
+                             "~47.8 GiB per GPU (states 37.0 + 5.3 in the optimiser step, activations 8.8)")
     assert lines["attention_only"] == ("configured mesh (parallel.*, model.activation_checkpointing=attention_only): "
-                                       "fits, ~53.1 GiB per GPU (states 34.4, activations 16.7)")
+                                       "fits, ~53.5 GiB per GPU (states 37.0 + 5.3 in the optimiser step, "
+                                       "activations 14.5)")
 
 
 def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):
@@ -392,7 +398,7 @@ def test_selective_estimate_lies_between_none_and_block():
     assert peak[True] < peak["attention_only"] < peak["mm_only"] < peak[False]
     assert selective_saved_bytes(1536, 8960, 12, "mm_only") == 48736
     per_block = block_saved_bytes(1536, 8960, 12) * 32760
-    assert peak["mm_only"] == 2 * 30 * 48736 * 32760 + 2 * per_block
+    assert peak["mm_only"] == pytest.approx(2 * 30 * 48736 * 32760 + BACKWARD_BLOCKS["mm_only"] * per_block, rel=1e-12)
     with pytest.raises(ValueError, match="'block'"):
         activation_estimate(m, checkpointing="block", **kw)
 
@@ -406,7 +412,7 @@ def test_attention_only_plan_follows_the_attention_backend():
     was measured; the plan (one graph at a time since `distill._accumulate` backs each term through alone, the
     fake score's gradients freed while the student trains, `distill._free_gradients`, and no first moments with
     β₁ = 0, `rcm_core.method.adamw`) is lower by one graph's kept bytes, those gradients and two first moments."""
-    from rcm_core.run.plan import GRAD, OVERHEAD, attention_keepable
+    from rcm_core.run.plan import COMPUTE, GRAD, attention_keepable, peak_bytes
     cfg = load_config(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml")
     assert cfg.model.attention == "sdpa_grad"
     work = Workload(latent=(16, 21, 60, 104), tokens=32760, text_len=512, batch=1)
@@ -421,9 +427,10 @@ def test_attention_only_plan_follows_the_attention_backend():
                                         checkpointing=checkpointing, graphs=graphs, jvp=True)
         if graphs == 1:
             assert (p.jvp_peak, p.backward_peak) == (jvp, kept)      # what plan_mesh uses
-        # what those runs held besides: the fake score's gradients and both networks' first moments
-        before = counts.total * (GRAD + 2 * 4) if old_states else 0
-        return (sum(p.states.values()) + before + max(jvp, kept) + OVERHEAD) / GiB
+        # what those runs held besides: the fake score's gradients (bf16 and their fp32 copies) and both networks'
+        # first moments
+        before = counts.total * (COMPUTE + GRAD + 2 * 4) if old_states else 0
+        return peak_bytes({**p.states, "before": before}, p.step_only, max(jvp, kept)) / GiB
 
     assert attention_keepable(cfg.model) and not attention_keepable(dataclasses.replace(cfg.model, attention="fused"))
     for graphs in (1, 2):

@@ -9,7 +9,8 @@ allocator adds during it is activations and the backward's temporaries alone; to
 the allocator's running total ("Total Allocated", bytes live since the profile began), whose maximum is the peak.
 The per-token bytes a block keeps are already exact (`tests/test_plan.py` counts saved tensors); what this adds is
 the whole network's peak, i.e. the planner's allowance for the block recomputed in the backward and its gradients
-(`activation_estimate`: 2 blocks' worth of `block_saved_bytes` with checkpointing, 1 without). Read the slope
+(`activation_estimate`: `plan.BACKWARD_BLOCKS` blocks' worth of `block_saved_bytes`, set from this bench's
+measurements; sharded meshes keep the earlier 2 with checkpointing, 1 without). Read the slope
 between two token counts: it drops what does not grow with tokens (the text's keys and values, weight-gradient
 temporaries). On a GPU the attention runs SDPA's CUDA kernels instead of the CPU's, and the caching allocator
 rounds; `experiments/bench/rcm_step.py` prints the GPU's iteration peaks beside the planner's.

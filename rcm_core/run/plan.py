@@ -276,6 +276,7 @@ class MeshPlan:
     states: dict[str, float] = field(default_factory=dict)     # bytes per GPU: student, fake, ema, teacher, fsdp
     jvp_peak: float = 0.0
     backward_peak: float = 0.0
+    step_only: float = 0.0              # bytes of `states` held only during the optimiser step (`step_only_bytes`)
     total: float = 0.0
     memory: float = 0.0
     seconds: float | None = None
@@ -293,17 +294,35 @@ class MeshPlan:
         return self.shape.dp_shard * self.shape.cp
 
 
-def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool, first_moment: bool = True) -> dict[str, float]:
+def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool, first_moment: bool = True,
+                masters: bool = False) -> dict[str, float]:
     """Parameter + gradient + optimiser bytes per GPU for each net, and the unsharded FSDP working set: the student
-    as trained (with gradients), the fake score at rest (without: `distill._free_gradients`). Without a first
-    moment (β₁ = 0, `rcm_core.method.adamw`) AdamW keeps one moment, 4 B/param, not two."""
+    as trained (with gradients, at its optimiser step), the fake score at rest (without: `distill._free_gradients`).
+    Without a first moment (β₁ = 0, `rcm_core.method.adamw`) AdamW keeps one moment, 4 B/param, not two. `masters`: a
+    bf16 network without FSDP (`uses_masters`) keeps its bf16 working copy beside the fp32 masters and its bf16
+    gradients beside their fp32 copies (`rcm_core.parallel.precision`): 2 B/param more at rest, 4 more trained."""
     adam = ADAM if first_moment else ADAM // 2
-    trained = counts.total * (MASTER + GRAD + adam) / shard
-    at_rest = counts.total * (MASTER + adam) / shard
+    copies = COMPUTE if masters else 0
+    trained = counts.total * (MASTER + GRAD + adam + 2 * copies) / shard
+    at_rest = counts.total * (MASTER + adam + copies) / shard
     out = {"student": trained, "fake": at_rest if uses_fake else 0.0, "ema": counts.total * EMA / shard,
            "teacher": counts.total * TEACHER / shard}
     out["fsdp"] = float(counts.block * (2 * COMPUTE + GRAD)) if shard > 1 else 0.0
     return out
+
+
+def uses_masters(shard: int) -> bool:
+    """Whether a bf16 run on this shard size keeps fp32 masters outside the module (`rcm_core.parallel.precision`):
+    without FSDP, i.e. one GPU or replicas alone; under FSDP2 the sharded fp32 parameters are the masters."""
+    return shard == 1
+
+
+def step_only_bytes(counts: ParamCounts, masters: bool) -> float:
+    """Bytes of the states that exist only during the optimiser step, not beside the activations: with masters
+    the stepping network's fp32 gradient copies, made from its bf16 gradients when it steps
+    (`MasterWeightOptimizer.step`); under FSDP2 the reduce-scatter writes the fp32 gradient shards during the
+    backward, so none."""
+    return float(counts.total * GRAD) if masters else 0.0
 
 
 def held_state_bytes(state) -> dict[str, int]:
@@ -349,19 +368,33 @@ def checkpoint_bytes(cfg: ExperimentCfg, counts: ParamCounts, *, sharded: bool) 
     return float(counts.total * ((MASTER + moments) * nets + EMA))
 
 
+# What the backward holds above what the forward kept, in blocks' worth of `block_saved_bytes`: the block being
+# recomputed (where checkpointing recomputes) and the gradients of its activations. Measured with the CPU
+# allocator on bf16 Wan-shaped DiTs (experiments/bench/memory_cpu.py; docs/BENCHMARKS.md, twenty-fifth and
+# twenty-seventh sessions): whole blocks 1.20-1.35, attention_only 1.15-1.31, mm_only 0.86-1.01, off 0.38-0.64 over
+# four shapes (the most at the smallest, `tests/test_plan.py`'s); set a little above the largest of each. One H100's
+# one-GPU iteration at 32,760 tokens, attention_only, held 0.6-1.2 of a block there (2026-12-05).
+BACKWARD_BLOCKS = {"true": 1.45, "attention_only": 1.45, "mm_only": 1.1, "false": 0.7}
+# Sharded meshes keep the earlier allowance (two blocks with checkpointing, one without): under FSDP2 at four GPUs
+# the peak held ~4.6 GiB more than the counted states and these activations explain (1.3B, 32,760 tokens,
+# 2026-11-28: 31.1 GiB measured, 28.7 planned with it, 26.5 with the allowance above), a term not identified yet
+# (issue 28; `experiments/bench/scale_step.py` prints each rank's states and peaks for the run that will find it).
+SHARDED_BACKWARD_BLOCKS = {"true": 2.0, "attention_only": 2.0, "mm_only": 2.0, "false": 1.0}
+
+
 def activation_estimate(model: ModelCfg, *, batch: int, tokens: int, text_len: int, checkpointing: bool | str,
-                        graphs: int, jvp: bool) -> tuple[float, float]:
+                        graphs: int, jvp: bool, sharded: bool = False) -> tuple[float, float]:
     """(JVP-pass peak, backward peak) in bytes on one rank holding `batch` samples of `tokens` tokens each;
-    `checkpointing` is a model.activation_checkpointing value."""
+    `checkpointing` is a model.activation_checkpointing value; `sharded`: under FSDP2 (the allowance differs)."""
     D, F, H, L = model.dim, model.ffn_dim, model.num_heads, model.num_layers
     per_block = block_saved_bytes(D, F, H) * batch * tokens
     if checkpointing is True:
-        kept = graphs * L * 2 * D * batch * tokens + 2 * per_block      # inputs + one block recomputed, its grads
+        kept = graphs * L * 2 * D * batch * tokens        # every block's input
     elif checkpointing is False:
-        kept = graphs * L * per_block + per_block
-    else:   # selective: what the policy keeps, plus one block's recomputed activations and grads as for `true`
-        saved = selective_saved_bytes(D, F, H, checkpointing, attention_keepable(model))
-        kept = graphs * L * saved * batch * tokens + 2 * per_block
+        kept = graphs * L * per_block
+    else:   # selective: what the policy keeps
+        kept = graphs * L * selective_saved_bytes(D, F, H, checkpointing, attention_keepable(model)) * batch * tokens
+    kept += (SHARDED_BACKWARD_BLOCKS if sharded else BACKWARD_BLOCKS)[_lever(checkpointing)] * per_block
     jvp_peak = jvp_live_bytes(D, F, H) * batch * tokens if jvp else 0.0
     return float(jvp_peak), float(kept)
 
@@ -409,15 +442,26 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
                         f"(data.batch_size / data-parallel groups)")
         return plan
     dmd, term = uses_dmd(d), consistency_term(d)
-    plan.states = state_bytes(counts, plan.shard, dmd, first_moment=cfg.optim.betas[0] != 0)
+    masters = uses_masters(plan.shard)
+    plan.states = state_bytes(counts, plan.shard, dmd, first_moment=cfg.optim.betas[0] != 0, masters=masters)
     packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
     b, n = plan.micro, packed * work.tokens // shape.cp
     plan.jvp_peak, plan.backward_peak = activation_estimate(      # one with-grad graph at a time (distill._accumulate)
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=1,
-        jvp=term == "scm" and d.tangent == "jvp")
-    plan.total = sum(plan.states.values()) + max(plan.jvp_peak, plan.backward_peak) + OVERHEAD
+        jvp=term == "scm" and d.tangent == "jvp", sharded=not masters)
+    plan.step_only = step_only_bytes(counts, masters)
+    plan.total = peak_bytes(plan.states, plan.step_only, max(plan.jvp_peak, plan.backward_peak))
     plan.seconds, plan.table = seconds_per_iteration(cfg, work, shape, table), table
     return plan
+
+
+def peak_bytes(states: dict[str, float], step_only: float, activations: float) -> float:
+    """The larger of an iteration's two peaks, plus the fixed allowance: its forwards and backward (the states
+    less what only the optimiser step holds, with the activations) and its optimiser step (every state, no
+    activations: they are freed by then). Without FSDP the step's sets the peak at short sequences (one H100,
+    1.3B, 8,190 tokens, 2026-12-05: the iteration peaked at the step, 45.1 GiB, with 42.2 GiB of states)."""
+    held = sum(states.values())
+    return max(held - step_only + activations, held) + OVERHEAD
 
 
 def seconds_per_iteration(cfg: ExperimentCfg, work: Workload, shape: MeshShape,
@@ -540,7 +584,8 @@ def format_plan(cfg: ExperimentCfg, plans: list[MeshPlan], *, gpus: int, gpu_mem
                  f"train.keep_checkpoints={keep}: up to {_gib((keep + 1) * ckpt)} GiB of storage while the next "
                  f"is written")
     lines += timing_lines(cfg, plans)
-    lines.append(f"memory: states + max(JVP, backward) activations + {_gib(OVERHEAD)} GiB allowance")
+    lines.append(f"memory: max(states + max(JVP, backward) activations, states at the optimiser step) + "
+                 f"{_gib(OVERHEAD)} GiB allowance")
     return "\n".join(lines)
 
 
@@ -590,8 +635,11 @@ def configured_plan(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent:
 
 
 def describe_memory(p: MeshPlan) -> str:
-    """"~77.5 GiB per GPU (states 50.2, activations 25.2)": the total and the two parts it is made of."""
-    return (f"~{_gib(p.total)} GiB per GPU (states {_gib(sum(p.states.values()))}, activations "
+    """"~53.3 GiB per GPU (states 37.0 + 5.3 in the optimiser step, activations 14.3)": the total and the parts it
+    is the larger of (`peak_bytes`); "+ …" only where the step holds states the backward does not."""
+    held = sum(p.states.values())
+    step = f" + {_gib(p.step_only)} in the optimiser step" if p.step_only else ""
+    return (f"~{_gib(p.total)} GiB per GPU (states {_gib(held - p.step_only)}{step}, activations "
             f"{_gib(max(p.jvp_peak, p.backward_peak))})")
 
 
