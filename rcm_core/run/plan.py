@@ -11,7 +11,10 @@ AdamW's first moment is then the gradient itself, `rcm_core.method.adamw`, 12 B/
 iterations that train that net: each iteration frees the other net's (`rcm_core.method.distill._free_gradients`),
 so the one at rest counts 4 B/param less (the student's iteration, which sets the peak, has the fake score at rest;
 the critic's the student, the same bytes); the EMA is fp32 (4 B/param); the frozen
-teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. FSDP2 shards every net over dp_shard·cp
+teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. Without FSDP (one GPU, or replicas alone) a
+bf16 net keeps its bf16 working copy beside the fp32 masters, and its bf16 gradients beside their fp32 copies
+(`rcm_core.parallel.precision`): 16 B/param trained, 10 at rest; the fp32 copies exist only in the optimiser
+step, which holds every state but no activation, so the peak is the larger of the two moments (`peak_bytes`). FSDP2 shards every net over dp_shard·cp
 ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP ranks), so those bytes divide by that size, and two
 blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
 unsharded at a time.
@@ -21,9 +24,10 @@ b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-bat
 - `block_saved_bytes` counts what one Wan block keeps for its backward, per token (bf16 compute, fp32 norms and
   modulation, flash-style attention that keeps q, k, v, o and the row lse, never the n×n matrix); the test
   counts the same bytes from autograd's saved tensors of the real block. Without activation checkpointing the
-  backward peak is layers × that; with it, every block's bf16 input plus one block recomputed; with a selective
-  policy (`mm_only`, `attention_only`), layers × `selective_saved_bytes` (what the policy keeps, the input
-  included; attention outputs only where SDPA computes them, `attention_keepable`) plus one block recomputed.
+  backward peak is layers × that; with it, every block's bf16 input; with a selective policy (`mm_only`,
+  `attention_only`), layers × `selective_saved_bytes` (what the policy keeps, the input included; attention
+  outputs only where SDPA computes them, `attention_keepable`); each plus `BACKWARD_BLOCKS` blocks' worth for the
+  block recomputed and its gradients, as the CPU allocator measured it (sharded meshes: the earlier 2 / 1).
   Every step
   holds one with-grad graph at a time: `rcm_core.method.distill._accumulate` backs each loss term through
   before the next term's forwards run, so rCM's consistency forward and the rollout's last call (the two
@@ -34,14 +38,14 @@ b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-bat
   block, nothing kept across blocks); dCM has no JVP pass and its no-grad forwards are smaller.
 These are estimates (`activation_estimate` returns them alone). Against the FSDP2 peaks of docs/BENCHMARKS.md
 (1.3B, 32,760 tokens, batch 1 per GPU, checkpointing on; measured while the student step held two graphs) the
-two-graph totals are 66.0 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs where 66.1 / 35.8 / 31.1 were measured;
-attention_only on one GPU: 77.5 GiB where 75.1 was measured with model.attention sdpa_grad, and 66.0 where 66.15
+two-graph totals are 69.1 / 41.3 / 28.7 GiB for 1 / 2 / 4 GPUs where 66.1 / 35.8 / 31.1 were measured;
+attention_only on one GPU: 80.5 GiB where 75.1 was measured with model.attention sdpa_grad, and 69.1 where 66.15
 was measured with fused (2026-12-04); those runs also held the fake score's gradients through the student's
-iteration (4 B/param as counted here) and both networks' AdamW first moments (4 B/param each). With one graph
-at a time, those gradients freed and no first moments (β₁ = 0) the planner says 47.4 / 30.5 / 21.9 and 53.1 /
-47.4 GiB; one H100 measured 50.3 GiB for that attention_only training loop (2026-12-05), the sharded meshes are
-not re-measured yet. Not counted yet, measured the same day: the one-GPU optimiser step's own peak (32 B/param with
-masters; it sets the peak at short sequences, where the estimate is 11-18 % low).
+iteration and both networks' AdamW first moments (4 B/param each). With one graph at a time, those gradients
+freed and no first moments (β₁ = 0) the planner says 47.8 / 30.5 / 21.9 and 53.5 / 47.8 GiB; one H100 measured
+50.3 GiB for that attention_only training loop (2026-12-05: 0.94), and the bench's one-GPU iterations at 8,190
+tokens 42.4 (attention_only, the optimiser step's peak) and 49.1 GiB (mm_only) against 44.3 and 51.3 (0.96);
+the sharded meshes are not re-measured yet.
 
 Time per iteration scales a measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
 this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The tables are data
