@@ -12,9 +12,10 @@ iterations that train that net: each iteration frees the other net's (`rcm_core.
 so the one at rest counts 4 B/param less (the student's iteration, which sets the peak, has the fake score at rest;
 the critic's the student, the same bytes); the EMA is fp32 (4 B/param); the frozen
 teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. Without FSDP (one GPU, or replicas alone) a
-bf16 net keeps its bf16 working copy beside the fp32 masters, and its bf16 gradients beside their fp32 copies
-(`rcm_core.parallel.precision`): 16 B/param trained, 10 at rest; the fp32 copies exist only in the optimiser
-step, which holds every state but no activation, so the peak is the larger of the two moments (`peak_bytes`). FSDP2 shards every net over dp_shard·cp
+bf16 net keeps its bf16 working copy beside the fp32 masters (`rcm_core.parallel.precision`): 10 B/param at
+rest; trained, 12 in the backward (bf16 gradients) and 14 in the optimiser step (fp32 gradients, the bf16 ones
+freed as they are cast), which holds every state but no activation, so the peak is the larger of the two
+moments (`peak_bytes`). FSDP2 shards every net over dp_shard·cp
 ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP ranks), so those bytes divide by that size, and two
 blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
 unsharded at a time.
@@ -44,8 +45,8 @@ was measured with fused (2026-12-04); those runs also held the fake score's grad
 iteration and both networks' AdamW first moments (4 B/param each). With one graph at a time, those gradients
 freed and no first moments (β₁ = 0) the planner says 47.8 / 30.5 / 21.9 and 53.5 / 47.8 GiB; one H100 measured
 50.3 GiB for that attention_only training loop (2026-12-05: 0.94), and the bench's one-GPU iterations at 8,190
-tokens 42.4 (attention_only, the optimiser step's peak) and 49.1 GiB (mm_only) against 44.3 and 51.3 (0.96);
-the sharded meshes are not re-measured yet.
+tokens 42.4 (attention_only, the optimiser step's peak, before the step freed the bf16 gradients) and 49.1 GiB
+(mm_only), 0.96 of the estimates for that code; the sharded meshes are not re-measured yet.
 
 Time per iteration scales a measured one-GPU step table (Wan2.1-1.3B shape, batch 1) by the forward FLOPs of
 this model and per-rank token count, the per-rank batch, and the run's student : critic mix. The tables are data
@@ -303,11 +304,12 @@ def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool, first_moment: 
     """Parameter + gradient + optimiser bytes per GPU for each net, and the unsharded FSDP working set: the student
     as trained (with gradients, at its optimiser step), the fake score at rest (without: `distill._free_gradients`).
     Without a first moment (β₁ = 0, `rcm_core.method.adamw`) AdamW keeps one moment, 4 B/param, not two. `masters`: a
-    bf16 network without FSDP (`uses_masters`) keeps its bf16 working copy beside the fp32 masters and its bf16
-    gradients beside their fp32 copies (`rcm_core.parallel.precision`): 2 B/param more at rest, 4 more trained."""
+    bf16 network without FSDP (`uses_masters`) keeps its bf16 working copy beside the fp32 masters
+    (`rcm_core.parallel.precision`): 2 B/param more, trained or at rest; its gradients are bf16 in the backward
+    and fp32 in the optimiser step, which frees the bf16 ones as it casts them (`step_only_bytes`)."""
     adam = ADAM if first_moment else ADAM // 2
     copies = COMPUTE if masters else 0
-    trained = counts.total * (MASTER + GRAD + adam + 2 * copies) / shard
+    trained = counts.total * (MASTER + GRAD + adam + copies) / shard
     at_rest = counts.total * (MASTER + adam + copies) / shard
     out = {"student": trained, "fake": at_rest if uses_fake else 0.0, "ema": counts.total * EMA / shard,
            "teacher": counts.total * TEACHER / shard}
@@ -322,11 +324,11 @@ def uses_masters(shard: int) -> bool:
 
 
 def step_only_bytes(counts: ParamCounts, masters: bool) -> float:
-    """Bytes of the states that exist only during the optimiser step, not beside the activations: with masters
-    the stepping network's fp32 gradient copies, made from its bf16 gradients when it steps
-    (`MasterWeightOptimizer.step`); under FSDP2 the reduce-scatter writes the fp32 gradient shards during the
-    backward, so none."""
-    return float(counts.total * GRAD) if masters else 0.0
+    """Bytes the optimiser step holds beyond what the backward holds, not beside the activations: with masters
+    the stepping network's fp32 gradients (4 B/param) less its bf16 gradients (2), which
+    `MasterWeightOptimizer.step` frees as it casts them; under FSDP2 the reduce-scatter writes the fp32 gradient
+    shards during the backward, so none."""
+    return float(counts.total * (GRAD - COMPUTE)) if masters else 0.0
 
 
 def held_state_bytes(state) -> dict[str, int]:
