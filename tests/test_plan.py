@@ -9,6 +9,7 @@
 """
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -222,8 +223,12 @@ def test_each_row_is_timed_by_the_step_table_measured_most_like_it(capsys, tmp_p
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("1      1   1")]
     assert [r[3] for r in rows] == ["off", "on", "attention_only"] and {r[-1] for r in rows} == {"4.61"}
-    # equal times: the row that recomputes least is the faster in truth (the on row's time is attention_only's)
-    assert "model.activation_checkpointing=attention_only data.micro_batch_size=1  (53.5 of 141.0 GiB, ~4.61" in out
+    # equal times: the row that recomputes least is the faster in truth (the on row's time is attention_only's);
+    # compiled, no checkpointing fits 141 GB at 32,760 tokens (`compiled_block_saved_bytes`), and on 80 GB it does not
+    assert "model.activation_checkpointing=false data.micro_batch_size=1  (125.4 of 141.0 GiB, ~4.61" in out
+    main([*base[:5], "80GiB", *base[6:], "model.compile=blocks", "model.activation_checkpointing=attention_only"])
+    out = capsys.readouterr().out
+    assert "model.activation_checkpointing=attention_only data.micro_batch_size=1  (53.5 of 80.0 GiB, ~4.61" in out
     assert ("AC on: docs/results/gpu/step_tables/step_table_sdpa_grad_compile_attention_only.json (NVIDIA H200, "
             "2026-12-05); measured with model.activation_checkpointing=attention_only, this row uses true") in out
     # --step-table takes one file (every row timed by it) or a folder; a path with none is refused by name
@@ -385,6 +390,47 @@ def test_selective_recomputation_keeps_what_the_planner_counts(dim, ffn, heads):
         assert measured[mode] == selective_saved_bytes(dim, ffn, heads, mode) - 2 * dim
         fused = _kept_bytes_per_token(mode, dim, ffn, heads, attention="fused")
         assert fused == selective_saved_bytes(dim, ffn, heads, mode, keeps_attention=False) - 2 * dim, mode
+
+
+def _compiled_saved_per_token(dim: int, ffn: int, heads: int, compile_mode: str) -> float:
+    """Bytes per latent token a bf16 block saves for its backward (saved-tensor hooks, which see what a compiled
+    graph saves too), as the difference between two token counts: per-sample tensors drop out."""
+    from rcm_core.networks.dit import set_attention, set_compile
+    cfg = ModelCfg(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=1, text_dim=32)
+    net = set_attention(cast_network(build_network(cfg), torch.bfloat16), "sdpa_grad")
+    set_compile(net, compile_mode)
+    block, B, saved_at = net.blocks[0], 2, []
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    for grid in ((2, 4, 6), (4, 4, 6)):
+        x = torch.randn(B, math.prod(grid), dim, dtype=torch.bfloat16, requires_grad=True)
+        e0 = torch.randn(B, 6, dim, requires_grad=True)
+        saved = {}
+
+        def pack(t, saved=saved):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, torch.randn(B, 8, dim, dtype=torch.bfloat16), e0, net.rope(grid, torch.device("cpu")), None)
+        saved_at.append((sum(saved.values()), B * math.prod(grid)))
+    (a, n0), (b, n1) = saved_at
+    return (b - a) / (n1 - n0)
+
+
+@pytest.mark.parametrize("dim,ffn,heads", [(64, 160, 4), (80, 256, 5)])
+def test_a_compiled_block_saves_what_the_planner_counts(dim, ffn, heads):
+    """Under model.compile=blocks without checkpointing, inductor's partitioner recomputes elementwise work in the
+    backward: the block saves `compiled_block_saved_bytes` per token (36·D + 4·F + 8·heads + 36, observed exact)
+    plus the RoPE tables (2·head_dim here), where eager autograd saves `block_saved_bytes` (64·D + …) plus 4·head_dim.
+    One H200, 1.3B at 8,190 tokens without checkpointing (2026-12-05): 59.0 GiB compiled, 69.2 eager."""
+    from rcm_core.run.plan import compiled_block_saved_bytes
+    head_dim = dim // heads
+    assert _compiled_saved_per_token(dim, ffn, heads, "none") == block_saved_bytes(dim, ffn, heads) + 4 * head_dim
+    compiled = _compiled_saved_per_token(dim, ffn, heads, "blocks")
+    assert compiled == compiled_block_saved_bytes(dim, ffn, heads) + 2 * head_dim
+    off = ModelCfg(**{**SMALL, "compile": "blocks"})
+    kw = dict(batch=1, tokens=100, text_len=8, checkpointing=False, graphs=1, jvp=False)
+    assert activation_estimate(off, **kw)[1] < activation_estimate(ModelCfg(**SMALL), **kw)[1]
 
 
 def test_selective_estimate_lies_between_none_and_block():

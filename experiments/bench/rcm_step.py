@@ -226,10 +226,11 @@ def build(cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
 
 def planned_gib(model: dict, variant: str, latent: tuple, L_text: int) -> float:
     """What `rcm_core.run.plan` says one GPU holds at the peak of an rCM iteration of this model, variant
-    (attention, recomputation) and shape at batch 1, GiB: the issue-28 memory bar compares the iterations' peaks
+    (attention, compile, recomputation) and shape at batch 1, GiB: the issue-28 memory bar compares the iterations' peaks
     with it."""
-    attention, _, recompute = VARIANTS[variant]
-    cfg = ExperimentCfg(model=ModelCfg(**{**model, "attention": attention, "activation_checkpointing": recompute}))
+    attention, compile_mode, recompute = VARIANTS[variant]
+    cfg = ExperimentCfg(model=ModelCfg(**{**model, "attention": attention, "compile": compile_mode,
+                                          "activation_checkpointing": recompute}))
     cfg.data.batch_size = 1
     plan = plan_mesh(cfg, MeshShape(), gpus=1, gpu_memory=float("inf"), work=Workload.from_config(cfg, latent, L_text),
                      counts=count_params(cfg.model), checkpointing=recompute, table=None)
