@@ -35,9 +35,10 @@ Per variant and shape: ms of the teacher CFG forward (batch 2), one no-grad forw
 flow-matching step (the unit of cost), an rCM student and critic iteration and their 1:4 mean, MFU (model FLOPs,
 2 per MAC, over 989 TFLOP/s dense bf16), the JVP pass over one forward beside the same ratio in FLOPs
 (`plan.jvp_flops`: 2.36 at 8,190 tokens, 2.70 at 32,760, what a JVP pass reaches when it runs as fast per FLOP as
-the forward), student iteration over the flow-matching step, peak memory (over every pass, and during the student
-and the critic iteration alone, which run without the flow-matching step's optimiser, as training does, set beside
-the planner's estimate for the same variant and shape), and the warm-up calls' seconds, which
+the forward), student iteration over the flow-matching step, peak memory (over every pass — the flow-matching step
+steps the student's own optimiser, so nothing is held that a run does not hold — and during the student and the
+critic iteration alone, in a run's steady state and split at the optimiser step, set beside the planner's estimate
+for the same variant and shape), and the warm-up calls' seconds, which
 hold compilation and autotuning. A last column states issue 28's goal for each row that has one, and every cell
 that meets it is marked ✓. The plain passes get one
 warm-up call, then medians of `--reps` (3) synchronised calls. Iterations are timed at rollout length N = 2 and N = 3
@@ -72,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import ExperimentCfg, ModelCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
 from rcm_core.method.denoiser import TrigFlowDenoiser
-from rcm_core.method.distill import adamw_kernel, build_state, distill_step, make_optimizer
+from rcm_core.method.distill import adamw_kernel, build_state, distill_step
 from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
 from rcm_core.networks import build_network
 from rcm_core.networks.dit import set_attention, set_compile, set_recompute
@@ -249,7 +250,6 @@ class Bench:
         torch.manual_seed(0)
         self.teacher = build(self.cfg, device)
         self.state = build_state(self.cfg, self.teacher)
-        self.opt_fm = None      # the flow-matching step's own AdamW (fp32 masters), made when that step first runs
         self.nets = [self.teacher.net, self.state.student.net, self.state.fake.net]
 
     def set_variant(self, name: str) -> None:
@@ -284,12 +284,12 @@ class Bench:
                 return scm_tangent_jvp(st.student, x_t, t, ctx, F_T)
 
         def fm_step():
-            if self.opt_fm is None:
-                self.opt_fm = make_optimizer(st.student.parameters(), 1e-6, cfg.optim)
-            self.opt_fm.zero_grad(set_to_none=True)
+            # the student's own optimiser (a training run holds one per network; a second one here held ~10.6 GiB
+            # of fp32 masters and moments at 1.3B that no run holds, and the bench's +off at 8K on 80 GB died of it)
+            st.opt_student.zero_grad(set_to_none=True)
             loss = flow_matching_loss(st.student, x0, ctx, t=t, eps=eps).loss
             loss.backward()
-            self.opt_fm.step()
+            st.opt_student.step()
             return loss.detach()
 
         def phase(student: bool, rollout: int):
@@ -317,9 +317,6 @@ class Bench:
             first += warm
             row[f"{name}_ms"] = sec * 1e3
         peaks = [self.peak_gib()]       # every pass so far; the iterations' own peaks below (what the planner plans)
-        # The iterations run without the flow-matching step's optimiser (~16 GiB of fp32 masters and moments at
-        # 1.3B, which no training run holds), so their peaks hold what a one-GPU training run holds.
-        self.opt_fm = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         row["planned_gib"] = planned_gib(self.model, variant, latent, L_text)
@@ -364,10 +361,7 @@ class Bench:
         return row
 
     def peak_gib(self) -> float:
-        """The allocator's peak since the last reset, GiB (NaN off CUDA). Over the plain passes it includes the
-        bench's own second optimiser (`opt_fm`, the flow-matching step's: fp32 masters and two moments of the
-        student, 12 B per parameter, ~16 GiB at 1.3B), which a training run does not hold; the iterations run
-        without it."""
+        """The allocator's peak since the last reset, GiB (NaN off CUDA)."""
         return torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
 
     def profile(self, variant: str, latent: tuple, L_text: int, top: int) -> str:
