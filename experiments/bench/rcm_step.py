@@ -165,8 +165,9 @@ def median_seconds(fn, device: torch.device, reps: int, check: str) -> float:
 
 class StepPeaks:
     """Splits the allocator's peak of an iteration at its optimiser steps (the planner's two candidates): the
-    peak outside them (forwards, backward, the EMA) and the steps' own (fp32 gradient copies, AdamW's state).
-    Wraps each optimiser's `step` on the instance while open; `close` restores it. NaN off CUDA."""
+    peak outside them (forwards, backward, the EMA, and the moments after a step while its fp32 gradients are still
+    held, until the next iteration frees them) and the steps' own (fp32 gradient copies, AdamW's state). Wraps
+    each optimiser's `step` on the instance while open; `close` restores it. NaN off CUDA."""
 
     def __init__(self, device: torch.device, opts):
         self.cuda = device.type == "cuda"
@@ -227,8 +228,8 @@ def build(cfg: ExperimentCfg, device: torch.device) -> TrigFlowDenoiser:
 
 def planned_gib(model: dict, variant: str, latent: tuple, L_text: int) -> float:
     """What `rcm_core.run.plan` says one GPU holds at the peak of an rCM iteration of this model, variant
-    (attention, compile, recomputation) and shape at batch 1, GiB: the issue-28 memory bar compares the iterations' peaks
-    with it."""
+    (attention, compile, recomputation) and shape at batch 1, GiB: the issue-28 memory bar compares the iterations'
+    peaks with it."""
     attention, compile_mode, recompute = VARIANTS[variant]
     cfg = ExperimentCfg(model=ModelCfg(**{**model, "attention": attention, "compile": compile_mode,
                                           "activation_checkpointing": recompute}))

@@ -7,7 +7,8 @@ and optimiser state in fp32, compute in bf16, gradients reduced in fp32. Without
 working copy (the forward reads it directly, nothing is cast per call) and `MasterWeightOptimizer` holds an fp32
 master of every narrow parameter:
 
-    grad (bf16, from backward) → master.grad (fp32; the bf16 grad freed) → AdamW on the masters → working copy = bf16(master)
+    grad (bf16, from backward) → master.grad (fp32; the bf16 grad freed) → AdamW on the masters
+                                                                          → working copy = bf16(master)
 
 That is the same arithmetic as FSDP2 with fp32 storage and `param_dtype=bf16` on one rank: its all-gather casts
 the fp32 shard to bf16 for compute, autograd produces bf16 gradients, and the reduce-scatter upcasts them to

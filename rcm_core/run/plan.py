@@ -15,10 +15,9 @@ teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. Without FSDP
 bf16 net keeps its bf16 working copy beside the fp32 masters (`rcm_core.parallel.precision`): 10 B/param at
 rest; trained, 12 in the backward (bf16 gradients) and 14 in the optimiser step (fp32 gradients, the bf16 ones
 freed as they are cast), which holds every state but no activation, so the peak is the larger of the two
-moments (`peak_bytes`). FSDP2 shards every net over dp_shard·cp
-ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP ranks), so those bytes divide by that size, and two
-blocks' bf16 parameters (the one computing and the one prefetched) plus one block's fp32 gradients live
-unsharded at a time.
+moments (`peak_bytes`). FSDP2 shards every net over dp_shard·cp ranks (rcm_core.parallel.sharding; a bf16 run
+with CP alone shards over its CP ranks), so those bytes divide by that size, and two blocks' bf16 parameters
+(the one computing and the one prefetched) plus one block's fp32 gradients live unsharded at a time.
 
 Activations (per rank: one micro-batch of m samples of n = tokens/cp tokens, where the rank's batch
 b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-batches, `data.micro_batch_size`):
@@ -90,8 +89,9 @@ def compiled_block_saved_bytes(dim: int, ffn_dim: int, heads: int) -> int:
     """Bytes one Wan block saves for its backward per token under `model.compile: blocks` without checkpointing:
     inductor's partitioner recomputes cheap elementwise work in the backward instead of saving its outputs, so the
     block keeps 36·D where eager autograd keeps 64·D (`block_saved_bytes`), the rest alike: 4·F + 8·heads + 36. At
-    Wan2.1-1.3B 91,268 B against 134,276 (0.68). Counted from the tensors the compiled block saves at six shapes
-    (`tests/test_plan.py`, CPU inductor; plus the RoPE tables, 0–2·head_dim, not counted as in the eager count); one
+    Wan2.1-1.3B 91,268 B against 134,276 (0.68). Counted from the tensors the compiled block saves at nine shapes
+    (CPU inductor, 2026-12-05; two in `tests/test_plan.py`), exactly, plus the RoPE tables, 0–2·head_dim, not
+    counted, as in the eager count; one
     H200 at 8,190 tokens held 59.0 GiB where eager autograd held 69.2 (2026-12-05)."""
     return 36 * dim + 4 * ffn_dim + 8 * heads + 36
 
@@ -291,7 +291,7 @@ class MeshPlan:
     states: dict[str, float] = field(default_factory=dict)     # bytes per GPU: student, fake, ema, teacher, fsdp
     jvp_peak: float = 0.0
     backward_peak: float = 0.0
-    step_only: float = 0.0              # bytes of `states` held only during the optimiser step (`step_only_bytes`)
+    step_only: float = 0.0              # bytes the optimiser step holds beyond the backward (`step_only_bytes`)
     total: float = 0.0
     memory: float = 0.0
     seconds: float | None = None
@@ -475,8 +475,9 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
 def peak_bytes(states: dict[str, float], step_only: float, activations: float) -> float:
     """The larger of an iteration's two peaks, plus the fixed allowance: its forwards and backward (the states
     less what only the optimiser step holds, with the activations) and its optimiser step (every state, no
-    activations: they are freed by then). Without FSDP the step's sets the peak at short sequences (one H100,
-    1.3B, 8,190 tokens, 2026-12-05: the iteration peaked at the step, 45.1 GiB, with 42.2 GiB of states)."""
+    activations: they are freed by then). Without FSDP the step's sets the peak at short sequences (1.3B, 8,190
+    tokens, `attention_only`, 2026-12-05: the iterations peaked at 40.0 GiB with 39.6 GiB of states, H100 and
+    H200; 53.5 and 42.6 GiB planned at 32,760 and 8,190 tokens, 48.6 and 40.0 measured)."""
     held = sum(states.values())
     return max(held - step_only + activations, held) + OVERHEAD
 
@@ -652,7 +653,7 @@ def configured_plan(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent:
 
 
 def describe_memory(p: MeshPlan) -> str:
-    """"~53.3 GiB per GPU (states 37.0 + 5.3 in the optimiser step, activations 14.3)": the total and the parts it
+    """"~53.5 GiB per GPU (states 37.0 + 2.6 in the optimiser step, activations 14.5)": the total and the parts it
     is the larger of (`peak_bytes`); "+ …" only where the step holds states the backward does not."""
     held = sum(p.states.values())
     step = f" + {_gib(p.step_only)} in the optimiser step" if p.step_only else ""
