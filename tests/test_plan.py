@@ -343,20 +343,29 @@ class _OutputStorages(torch.utils._python_dispatch.TorchDispatchMode):
         return sum(n for ref, n in self.out.items() if not ref.expired())
 
 
-def _kept_bytes_per_token(mode, dim: int, ffn: int, heads: int, attention: str = "sdpa_grad") -> float:
-    """Bytes per latent token a bf16 block leaves alive after its with-grad forward under `mode`: the difference
-    between two token counts, so per-sample tensors (modulation, cross-attention k, v) drop out. attention "fused"
-    runs the fused kernel's PyTorch twin here (CPU, no interpreter): plain ops outside SAVED_OPS, like the kernel."""
-    from rcm_core.networks.dit import set_attention
+def _block_bytes_per_token(dim: int, ffn: int, heads: int, count, attention: str = "sdpa_grad",
+                           compile_mode: str = "none") -> float:
+    """Bytes per latent token `count(block, inputs)` finds for a bf16 one-block network's with-grad forward: the
+    difference between two token counts, so per-sample tensors (modulation, cross-attention k, v) drop out."""
+    from rcm_core.networks.dit import set_attention, set_compile
     cfg = ModelCfg(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=1, text_dim=32)
     net = set_attention(cast_network(build_network(cfg), torch.bfloat16), attention)
-    block, B = net.blocks[0], 2
-    alive = []
+    set_compile(net, compile_mode)
+    block, B, found = net.blocks[0], 2, []
     for grid in ((2, 4, 6), (4, 4, 6)):
-        N = grid[0] * grid[1] * grid[2]
-        x = torch.randn(B, N, dim, dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(B, math.prod(grid), dim, dtype=torch.bfloat16, requires_grad=True)
         ctx, e0 = torch.randn(B, 8, dim, dtype=torch.bfloat16), torch.randn(B, 6, dim, requires_grad=True)
-        rope = net.rope(grid, torch.device("cpu"))
+        found.append((count(block, (x, ctx, e0, net.rope(grid, torch.device("cpu")))), B * math.prod(grid)))
+    (a, n0), (b, n1) = found
+    return (b - a) / (n1 - n0)
+
+
+def _kept_bytes_per_token(mode, dim: int, ffn: int, heads: int, attention: str = "sdpa_grad") -> float:
+    """Bytes per latent token a bf16 block leaves alive after its with-grad forward under `mode` (whatever keeps
+    them: autograd's saved tensors or the selective checkpoint's cache). attention "fused" runs the fused kernel's
+    PyTorch twin here (CPU, no interpreter): plain ops outside SAVED_OPS, like the kernel."""
+    def alive(block, inputs) -> int:
+        x, ctx, e0, rope = inputs
         with _OutputStorages([x, ctx, e0, *rope, *block.parameters()]) as seen:
             if mode is True:
                 out = torch.utils.checkpoint.checkpoint(block, x, ctx, e0, rope, None, use_reentrant=False)
@@ -364,10 +373,10 @@ def _kept_bytes_per_token(mode, dim: int, ffn: int, heads: int, attention: str =
                 out = block(x, ctx, e0, rope, None, recompute=mode or None)
         graph = out.grad_fn          # keeps the graph (and what it saved) alive; the output itself is dropped
         del out
-        alive.append((seen.alive(), N))
+        n = seen.alive()
         del graph
-    (a1, n1), (a2, n2) = alive
-    return (a2 - a1) / (B * (n2 - n1))
+        return n
+    return _block_bytes_per_token(dim, ffn, heads, alive, attention=attention)
 
 
 @pytest.mark.parametrize("dim,ffn,heads", [(64, 160, 4), (80, 256, 5)])
@@ -392,29 +401,21 @@ def test_selective_recomputation_keeps_what_the_planner_counts(dim, ffn, heads):
         assert fused == selective_saved_bytes(dim, ffn, heads, mode, keeps_attention=False) - 2 * dim, mode
 
 
-def _compiled_saved_per_token(dim: int, ffn: int, heads: int, compile_mode: str) -> float:
-    """Bytes per latent token a bf16 block saves for its backward (saved-tensor hooks, which see what a compiled
-    graph saves too), as the difference between two token counts: per-sample tensors drop out."""
-    from rcm_core.networks.dit import set_attention, set_compile
-    cfg = ModelCfg(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=1, text_dim=32)
-    net = set_attention(cast_network(build_network(cfg), torch.bfloat16), "sdpa_grad")
-    set_compile(net, compile_mode)
-    block, B, saved_at = net.blocks[0], 2, []
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    for grid in ((2, 4, 6), (4, 4, 6)):
-        x = torch.randn(B, math.prod(grid), dim, dtype=torch.bfloat16, requires_grad=True)
-        e0 = torch.randn(B, 6, dim, requires_grad=True)
-        saved = {}
+def _saved_bytes_per_token(dim: int, ffn: int, heads: int, compile_mode: str) -> float:
+    """Bytes per latent token a bf16 block saves for its backward, counted with saved-tensor hooks, which see what
+    a compiled graph saves too (a dispatch mode does not see inductor's buffers)."""
+    def saved(block, inputs) -> int:
+        weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        found = {}
 
-        def pack(t, saved=saved):
+        def pack(t):
             if t.untyped_storage().data_ptr() not in weights:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            block(x, torch.randn(B, 8, dim, dtype=torch.bfloat16), e0, net.rope(grid, torch.device("cpu")), None)
-        saved_at.append((sum(saved.values()), B * math.prod(grid)))
-    (a, n0), (b, n1) = saved_at
-    return (b - a) / (n1 - n0)
+            block(*inputs, None)
+        return sum(found.values())
+    return _block_bytes_per_token(dim, ffn, heads, saved, compile_mode=compile_mode)
 
 
 @pytest.mark.parametrize("dim,ffn,heads", [(64, 160, 4), (80, 256, 5)])
@@ -425,8 +426,8 @@ def test_a_compiled_block_saves_what_the_planner_counts(dim, ffn, heads):
     One H200, 1.3B at 8,190 tokens without checkpointing (2026-12-05): 59.0 GiB compiled, 69.2 eager."""
     from rcm_core.run.plan import compiled_block_saved_bytes
     head_dim = dim // heads
-    assert _compiled_saved_per_token(dim, ffn, heads, "none") == block_saved_bytes(dim, ffn, heads) + 4 * head_dim
-    compiled = _compiled_saved_per_token(dim, ffn, heads, "blocks")
+    assert _saved_bytes_per_token(dim, ffn, heads, "none") == block_saved_bytes(dim, ffn, heads) + 4 * head_dim
+    compiled = _saved_bytes_per_token(dim, ffn, heads, "blocks")
     assert compiled == compiled_block_saved_bytes(dim, ffn, heads) + 2 * head_dim
     off = ModelCfg(**{**SMALL, "compile": "blocks"})
     kw = dict(batch=1, tokens=100, text_len=8, checkpointing=False, graphs=1, jvp=False)

@@ -163,6 +163,11 @@ def median_seconds(fn, device: torch.device, reps: int, check: str) -> float:
     return statistics.median(out)
 
 
+def peak_gib() -> float:
+    """The CUDA allocator's peak since its last reset, GiB (NaN without CUDA)."""
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+
+
 class StepPeaks:
     """Splits the allocator's peak of an iteration at its optimiser steps (the planner's two candidates): the
     peak outside them (forwards, backward, the EMA, and the moments after a step while its fp32 gradients are still
@@ -176,15 +181,12 @@ class StepPeaks:
             opt.step = self._timed(opt.step)
         self.reset()
 
-    def _peak(self) -> float:
-        return torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else float("nan")
-
     def _timed(self, step):
         def wrapped(*args, **kwargs):
-            self.graphs = max(self.graphs, self._peak())
+            self.graphs = max(self.graphs, peak_gib())
             self.reset(keep=True)
             out = step(*args, **kwargs)
-            self.step = max(self.step, self._peak())
+            self.step = max(self.step, peak_gib())
             self.reset(keep=True)
             return out
         return wrapped
@@ -197,7 +199,7 @@ class StepPeaks:
 
     def read(self) -> tuple[float, float]:
         """(peak outside the steps, peak inside them) since the last `reset`, GiB."""
-        self.graphs = max(self.graphs, self._peak())
+        self.graphs = max(self.graphs, peak_gib())
         return self.graphs, self.step
 
     def close(self) -> None:
@@ -322,9 +324,9 @@ class Bench:
             torch.cuda.empty_cache()
         row["planned_gib"] = planned_gib(self.model, variant, latent, L_text)
         # A student / critic iteration's cost depends on the rollout length N (1..4, mean 2.5 in training): time
-        # N = 2 and N = 3 and report their mean, the N = 2.5 cost the FLOP counts assume. No separate warm-up:
-        # the passes above already ran every kernel, graph and autotune these iterations use. One untimed student
-        # and critic iteration first: each network's first AdamW step creates its moment (4 B/param), so before it
+        # N = 2 and N = 3 and report their mean, the N = 2.5 cost the FLOP counts assume. The passes above already
+        # ran every kernel, graph and autotune these iterations use; one untimed student and critic iteration
+        # still runs first, for memory: each network's first AdamW step creates its moment (4 B/param), so before it
         # the other network is lighter than in any later iteration of a run; after both, the peaks below are
         # those of a run's steady state (the fake score at rest during the student's iteration, and vice versa).
         for name in ("student", "critic"):
@@ -362,8 +364,7 @@ class Bench:
         return row
 
     def peak_gib(self) -> float:
-        """The allocator's peak since the last reset, GiB (NaN off CUDA)."""
-        return torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda" else float("nan")
+        return peak_gib() if self.device.type == "cuda" else float("nan")
 
     def profile(self, variant: str, latent: tuple, L_text: int, top: int) -> str:
         """torch.profiler table of the `top` kernels by device time for one call of each pass (already warm)."""
