@@ -22,10 +22,8 @@ import functools
 import importlib.util
 import math
 import os
-import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -33,6 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from kernels._modes import interpret as _interpret, triton_module
 from kernels.reference import attention_jvp_lse_ref, attention_jvp_ref, attention_ref, check_chunk_sizes
 
 
@@ -45,10 +44,6 @@ class AttnPartial(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def use_triton(x: torch.Tensor) -> bool:
     """Triton on CUDA tensors, or anywhere under the interpreter; the PyTorch twin otherwise. A CUDA tensor
@@ -72,20 +67,9 @@ TWIN_ON_CUDA = ("kernels: Triton is not installed, so attention on CUDA runs the
                 "fused forward+JVP pass is lost (no long videos); install it with `pip install triton`")
 
 
-@functools.lru_cache(maxsize=2)
 def _kernels(interpret: bool) -> ModuleType:
-    """Load _triton_attention.py compiled (interpret=False) or interpreted: triton.jit fixes its mode at
-    decoration time, so each mode gets its own module object and the env var can change between calls."""
-    import triton
-    path = Path(__file__).with_name("_triton_attention.py")
-    name = f"kernels._triton_attention_{'interp' if interpret else 'gpu'}"
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
+    """_triton_attention.py compiled (interpret=False) or interpreted (`kernels._modes`)."""
+    return triton_module("_triton_attention.py", interpret)
 
 
 # --------------------------------------------------------------------------------------------- launchers
