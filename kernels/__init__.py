@@ -19,6 +19,9 @@ autotune warp-specialised tiles where every load can be a descriptor load (RCM_K
 a caller of `attention`, keeps the fused path's graph break to the kernel call itself.
 Test: `pytest tests/test_kernels.py`; GPU: `pytest -m gpu tests/test_kernels.py`; bench: `python -m kernels.bench`
 (block-causal vs unmasked: `python -m kernels.bench --block-causal`).
+
+Beside attention, `kernels.master_adamw` (imported by its user, `rcm_core.method.adamw`): the one-GPU master-weight
+AdamW step (β₁ = 0) in one multi-tensor pass from bf16 gradients, with its twin `master_adamw_ref`.
 """
 from kernels.flash_jvp import (
            PRIMAL_BACKENDS,

@@ -179,10 +179,11 @@ def test_each_loss_term_backs_through_alone():
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
 def test_an_iteration_holds_no_gradient_of_the_network_it_does_not_train(dtype):
     """rCM alternates the student's and the critic's updates; each iteration frees the other network's gradients
-    before its first forward, so they are not on its memory peak (at Wan2.1-1.3B on one GPU its masters' fp32
-    gradients, 4 B per parameter, 5.3 GiB). Checked where the peak builds: at every tensor the first loss term saves for its backward, the idle
-    network holds no gradient, neither on its parameters nor (bf16) on its fp32 masters; the network just stepped
-    keeps its own until its next step."""
+    before its first forward, so they are not on its memory peak (on one process that casts to fp32 masters, as
+    here on the CPU, the masters' fp32 gradients: 4 B per parameter, 5.3 GiB at Wan2.1-1.3B). Checked where the
+    peak builds: at every tensor the first loss term saves for its backward, the idle network holds no gradient,
+    neither on its parameters nor (bf16) on its fp32 masters; the network just stepped keeps its own until its
+    next step."""
     cfg = cfg_for("rcm", 0, tangent_warmup=0)
     cfg.model.dtype = dtype
     state = build_state(cfg, tiny_denoiser(1) if dtype == "float64" else _bf16(tiny_denoiser(1)))

@@ -14,10 +14,18 @@ m = g before using it. Groups with β₁ ≠ 0 keep their first moment as AdamW 
 A network's first step makes its state without a zero first moment either (`_first_state`). Loading: a state
 dict that holds `exp_avg` (a checkpoint of `torch.optim.AdamW`, or `checkpoint.with_first_moments`'
 zeros) loads, and the first moments of β₁ = 0 groups are dropped at once.
+
+One pass with fp32 masters (`step_in_one_pass`, issue 28): when `parallel.precision.MasterWeightOptimizer` steps
+fp32 masters of bf16 parameters, a fused β₁ = 0 group takes the bf16 gradients directly, through
+`kernels.master_adamw` (cast, AdamW and the bf16 refresh in one kernel, no fp32 gradient copies), with PyTorch's
+fused arithmetic; everything else steps as above.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from kernels import master_adamw as one_pass
 
 
 class AdamW(torch.optim.AdamW):
@@ -54,9 +62,55 @@ class AdamW(torch.optim.AdamW):
             if state:
                 state.pop("exp_avg", None)
 
+    @torch.no_grad()
+    def step_in_one_pass(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> list:
+        """Steps the fp32 masters of `pairs` (bf16 parameter with its gradient, master without one) that one
+        kernel can take, from the bf16 gradients, writes the parameters' new bf16 values, frees those gradients,
+        and returns the pairs it left for the ordinary step (`_one_pass_ready`). Counters as `step`: incremented
+        first, made at a first step without a first moment."""
+        group_of = {id(p): group for group in self._one_pass_groups() for p in group["params"]}
+        taken: dict[int, tuple[dict, list]] = {}          # per param group: (group, its pairs)
+        left = []
+        for p, m in pairs:
+            group = group_of.get(id(m))
+            if group is not None and not self.state[m]:
+                self.state[m].update(_first_state(m, group))
+            if group is None or not _one_pass_ready(p, m, self.state[m]):
+                left.append((p, m))
+            else:
+                taken.setdefault(id(group), (group, []))[1].append((p, m))
+        for group, batch in taken.values():
+            steps = [self.state[m]["step"] for _, m in batch]
+            torch._foreach_add_(steps, 1)
+            one_pass.master_adamw([p.grad for p, _ in batch], [m for _, m in batch],
+                                  [self.state[m]["exp_avg_sq"] for _, m in batch], [p for p, _ in batch], steps,
+                                  lr=group["lr"], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                                  eps=group["eps"], checked=True)      # each pair passed `_one_pass_ready`
+            for p, _ in batch:
+                p.grad = None
+        return left
+
+    def _one_pass_groups(self):
+        """β₁ = 0 groups on PyTorch's fused implementation, whose arithmetic the kernel repeats: no amsgrad,
+        maximize or differentiable step, a float learning rate; none while RCM_KERNELS_MASTER_ADAMW=off."""
+        if not one_pass.enabled():
+            return []
+        return [g for g in self._zero_beta1_groups() if g["fused"] and not g["maximize"] and not g["differentiable"]
+                and not isinstance(g["lr"], torch.Tensor)]
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._drop_first_moments()
+
+
+def _one_pass_ready(p: nn.Parameter, master: torch.Tensor, state: dict) -> bool:
+    """Whether `kernels.master_adamw` takes this pair (`refusal`: a bf16 parameter and gradient beside an fp32
+    master with its second moment, contiguous and 16-byte aligned, and the step counter a fused AdamW keeps, fp32
+    beside the parameter; a checkpoint loaded from a CPU run keeps its counters on the CPU until
+    `distill.reapply_adamw_kernel` moves them)."""
+    g, step, v = p.grad, state.get("step"), state.get("exp_avg_sq")
+    return (g is not None and step is not None and v is not None
+            and one_pass.refusal(g, master, v, p, step) is None)
 
 
 def _first_state(p: torch.Tensor, group: dict) -> dict:

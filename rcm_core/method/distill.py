@@ -455,10 +455,10 @@ def distill_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, ge
 def _free_gradients(opt) -> None:
     """Drop the gradients of the network this iteration does not train. Its last step has read them and its next
     step zeroes them first, so nothing reads them again; kept, they would sit on this iteration's memory peak
-    (issue 28): at Wan2.1-1.3B on one GPU its masters' fp32 gradients, 4 B per parameter (5.3 GiB; its bf16 ones
-    are freed by its step, `MasterWeightOptimizer.step`); under FSDP2 its fp32 gradient shards, 4 B per parameter
-    over the shard. The
-    network just stepped keeps its own until then (what the tests compare)."""
+    (issue 28): where one process steps fp32 masters by casting (CPU runs, β₁ ≠ 0) its masters' fp32 gradients,
+    4 B per parameter (5.3 GiB at Wan2.1-1.3B; the bf16 ones are freed by the step, and a step in one pass,
+    `kernels.master_adamw`, leaves none at all); under FSDP2 its fp32 gradient shards, 4 B per parameter over the
+    shard. The network just stepped keeps its own until then (what the tests compare)."""
     if opt is not None:
         opt.zero_grad(set_to_none=True)
 

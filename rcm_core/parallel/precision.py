@@ -10,6 +10,10 @@ master of every narrow parameter:
     grad (bf16, from backward) → master.grad (fp32; the bf16 grad freed) → AdamW on the masters
                                                                           → working copy = bf16(master)
 
+or, where the inner optimiser offers `step_in_one_pass` (`rcm_core.method.adamw.AdamW`, fused, β₁ = 0: every GPU
+run of rCM), all three in one kernel (`kernels.master_adamw`) that reads the bf16 gradient and writes master,
+second moment and working copy, with no fp32 gradient in between.
+
 That is the same arithmetic as FSDP2 with fp32 storage and `param_dtype=bf16` on one rank: its all-gather casts
 the fp32 shard to bf16 for compute, autograd produces bf16 gradients, and the reduce-scatter upcasts them to
 fp32 for the fp32 optimiser. Without masters, an update smaller than half a bf16 ulp of the weight (about 2⁻⁸ of
@@ -88,23 +92,30 @@ class MasterWeightOptimizer:
         Wan2.1-1.3B, where the step sets a one-GPU iteration's peak at short sequences). Nothing reads a bf16
         gradient after the step: the next backward starts from `zero_grad`. Multi-tensor copies: one launch per
         group on a GPU, where a loop of per-tensor casts made ~825 launches each way at Wan2.1-1.3B; the arithmetic
-        is copy_'s either way."""
+        is copy_'s either way. An inner optimiser with `step_in_one_pass` (`rcm_core.method.adamw.AdamW`, fused
+        with β₁ = 0) first takes the pairs it can in one kernel, from the bf16 gradients (no fp32 copies at all);
+        the rest, and only they, are cast, stepped and refreshed here. Parameters without a gradient are not
+        stepped, so their bf16 copies stay as they are."""
         with_grad = []
         for p, m in self._narrow_pairs():
             m.grad = None
             if p.grad is not None:
                 with_grad.append((p, m))
+        one_pass = getattr(self.inner, "step_in_one_pass", None)
+        if one_pass is not None:
+            with_grad = one_pass(with_grad)
         for group in _groups(with_grad, CAST_GROUP):
             fp32 = [torch.empty_like(m) for _, m in group]
             torch._foreach_copy_(fp32, [p.grad for p, _ in group])
             for (p, m), g in zip(group, fp32):
                 m.grad, p.grad = g, None
         self.inner.step()
-        self._refresh()
+        self._refresh(with_grad)
 
     @torch.no_grad()
-    def _refresh(self) -> None:
-        pairs = self._narrow_pairs()
+    def _refresh(self, pairs: list | None = None) -> None:
+        """The bf16 parameters from their masters (`pairs`, default every narrow one)."""
+        pairs = self._narrow_pairs() if pairs is None else pairs
         if pairs:
             torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
 
