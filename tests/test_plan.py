@@ -245,21 +245,24 @@ def test_cli_prints_the_configured_modes_memory(capsys):
     """The configured line gives the run's own mode's memory, so a selective mode (issue 28, lever 3) shows what it
     costs: attention_only keeps 9,312 B per token and block on top of whole-block checkpointing's 3,072 (one H200,
     batch 1, one with-grad graph at a time, the fake score's gradients freed while the student trains, no first
-    moments: 47.8 → 53.5 GiB). One GPU: the states less the stepping network's fp32 gradient copies sit beside the
-    activations, and all of them in the optimiser step (`plan.peak_bytes`)."""
+    moments: 47.8 → 53.5 GiB). One GPU with β₁ = 0: the optimiser step takes the bf16 gradients in one pass, so
+    it holds nothing the backward did not. With β₁ = 0.9 (no one pass) the states less the stepping network's
+    fp32 gradient copies sit beside the activations, and all of them in the optimiser step (`plan.peak_bytes`)."""
     from workflows.plan import main
 
     base = ["--config", str(ROOT / "experiments" / "wan21_t2v_1p3b_rcm.yaml"), "--gpus", "1", "--gpu-memory", "141GiB",
             "data.batch_size=1"]
     lines = {}
-    for mode in ("true", "attention_only"):
-        main([*base, f"model.activation_checkpointing={mode}"])
-        lines[mode] = capsys.readouterr().out.strip().splitlines()[-1]
-    assert lines["true"] == ("configured mesh (parallel.*, model.activation_checkpointing=true): fits, "
-                             "~47.8 GiB per GPU (states 37.0 + 2.6 in the optimiser step, activations 8.8)")
-    assert lines["attention_only"] == ("configured mesh (parallel.*, model.activation_checkpointing=attention_only): "
-                                       "fits, ~53.5 GiB per GPU (states 37.0 + 2.6 in the optimiser step, "
-                                       "activations 14.5)")
+    for mode, extra in (("true", []), ("attention_only", []), ("true", ["optim.betas=[0.9,0.999]"])):
+        main([*base, f"model.activation_checkpointing={mode}", *extra])
+        lines[(mode, *extra)] = capsys.readouterr().out.strip().splitlines()[-1]
+    assert lines[("true",)] == ("configured mesh (parallel.*, model.activation_checkpointing=true): fits, "
+                                "~47.8 GiB per GPU (states 37.0, activations 8.8)")
+    assert lines[("attention_only",)] == ("configured mesh (parallel.*, model.activation_checkpointing="
+                                          "attention_only): fits, ~53.5 GiB per GPU (states 37.0, activations 14.5)")
+    assert lines[("true", "optim.betas=[0.9,0.999]")] == (
+        "configured mesh (parallel.*, model.activation_checkpointing=true): fits, ~58.3 GiB per GPU (states 47.6 "
+        "+ 2.6 in the optimiser step, activations 8.8)")
 
 
 def test_preflight_stops_a_gpu_run_that_cannot_fit(tmp_path):
@@ -579,29 +582,40 @@ def _state_bytes_worker(world: int, out) -> None:
         out.update(held_state_bytes(state))
 
 
-def test_the_planners_sharded_state_bytes_are_what_fsdp2_holds_per_rank():
+def test_the_planners_sharded_state_bytes_are_what_fsdp2_holds_per_rank(monkeypatch):
     """A bf16 rCM run on two gloo ranks under FSDP2, after a student step (its gradients held, the fake score at
     rest: freed gradients, β₁ = 0 without a first moment): per rank, each network's parameters, gradients and
     optimiser state are `plan.state_bytes` (12 / 8 / 4 / 2 B per parameter over the shard) within the share of the
     fp32 tables FSDP2 leaves replicated (1 % at Wan2.1-1.3B; 0.2-12 % in this small DiT, most in the teacher, whose
-    weights are otherwise bf16). One process without FSDP2 (fp32 masters beside bf16 weights) holds what
-    `state_bytes(..., masters=True)` counts (14 / 10 / 4 / 2: the bf16 working copies, and the stepped network's
-    fp32 gradients without their bf16 originals, freed by the step) within the same tables' share (its fp32 tables
-    are their own masters, without a bf16 copy)."""
+    weights are otherwise bf16). One process without FSDP2 (fp32 masters beside bf16 weights), stepping as a CPU
+    run does (casts, then AdamW), holds what `state_bytes(..., masters=True)` counts (14 / 10 / 4 / 2: the bf16
+    working copies, and the stepped network's fp32 gradients without their bf16 originals, freed by the step)
+    within the same tables' share (its fp32 tables are their own masters, without a bf16 copy). Stepping as a GPU
+    run does (fused AdamW, so one pass from the bf16 gradients: the kernel under the interpreter), the stepped
+    network holds no gradient after its step, so 2 B/param less than `one_pass=True` counts for the step itself
+    (12: its bf16 gradients are still held while the kernel reads them)."""
     import multiprocessing as mp
     from test_parallel import spawn
+    from rcm_core.method import distill
     from rcm_core.run.plan import state_bytes
     counts = count_params(ModelCfg(**BF16_DIT))
     with mp.Manager() as manager:              # a dict the forked ranks can write; its server stops at the end
-        for world, bars in ((2, {"student": 0.01, "fake": 0.01, "ema": 0.01, "teacher": 0.15}),
-                            (1, {"student": 0.05, "fake": 0.05, "ema": 0.0, "teacher": 0.15})):
+        for world, one_pass, bars in ((2, False, {"student": 0.01, "fake": 0.01, "ema": 0.01, "teacher": 0.15}),
+                                      (1, False, {"student": 0.05, "fake": 0.05, "ema": 0.0, "teacher": 0.15}),
+                                      (1, True, {"student": 0.05, "fake": 0.05, "ema": 0.0, "teacher": 0.15})):
             out = manager.dict()
             if world == 1:
-                _state_bytes_worker(1, out)
+                with monkeypatch.context() as patch:
+                    if one_pass:
+                        patch.setenv("TRITON_INTERPRET", "1")
+                        patch.setattr(distill, "adamw_kernel", lambda params: {"fused": True})
+                    _state_bytes_worker(1, out)
             else:
                 spawn(_state_bytes_worker, world, world, out)
-            planned = state_bytes(counts, world, True, first_moment=False, masters=world == 1)
+            planned = state_bytes(counts, world, True, first_moment=False, masters=world == 1, one_pass=one_pass)
+            if one_pass:
+                planned["student"] -= 2 * counts.total      # the step freed the bf16 gradients it read
             per_param = {k: out[k] * world / counts.total for k in planned if k in out}
-            print(world, {k: round(v, 2) for k, v in per_param.items()})
+            print(world, one_pass, {k: round(v, 2) for k, v in per_param.items()})
             for k, bar in bars.items():
-                assert abs(out[k] - planned[k]) <= bar * planned[k], (k, out[k], planned[k])
+                assert abs(out[k] - planned[k]) <= bar * planned[k], (k, one_pass, out[k], planned[k])

@@ -13,11 +13,12 @@ so the one at rest counts 4 B/param less (the student's iteration, which sets th
 the critic's the student, the same bytes); the EMA is fp32 (4 B/param); the frozen
 teacher is bf16 (2 B/param); compute and FSDP all-gathers are bf16. Without FSDP (one GPU, or replicas alone) a
 bf16 net keeps its bf16 working copy beside the fp32 masters (`rcm_core.parallel.precision`): 10 B/param at
-rest; trained, 12 in the backward (bf16 gradients) and 14 in the optimiser step (fp32 gradients, the bf16 ones
-freed as they are cast), which holds every state but no activation, so the peak is the larger of the two
-moments (`peak_bytes`). FSDP2 shards every net over dp_shard·cp ranks (rcm_core.parallel.sharding; a bf16 run
-with CP alone shards over its CP ranks), so those bytes divide by that size, and two blocks' bf16 parameters
-(the one computing and the one prefetched) plus one block's fp32 gradients live unsharded at a time.
+rest; trained, 12 with its bf16 gradients, in the backward and, with β₁ = 0, in the optimiser step, which reads
+them in one kernel (`kernels.master_adamw`, `uses_one_pass`); with β₁ ≠ 0 the step casts them to fp32 and holds
+14, every state but no activation, so the peak is the larger of the two moments (`peak_bytes`). FSDP2 shards
+every net over dp_shard·cp ranks (rcm_core.parallel.sharding; a bf16 run with CP alone shards over its CP ranks),
+so those bytes divide by that size, and two blocks' bf16 parameters (the one computing and the one prefetched)
+plus one block's fp32 gradients live unsharded at a time.
 
 Activations (per rank: one micro-batch of m samples of n = tokens/cp tokens, where the rank's batch
 b = data.batch_size / (dp_replicate·dp_shard) is accumulated over b/m micro-batches, `data.micro_batch_size`):
@@ -310,16 +311,18 @@ class MeshPlan:
 
 
 def state_bytes(counts: ParamCounts, shard: int, uses_fake: bool, first_moment: bool = True,
-                masters: bool = False) -> dict[str, float]:
+                masters: bool = False, one_pass: bool = False) -> dict[str, float]:
     """Parameter + gradient + optimiser bytes per GPU for each net, and the unsharded FSDP working set: the student
     as trained (with gradients, at its optimiser step), the fake score at rest (without: `distill._free_gradients`).
     Without a first moment (β₁ = 0, `rcm_core.method.adamw`) AdamW keeps one moment, 4 B/param, not two. `masters`: a
     bf16 network without FSDP (`uses_masters`) keeps its bf16 working copy beside the fp32 masters
     (`rcm_core.parallel.precision`): 2 B/param more, trained or at rest; its gradients are bf16 in the backward
-    and fp32 in the optimiser step, which frees the bf16 ones as it casts them (`step_only_bytes`)."""
+    and fp32 in the optimiser step, which frees the bf16 ones as it casts them (`step_only_bytes`), unless the
+    step takes them in `one_pass` (`uses_one_pass`): then they stay bf16 (2 B/param) and no fp32 copy is made."""
     adam = ADAM if first_moment else ADAM // 2
     copies = COMPUTE if masters else 0
-    trained = counts.total * (MASTER + GRAD + adam + copies) / shard
+    grad = COMPUTE if masters and one_pass else GRAD
+    trained = counts.total * (MASTER + grad + adam + copies) / shard
     at_rest = counts.total * (MASTER + adam + copies) / shard
     out = {"student": trained, "fake": at_rest if uses_fake else 0.0, "ema": counts.total * EMA / shard,
            "teacher": counts.total * TEACHER / shard}
@@ -333,12 +336,18 @@ def uses_masters(shard: int) -> bool:
     return shard == 1
 
 
-def step_only_bytes(counts: ParamCounts, masters: bool) -> float:
+def uses_one_pass(masters: bool, first_moment: bool) -> bool:
+    """Whether the masters' optimiser step runs as one kernel from the bf16 gradients (`kernels.master_adamw`,
+    through `rcm_core.method.adamw.AdamW.step_in_one_pass`): fp32 masters on a GPU (fused AdamW) with β₁ = 0."""
+    return masters and not first_moment
+
+
+def step_only_bytes(counts: ParamCounts, masters: bool, one_pass: bool = False) -> float:
     """Bytes the optimiser step holds beyond what the backward holds, not beside the activations: with masters
     the stepping network's fp32 gradients (4 B/param) less its bf16 gradients (2), which
-    `MasterWeightOptimizer.step` frees as it casts them; under FSDP2 the reduce-scatter writes the fp32 gradient
-    shards during the backward, so none."""
-    return float(counts.total * (GRAD - COMPUTE)) if masters else 0.0
+    `MasterWeightOptimizer.step` frees as it casts them; none when the step takes the bf16 gradients in one pass;
+    under FSDP2 the reduce-scatter writes the fp32 gradient shards during the backward, so none."""
+    return float(counts.total * (GRAD - COMPUTE)) if masters and not one_pass else 0.0
 
 
 def held_state_bytes(state) -> dict[str, int]:
@@ -459,14 +468,15 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
                         f"(data.batch_size / data-parallel groups)")
         return plan
     dmd, term = uses_dmd(d), consistency_term(d)
-    masters = uses_masters(plan.shard)
-    plan.states = state_bytes(counts, plan.shard, dmd, first_moment=cfg.optim.betas[0] != 0, masters=masters)
+    masters, first_moment = uses_masters(plan.shard), cfg.optim.betas[0] != 0
+    one_pass = uses_one_pass(masters, first_moment)
+    plan.states = state_bytes(counts, plan.shard, dmd, first_moment=first_moment, masters=masters, one_pass=one_pass)
     packed = 2 if d.mode in ("tf", "tf_dcm", "tf_scm") else 1     # teacher forcing forwards [clean | noisy]
     b, n = plan.micro, packed * work.tokens // shape.cp
     plan.jvp_peak, plan.backward_peak = activation_estimate(      # one with-grad graph at a time (distill._accumulate)
         m, batch=b, tokens=n, text_len=work.text_len, checkpointing=checkpointing, graphs=1,
         jvp=term == "scm" and d.tangent == "jvp", sharded=not masters)
-    plan.step_only = step_only_bytes(counts, masters)
+    plan.step_only = step_only_bytes(counts, masters, one_pass)
     plan.total = peak_bytes(plan.states, plan.step_only, max(plan.jvp_peak, plan.backward_peak))
     plan.seconds, plan.table = seconds_per_iteration(cfg, work, shape, table), table
     return plan
@@ -475,9 +485,11 @@ def plan_mesh(cfg: ExperimentCfg, shape: MeshShape, *, gpus: int, gpu_memory: fl
 def peak_bytes(states: dict[str, float], step_only: float, activations: float) -> float:
     """The larger of an iteration's two peaks, plus the fixed allowance: its forwards and backward (the states
     less what only the optimiser step holds, with the activations) and its optimiser step (every state, no
-    activations: they are freed by then). Without FSDP the step's sets the peak at short sequences (1.3B, 8,190
-    tokens, `attention_only`, 2026-12-05: the iterations peaked at 40.0 GiB with 39.6 GiB of states, H100 and
-    H200; 53.5 and 42.6 GiB planned at 32,760 and 8,190 tokens, 48.6 and 40.0 measured)."""
+    activations: they are freed by then). Without FSDP, while the step cast its gradients to fp32, the step's set
+    the peak at short sequences (1.3B, 8,190 tokens, `attention_only`, 2026-12-05: the iterations peaked at 40.0
+    GiB with 39.6 GiB of states, H100 and H200; 53.5 and 42.6 GiB planned at 32,760 and 8,190 tokens, 48.6 and
+    40.0 measured); a step in one pass (`uses_one_pass`) holds nothing the backward does not, so `step_only` is 0
+    and the first candidate is the peak."""
     held = sum(states.values())
     return max(held - step_only + activations, held) + OVERHEAD
 
@@ -653,7 +665,7 @@ def configured_plan(cfg: ExperimentCfg, *, gpus: int, gpu_memory: float, latent:
 
 
 def describe_memory(p: MeshPlan) -> str:
-    """"~53.5 GiB per GPU (states 37.0 + 2.6 in the optimiser step, activations 14.5)": the total and the parts it
+    """"~58.3 GiB per GPU (states 47.6 + 2.6 in the optimiser step, activations 8.8)": the total and the parts it
     is the larger of (`peak_bytes`); "+ …" only where the step holds states the backward does not."""
     held = sum(p.states.values())
     step = f" + {_gib(p.step_only)} in the optimiser step" if p.step_only else ""
@@ -684,4 +696,4 @@ __all__ = ["count_params", "state_bytes", "activation_estimate", "plan_run", "pl
            "check_fits", "configured_plan", "describe_memory", "read_step_table", "read_step_tables", "held_state_bytes",
            "choose_step_table", "timing_lines", "refuse_reason", "block_saved_bytes", "compiled_block_saved_bytes",
            "selective_saved_bytes", "attention_keepable", "jvp_live_bytes", "forward_flops", "jvp_flops", "peak_bytes",
-           "step_only_bytes", "uses_masters", "GiB"]
+           "step_only_bytes", "uses_masters", "uses_one_pass", "GiB"]
