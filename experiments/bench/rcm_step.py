@@ -5,7 +5,7 @@
     python3 experiments/bench/rcm_step.py --linear-ab      # + the JVP pass under PyTorch's linear rule vs ours
     python3 experiments/bench/rcm_step.py --islands-ab --variants sdpa_grad+compile+attention_only
                                                            # + the JVP pass, elementwise islands fused vs eager
-    python3 experiments/bench/rcm_step.py --adamw-ab       # + one AdamW step, fused vs foreach (1.3B student)
+    python3 experiments/bench/rcm_step.py --adamw-ab       # + one AdamW step: foreach, fused, one pass (1.3B student)
     python3 experiments/bench/rcm_step.py --graph-ab       # + a batch-1 no-grad forward, launched vs CUDA graph
     python3 experiments/bench/rcm_step.py --host-reads     # + where an iteration makes the host wait, by line
     python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
@@ -72,6 +72,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rcm_core.config import ExperimentCfg, ModelCfg, OptimCfg
 from rcm_core.data.latents import LatentBatch
+from rcm_core.method.adamw import AdamW
 from rcm_core.method.denoiser import TrigFlowDenoiser
 from rcm_core.method.distill import adamw_kernel, build_state, distill_step
 from rcm_core.method.losses import flow_matching_loss, scm_tangent_jvp
@@ -171,7 +172,8 @@ def peak_gib() -> float:
 class StepPeaks:
     """Splits the allocator's peak of an iteration at its optimiser steps (the planner's two candidates): the
     peak outside them (forwards, backward, the EMA, and the moments after a step while its fp32 gradients are still
-    held, until the next iteration frees them) and the steps' own (fp32 gradient copies, AdamW's state). Wraps
+    held, until the next iteration frees them) and the steps' own (AdamW's state, and fp32 gradient copies where
+    the step casts instead of taking one pass). Wraps
     each optimiser's `step` on the instance while open; `close` restores it. NaN off CUDA."""
 
     def __init__(self, device: torch.device, opts):
@@ -409,10 +411,10 @@ ROWS = [("flow-matching step ms (unit of cost)", "fm_step_ms", ".0f"), ("  MFU %
         ("student iteration / flow-matching step", "student_over_fm", ".2f"),
         ("peak memory GiB", "peak_gib", ".1f"), ("  during the student iteration", "student_peak_gib", ".1f"),
         ("    outside its optimiser steps (forwards, backward, EMA)", "student_graphs_gib", ".1f"),
-        ("    in its optimiser steps (fp32 gradient copies, AdamW)", "student_step_gib", ".1f"),
+        ("    in its optimiser steps (AdamW; fp32 gradient copies if it casts)", "student_step_gib", ".1f"),
         ("  during the critic iteration", "critic_peak_gib", ".1f"),
         ("    outside its optimiser steps (forwards, backward, EMA)", "critic_graphs_gib", ".1f"),
-        ("    in its optimiser steps (fp32 gradient copies, AdamW)", "critic_step_gib", ".1f"),
+        ("    in its optimiser steps (AdamW; fp32 gradient copies if it casts)", "critic_step_gib", ".1f"),
         ("  the planner's estimate of an iteration (rcm_core.run.plan, one GPU, batch 1)", "planned_gib", ".1f"),
         ("  the larger iteration peak ÷ the planner's (bar: within 10 %)", "iteration_over_planned", ".2f"),
         ("  states held after the iterations (counted, rcm_core.run.plan.held_state_bytes)", "states_gib", ".1f"),
@@ -629,43 +631,52 @@ def host_reads(bench: Bench, variant: str, latent: tuple, L_text: int) -> list[t
 
 
 def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, seed: int = 0) -> dict:
-    """One AdamW step (rCM's settings; fp32 masters where the parameters are bf16, as in training) with PyTorch's
-    fused kernel against its foreach path (its default on a GPU before `distill.adamw_kernel`), interleaved step by
-    step on the same gradients. Each arm steps its own copy of the parameters (so its own masters and moments),
-    compared after the last step. Memory: two copies with their optimisers (18 B per parameter each at bf16),
-    freed on return."""
+    """One AdamW step (rCM's settings; fp32 masters where the parameters are bf16, as in training) three ways,
+    interleaved step by step on the same gradients: PyTorch's foreach path (its default on a GPU before
+    `distill.adamw_kernel`), its fused kernel (casts, fused AdamW, refresh: the product's step before
+    `kernels.master_adamw`), and the product's step now (`rcm_core.method.adamw.AdamW`, fused: one pass from the
+    bf16 gradients). Each arm steps its own copy of the parameters (so its own masters and moments), compared
+    after the last step; each step is handed the gradients again (the masters' step frees them). Memory: three
+    copies with their optimisers (~12-14 B per parameter each at bf16), freed on return."""
     cfg = OptimCfg()
     g = torch.Generator(device=device).manual_seed(seed)
     grads = [(torch.randn(p.shape, generator=g, device=device) * 1e-3).to(p.dtype) for p in params]
 
-    def arm(flags: dict):
+    def arm(cls, flags: dict):
         own = [p.detach().clone().requires_grad_(True) for p in params]
-        for p, grad in zip(own, grads):
-            p.grad = grad
-        opt = with_master_weights(own, lambda ps: torch.optim.AdamW(
+        opt = with_master_weights(own, lambda ps: cls(
             ps, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, **flags))
-        return opt, (opt.master_parameters() if isinstance(opt, MasterWeightOptimizer) else own)
+        return own, opt, (opt.master_parameters() if isinstance(opt, MasterWeightOptimizer) else own)
 
-    arms = {"foreach": arm({"foreach": True}), "fused": arm({"fused": True})}
+    arms = {"foreach": arm(torch.optim.AdamW, {"foreach": True}), "fused": arm(torch.optim.AdamW, {"fused": True}),
+            "one_pass": arm(AdamW, {"fused": True})}
     times = {name: [] for name in arms}
     for rep in range(reps + 1):                     # step 0 of each arm allocates its moments: not timed
-        for name, (opt, _) in arms.items():
+        for name, (own, opt, _) in arms.items():
+            for p, grad in zip(own, grads):
+                p.grad = grad
             sync(device)
             t0 = time.perf_counter()
             opt.step()
             sync(device)
             if rep:
                 times[name].append(time.perf_counter() - t0)
-    worst = 0.0
-    for a, b in zip(arms["fused"][1], arms["foreach"][1]):
-        finite("AdamW masters", (a.detach(), b.detach()))
-        worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-    out = {"foreach_ms": statistics.median(times["foreach"]) * 1e3, "fused_ms": statistics.median(times["fused"]) * 1e3,
-           "max_rel_diff": worst, "params": sum(p.numel() for p in params),
-           "product": "fused" if adamw_kernel(params).get("fused") else "PyTorch's default"}
+    fused, bf16 = adamw_kernel(params).get("fused"), any(p.dtype == torch.bfloat16 for p in params)
+    out = {"params": sum(p.numel() for p in params),
+           "product": ("one pass" if bf16 else "fused") if fused else "PyTorch's default"}
+    for name, (_, _, masters) in arms.items():
+        out[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+        finite(f"AdamW masters ({name})", tuple(m.detach() for m in masters))
+    for name in ("fused", "one_pass"):
+        out[f"{name}_max_rel_diff"] = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                                          for a, b in zip(arms[name][2], arms["foreach"][2]))
     out["change_pct"] = (out["fused_ms"] / out["foreach_ms"] - 1) * 100
+    out["one_pass_change_pct"] = (out["one_pass_ms"] / out["fused_ms"] - 1) * 100
+    for own, _, _ in arms.values():
+        for p in own:
+            p.grad = None
     del arms
-    grads.clear()                                   # (the arms' copies held these as .grad)
+    grads.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -692,7 +703,8 @@ def parse_args() -> argparse.Namespace:
                     help="first, per shape: a batch-1 no-grad forward launched against the same call replayed from a "
                          "CUDA graph (the first variant; GPU only)")
     ap.add_argument("--adamw-ab", action="store_true",
-                    help="first: one AdamW step on the student's parameters, fused against foreach (shape-free)")
+                    help="first: one AdamW step on the student's parameters: foreach, fused, and the product's one "
+                         "pass (shape-free)")
     ap.add_argument("--host-reads", action="store_true",
                     help="first, per shape: count the host syncs (scalar reads, nonzero, copies to the CPU) of one "
                          "student and one critic iteration by source line (variant sdpa_grad: eager, since a "
@@ -724,11 +736,13 @@ def run_adamw_ab(bench: Bench, reps: int, clock: Clock) -> str:
     """--adamw-ab: the A/B table's row."""
     ab = adamw_ab(list(bench.state.student.parameters()), bench.device, max(reps, 3))
     kept = "fp32 masters" if bench.model["dtype"] == "bfloat16" else "fp32 parameters"
-    clock.say(f"AdamW step: foreach {ab['foreach_ms']:.1f} ms → fused {ab['fused_ms']:.1f} ms, masters max rel diff "
-              f"{ab['max_rel_diff']:.1e}")
+    clock.say(f"AdamW step: foreach {ab['foreach_ms']:.1f} ms → fused {ab['fused_ms']:.1f} ms → one pass "
+              f"{ab['one_pass_ms']:.1f} ms; masters max rel diff from foreach {ab['fused_max_rel_diff']:.1e}, "
+              f"{ab['one_pass_max_rel_diff']:.1e}")
     return (f"| AdamW step, student ({ab['params'] / 1e6:,.1f} M parameters, {kept}), median of "
-            f"{max(reps, 3)} interleaved | {ab['foreach_ms']:.1f} | {ab['fused_ms']:.1f} | "
-            f"{ab['change_pct']:+.1f} % | {ab['max_rel_diff']:.1e} | {ab['product']} |")
+            f"{max(reps, 3)} interleaved | {ab['foreach_ms']:.1f} | {ab['fused_ms']:.1f} | {ab['one_pass_ms']:.1f} "
+            f"| {ab['change_pct']:+.1f} % | {ab['one_pass_change_pct']:+.1f} % | {ab['fused_max_rel_diff']:.1e} / "
+            f"{ab['one_pass_max_rel_diff']:.1e} | {ab['product']} |")
 
 
 def run_pass_abs(args, bench: Bench, shapes: dict, clock: Clock) -> list[str]:
@@ -846,8 +860,9 @@ def main() -> None:
         print(f"\n| host reads (sdpa_grad, one iteration each) | pass | source line | op | tensor on | count |\n"
               "|---|---|---|---|---|---|\n" + "\n".join(read_lines))
     if adamw_line:
-        print("\n| A/B | foreach ms | fused ms | change | masters max rel diff | make_optimizer here |\n"
-              "|---|---|---|---|---|---|\n" + adamw_line)
+        print("\n| A/B | foreach ms | fused ms | one pass ms | fused vs foreach | one pass vs fused | masters max rel "
+              "diff from foreach (fused / one pass) | make_optimizer here |\n|---|---|---|---|---|---|---|---|\n"
+              + adamw_line)
     for line in oom:
         print(line)
     if out and oom:
