@@ -5,8 +5,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _master_adamw(addresses, numels, chunk_tensor, chunk_start, n_tensors, lr, lr_wd, beta2, one_minus_beta2,
-                  log_beta2, eps, BLOCK: tl.constexpr):
+def _master_adamw(addresses, numels, chunk_tensor, chunk_start, n_tensors, nonfinite, lr, lr_wd, beta2,
+                  one_minus_beta2, log_beta2, eps, BLOCK: tl.constexpr, ZERO_NONFINITE: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.load(chunk_tensor + pid)
     # a multiple of BLOCK elements, and every tensor starts 16-byte aligned (`kernels.master_adamw.check`): the
@@ -21,16 +21,16 @@ def _master_adamw(addresses, numels, chunk_tensor, chunk_start, n_tensors, lr, l
     step = tl.load(tl.load(addresses + 4 * n_tensors + i).to(tl.pointer_type(tl.float32)))
     bias_correction2_sqrt = tl.sqrt(_one_minus_exp(step * log_beta2))
     if left >= BLOCK:      # every chunk but a tensor's last: no mask, so nothing stops the wide accesses
-        _step_chunk(grad, master, exp_avg_sq, weight, left, lr, lr_wd, beta2, one_minus_beta2, eps,
-                    bias_correction2_sqrt, BLOCK, False)
+        _step_chunk(grad, master, exp_avg_sq, weight, left, nonfinite, lr, lr_wd, beta2, one_minus_beta2, eps,
+                    bias_correction2_sqrt, BLOCK, False, ZERO_NONFINITE)
     else:
-        _step_chunk(grad, master, exp_avg_sq, weight, left, lr, lr_wd, beta2, one_minus_beta2, eps,
-                    bias_correction2_sqrt, BLOCK, True)
+        _step_chunk(grad, master, exp_avg_sq, weight, left, nonfinite, lr, lr_wd, beta2, one_minus_beta2, eps,
+                    bias_correction2_sqrt, BLOCK, True, ZERO_NONFINITE)
 
 
 @triton.jit
-def _step_chunk(grad, master, exp_avg_sq, weight, left, lr, lr_wd, beta2, one_minus_beta2, eps,
-                bias_correction2_sqrt, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+def _step_chunk(grad, master, exp_avg_sq, weight, left, nonfinite, lr, lr_wd, beta2, one_minus_beta2, eps,
+                bias_correction2_sqrt, BLOCK: tl.constexpr, MASKED: tl.constexpr, ZERO_NONFINITE: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     if MASKED:
         mask = offs < left
@@ -41,6 +41,12 @@ def _step_chunk(grad, master, exp_avg_sq, weight, left, lr, lr_wd, beta2, one_mi
         g = tl.load(grad + offs).to(tl.float32)
         p = tl.load(master + offs)
         v = tl.load(exp_avg_sq + offs)
+    if ZERO_NONFINITE:     # a NaN fails every comparison; masked lanes loaded 0, finite
+        finite = tl.abs(g) < float("inf")
+        g = tl.where(finite, g, 0.0)
+        bad = tl.sum((~finite).to(tl.int64), axis=0)
+        if bad > 0:        # in a healthy run never: no atomics on the one counter from ~0.7 M programs
+            tl.atomic_add(nonfinite, bad)
 
     p = p - p * lr_wd
     v = v * beta2 + one_minus_beta2 * (g * g)
@@ -78,7 +84,11 @@ def _to_bf16_nearest_even(x):
     return rounded.to(tl.bfloat16, bitcast=True)
 
 
-def launch(addresses, numels, chunk_tensor, chunk_start, scalars: dict, block: int, num_warps: int):
-    """One program per chunk; `scalars` the fp32 constants `kernels.master_adamw.constants` names."""
+def launch(addresses, numels, chunk_tensor, chunk_start, nonfinite, scalars: dict, block: int, num_warps: int):
+    """One program per chunk; `scalars` the fp32 constants `kernels.master_adamw.constants` names; `nonfinite` an
+    int64 counter that non-finite gradient entries are counted into (and stepped as 0), or None (stepped as they
+    are, as PyTorch's AdamW would)."""
+    zero = nonfinite is not None          # (without a counter the argument is a placeholder, never read)
     _master_adamw[(chunk_tensor.numel(),)](addresses, numels, chunk_tensor, chunk_start, addresses.shape[1],
-                                           **scalars, BLOCK=block, num_warps=num_warps)
+                                           nonfinite if zero else numels, **scalars, BLOCK=block,
+                                           ZERO_NONFINITE=zero, num_warps=num_warps)

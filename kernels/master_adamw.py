@@ -15,6 +15,11 @@ The arithmetic is PyTorch's fused AdamW's (`torch._fused_adamw_`, "ADAMW" mode),
 where t is the parameter's step counter after this step's increment (the caller increments it first, as
 PyTorch does). `master_adamw_ref` is the same in PyTorch ops (the twin: CPU runs without the interpreter).
 
+Non-finite gradients: given a counter (`nonfinite`), the kernel steps every NaN/Inf gradient entry as 0 and adds
+their number to it on the device, which is rCM's rule (official grad_clip callback: such entries are zeroed
+before the step, and counted). The training step then needs no host sync before it to look for them
+(`rcm_core.method.distill`); without a counter they are stepped as they are, as PyTorch's AdamW would.
+
 Multi-tensor: the ~825 tensors of a 1.3B network are one launch. The kernel reads each tensor's addresses from
 an int64 table (gradient, master, second moment, working weight, step counter) and each program handles
 `BLOCK` elements of one tensor, named by two small tables (tensor index, first element) that depend only on
@@ -63,14 +68,19 @@ def constants(*, lr: float, beta2: float, weight_decay: float, eps: float) -> di
 
 def master_adamw_ref(grads: list[torch.Tensor], masters: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                      weights: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, beta2: float,
-                     weight_decay: float, eps: float) -> None:
-    """The twin, in place, tensor by tensor: fp32 arithmetic of the same constants in the kernel's order."""
+                     weight_decay: float, eps: float, nonfinite: torch.Tensor | None = None) -> None:
+    """The twin, in place, tensor by tensor: fp32 arithmetic of the same constants in the kernel's order (the
+    gradients are read, not written, as the kernel's: a non-finite entry counted into `nonfinite` steps as 0)."""
     if not grads:
         return
     c = {k: torch.tensor(x, dtype=torch.float32, device=masters[0].device) for k, x in
          constants(lr=lr, beta2=beta2, weight_decay=weight_decay, eps=eps).items()}
     for g, p, v, w, t in zip(grads, masters, exp_avg_sqs, weights, steps):
         g = g.float()
+        if nonfinite is not None:
+            finite = torch.isfinite(g)
+            nonfinite += (~finite).sum()
+            g = torch.where(finite, g, 0.0)
         p.sub_(p * c["lr_wd"])
         v.mul_(c["beta2"]).add_(c["one_minus_beta2"] * (g * g))
         bias_correction2_sqrt = (-torch.expm1(t.float() * c["log_beta2"])).sqrt()
@@ -125,13 +135,18 @@ def refusal(g: torch.Tensor, p: torch.Tensor, v: torch.Tensor, w: torch.Tensor, 
     return None
 
 
-def check(grads, masters, exp_avg_sqs, weights, steps, *, each: bool = True) -> None:
-    """One-line ValueErrors for what the kernel cannot take: lists of one length, and (`each`) every tensor set
-    held to `refusal`."""
+def check(grads, masters, exp_avg_sqs, weights, steps, *, each: bool = True, nonfinite=None) -> None:
+    """One-line ValueErrors for what the kernel cannot take: lists of one length, a counter that is one int64
+    element beside the gradients, and (`each`) every tensor set held to `refusal`."""
     n = len(grads)
     if not (len(masters) == len(exp_avg_sqs) == len(weights) == len(steps) == n):
         raise ValueError(f"master_adamw: {n} gradients but {len(masters)} masters, {len(exp_avg_sqs)} second "
                          f"moments, {len(weights)} working weights, {len(steps)} step counters")
+    if nonfinite is not None and (nonfinite.dtype != torch.int64 or nonfinite.numel() != 1
+                                  or (n and nonfinite.device != grads[0].device)):
+        raise ValueError(f"master_adamw: nonfinite must be one int64 element on the gradients' device, got "
+                         f"{nonfinite.dtype} of {nonfinite.numel()} on {nonfinite.device}; make it with "
+                         "torch.zeros((), dtype=torch.int64, device=...)")
     if not each:
         return
     for tensors in zip(grads, masters, exp_avg_sqs, weights, steps):
@@ -142,22 +157,24 @@ def check(grads, masters, exp_avg_sqs, weights, steps, *, each: bool = True) -> 
 
 def master_adamw(grads: list[torch.Tensor], masters: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                  weights: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, beta2: float,
-                 weight_decay: float, eps: float, checked: bool = False) -> None:
+                 weight_decay: float, eps: float, checked: bool = False,
+                 nonfinite: torch.Tensor | None = None) -> None:
     """One AdamW step (β₁ = 0) of fp32 `masters` from bf16 `grads`, in place, and the bf16 `weights` refreshed
     from them; `steps` already incremented. All tensors on one device, contiguous and aligned (`check`).
     `checked`: the caller has held every tensor set to `refusal` already (the optimiser does, to choose the pairs
     the kernel takes), so it is not asked twice: 8.3–8.8 → 5.9–6.8 ms of the step's host time at 825 tensors on the
-    development CPU (launch stubbed), which a run waits through (the non-finite check syncs before the step)."""
+    development CPU (launch stubbed). `nonfinite`: an int64 counter (one element, the gradients' device) the
+    non-finite gradient entries are added to, each stepped as 0 (module docstring); no host read either way."""
     if not grads:
         return
-    check(grads, masters, exp_avg_sqs, weights, steps, each=not checked)
+    check(grads, masters, exp_avg_sqs, weights, steps, each=not checked, nonfinite=nonfinite)
     device = grads[0].device
     if not use_kernel(device):
         master_adamw_ref(grads, masters, exp_avg_sqs, weights, steps, lr=lr, beta2=beta2,
-                         weight_decay=weight_decay, eps=eps)
+                         weight_decay=weight_decay, eps=eps, nonfinite=nonfinite)
         return
     numels, index, start = _chunks(tuple(g.numel() for g in grads), device, BLOCK)
     table = _address_table(grads, masters, exp_avg_sqs, weights, steps, device)
     triton_module("_triton_master_adamw.py", _interpret()).launch(
-        table, numels, index, start, constants(lr=lr, beta2=beta2, weight_decay=weight_decay, eps=eps), BLOCK,
-        NUM_WARPS)
+        table, numels, index, start, nonfinite, constants(lr=lr, beta2=beta2, weight_decay=weight_decay, eps=eps),
+        BLOCK, NUM_WARPS)

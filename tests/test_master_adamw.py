@@ -110,6 +110,63 @@ def test_the_working_weight_is_rounded_to_nearest_even(interpret):
     assert torch.equal(w[~want.isnan()], want[~want.isnan()]), (w, want)
 
 
+def _poisoned(seed: int, device: str = "cpu"):
+    """`_draw`'s tensors with NaN, +Inf and −Inf gradient entries in a full chunk and in the tail chunk of the
+    tensor over a chunk, and in two small tensors; and the same gradients with those entries set to 0."""
+    grads, masters, second, weights, steps = _draw(seed, device)
+    poisoned = [g.clone() for g in grads]
+    places = {0: [(1, 2)], 1: [(0,), (BLOCK - 1,), (BLOCK,)], 3: [(5, 7), (63, 32)]}
+    values = [math.nan, math.inf, -math.inf]
+    count = 0
+    for i, spots in places.items():
+        for spot in spots:
+            poisoned[i][spot] = values[count % 3]
+            count += 1
+    zeroed = [torch.where(torch.isfinite(g), g, torch.zeros_like(g)) for g in poisoned]
+    return poisoned, zeroed, masters, second, weights, steps, count
+
+
+@pytest.mark.parametrize("fn,device", [(master_adamw, "cpu"), (master_adamw_ref, "cpu"),
+                                       pytest.param(master_adamw, "cuda", marks=pytest.mark.gpu)],
+                         ids=["kernel", "twin", "compiled"])
+def test_nonfinite_gradient_entries_step_as_zero_and_are_counted(interpret, monkeypatch, fn, device):
+    """With a counter, each NaN/Inf gradient entry steps as 0 (rCM's rule): masters, second moments and weights
+    bit-equal to a step on the same gradients with those entries zeroed beforehand, the counter holding how
+    many there were, added to what it held, and the gradients left as they were (the caller frees them). With
+    finite gradients the counter stays 0 and the step is bit-equal to one without a counter."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        monkeypatch.delenv("TRITON_INTERPRET")                  # the compiled kernel
+    poisoned, zeroed, masters, second, weights, steps, count = _poisoned(0, device)
+    seen = [g.clone() for g in poisoned]
+    runs = {}
+    for name, grads, counter in (("counted", poisoned, torch.tensor(5, device=device)), ("zeroed first", zeroed, None),
+                                 ("finite, counted", zeroed, torch.tensor(0, device=device))):
+        state = [[t.clone() for t in ts] for ts in (masters, second, weights)]
+        fn(grads, *state[:2], state[2], steps, **SETTINGS, nonfinite=counter)
+        runs[name] = state, counter
+    assert int(runs["counted"][1]) == 5 + count == 11 and int(runs["finite, counted"][1]) == 0
+    for name in ("counted", "finite, counted"):
+        for got, want in zip(runs[name][0], runs["zeroed first"][0]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), name
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(poisoned, seen))
+
+
+def test_without_a_counter_nonfinite_gradients_step_as_pytorchs_adamw_would(interpret):
+    """No counter, no zeroing: a NaN gradient entry makes its master and second moment NaN, as in PyTorch."""
+    poisoned, _, masters, second, weights, steps, _ = _poisoned(0)
+    master_adamw(poisoned, masters, second, weights, steps, **SETTINGS)
+    assert masters[0][1, 2].isnan() and second[0][1, 2].isnan() and torch.isfinite(masters[0][0]).all()
+
+
+def test_the_counter_must_be_one_int64_beside_the_gradients():
+    grads, masters, second, weights, steps = _draw(0)
+    with pytest.raises(ValueError, match="nonfinite must be one int64 element on the gradients' device, got "
+                                         "torch.int32 of 1 on cpu; make it with torch.zeros"):
+        master_adamw(grads, masters, second, weights, steps, **SETTINGS, nonfinite=torch.tensor(0, dtype=torch.int32))
+
+
 def test_a_checked_call_still_refuses_lists_of_other_lengths():
     """`checked=True` skips the per-tensor `refusal` (the optimiser asked it already), never the lengths."""
     grads, masters, second, weights, steps = _draw(0)
