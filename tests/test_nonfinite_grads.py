@@ -1,15 +1,25 @@
 """The step's guard against non-finite gradients (rcm_core.method.distill.zero_nonfinite_grads, the official
 grad_clip callback's behaviour): NaN and ±Inf entries are zeroed and counted, everything else is left to the bit,
-and a healthy step pays one host sync for the check, not one per gradient (issue 28)."""
+and a healthy step pays one host sync for the check, not one per gradient (issue 28); where the one-GPU masters
+step reads the gradients in one pass (kernels.master_adamw) it zeroes and counts them itself, with no sync."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
-from rcm_core.method.distill import zero_nonfinite_grads
+from rcm_core.method import distill
+from rcm_core.method.adamw import AdamW
+from rcm_core.method.distill import build_state, distill_step, zero_nonfinite_grads
+from rcm_core.parallel.precision import with_master_weights
+from rcm_core.run.loop import step_generator
+from test_grad_accum import BATCH, _bf16, cfg_for
+from test_parallel import sample_batch, tiny_denoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
 import rcm_step  # its --host-reads counter: every host read, by source line
@@ -84,3 +94,90 @@ def test_an_iteration_reads_the_host_a_few_times_not_per_tensor():
     for name in ("student", "critic"):
         mine = [r for r in rows if r[0] == name]
         assert [(r[1].split(":")[0], r[-1]) for r in mine] == [("rcm_core/parallel/sharding.py", 1)], mine
+
+
+def test_an_iteration_stepping_in_one_pass_reads_the_host_only_at_its_end(monkeypatch):
+    """A bf16 network with fused AdamW (a one-GPU run: fp32 masters stepped in one pass, here the kernel's twin)
+    needs no check before its step: nothing in the iteration reads the host but the one transfer of the metrics
+    and the non-finite count after the step and the EMA (no op on the CPU, so no line at all here; a GPU counts 1
+    at `losses.py`). With RCM_KERNELS_MASTER_ADAMW=off the check comes back as the one read."""
+    for switch, want in (("on", []), ("off", [("rcm_core/parallel/sharding.py", 1)])):
+        monkeypatch.setenv("RCM_KERNELS_MASTER_ADAMW", switch)
+        bench = rcm_step.Bench({**rcm_step.TINY, "dtype": "bfloat16"}, torch.device("cpu"))
+        for opt in (bench.state.opt_student, bench.state.opt_fake):
+            for group in opt.param_groups:
+                group["fused"] = True
+        assert bench.state.opt_student.counts_nonfinite() == (switch == "on")
+        rows = rcm_step.host_reads(bench, "sdpa_grad", *rcm_step.TINY_SHAPE[1:])
+        for name in ("student", "critic"):
+            mine = [r for r in rows if r[0] == name]
+            assert [(r[1].split(":")[0], r[-1]) for r in mine] == want, (switch, mine)
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()
+    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["kernel", "twin"])
+def test_the_one_pass_step_zeroes_and_counts_as_the_check_does(monkeypatch, interpret):
+    """The masters' step given a counter (`MasterWeightOptimizer.step(nonfinite=…)`), against the check and then
+    the casting step, on the same poisoned gradients: NaN, +Inf and −Inf in the bf16 trunk (read by the one pass)
+    and one in an fp32 island (left to the casts' side): the same count, on the device; the fp32 island stepped
+    to the bit and its gradient zeroed; the bf16 masters within 8 fp32 ulps of each tensor's magnitude (the
+    kernel's bar against PyTorch's fused step, tests/test_master_adamw.py), every entry finite."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    nets = [_net(), _net()]
+    for net in nets:
+        w0, b7 = net[0].weight.grad, net[7].bias.grad
+        w0[2, 3], w0[5, 1], w0[7, 7], b7[4] = float("nan"), float("inf"), float("-inf"), float("nan")
+    build = lambda params: AdamW(params, lr=1e-3, betas=(0.0, 0.999), weight_decay=0.1, fused=True)
+    one_pass, casts = with_master_weights(nets[0].parameters(), build), with_master_weights(nets[1].parameters(), build)
+    assert one_pass.counts_nonfinite()
+    counter = torch.zeros((), dtype=torch.int64)
+    with rcm_step._HostReads() as reads:
+        one_pass.step(nonfinite=counter)
+    assert sum(reads.counts.values()) == 0, reads.counts
+    monkeypatch.setenv("RCM_KERNELS_MASTER_ADAMW", "off")
+    assert zero_nonfinite_grads(nets[1]) == int(counter) == 4
+    casts.step()
+    assert torch.equal(nets[0][7].bias.grad, nets[1][7].bias.grad) and nets[0][7].bias.grad[4] == 0
+    assert all(torch.isfinite(m).all() for m in one_pass.masters)
+    assert all(torch.equal(a, b) for a, b in zip(one_pass.masters[2:], casts.masters[2:]))      # fp32 islands
+    for got, want in zip(one_pass.masters[:2], casts.masters[:2]):                               # the bf16 trunk
+        assert ((got - want).abs() <= 8 * _ulp(want.abs().max())).all(), (got - want).abs().max()
+
+
+def _poisoned_state(monkeypatch, switch: str):
+    """A bf16 rCM state with fused AdamW, as a one-GPU run builds it (forced here: the CPU's default is not fused),
+    whose student gradients get a NaN in a bf16 weight and an Inf in an fp32 one in every backward."""
+    monkeypatch.setenv("RCM_KERNELS_MASTER_ADAMW", switch)
+    monkeypatch.setattr(distill, "adamw_kernel", lambda params: {"fused": True})
+    cfg = cfg_for("rcm", 0, tangent_warmup=0)
+    cfg.model.dtype = "bfloat16"
+    state = build_state(cfg, _bf16(tiny_denoiser(1)))
+    params = list(state.student.parameters())
+    narrow = next(p for p in params if p.dtype == torch.bfloat16 and p.dim() == 2)
+    wide = next(p for p in params if p.dtype == torch.float32)
+    for p, value in ((narrow, float("nan")), (wide, float("inf"))):
+        p.register_hook(lambda g, value=value: g.flatten().index_fill(0, torch.tensor([1]), value).view_as(g))
+    return cfg, state
+
+
+def test_a_poisoned_rcm_iteration_counts_the_same_on_either_path(monkeypatch):
+    """Two iterations (student, critic) of bf16 rCM with a NaN and an Inf put into the student's gradients by
+    hooks: stepping in one pass (the kernel under the interpreter, the count read at the iteration's end) reports
+    the 2 entries the check-then-cast path reports, the critic 0 on both, and the students agree (masters within
+    8 fp32 ulps of each tensor's magnitude, all finite)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    runs = {}
+    for switch in ("on", "off"):
+        cfg, state = _poisoned_state(monkeypatch, switch)
+        assert state.opt_student.counts_nonfinite() == (switch == "on")
+        counts = [distill_step(state, sample_batch(it, batch=BATCH), cfg,
+                               step_generator(0, 0, it, torch.device("cpu")))["nonfinite_grads"] for it in range(2)]
+        runs[switch] = counts, state
+    assert runs["on"][0] == runs["off"][0] == [2.0, 0.0], (runs["on"][0], runs["off"][0])
+    for got, want in zip(runs["on"][1].opt_student.masters, runs["off"][1].opt_student.masters):
+        assert torch.isfinite(got).all()
+        assert ((got - want).abs() <= 8 * _ulp(want.abs().max())).all(), (got - want).abs().max()

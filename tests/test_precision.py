@@ -3,6 +3,7 @@ AdamW fed the bf16 gradients, updates below bf16's resolution kept, and an exact
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -70,6 +71,34 @@ def test_masters_equal_fp32_adamw_on_the_bf16_gradients():
     _train(plain, _adamw(plain.parameters()), range(20))
     assert torch.equal(plain[0].weight, start)
     assert torch.equal(net[0].weight, master_parameters(net, opt)[0].to(torch.bfloat16))
+
+
+def test_nonfinite_entries_are_zeroed_and_counted_in_groups_on_the_device(monkeypatch):
+    """`zero_nonfinite_counted` (what a one-pass step leaves: fp32 and bf16 tensors, one not contiguous, one
+    empty), with groups of 40 elements so the tensors fall into several: each NaN/Inf entry 0, every other
+    entry untouched to the bit, the count added to the counter's 3, and no host read."""
+    import sys
+    from pathlib import Path
+    import rcm_core.parallel.precision as precision
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
+    import rcm_step
+    monkeypatch.setattr(precision, "CAST_GROUP", 40)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 7, generator=g), torch.randn(30, generator=g).bfloat16(), torch.zeros(0),
+             torch.randn(6, 4, generator=g).t(), torch.randn(50, generator=g)]
+    spots = [(0, (1, 2), math.nan), (1, (29,), math.inf), (3, (3, 5), -math.inf), (4, (0,), math.nan),
+             (4, (49,), math.inf)]
+    for i, at, value in spots:
+        grads[i][at] = value
+    before = [t.clone() for t in grads]
+    counter = torch.tensor(3)
+    with rcm_step._HostReads() as reads:
+        precision.zero_nonfinite_counted(grads, counter)
+    assert int(counter) == 3 + len(spots) and sum(reads.counts.values()) == 0
+    for got, was in zip(grads, before):
+        bad = ~torch.isfinite(was)
+        assert torch.equal(got[bad], torch.zeros_like(got[bad])) and torch.equal(got[~bad], was[~bad])
+    assert not grads[3].is_contiguous()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

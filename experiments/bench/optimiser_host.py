@@ -2,14 +2,18 @@
 
     python experiments/bench/optimiser_host.py                # 728 bf16 + 97 fp32 tensors, as Wan2.1-1.3B has
 
-A run waits through this time: `distill.zero_nonfinite_grads` reads a flag on the host just before each optimiser
-step, so nothing is queued on the GPU while the step's Python runs. Host work depends on how many tensors there
-are, not on their size, so the network's tensor count is built from 64-element tensors on the CPU, and the
-one-pass kernel's launch is replaced by a no-op (its GPU time is `rcm_step.py --adamw-ab`'s to measure). Arms:
-the product's one-pass step; the same with the per-pair checks asked twice (before 9aba2c4); and the casting step
-it replaced (`RCM_KERNELS_MASTER_ADAMW=off`: casts, PyTorch's fused AdamW on the CPU, which does compute here,
-the refresh; its AdamW and casts compute on these CPU tensors, so its row is an upper bound of a GPU run's host
-time for it). Prints a table: per arm, the best of `--rounds` means of `--steps` steps, in ms.
+A run that looks for non-finite gradients first (`distill.zero_nonfinite_grads`: β₁ ≠ 0, or the kernel switched
+off) reads a flag on the host just before each optimiser step, so nothing is queued on the GPU while the step's
+Python runs; where the one pass counts them itself (`MasterWeightOptimizer.counts_nonfinite`) this time is spent
+while the backward still runs on the GPU. Host work depends on how many tensors there are, not on their size, so
+the network's tensor count is built from 64-element tensors on the CPU, and the one-pass kernel's launch is
+replaced by a no-op (its GPU time is `rcm_step.py --adamw-ab`'s to measure). Arms: the product's step (one pass,
+the non-finite entries zeroed and counted on the device: the kernel's for the bf16 tensors, a few ops per fp32
+tensor); the one pass without a counter; the same with the per-pair checks asked twice (as before the optimiser
+told the kernel they were done, `checked=True`); and the casting step it replaced (`RCM_KERNELS_MASTER_ADAMW=off`:
+casts, PyTorch's fused AdamW on the CPU, which does compute here, the refresh; its AdamW and casts compute on
+these CPU tensors, so its row is an upper bound of a GPU run's host time for it). Prints a table: per arm, the
+best of `--rounds` means of `--steps` steps, in ms.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def host_ms(arm: str, bf16: int, fp32: int, steps: int, rounds: int, numel: int 
     one_pass.triton_module = lambda filename, interpret: _NoLaunch
     if arm == "one pass, checks twice":
         check = saved[2]
-        one_pass.check = lambda *tensors, each=True: check(*tensors)
+        one_pass.check = lambda *tensors, each=True, **counter: check(*tensors, **counter)
     os.environ["RCM_KERNELS_MASTER_ADAMW"] = "off" if arm == "casts (before the one pass)" else "on"
     try:
         means = []
@@ -63,7 +67,10 @@ def host_ms(arm: str, bf16: int, fp32: int, steps: int, rounds: int, numel: int 
                 for p in params:
                     p.grad = torch.zeros_like(p)
                 t0 = time.perf_counter()
-                opt.step()
+                if arm == ARMS[0]:
+                    opt.step(nonfinite=torch.zeros((), dtype=torch.int64))
+                else:
+                    opt.step()
                 total += time.perf_counter() - t0
             if round_:
                 means.append(total / steps * 1e3)
@@ -76,7 +83,8 @@ def host_ms(arm: str, bf16: int, fp32: int, steps: int, rounds: int, numel: int 
             os.environ["RCM_KERNELS_MASTER_ADAMW"] = saved[3]
 
 
-ARMS = ("one pass", "one pass, checks twice", "casts (before the one pass)")
+ARMS = ("one pass, counting non-finite entries (the product)", "one pass", "one pass, checks twice",
+        "casts (before the one pass)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

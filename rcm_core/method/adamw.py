@@ -18,7 +18,8 @@ zeros) loads, and the first moments of β₁ = 0 groups are dropped at once.
 One pass with fp32 masters (`step_in_one_pass`, issue 28): when `parallel.precision.MasterWeightOptimizer` steps
 fp32 masters of bf16 parameters, a fused β₁ = 0 group takes the bf16 gradients directly, through
 `kernels.master_adamw` (cast, AdamW and the bf16 refresh in one kernel, no fp32 gradient copies), with PyTorch's
-fused arithmetic; everything else steps as above.
+fused arithmetic; everything else steps as above. Given a counter, that kernel also steps each non-finite
+gradient entry as 0 and counts it on the device (rCM's rule), so the training step need not look for them first.
 """
 from __future__ import annotations
 
@@ -62,12 +63,18 @@ class AdamW(torch.optim.AdamW):
             if state:
                 state.pop("exp_avg", None)
 
+    def one_pass_ready(self) -> bool:
+        """Whether `step_in_one_pass` takes any pairs: a fused β₁ = 0 group, the kernel switched on."""
+        return bool(self._one_pass_groups())
+
     @torch.no_grad()
-    def step_in_one_pass(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> list:
+    def step_in_one_pass(self, pairs: list[tuple[nn.Parameter, torch.Tensor]],
+                         nonfinite: torch.Tensor | None = None) -> list:
         """Steps the fp32 masters of `pairs` (bf16 parameter with its gradient, master without one) that one
         kernel can take, from the bf16 gradients, writes the parameters' new bf16 values, frees those gradients,
         and returns the pairs it left for the ordinary step (`_one_pass_ready`). Counters as `step`: incremented
-        first, made at a first step without a first moment."""
+        first, made at a first step without a first moment. `nonfinite` (an int64 counter on their device): the
+        taken gradients' NaN/Inf entries are stepped as 0 and counted into it (`kernels.master_adamw`)."""
         group_of = {id(p): group for group in self._one_pass_groups() for p in group["params"]}
         taken: dict[int, tuple[dict, list]] = {}          # per param group: (group, its pairs)
         left = []
@@ -85,7 +92,8 @@ class AdamW(torch.optim.AdamW):
             one_pass.master_adamw([p.grad for p, _ in batch], [m for _, m in batch],
                                   [self.state[m]["exp_avg_sq"] for _, m in batch], [p for p, _ in batch], steps,
                                   lr=group["lr"], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-                                  eps=group["eps"], checked=True)      # each pair passed `_one_pass_ready`
+                                  eps=group["eps"], checked=True,      # each pair passed `_one_pass_ready`
+                                  nonfinite=nonfinite)
             for p, _ in batch:
                 p.grad = None
         return left

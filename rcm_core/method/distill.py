@@ -36,7 +36,7 @@ from rcm_core.method.ema import PowerEMA
 from rcm_core.method.losses import (LossOut, dcm_loss, dmd_loss, fake_score_loss, read_metrics, rollout_draws,
                                     scm_loss, student_rollout)
 from rcm_core.method.timesteps import sample_dcm_times, sample_p_D, sample_p_G
-from rcm_core.parallel.precision import master_parameters, with_master_weights
+from rcm_core.parallel.precision import MasterWeightOptimizer, master_parameters, with_master_weights
 from rcm_core.parallel.sharding import grads_may_be_nonfinite, sync_gradients, zero_nonfinite_entries
 
 
@@ -270,8 +270,8 @@ def _draw_rows(draws: dict, index: slice) -> dict:
 def _accumulate(batch: LatentBatch, draws: dict, micro_batch_size: int, terms_of) -> dict[str, torch.Tensor | float]:
     """Backward of every loss term `terms_of(rows, their draws)` yields, on every micro-batch, each weighted by its
     micro-batch's share of the rows, so the gradients add up to the whole batch's; returns the whole batch's
-    metrics and its loss ("loss"), still on the device: the step reads them after the non-finite check, whose
-    host sync has already waited for the backward (`_read_after_check`).
+    metrics and its loss ("loss"), still on the device: the step reads them once, after the non-finite check's
+    host sync or at the iteration's end (`_check_and_step`).
 
     Each term is backed through as soon as it is made, which frees its graph before the next term's with-grad
     forward builds one: rCM's consistency forward and DMD's last rollout call never hold their activations at the
@@ -292,15 +292,34 @@ def _accumulate(batch: LatentBatch, draws: dict, micro_batch_size: int, terms_of
     return {**_combine(parts, weights), "loss": total}
 
 
-def _read_after_check(net: nn.Module, metrics: dict[str, torch.Tensor | float]) -> tuple[dict[str, float], int]:
-    """Reduce the gradients over data-parallel ranks, zero their non-finite entries, then read the metrics: the
-    check is the step's one unavoidable host sync (it picks the path), and once it has waited for the backward,
-    reading every metric in one transfer costs no further wait. (Reading each metric in its loss, as before,
-    stalled the GPU after the consistency forward, after DMD's forward and after the backward: 8 host reads per
-    student iteration, 4 per critic, now 2 and 2.)"""
+def _check_and_step(net: nn.Module, opt, metrics: dict[str, torch.Tensor | float]) -> tuple[dict, int | torch.Tensor]:
+    """Reduce the gradients over data-parallel ranks, zero their non-finite entries (counted), and step; returns
+    the metrics and that count, read on the host where the path already waited, else still on the device for
+    `_read_last` (one host read per iteration either way).
+
+    Where the step reads every gradient in one pass anyway (one GPU, fp32 masters, β₁ = 0:
+    `MasterWeightOptimizer.counts_nonfinite`), it zeroes and counts them itself, on the device, so nothing
+    drains the GPU's queue between the backward and the step: its host work (~6 ms at Wan2.1-1.3B) is queued
+    while the backward still runs. Elsewhere one multi-tensor check looks first (`zero_nonfinite_grads`), the
+    step's one host sync; once it has waited for the backward, reading every metric in one transfer costs no
+    further wait. (Reading each metric in its loss, as before, stalled the GPU after the consistency forward,
+    after DMD's forward and after the backward: 8 host reads per student iteration, 4 per critic.)"""
     sync_gradients(net)
+    if isinstance(opt, MasterWeightOptimizer) and opt.counts_nonfinite():
+        counter = torch.zeros((), dtype=torch.int64, device=next(net.parameters()).device)
+        opt.step(nonfinite=counter)
+        return metrics, counter
     bad = zero_nonfinite_grads(net)
-    return read_metrics(metrics), bad
+    read = read_metrics(metrics)
+    opt.step()
+    return read, bad
+
+
+def _read_last(metrics: dict[str, torch.Tensor | float], bad: int | torch.Tensor) -> tuple[dict[str, float], int]:
+    """The metrics and the non-finite count as numbers: one transfer for whatever is still on the device (after the
+    step and the EMA are queued, so the queue drains once, at the iteration's end), none if nothing is."""
+    read = read_metrics({**metrics, "nonfinite_grads": bad})
+    return read, int(read.pop("nonfinite_grads"))
 
 
 def _combine(parts: list[dict[str, torch.Tensor | float]], weights: list[float]) -> dict[str, torch.Tensor | float]:
@@ -401,11 +420,12 @@ def _student_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g
     # Under FSDP2 each micro-batch's backward reduce-scatters into the sharded gradients (they accumulate there);
     # skipping it would hold a whole unsharded gradient per GPU (56 GB at 14B). Replicated data parallelism
     # all-reduces once, after the last micro-batch (sync_gradients).
-    combined, bad = _read_after_check(state.student, _accumulate(
-        batch, draws, cfg.data.micro_batch_size, lambda rows, d: _student_terms(state, rows, d, cfg, r, grad_student)))
+    combined = _accumulate(
+        batch, draws, cfg.data.micro_batch_size, lambda rows, d: _student_terms(state, rows, d, cfg, r, grad_student))
     _set_lr(state.opt_student, cfg.optim.lr * lr_factor(state.student_iter, cfg.optim.lr_warmup))
-    state.opt_student.step()
+    combined, bad = _check_and_step(state.student, state.opt_student, combined)
     state.ema.update(state.student, master_parameters(state.student, state.opt_student))
+    combined, bad = _read_last(combined, bad)
     state.student_iter += 1
     metrics = {"tangent_warmup_r": r, **combined}
     state.counters["nonfinite_grads"] += bad
@@ -427,10 +447,10 @@ def _critic_step(state: DistillState, batch: LatentBatch, cfg: ExperimentCfg, g:
                  grad_fake: TrigFlowDenoiser) -> dict[str, float]:
     draws = _rollout_draws(state, batch.latent, cfg.distill, g)
     state.opt_fake.zero_grad(set_to_none=True)
-    metrics, bad = _read_after_check(state.fake, _accumulate(
-        batch, draws, cfg.data.micro_batch_size, lambda rows, d: _critic_terms(state, rows, d, cfg, grad_fake)))
+    metrics = _accumulate(
+        batch, draws, cfg.data.micro_batch_size, lambda rows, d: _critic_terms(state, rows, d, cfg, grad_fake))
     _set_lr(state.opt_fake, cfg.optim.fake_lr * lr_factor(state.critic_iter, cfg.optim.lr_warmup))
-    state.opt_fake.step()
+    metrics, bad = _read_last(*_check_and_step(state.fake, state.opt_fake, metrics))
     state.critic_iter += 1
     state.counters["nonfinite_grads"] += bad
     state.counters["nan_samples"] += metrics["critic_nan_samples"]

@@ -84,8 +84,15 @@ class MasterWeightOptimizer:
     def _narrow_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
 
+    def counts_nonfinite(self) -> bool:
+        """Whether `step(nonfinite=…)` is worth asking for: the inner optimiser steps the bf16 gradients in one
+        pass (`step_in_one_pass`), which zeroes and counts their non-finite entries as it reads them, so only
+        the few gradients it leaves need a pass of their own."""
+        ready = getattr(self.inner, "one_pass_ready", None)
+        return ready is not None and ready()
+
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, nonfinite: torch.Tensor | None = None) -> None:
         """Casts each bf16 gradient to its master's fp32 gradient and frees it, then steps the masters. The casts
         go a group of tensors at a time (`CAST_GROUP`), each group's bf16 gradients freed once copied, so the step
         holds the fp32 copies and never both whole sets: 2 B per parameter less at its peak (2.6 GiB at
@@ -95,7 +102,10 @@ class MasterWeightOptimizer:
         is copy_'s either way. An inner optimiser with `step_in_one_pass` (`rcm_core.method.adamw.AdamW`, fused
         with β₁ = 0) first takes the pairs it can in one kernel, from the bf16 gradients (no fp32 copies at all);
         the rest, and only they, are cast, stepped and refreshed here. Parameters without a gradient are not
-        stepped, so their bf16 copies stay as they are."""
+        stepped, so their bf16 copies stay as they are.
+
+        `nonfinite` (an int64 counter on the gradients' device): every NaN/Inf gradient entry is set to 0 (stepped
+        as 0 inside the one pass) and counted into it, with no host read (rCM's rule, `distill._check_and_step`)."""
         with_grad = []
         for p, m in self._narrow_pairs():
             m.grad = None
@@ -103,7 +113,10 @@ class MasterWeightOptimizer:
                 with_grad.append((p, m))
         one_pass = getattr(self.inner, "step_in_one_pass", None)
         if one_pass is not None:
-            with_grad = one_pass(with_grad)
+            with_grad = one_pass(with_grad, nonfinite=nonfinite)
+        if nonfinite is not None:
+            wide = [p.grad for p, m in zip(self.params, self.masters) if m is p and p.grad is not None]
+            zero_nonfinite_counted(wide + [p.grad for p, _ in with_grad], nonfinite)
         for group in _groups(with_grad, CAST_GROUP):
             fp32 = [torch.empty_like(m) for _, m in group]
             torch._foreach_copy_(fp32, [p.grad for p, _ in group])
@@ -137,6 +150,23 @@ class MasterWeightOptimizer:
             m.copy_(saved)
         self.inner.load_state_dict(state["inner"])
         self._refresh()
+
+
+@torch.no_grad()
+def zero_nonfinite_counted(grads: list[torch.Tensor], counter: torch.Tensor) -> None:
+    """Set each NaN/Inf entry of `grads` to 0 in place and add their number to `counter`, all on the device (no
+    host read). For the few tensors a one-pass step leaves (Wan's fp32 time path and norms: ~100 tensors), a
+    handful of launches per group of `CAST_GROUP` elements, not a few per tensor: the group is copied into one
+    buffer, zeroed and counted there, and copied back (one multi-tensor copy)."""
+    for group in _groups([(g, None) for g in grads if g.numel()], CAST_GROUP):
+        for dtype in dict.fromkeys(g.dtype for g, _ in group):
+            same = [g for g, _ in group if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            finite = torch.isfinite(flat)
+            counter += flat.numel() - finite.sum()
+            flat.masked_fill_(~finite, 0)
+            torch._foreach_copy_(same, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in same]),
+                                                                           same)])
 
 
 def with_master_weights(params: Iterable[nn.Parameter],
