@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import math
+import os
 
 import pytest
 import torch
@@ -181,3 +182,24 @@ def test_a_poisoned_rcm_iteration_counts_the_same_on_either_path(monkeypatch):
     for got, want in zip(runs["on"][1].opt_student.masters, runs["off"][1].opt_student.masters):
         assert torch.isfinite(got).all()
         assert ((got - want).abs() <= 8 * _ulp(want.abs().max())).all(), (got - want).abs().max()
+
+
+def test_the_step_ab_bench_times_both_paths_on_one_state_and_restores_the_switch(monkeypatch):
+    """`rcm_step.py --step-ab` on a bf16 tiny DiT with fused AdamW: the "on" arm's iterations step through the
+    one-pass kernel (twin here) and the "off" arm's never do; each pass has a time per arm, and the switch is
+    left as it was (unset)."""
+    import kernels.master_adamw as kernel
+    monkeypatch.delenv("RCM_KERNELS_MASTER_ADAMW", raising=False)
+    bench = rcm_step.Bench({**rcm_step.TINY, "dtype": "bfloat16"}, torch.device("cpu"))
+    for opt in (bench.state.opt_student, bench.state.opt_fake):
+        for group in opt.param_groups:
+            group["fused"] = True
+    seen, step = [], kernel.master_adamw
+    monkeypatch.setattr(kernel, "master_adamw",
+                        lambda *a, **k: (seen.append(os.environ["RCM_KERNELS_MASTER_ADAMW"]), step(*a, **k))[1])
+    ab = rcm_step.step_switch_ab(bench, "sdpa_grad", *rcm_step.TINY_SHAPE[1:], reps=1)
+    # student and critic: a warm-up and a timed call each, one kernel call per step
+    assert ab["one_pass"] and set(seen) == {"on"} and len(seen) == 4
+    for name in ("student", "critic", "mean_1_4"):
+        assert set(ab[name]) == {"on", "off"} and all(ms > 0 for ms in ab[name].values()), ab
+    assert "RCM_KERNELS_MASTER_ADAMW" not in os.environ

@@ -7,6 +7,7 @@
                                                            # + the JVP pass, elementwise islands fused vs eager
     python3 experiments/bench/rcm_step.py --adamw-ab       # + one AdamW step: foreach, fused, one pass (1.3B student)
     python3 experiments/bench/rcm_step.py --graph-ab       # + a batch-1 no-grad forward, launched vs CUDA graph
+    python3 experiments/bench/rcm_step.py --step-ab        # + the iterations, masters step off vs one pass
     python3 experiments/bench/rcm_step.py --host-reads     # + where an iteration makes the host wait, by line
     python experiments/bench/rcm_step.py --tiny            # CPU smoke run of the same code path
 
@@ -584,6 +585,49 @@ def graph_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int
                            "launched": (contextlib.nullcontext, lambda: (forward(),))}, bench.device, reps, "forward")
 
 
+@contextlib.contextmanager
+def _master_adamw_switch(mode: str):
+    """RCM_KERNELS_MASTER_ADAMW=`mode` inside the block (read at each step), as it was after."""
+    before = os.environ.get("RCM_KERNELS_MASTER_ADAMW")
+    os.environ["RCM_KERNELS_MASTER_ADAMW"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RCM_KERNELS_MASTER_ADAMW")
+        else:
+            os.environ["RCM_KERNELS_MASTER_ADAMW"] = before
+
+
+def step_switch_ab(bench: "Bench", variant: str, latent: tuple, L_text: int, reps: int) -> dict:
+    """The student and the critic iteration (N = 2) with the one-GPU masters step as the product runs it
+    (RCM_KERNELS_MASTER_ADAMW=on: one kernel from the bf16 gradients, which zeroes and counts non-finite entries
+    itself, so no host sync before the step) against the check and the casting step (off), interleaved call by
+    call in one process: the machine's drift falls on both arms alike (on the twenty-eighth session's H100 the
+    same forward read 84–163 ms across processes, more than the change). Both arms step one training state.
+    Per pass, the median ms of each arm; `one_pass`: whether this network steps in one pass at all (a float32
+    network, the CPU's unfused AdamW, or β₁ ≠ 0 does not: then both arms run the same path)."""
+    bench.set_variant(variant)
+    passes = bench.passes(latent, L_text)
+    opt = bench.state.opt_student
+    out = {"one_pass": isinstance(opt, MasterWeightOptimizer) and opt.counts_nonfinite()}
+    for name in ("student", "critic"):
+        times = {"on": [], "off": []}
+        for rep in range(reps + 1):                     # call 0 of each arm is its warm-up
+            for arm, seconds in times.items():
+                with _master_adamw_switch(arm):
+                    sync(bench.device)
+                    t0 = time.perf_counter()
+                    result = passes[name](2)
+                    sync(bench.device)
+                finite(f"{variant} {name} (RCM_KERNELS_MASTER_ADAMW={arm})", result)
+                if rep:
+                    seconds.append(time.perf_counter() - t0)
+        out[name] = {arm: statistics.median(seconds) * 1e3 for arm, seconds in times.items()}
+    out["mean_1_4"] = {arm: (out["student"][arm] + 4 * out["critic"][arm]) / 5 for arm in ("on", "off")}
+    return out
+
+
 class _HostReads(TorchDispatchMode):
     """Counts the ops that make the host wait for a tensor's value, by the project source line that asked: scalar
     reads (`.item()`, `int()`, `float()`, `bool()` of a tensor: aten `_local_scalar_dense`), `nonzero` (boolean
@@ -705,6 +749,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--adamw-ab", action="store_true",
                     help="first: one AdamW step on the student's parameters: foreach, fused, and the product's one "
                          "pass (shape-free)")
+    ap.add_argument("--step-ab", action="store_true",
+                    help="first, per shape: the student and critic iterations with RCM_KERNELS_MASTER_ADAMW off "
+                         "against on (the product), interleaved call by call (the first variant)")
     ap.add_argument("--host-reads", action="store_true",
                     help="first, per shape: count the host syncs (scalar reads, nonzero, copies to the CPU) of one "
                          "student and one critic iteration by source line (variant sdpa_grad: eager, since a "
@@ -746,12 +793,12 @@ def run_adamw_ab(bench: Bench, reps: int, clock: Clock) -> str:
 
 
 def run_pass_abs(args, bench: Bench, shapes: dict, clock: Clock) -> list[str]:
-    """--linear-ab / --islands-ab / --graph-ab on the first variant, per shape: the A/B table's rows (a failed arm,
-    e.g. a capture that meets a host sync, is a row that says so; the rest is still timed)."""
+    """--step-ab / --linear-ab / --islands-ab / --graph-ab on the first variant, per shape: the A/B table's rows (a
+    failed arm, e.g. a capture that meets a host sync, is a row that says so; the rest is still timed)."""
     abs_ = [("linear rule: PyTorch's → layers.Linear", linear_rule_ab)] if args.linear_ab else []
     abs_ += [("islands: eager dual → fused", islands_ab)] if args.islands_ab else []
     abs_ += [("no-grad forward, batch 1: launched → CUDA graph", graph_ab)] if args.graph_ab else []
-    lines = []
+    lines = run_step_ab(bench, args.variants[0], shapes, max(args.reps, 3), clock) if args.step_ab else []
     for what, ab_fn in abs_:
         for key, (title, latent, L_text) in shapes.items():
             try:
@@ -765,6 +812,23 @@ def run_pass_abs(args, bench: Bench, shapes: dict, clock: Clock) -> list[str]:
                          f"{ab['change_pct']:+.1f} % | {ab['bit_equal']} | {ab['max_rel_diff']:.1e} |")
             clock.say(f"{key} {what}: {ab['theirs_ms']:.0f} → {ab['ours_ms']:.0f} ms, outputs bit-equal "
                       f"{ab['bit_equal']}, max rel diff {ab['max_rel_diff']:.1e}")
+    return lines
+
+
+def run_step_ab(bench: Bench, variant: str, shapes: dict, reps: int, clock: Clock) -> list[str]:
+    """--step-ab, per shape: three rows of the A/B table (student, critic, their 1:4 mean)."""
+    lines = []
+    for key, (title, latent, L_text) in shapes.items():
+        ab = step_switch_ab(bench, variant, latent, L_text, reps)
+        what = ("one-GPU step: check + casts → one pass, no sync" if ab["one_pass"] else
+                "one-GPU step switch (this network has no one-pass step: both arms run one path)")
+        for name, label in (("student", "student iteration"), ("critic", "critic iteration"),
+                            ("mean_1_4", "1 student : 4 critic mean")):
+            off, on = ab[name]["off"], ab[name]["on"]
+            lines.append(f"| {what}, {label} | {title} | {off:.0f} | {on:.0f} | {(on / off - 1) * 100:+.1f} % "
+                         f"| – (both arms step one state) | – |")
+        clock.say(f"{key} step A/B: 1:4 mean {ab['mean_1_4']['off']:.0f} → {ab['mean_1_4']['on']:.0f} ms "
+                  f"(one pass here: {ab['one_pass']})")
     return lines
 
 
