@@ -679,7 +679,7 @@ def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, 
     interleaved step by step on the same gradients: PyTorch's foreach path (its default on a GPU before
     `distill.adamw_kernel`), its fused kernel (casts, fused AdamW, refresh: the product's step before
     `kernels.master_adamw`), and the product's step now (`rcm_core.method.adamw.AdamW`, fused: one pass from the
-    bf16 gradients). Each arm steps its own copy of the parameters (so its own masters and moments), compared
+    bf16 gradients, counting non-finite entries as `distill` asks it to). Each arm steps its own copy of the parameters (so its own masters and moments), compared
     after the last step; each step is handed the gradients again (the masters' step frees them). Memory: three
     copies with their optimisers (~12-14 B per parameter each at bf16), freed on return."""
     cfg = OptimCfg()
@@ -695,13 +695,18 @@ def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, 
     arms = {"foreach": arm(torch.optim.AdamW, {"foreach": True}), "fused": arm(torch.optim.AdamW, {"fused": True}),
             "one_pass": arm(AdamW, {"fused": True})}
     times = {name: [] for name in arms}
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     for rep in range(reps + 1):                     # step 0 of each arm allocates its moments: not timed
         for name, (own, opt, _) in arms.items():
             for p, grad in zip(own, grads):
                 p.grad = grad
+            counts = name == "one_pass" and isinstance(opt, MasterWeightOptimizer) and opt.counts_nonfinite()
             sync(device)
             t0 = time.perf_counter()
-            opt.step()
+            if counts:                              # as `distill` steps it: non-finite entries counted on the device
+                opt.step(nonfinite=nonfinite)
+            else:
+                opt.step()
             sync(device)
             if rep:
                 times[name].append(time.perf_counter() - t0)
@@ -711,6 +716,8 @@ def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, 
     for name, (_, _, masters) in arms.items():
         out[f"{name}_ms"] = statistics.median(times[name]) * 1e3
         finite(f"AdamW masters ({name})", tuple(m.detach() for m in masters))
+    if int(nonfinite):
+        raise RuntimeError(f"AdamW A/B: {int(nonfinite)} non-finite gradient entries counted in finite gradients")
     for name in ("fused", "one_pass"):
         out[f"{name}_max_rel_diff"] = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                           for a, b in zip(arms[name][2], arms["foreach"][2]))
