@@ -131,9 +131,12 @@ def _poisoned(seed: int, device: str = "cpu"):
                          ids=["kernel", "twin", "compiled"])
 def test_nonfinite_gradient_entries_step_as_zero_and_are_counted(interpret, monkeypatch, fn, device):
     """With a counter, each NaN/Inf gradient entry steps as 0 (rCM's rule): masters, second moments and weights
-    bit-equal to a step on the same gradients with those entries zeroed beforehand, the counter holding how
-    many there were, added to what it held, and the gradients left as they were (the caller frees them). With
-    finite gradients the counter stays 0 and the step is bit-equal to one without a counter."""
+    bit-equal to a counted step on the same gradients with those entries zeroed beforehand, the counter holding
+    how many there were, added to what it held, and the gradients left as they were (the caller frees them). With
+    finite gradients the counter stays 0 and the step is the one without a counter: bit-equal under the
+    interpreter and in the twin; compiled, the kernel with and without a counter are two compilations whose fp32
+    roundings differ by up to an ulp (H100, 2026-12-05: 386 second moments and 2 masters of 8,258, seed 0), so
+    there both are held to float64 with the bars of the uncounted step."""
     if device == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
@@ -147,9 +150,19 @@ def test_nonfinite_gradient_entries_step_as_zero_and_are_counted(interpret, monk
         fn(grads, *state[:2], state[2], steps, **SETTINGS, nonfinite=counter)
         runs[name] = state, counter
     assert int(runs["counted"][1]) == 5 + count == 11 and int(runs["finite, counted"][1]) == 0
-    for name in ("counted", "finite, counted"):
-        for got, want in zip(runs[name][0], runs["zeroed first"][0]):
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), name
+    for got, want in zip(runs["counted"][0], runs["finite, counted"][0]):
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), "a non-finite entry did not step as 0"
+    if device == "cpu":
+        for got, want in zip(runs["finite, counted"][0], runs["zeroed first"][0]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), "the counter changed the step"
+    else:
+        want_p, want_v = _float64(zeroed, masters, second, steps)
+        for name in ("finite, counted", "zeroed first"):
+            p, v, w = runs[name][0]
+            assert all(torch.equal(a, m.bfloat16()) for a, m in zip(w, p)), name
+            assert max(_ulps(m, r, torch.maximum(r.abs().float().to(m.device), o.abs()))
+                       for m, r, o in zip(p, want_p, masters)) <= MASTER_ULPS, name
+            assert max(_ulps(s, r, r) for s, r in zip(v, want_v)) <= SECOND_MOMENT_ULPS, name
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(poisoned, seen))
 
 
