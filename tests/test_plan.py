@@ -193,21 +193,29 @@ def test_cli_prints_the_table_and_the_recommendation(capsys):
 
 
 def test_each_row_is_timed_by_the_step_table_measured_most_like_it(capsys, tmp_path):
-    """The shipped folder holds the variant the Wan configs run (SDPA with grad, whole blocks, no compile) and the
-    levers adopted in docs/BENCHMARKS.md (+ compiled blocks + attention_only). A row takes the table with its own
-    levers; failing that the fewest differences, compile first (it moves the time most). At one latent of 32,760
-    tokens on one GPU the plan's s/iteration is then the measured 1:4 mean of that table: 6.67 s as shipped, 4.61 s
-    with the levers (one H200, 2026-12-05)."""
+    """The shipped folder holds the variant the Wan configs run (SDPA with grad, whole blocks, no compile), the
+    levers adopted in docs/BENCHMARKS.md (+ compiled blocks + attention_only) and, compiled, no checkpointing and
+    mm_only. A row takes the table with its own levers; failing that the fewest differences, compile first (it
+    moves the time most). At one latent of 32,760 tokens on one GPU the plan's s/iteration is then the measured 1:4
+    mean of that table: 6.67 s as shipped, 4.61 s with the levers, 4.36 s compiled without checkpointing (one H200,
+    2026-12-05)."""
     from rcm_core.run.plan import choose_step_table
     from workflows.plan import main
 
     tables = read_step_tables(STEP_TABLES)
     names = {Path(t.source).name: t for t in tables}
-    assert set(names) == {"step_table_sdpa_grad.json", "step_table_sdpa_grad_compile_attention_only.json"}
+    assert set(names) == {"step_table_sdpa_grad.json", "step_table_sdpa_grad_compile_attention_only.json",
+                          "step_table_sdpa_grad_compile_off.json", "step_table_sdpa_grad_compile_mm_only.json"}
     shipped, levers = names["step_table_sdpa_grad.json"], names["step_table_sdpa_grad_compile_attention_only.json"]
+    compiled_off = names["step_table_sdpa_grad_compile_off.json"]
     model = ModelCfg(kind="dit", attention="sdpa_grad", compile="none")
     assert choose_step_table(tables, model, True) is shipped
     assert choose_step_table(tables, model, "attention_only") is shipped        # one difference each: compile wins
+    assert choose_step_table(tables, model, False) is shipped                   # no uncompiled off table
+    assert choose_step_table(tables, ModelCfg(kind="dit", attention="sdpa_grad", compile="blocks"),
+                             False) is compiled_off
+    assert choose_step_table(tables, ModelCfg(kind="dit", attention="sdpa_grad", compile="blocks"),
+                             "mm_only") is names["step_table_sdpa_grad_compile_mm_only.json"]
     assert choose_step_table(tables, ModelCfg(kind="dit", attention="sdpa_grad", compile="blocks"),
                              "attention_only") is levers
     assert choose_step_table(tables, ModelCfg(kind="dit", attention="fused", compile="blocks"), True) is levers
@@ -222,10 +230,12 @@ def test_each_row_is_timed_by_the_step_table_measured_most_like_it(capsys, tmp_p
     main([*base, "model.compile=blocks", "model.activation_checkpointing=attention_only"])
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("1      1   1")]
-    assert [r[3] for r in rows] == ["off", "on", "attention_only"] and {r[-1] for r in rows} == {"4.61"}
-    # equal times: the row that recomputes least is the faster in truth (the on row's time is attention_only's);
-    # compiled, no checkpointing fits 141 GB at 32,760 tokens (`compiled_block_saved_bytes`), and on 80 GB it does not
-    assert "model.activation_checkpointing=false data.micro_batch_size=1  (125.4 of 141.0 GiB, ~4.61" in out
+    assert [r[3] for r in rows] == ["off", "on", "attention_only"] and [r[-1] for r in rows] == ["4.36", "4.61", "4.61"]
+    # the on row is timed by attention_only's table (the nearest); compiled, no checkpointing fits 141 GB at 32,760
+    # tokens (`compiled_block_saved_bytes`; measured 124.2 GiB) and is the fastest there; on 80 GB it does not fit
+    assert "model.activation_checkpointing=false data.micro_batch_size=1  (125.4 of 141.0 GiB, ~4.36" in out
+    assert ("AC off: docs/results/gpu/step_tables/step_table_sdpa_grad_compile_off.json (NVIDIA H200, "
+            "2026-12-05)\n") in out
     main([*base[:5], "80GiB", *base[6:], "model.compile=blocks", "model.activation_checkpointing=attention_only"])
     out = capsys.readouterr().out
     assert "model.activation_checkpointing=attention_only data.micro_batch_size=1  (53.5 of 80.0 GiB, ~4.61" in out

@@ -55,7 +55,8 @@ model.activation_checkpointing), in the format experiments/bench/rcm_step.py wri
 step_table_<variant>.json (`read_step_tables`): re-measuring means copying the bench's files there. Each plan row
 is timed by the table measured most like it (`choose_step_table`: the same levers if one was measured, else the
 fewest differences, a same-compile table first), and the footer names each table and what it
-differs in; a row with no checkpointing is timed by a checkpointed table (a little slow for it). Communication and
+differs in; a row with no checkpointing and no table of its own (uncompiled: none is shipped) is timed by a
+checkpointed table (a little slow for it). Communication and
 CP all-to-all are not modelled, so times are a lower bound for sharded meshes.
 """
 from __future__ import annotations
