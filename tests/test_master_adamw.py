@@ -65,11 +65,15 @@ def _ulps(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
     return ((got.double().cpu() - want.cpu()).abs() / ulp).max().item()
 
 
-def _errors(seed: int, fn, device: str = "cpu") -> tuple[float, float]:
+def _errors(seed: int, fn, device: str = "cpu", counted: bool = False) -> tuple[float, float]:
+    """Worst master and second-moment ulps of one seed's step against float64; `counted`: with a non-finite
+    counter, as the product steps (it must stay 0: `_draw`'s gradients are finite)."""
     grads, masters, second, weights, steps = _draw(seed, device)
     old = [m.clone() for m in masters]
     want_p, want_v = _float64(grads, masters, second, steps)
-    fn(grads, masters, second, weights, steps, **SETTINGS)
+    counter = torch.zeros((), dtype=torch.int64, device=device) if counted else None
+    fn(grads, masters, second, weights, steps, **SETTINGS, nonfinite=counter)
+    assert counter is None or int(counter) == 0
     assert all(torch.equal(w, m.bfloat16()) for w, m in zip(weights, masters)), "weights are not bf16(master)"
     p = max(_ulps(m, r, torch.maximum(r.abs().float().to(m.device), o.abs())) for m, r, o in zip(masters, want_p, old))
     v = max(_ulps(s, r, r) for s, r in zip(second, want_v))
@@ -331,9 +335,11 @@ def test_one_pass_resumes_bit_for_bit(interpret):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_compiled_kernel_is_float64_adamw_to_a_few_ulps_on_cuda():
-    """The compiled kernel on the GPU, seeds 0-19: the same bars as the interpreter's."""
-    worst = [max(e) for e in zip(*(_errors(seed, master_adamw, "cuda") for seed in range(20)))]
+@pytest.mark.parametrize("counted", [False, True], ids=["uncounted", "counted"])
+def test_the_compiled_kernel_is_float64_adamw_to_a_few_ulps_on_cuda(counted):
+    """The compiled kernel on the GPU, seeds 0-19, without a counter and with one (the product's compilation):
+    the same bars as the interpreter's. Seeds 0-199 on one H200 (2026-12-05): 5.28 / 0.99 ulps, both."""
+    worst = [max(e) for e in zip(*(_errors(seed, master_adamw, "cuda", counted) for seed in range(20)))]
     assert worst[0] <= MASTER_ULPS and worst[1] <= SECOND_MOMENT_ULPS, worst
 
 
