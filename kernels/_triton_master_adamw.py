@@ -84,6 +84,13 @@ def _to_bf16_nearest_even(x):
     return rounded.to(tl.bfloat16, bitcast=True)
 
 
+# Every product and sum rounds as written, as in the interpreter and the twin: with FMA contraction the kernels
+# with and without a counter (two compilations, ZERO_NONFINITE being a constexpr) fused v·β₂ + (1−β₂)·g² into
+# different FMAs (H100, sm_90, 2026-12-05: 386 of 4,183 second moments one ulp apart), so the counter changed the
+# step. The kernel is memory-bound; the extra roundings cost no time.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
 def launch(addresses, numels, chunk_tensor, chunk_start, nonfinite, scalars: dict, block: int, num_warps: int):
     """One program per chunk; `scalars` the fp32 constants `kernels.master_adamw.constants` names; `nonfinite` an
     int64 counter that non-finite gradient entries are counted into (and stepped as 0), or None (stepped as they
@@ -91,4 +98,4 @@ def launch(addresses, numels, chunk_tensor, chunk_start, nonfinite, scalars: dic
     zero = nonfinite is not None          # (without a counter the argument is a placeholder, never read)
     _master_adamw[(chunk_tensor.numel(),)](addresses, numels, chunk_tensor, chunk_start, addresses.shape[1],
                                            nonfinite if zero else numels, **scalars, BLOCK=block,
-                                           ZERO_NONFINITE=zero, num_warps=num_warps)
+                                           ZERO_NONFINITE=zero, num_warps=num_warps, **COMPILE_OPTIONS)
