@@ -32,6 +32,12 @@ with those tiles allowed and without, interleaved over 4 rounds (each side autot
 backward in the same rounds, and prints both times, their ratio, ours / SDPA, the rounds WS won and the dK/dV and
 dQ tiles each side picked (" WS" marks a warp-specialised one).
 
+The backward's tiles one by one (issue 28's backward bar at D=128), one command:
+`python3 -m kernels.bench --shapes 128:12:8192 --bwd-tiles 3 --extra-tiles dkdv:64x128x4x4:ws,dq:128x128x4x2:ws`
+times the whole backward with each pass pinned in turn to each tile of its autotune space (plus the extra ones),
+the other pass at the autotuner's pick, beside the autotuned backward and SDPA's in the same rounds; a tile that
+cannot launch is a row with its error.
+
 Block-causal masks (issue 30): `python -m kernels.bench --block-causal` times the same kernels with
 `chunk_sizes` against the unmasked kernel at the default Wan 480p × 81-frame shape, 21 chunks of one latent
 frame (1,560 tokens each, 32,760 in all), H=12, D=128, bf16; one row per pass (fwd+JVP, fwd, bwd) and a CSV in
@@ -431,6 +437,146 @@ def ws_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------- backward tile sweep
+
+@contextlib.contextmanager
+def _pinned_bwd_tile(kind: str, tile: tuple[int, int, int, int], ws: bool):
+    """Backward pass `kind` ("dkdv" or "dq") launched with this one tile for the calls inside: the autotuner's
+    space becomes that tile (one config: nothing benchmarked) and the fixed config (the interpreter) names it."""
+    from kernels import flash_jvp
+    name, saved, fixed = "_attn_bwd_" + kind, dict(flash_jvp._BWD_TILES), flash_jvp._fixed_config
+    bm, bn, warps, stages = tile
+    flash_jvp._BWD_TILES[kind], flash_jvp._BWD_TILES[kind + "_ws"] = ([], [tile]) if ws else ([tile], [])
+    flash_jvp._fixed_config = lambda n, *a, **kw: (
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "WS": ws} if n == name
+        else fixed(n, *a, **kw))
+    flash_jvp._launcher.cache_clear()
+    try:
+        yield
+    finally:
+        flash_jvp._BWD_TILES.clear()
+        flash_jvp._BWD_TILES.update(saved)
+        flash_jvp._fixed_config = fixed
+        flash_jvp._launcher.cache_clear()
+
+
+def parse_tiles(text: str) -> list[tuple[str, tuple[int, int, int, int], bool]]:
+    """"dkdv:64x128x4x4:ws,dq:128x64x8x2" → [(pass, (BLOCK_M, BLOCK_N, warps, stages), warp-specialised)]."""
+    tiles = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        try:
+            if parts[0] not in ("dkdv", "dq") or len(parts) not in (2, 3) or parts[2:] not in ([], ["ws"]):
+                raise ValueError
+            tile = tuple(int(x) for x in parts[1].split("x"))
+            if len(tile) != 4:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: write PASS:BMxBNxWARPSxSTAGES[:ws], PASS dkdv or dq, "
+                                             "e.g. dkdv:64x128x4x4:ws") from None
+        tiles.append((parts[0], tile, parts[2:] == ["ws"]))
+    return tiles
+
+
+def bwd_tiles(shapes: list[tuple[int, int, int]], rounds: int, device: str = "cuda",
+              extra: tuple = ()) -> list[dict]:
+    """Each backward pass's tiles in turn (its autotune space for the shape's head dim, warp-specialised tiles
+    where the shape allows them, plus `extra`), the other pass held at the autotuner's pick, against the autotuned
+    backward and SDPA's, interleaved over `rounds` rounds in one process. Per tile: the whole backward's median,
+    its ratios to the autotuned one and to SDPA's, and how far its gradients are from the autotuned ones; a tile
+    that fails to launch (shared memory, say) or gives non-finite gradients is a row with its error, no time."""
+    return [row for d, h, n in shapes for row in _bwd_tiles_shape(d, h, n, rounds, device, extra)]
+
+
+def _bwd_candidates(d: int, ws_ok: bool, extra) -> list[tuple[str, tuple[int, int, int, int], bool]]:
+    from kernels import flash_jvp
+    found = []
+    for kind in ("dkdv", "dq"):
+        kept = flash_jvp._prune_bwd(flash_jvp._bwd_configs(kind), None, BLOCK_D=flash_jvp._block_d(d), WS_OK=ws_ok)
+        found += [(kind, flash_jvp._tile(c), bool(c.kwargs["WS"])) for c in kept]
+    return found + [t for t in extra if t not in found]
+
+
+def _bwd_tiles_shape(d: int, h: int, n: int, rounds: int, device: str, extra) -> list[dict]:
+    from kernels import flash_jvp
+    do_bench = _timer(device)
+    gen = torch.Generator(device=device).manual_seed(n + d)
+    q, k, v, dout = (torch.randn(1, h, n, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    tma = "auto" if device == "cuda" else "on"
+    with _env("RCM_KERNELS_TMA", tma):
+        o, lse = flash_jvp._fwd(q, k, v)
+        fn = lambda: flash_jvp._bwd(dout, q, k, v, o, lse)
+        want = fn()                                   # autotuned (the fixed tiles under the interpreter)
+        ws_ok = flash_jvp._warp_specialise(flash_jvp._common(q, k, v, None, None), q, k, v, dout)
+        picked = {kind: _picked_tile(flash_jvp, kind, d, ws_ok) for kind in ("dkdv", "dq")}
+        candidates = [("autotuned", None, None)] + _bwd_candidates(d, ws_ok, extra)
+        times, errors, diffs = {c: [] for c in candidates}, {}, {}
+        for _ in range(rounds):
+            for cand in candidates:
+                if cand in errors:
+                    continue
+                kind, tile, ws = cand
+                other = "dq" if kind == "dkdv" else "dkdv"
+                with contextlib.ExitStack() as pins:
+                    if tile is not None:
+                        pins.enter_context(_pinned_bwd_tile(other, *picked[other]))
+                        pins.enter_context(_pinned_bwd_tile(kind, tile, ws))
+                    try:
+                        got = fn()
+                        if not all(torch.isfinite(x).all() for x in got):
+                            raise RuntimeError("non-finite gradients")
+                        diffs[cand] = _max_rel_diff(got, want)
+                        times[cand].append(do_bench(fn))
+                    except Exception as e:                  # a tile this card cannot run: say so, time the rest
+                        errors[cand] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        sdpa_ms = None
+        if device == "cuda":
+            qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+            out = F.scaled_dot_product_attention(qs, ks, vs)
+            sdpa_ms = statistics.median(do_bench(lambda: torch.autograd.grad(out, (qs, ks, vs), dout,
+                                                                             retain_graph=True)) for _ in range(rounds))
+    base = statistics.median(times[candidates[0]])
+    flops = 10.0 * h * n * n * d
+    rows = []
+    for cand in candidates:
+        kind, tile, ws = cand
+        ms = statistics.median(times[cand]) if cand not in errors else None
+        row = {"D": d, "H": h, "N": n, "pass": kind, "tile": "-" if tile is None else "{}x{} w{} s{}".format(*tile),
+               "ws": ws, "autotuned_pick": tile is not None and picked[kind] == (tile, ws), "ms": ms,
+               "tflops": None if ms is None else flops / ms * 1e-9, "over_autotuned": None if ms is None else ms / base,
+               "over_sdpa": None if ms is None or sdpa_ms is None else ms / sdpa_ms, "sdpa_bwd_ms": sdpa_ms,
+               "max_rel_diff": diffs.get(cand), "error": errors.get(cand), "times": times[cand],
+               "other_pass": None if tile is None else "{}x{} w{} s{}".format(*picked["dq" if kind == "dkdv" else
+                                                                                      "dkdv"][0])}
+        if row["error"] is None and row["max_rel_diff"] > 0.03:
+            row["error"], row["ms"] = f"gradients {row['max_rel_diff']:.1e} from the autotuned ones (bar 0.03)", None
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _picked_tile(flash_jvp, kind: str, d: int, ws_ok: bool) -> tuple[tuple[int, int, int, int], bool]:
+    """The tile pass `kind` ran with in the last launch: the autotuner's pick, or the fixed config without one."""
+    cfg = getattr(flash_jvp._current_launcher("_attn_bwd_" + kind), "best_config", None)
+    if cfg is not None:
+        return flash_jvp._tile(cfg), bool(cfg.kwargs["WS"])
+    cfg = flash_jvp._fixed_config("_attn_bwd_" + kind, flash_jvp._block_d(d), False, ws_ok)
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.get("num_warps", 4), cfg.get("num_stages", 1)), cfg["WS"]
+
+
+def bwd_tiles_table(rows: list[dict]) -> str:
+    lines = ["| D | H | N | pass | tile | WS | backward ms (TFLOP/s) | ÷ autotuned | ÷ SDPA's | max rel. diff | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = "-" if r["ms"] is None else f"{r['ms']:.3f} ({r['tflops']:.0f})"
+        ratio = lambda x: "-" if x is None else f"{x:.3f}"
+        note = r["error"] or ("the autotuner's pick" if r["autotuned_pick"] else "")
+        diff = "-" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
+        lines.append(f"| {r['D']} | {r['H']} | {r['N']} | {r['pass']} | {r['tile']} | {'WS' if r['ws'] else ''} | "
+                     f"{ms} | {ratio(r['over_autotuned'])} | {ratio(r['over_sdpa'])} | {diff} | {note} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------- block-causal rows
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -616,6 +762,11 @@ def main() -> None:
                     help="only the A/B of pointer loads against TMA descriptors on --shapes, ROUNDS interleaved rounds")
     ap.add_argument("--ws-ab", type=int, default=0, metavar="ROUNDS",
                     help="only the A/B of the backward with and without warp-specialised tiles on --shapes")
+    ap.add_argument("--bwd-tiles", type=int, default=0, metavar="ROUNDS",
+                    help="only the backward on --shapes, each pass's tiles in turn (the other at the autotuner's "
+                         "pick), ROUNDS interleaved rounds")
+    ap.add_argument("--extra-tiles", type=parse_tiles, default=[], metavar="TILES",
+                    help="--bwd-tiles: tiles beyond the autotune space, e.g. dkdv:64x128x4x4:ws,dq:128x128x4x2:ws")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     heads = dict(map(int, kv.split(":")) for kv in args.heads.split(","))
@@ -626,7 +777,9 @@ def main() -> None:
     shapes = args.shapes or [(d, heads[d], n) for d in map(int, args.dims.split(","))
                              for n in map(int, args.seqs.split(","))]
     for rounds, option, run, fmt in ((args.tma_ab, "--tma-ab", tma_ab, tma_table),
-                                     (args.ws_ab, "--ws-ab", ws_ab, ws_table)):
+                                     (args.ws_ab, "--ws-ab", ws_ab, ws_table),
+                                     (args.bwd_tiles, "--bwd-tiles",
+                                      lambda *a: bwd_tiles(*a, extra=tuple(args.extra_tiles)), bwd_tiles_table)):
         if rounds:
             return _main_ab(shapes, rounds, option, run, fmt)
     peer = load_peer(args.peer_kernel) if args.peer_kernel else None

@@ -15,6 +15,7 @@ rounded up (`BARS` says how many); outputs are poisoned with NaN before every la
 from __future__ import annotations
 
 import importlib.util
+import argparse
 import json
 import os
 import subprocess
@@ -1042,3 +1043,40 @@ def test_backward_masks_padded_keys_whose_scores_would_overflow(triton_mode, mon
             assert torch.isfinite(g).all(), f"{name} (RCM_KERNELS_BWD_WS={ws}): non-finite"
     if triton_mode == "cpu":
         assert all(torch.equal(a, b) for a, b in zip(grads["off"], grads["auto"]))
+
+
+def test_bwd_tiles_bench_pins_each_tile_under_the_interpreter(monkeypatch, tmp_path, capsys):
+    """`python -m kernels.bench --bwd-tiles ROUNDS` end to end at a tiny shape on CPU: one row for the autotuned
+    backward and one per tile of each pass's space (warp-specialised tiles too, TMA forced on) plus the extra
+    ones; each pinned tile is the one launched, the other pass held at the first run's tile; a tile that cannot
+    launch (48 keys: not a power of two) is a row with its error and no time, the rest still timed; the
+    JSON and table in $OUT; a malformed --extra-tiles item is refused naming itself and the form."""
+    from kernels import bench
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["bench", "--shapes", "16:2:40", "--bwd-tiles", "1",
+                                     "--extra-tiles", "dkdv:32x32x4x2:ws,dq:48x48x4x2"])
+    monkeypatch.setattr(bench, "_timer", lambda device: (lambda fn: (fn(), 1.0)[1]))   # one call, no timing
+    launches = []
+    run = katt._run
+    def seen(name, grid, *a, **kw):       # the tile `_run` launches with: the fixed config's under the interpreter
+        tile = katt._fixed_config(name, kw["BLOCK_D"], False, kw.get("WS_OK", False))
+        launches.append((name, tile["BLOCK_M"], tile["BLOCK_N"], tile.get("WS")))
+        return run(name, grid, *a, **kw)
+    monkeypatch.setattr(katt, "_run", seen)
+    bench.main()
+    rows = json.loads((tmp_path / "kernels_bwd_tiles.json").read_text())
+    spaces = {kind: len(katt._prune_bwd(katt._bwd_configs(kind), None, BLOCK_D=16, WS_OK=True))
+              for kind in ("dkdv", "dq")}
+    assert len(rows) == 1 + spaces["dkdv"] + spaces["dq"] + 2
+    assert rows[0]["pass"] == "autotuned" and rows[0]["over_autotuned"] == 1.0
+    extra, bad = rows[-2:]
+    assert (extra["tile"], extra["ws"], extra["ms"], extra["max_rel_diff"]) == ("32x32 w4 s2", True, 1.0, 0.0)
+    assert bad["ms"] is None and bad["error"] and bad["tile"] == "48x48 w4 s2"
+    assert ("_attn_bwd_dkdv", 32, 32, True) in launches and ("_attn_bwd_dq", 64, 64, True) in launches
+    assert ("_attn_bwd_dkdv", 32, 128, False) in launches and ("_attn_bwd_dq", 128, 128, True) in launches
+    assert all(r["error"] is None and r["max_rel_diff"] == 0.0 for r in rows[:-1])
+    assert (tmp_path / "kernels_bwd_tiles.md").read_text().startswith("| D | H | N | pass | tile |")
+    assert "| 16 | 2 | 40 | dq | 48x48 w4 s2 |" in capsys.readouterr().out
+    with pytest.raises(argparse.ArgumentTypeError, match="'dq:64x64': write PASS:BMxBNxWARPSxSTAGES"):
+        bench.parse_tiles("dkdv:64x64x4x2,dq:64x64")
