@@ -87,7 +87,7 @@ def _to_bf16_nearest_even(x):
 # Every product and sum rounds as written, as in the interpreter and the twin: with FMA contraction the kernels
 # with and without a counter (two compilations, ZERO_NONFINITE being a constexpr) fused v·β₂ + (1−β₂)·g² into
 # different FMAs (H100, sm_90, 2026-12-05: 386 of 4,183 second moments one ulp apart), so the counter changed the
-# step. The kernel is memory-bound; the extra roundings cost no time.
+# step. The kernel is memory-bound: 9.49 → 9.53 ms for 1.40 G parameters without contraction (H100, 2026-12-05).
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
