@@ -14,8 +14,8 @@ rounded up (`BARS` says how many); outputs are poisoned with NaN before every la
 """
 from __future__ import annotations
 
-import importlib.util
 import argparse
+import importlib.util
 import json
 import os
 import subprocess

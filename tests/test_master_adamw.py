@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +185,7 @@ for zero in (False, True):
 
 def test_the_compiled_step_rounds_every_product_and_sum_as_written():
     """The kernel's launch options forbid FMA contraction, so the compiled kernels with and without a counter (two
-    compilations) round alike and the GPU step is the interpreter's arithmetic. Compiled for sm_90 on this CPU:
+    compilations) round every product and sum alike, as the interpreter does. Compiled for sm_90 on this CPU:
     no fused multiply-add in either, and the same count of each fp32 operation (with contraction both held 40
     `fma.rn.f32`, fused differently: 386 of 4,183 second moments one ulp apart on an H100, 2026-12-05)."""
     pytest.importorskip("triton")
