@@ -683,9 +683,10 @@ def adamw_ab(params: list[torch.nn.Parameter], device: torch.device, reps: int, 
     interleaved step by step on the same gradients: PyTorch's foreach path (its default on a GPU before
     `distill.adamw_kernel`), its fused kernel (casts, fused AdamW, refresh: the product's step before
     `kernels.master_adamw`), and the product's step now (`rcm_core.method.adamw.AdamW`, fused: one pass from the
-    bf16 gradients, counting non-finite entries as `distill` asks it to). Each arm steps its own copy of the parameters (so its own masters and moments), compared
-    after the last step; each step is handed the gradients again (the masters' step frees them). Memory: three
-    copies with their optimisers (~12-14 B per parameter each at bf16), freed on return."""
+    bf16 gradients, counting non-finite entries as `distill` asks it to). Each arm steps its own copy of the
+    parameters (so its own masters and moments), compared after the last step; each step is handed the gradients
+    again (the masters' step frees them). Memory: three copies with their optimisers (~12-14 B per parameter each
+    at bf16), freed on return."""
     cfg = OptimCfg()
     g = torch.Generator(device=device).manual_seed(seed)
     grads = [(torch.randn(p.shape, generator=g, device=device) * 1e-3).to(p.dtype) for p in params]
